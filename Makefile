@@ -1,0 +1,34 @@
+# Two commands: `make repro` (set up + run the embedded `tiny` pipeline) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed first and pinned so pip never swaps it; 2.13.0 is the CPU build this
+# project's machines carry. On a GPU host, install your CUDA build of torch into $(VENV) first.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup repro test test-fast lint clean-outputs
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip wheel setuptools
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed ships only an sdist whose setup imports torch: build against the torch above
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check udpdiff flows tests benchmarks
+
+clean-outputs:
+	rm -rf data/*/ models/*/ outputs/*/ mlruns.db mlartifacts

@@ -1,0 +1,64 @@
+"""params.yaml: every profile loads; bad values fail early with the key path and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from udpdiff.config import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cogvideox-2b", "cogvideox-5b"])
+def test_shipped_profiles_load(profile):
+    p = load_params(REPO / "params.yaml", profile=profile)
+    assert p.profile == profile
+    assert p.active.train.tasks == ["segmentation", "depth"]
+
+
+def test_large_profiles_carry_the_paper_settings():
+    for name, scheduler in (("cogvideox-2b", "ddim"), ("cogvideox-5b", "dpm")):
+        a = load_params(REPO / "params.yaml", profile=name).active
+        assert (a.data.num_frames, a.data.height, a.data.width) == (49, 480, 720)
+        assert a.train.lr == 1e-5 and a.train.micro_batch_size == 1 and a.train.steps == 40000
+        assert a.train.long_caption_prob == 0.8 and a.sample.num_inference_steps == 50
+        assert a.scheduler.type == scheduler and a.transformer.channel_expansion == "duplicate"
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r["profiles"]["tiny"]["train"].update(lr=-1), r"profiles\.tiny\.train\.lr"),
+        (lambda r: r["profiles"]["tiny"]["data"].update(num_frames=10), "4k\\+1"),
+        (lambda r: r["profiles"]["tiny"]["train"].update(task_ratio=[0.9, 0.2]), "sum to 1"),
+        (lambda r: r["profiles"]["tiny"]["train"].update(tasks=["segmentation", "normals"]), "unknown task"),
+        (lambda r: r.update(profile="nope"), "profile 'nope' is not defined"),
+        (lambda r: r["profiles"]["tiny"]["train"].update(lrr=1), r"lrr.*Extra inputs"),
+        (lambda r: r["profiles"]["tiny"]["train"].update(task_conditioning="none"), "single-task"),
+    ],
+)
+def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ParamsError, match=message) as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)

@@ -1,0 +1,182 @@
+"""The 32-channel transformer, its task embedding and channel expansion, and the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+from udpdiff.models.scheduler import build_scheduler
+from udpdiff.models.text import build_text_encoder
+from udpdiff.models.transformer import UDPDiffTransformer3DModel, from_cogvideox, load_transformer
+from udpdiff.pipeline import UDPDiffPipeline
+
+TINY = dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32, text_embed_dim=32, num_layers=2,
+            sample_width=8, sample_height=8, sample_frames=9, patch_size=2, max_text_seq_length=16)
+
+
+def _stock(rotary: bool) -> CogVideoXTransformer3DModel:
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(**TINY, use_rotary_positional_embeddings=rotary).eval()
+
+
+def _inputs(channels: int = 16):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 3, channels, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g),
+            torch.tensor([999, 10]))
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_duplicate_preserving_reproduces_stock_output_in_both_halves(rotary):
+    stock = _stock(rotary)
+    ours = from_cogvideox(stock, channel_expansion="duplicate-preserving").eval()
+    x, text, t = _inputs()
+    kw = {"image_rotary_emb": get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), 3)} if rotary else {}
+    with torch.no_grad():
+        ref = stock(x, text, t, **kw).sample
+        out = ours(torch.cat([x, x], dim=2), text, t, task_id=torch.tensor([0, 1]), **kw).sample
+    assert out.shape == (2, 3, 32, 8, 8)
+    # zero-initialised task embedding: the expanded model starts exactly at the stock function
+    torch.testing.assert_close(out[:, :, :16], ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :, 16:], ref, atol=2e-5, rtol=1e-5)
+
+
+def test_paper_duplicate_and_random_expansions_differ_from_preserving():
+    stock = _stock(False)
+    x, text, t = _inputs()
+    xx = torch.cat([x, x], dim=2)
+    outs = {}
+    for mode in ("duplicate", "random", "duplicate-preserving"):
+        model = from_cogvideox(stock, channel_expansion=mode, seed=3).eval()
+        w = model.patch_embed.proj.weight
+        assert w.shape[1] == 32
+        if mode == "duplicate":  # the paper: both halves are copies of the stock weights
+            torch.testing.assert_close(w[:, :16], stock.patch_embed.proj.weight)
+            torch.testing.assert_close(w[:, 16:], stock.patch_embed.proj.weight)
+        if mode == "random":  # first half kept, second half fresh
+            torch.testing.assert_close(w[:, :16], stock.patch_embed.proj.weight)
+            assert not torch.allclose(w[:, 16:], stock.patch_embed.proj.weight)
+        with torch.no_grad():
+            outs[mode] = model(xx, text, t, task_id=0).sample
+    assert not torch.allclose(outs["duplicate"], outs["duplicate-preserving"], atol=1e-4)
+    assert not torch.allclose(outs["random"], outs["duplicate-preserving"], atol=1e-4)
+
+
+def test_task_embedding_changes_output_and_is_required():
+    model = UDPDiffTransformer3DModel(**TINY, num_tasks=2).eval()
+    torch.nn.init.normal_(model.task_embedding.weight)
+    x, text, t = _inputs(32)
+    with torch.no_grad():
+        seg = model(x, text, t, task_id=0).sample
+        depth = model(x, text, t, task_id=1).sample
+        with model.task_context(1):
+            depth_ctx = model(x, text, t).sample
+    assert not torch.allclose(seg, depth)
+    torch.testing.assert_close(depth, depth_ctx)
+    with pytest.raises(ValueError, match="task"):
+        model(x, text, t)
+    with pytest.raises(ValueError, match="out of range"):
+        model(x, text, t, task_id=5)
+
+
+def test_task_embedding_receives_gradients():
+    model = UDPDiffTransformer3DModel(**TINY, num_tasks=2)
+    x, text, t = _inputs(32)
+    model(x, text, t, task_id=torch.tensor([0, 1])).sample.pow(2).mean().backward()
+    grad = model.task_embedding.weight.grad
+    assert grad is not None and bool((grad.abs().sum(dim=1) > 0).all())
+
+
+def test_single_task_model_has_no_task_embedding():
+    model = UDPDiffTransformer3DModel(**TINY, num_tasks=0).eval()
+    x, text, t = _inputs(32)
+    assert model.task_embedding is None
+    assert model(x, text, t).sample.shape == x.shape
+    with pytest.raises(ValueError, match="no task embedding"):
+        model(x, text, t, task_id=0)
+
+
+def test_save_and_load_round_trip_exactly(tmp_path):
+    model = load_transformer({"config": TINY}, num_tasks=2, seed=5).eval()
+    torch.nn.init.normal_(model.task_embedding.weight)
+    model.save_pretrained(tmp_path)
+    loaded = UDPDiffTransformer3DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_tasks == 2 and loaded.config.in_channels == 32
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    x, text, t = _inputs(32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, text, t, task_id=1).sample, loaded(x, text, t, task_id=1).sample,
+                                   atol=0, rtol=0)
+
+
+def test_rejects_non_16_channel_stock():
+    with pytest.raises(ValueError, match="16-channel"):
+        from_cogvideox(CogVideoXTransformer3DModel(**{**TINY, "in_channels": 8, "out_channels": 8}))
+
+
+def _tiny_pipeline(conditioning: str = "embedding") -> UDPDiffPipeline:
+    tokenizer, encoder = build_text_encoder({"config": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2,
+                                                        "d_kv": 16}}, seed=0)
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+                                 block_out_channels=(8, 8, 8), latent_channels=16, layers_per_block=1, norm_num_groups=4)
+    transformer = UDPDiffTransformer3DModel(**TINY, num_tasks=2 if conditioning == "embedding" else 0)
+    return UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
+                           scheduler=build_scheduler({"type": "ddim"}), task_conditioning=conditioning)
+
+
+@pytest.mark.parametrize("task", ["depth", "segmentation"])
+def test_pipeline_returns_video_colormap_and_decoded_dense(task):
+    pipe = _tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red sphere", task=task, num_frames=9, height=32, width=32, num_inference_steps=2,
+               guidance_scale=2.0, generator=torch.Generator().manual_seed(0), max_sequence_length=16)
+    assert out.videos.shape == (1, 9, 32, 32, 3) and out.videos.dtype == np.uint8
+    assert out.colormaps.shape == out.videos.shape
+    assert out.dense.shape == (1, 9, 32, 32)
+    if task == "depth":
+        assert out.dense.dtype == np.float32 and 0 <= out.dense.min() and out.dense.max() <= 1
+    else:
+        assert np.issubdtype(out.dense.dtype, np.integer)
+
+
+def test_pipeline_is_deterministic_and_task_dependent():
+    pipe = _tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    torch.nn.init.normal_(pipe.transformer.task_embedding.weight, std=5.0)
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16)
+    a = pipe("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    b = pipe("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    c = pipe("a cube", task="segmentation", generator=torch.Generator().manual_seed(0), **kw)
+    assert np.array_equal(a.colormaps, b.colormaps)
+    assert not np.array_equal(a.colormaps, c.colormaps)
+
+
+def test_pipeline_video_conditioning_keeps_the_given_video(tmp_path):
+    pipe = _tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    video = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    out = pipe("a cube", task="depth", video=video, num_inference_steps=3, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(0), max_sequence_length=16)
+    # the RGB half ends as the video's own latent: the output is the VAE reconstruction of it
+    from udpdiff.models.vae import to_model_input, to_uint8
+
+    with torch.no_grad():
+        rec = to_uint8(pipe.vae.decode(pipe.vae.encode(to_model_input(video[None])).latent_dist.mode()).sample)[0]
+    assert np.abs(out.videos[0].astype(int) - rec.astype(int)).max() <= 1
+
+
+def test_pipeline_save_and_load_round_trip(tmp_path):
+    pipe = _tiny_pipeline("text-prompt")
+    pipe.save_pretrained(tmp_path)
+    loaded = UDPDiffPipeline.from_pretrained(tmp_path)
+    assert loaded.config.task_conditioning == "text-prompt"
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=1.5, max_sequence_length=16)
+    for p in (pipe, loaded):
+        p.set_progress_bar_config(disable=True)
+    a = pipe("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    b = loaded("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    assert np.array_equal(a.videos, b.videos) and np.array_equal(a.colormaps, b.colormaps)

@@ -1,0 +1,119 @@
+"""The whole `tiny` pipeline, as a user runs it: `dvc repro` in a fresh copy of the repository.
+
+Checks what each stage produced (files people look at included), that every stage logged an
+MLflow run with its metrics and artifacts, that a second `dvc repro` does nothing, and that the
+representation round trips are exact where they must be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["data", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"]
+IGNORE = shutil.ignore_patterns(".git", ".venv", "data", "models", "outputs", "mlruns.db", "mlartifacts", "cache",
+                                "tmp", "__pycache__", ".pytest_cache", ".hypothesis", ".prefect", "*.egg-info",
+                                ".whl", ".device-out", "benchmarks")
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1500) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _frames(path: Path) -> int:
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e") / "udpdiff"
+    shutil.copytree(REPO, work, ignore=IGNORE)
+    env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PREFECT_API_URL", None)  # ephemeral Prefect, as on a fresh machine
+    _run(["git", "init", "-q"], work, env)
+    first = _run([sys.executable, "-m", "dvc", "repro"], work, env)
+    second = _run([sys.executable, "-m", "dvc", "repro"], work, env, timeout=300)
+    return work, first, second
+
+
+@pytest.mark.slow
+def test_every_stage_ran_and_the_second_repro_does_nothing(repro):
+    work, first, second = repro
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    assert "Running stage" not in second.stdout
+    status = _run([sys.executable, "-m", "dvc", "status"], work, os.environ.copy(), timeout=120)
+    assert "up to date" in status.stdout
+
+
+@pytest.mark.slow
+def test_outputs_people_look_at_exist_and_are_videos(repro):
+    work, _, _ = repro
+    out = work / "outputs" / "tiny"
+    index = json.loads((out / "samples" / "index.json").read_text())
+    tasks = {e["task"] for e in index}
+    assert tasks == {"segmentation", "depth"}
+    for e in index:
+        assert _frames(out / "samples" / e["mp4"]) == 9  # num_frames of the tiny profile
+    for task in tasks:
+        assert (out / "samples" / f"gallery_{task}.gif").stat().st_size > 0
+    assert _frames(out / "previews" / "pixelplanes.mp4") == 9
+    for png in ("train_loss.png", "vae_loss.png"):
+        assert (out / "metrics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report" / "report.md").read_text()
+    assert "| UDPDiff (depth) |" in report and "| UDPDiff (segmentation) |" in report
+    assert (work / "models" / "tiny" / "pipeline" / "model_index.json").exists()
+
+
+@pytest.mark.slow
+def test_metrics_are_real_numbers_with_exact_representation_round_trips(repro):
+    work, _, _ = repro
+    metrics = work / "outputs" / "tiny" / "metrics"
+    encode = json.loads((metrics / "encode.json").read_text())
+    assert encode["seg_roundtrip_pixel_acc"] == 1.0  # palette decoding is exact without noise
+    assert encode["depth_roundtrip_mae"] < 1e-3
+    assert json.loads((metrics / "validate.json").read_text())["contract_success"] == 1.0
+    vae = json.loads((metrics / "autoencoder.json").read_text())
+    assert vae["psnr_rgb"] > 15  # the tiny VAE really reconstructs (random init is ~8 dB)
+    train = json.loads((metrics / "train.json").read_text())
+    assert train["steps_done"] == 1000
+    history = (metrics / "train_history.csv").read_text().splitlines()
+    header = history[0].split(",")
+    loss = [float(r.split(",")[header.index("loss")]) for r in history[1:]]
+    assert sum(loss[-50:]) / 50 < 0.8 * sum(loss[:50]) / 50  # it learned
+    ev = json.loads((metrics / "eval.json").read_text())["metrics"]
+    for task in ("depth", "segmentation"):
+        for key in ("pixel_frame_consistency", "motion_smoothness_flow"):
+            assert 0.0 < ev[task][key] <= 1.0
+    assert 0.0 <= ev["depth"]["gt_delta1"] <= 1.0 and ev["depth"]["gt_rmse"] > 0
+    assert 0.0 <= ev["segmentation"]["gt_miou"] <= 1.0
+
+
+@pytest.mark.slow
+def test_every_stage_logged_an_mlflow_run(repro):
+    work, _, _ = repro
+    db = sqlite3.connect(work / "mlruns.db")
+    runs = dict(db.execute("SELECT name, status FROM runs"))
+    expected = {"synthesize", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"}
+    assert expected <= set(runs), runs
+    assert all(runs[name] == "FINISHED" for name in expected)
+    train_id = db.execute("SELECT run_uuid FROM runs WHERE name='train'").fetchone()[0]
+    steps = db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key='loss'", (train_id,)).fetchone()[0]
+    assert steps >= 100  # per-step loss curve (every log_every=10 steps of 1000)
+    params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid=?", (train_id,)))
+    assert params["train.lr"] == "0.001" and params["profile"] == "tiny"
+    artifacts = list((work / "mlartifacts").rglob("*.gif")) + list((work / "mlartifacts").rglob("*.mp4"))
+    assert artifacts, "sample galleries and previews are logged as MLflow artifacts"

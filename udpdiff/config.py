@@ -1,0 +1,196 @@
+"""Typed view of ``params.yaml``: one file holds every parameter; a profile selects a column.
+
+Validation happens once, at load, so a bad value fails with the key path and the reason
+(``profiles.tiny.train.lr: Input should be greater than 0``) before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from udpdiff.tasks import validate_tasks
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or holds a bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Panda70MSource(_Strict):
+    csv: str | None = None
+    video_dir: str | None = None
+    seg_dir: str | None = None
+    depth_dir: str | None = None
+
+
+class DataParams(_Strict):
+    source: Literal["synthetic", "panda70m"] = "synthetic"
+    num_clips: int = Field(24, gt=0)
+    num_frames: int = Field(9, gt=0)
+    height: int = Field(64, gt=0)
+    width: int = Field(64, gt=0)
+    fps: float = Field(8, gt=0)
+    val_fraction: float = Field(0.25, ge=0, lt=1)
+    panda70m: Panda70MSource = Panda70MSource()
+
+    @model_validator(mode="after")
+    def _vae_compatible(self) -> DataParams:
+        # CogVideoX's VAE compresses time 4x keeping the first frame: 4k+1 frames; space 8x.
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 4k+1 for the CogVideoX VAE, got {self.num_frames}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        return self
+
+
+class PixelplanesParams(_Strict):
+    segmentation: Literal["pixelplanes", "location-aware"] = "pixelplanes"
+    min_color_distance: float = Field(0.0, ge=0)
+    grid_size: int = Field(8, gt=0)
+    decode_tolerance: float = Field(40.0, gt=0)
+
+
+class VaeTrainParams(_Strict):
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(4, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+
+
+class VaeParams(_Strict):
+    pretrained: str | None = None
+    subfolder: str = "vae"
+    config: dict[str, Any] = {}
+    train: VaeTrainParams = VaeTrainParams()
+
+
+class TextEncoderParams(_Strict):
+    pretrained: str | None = None
+    tokenizer: str = "byt5"
+    max_length: int = Field(64, gt=0)
+    config: dict[str, Any] = {}
+
+
+class TransformerParams(_Strict):
+    pretrained: str | None = None
+    subfolder: str = "transformer"
+    channel_expansion: Literal["duplicate", "random", "duplicate-preserving"] = "duplicate"
+    config: dict[str, Any] = {}
+
+
+class SchedulerParams(_Strict):
+    type: Literal["ddim", "dpm"] = "ddim"
+    config: dict[str, Any] = {}
+
+
+class TrainParams(_Strict):
+    tasks: list[str] = ["segmentation", "depth"]
+    task_ratio: list[float] = [0.5, 0.5]
+    # embedding: learned task embedding (paper); text-prompt: task named in the prompt (Tab 5);
+    # none: a single-task model without task embedding (Tab 1)
+    task_conditioning: Literal["embedding", "text-prompt", "none"] = "embedding"
+    long_caption_prob: float = Field(0.8, ge=0, le=1)
+    caption_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    steps: int = Field(400, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(100, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _tasks(self) -> TrainParams:
+        validate_tasks(self.tasks, self.task_ratio)
+        if self.task_conditioning == "none" and len(self.tasks) != 1:
+            raise ValueError(f"task_conditioning 'none' is for single-task models; got tasks {self.tasks}")
+        return self
+
+
+class SampleParams(_Strict):
+    num_samples: int = Field(4, gt=0)
+    num_inference_steps: int = Field(25, gt=0)
+    guidance_scale: float = Field(3.0, ge=1.0)
+    split: Literal["train", "val"] = "val"
+
+
+class EvaluateParams(_Strict):
+    dino: str | None = None
+    clip: str | None = None
+    i3d: str | None = None
+
+
+class ProfileParams(_Strict):
+    data: DataParams = DataParams()
+    pixelplanes: PixelplanesParams = PixelplanesParams()
+    vae: VaeParams = VaeParams()
+    text_encoder: TextEncoderParams = TextEncoderParams()
+    transformer: TransformerParams = TransformerParams()
+    scheduler: SchedulerParams = SchedulerParams()
+    train: TrainParams = TrainParams()
+    sample: SampleParams = SampleParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class MlflowParams(_Strict):
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "udpdiff"
+
+
+class Params(_Strict):
+    profile: str = "tiny"
+    seed: int = 1234
+    mlflow: MlflowParams = MlflowParams()
+    profiles: dict[str, ProfileParams]
+
+    @field_validator("profiles")
+    @classmethod
+    def _non_empty(cls, v: dict[str, ProfileParams]) -> dict[str, ProfileParams]:
+        if not v:
+            raise ValueError("at least one profile is required")
+        return v
+
+    @model_validator(mode="after")
+    def _profile_exists(self) -> Params:
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not defined; defined: {sorted(self.profiles)}")
+        return self
+
+    @property
+    def active(self) -> ProfileParams:
+        return self.profiles[self.profile]
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """Read and validate params.yaml; ``profile`` overrides the file's ``profile`` key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    if profile is not None:
+        raw["profile"] = profile
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ParamsError(f"{path}: invalid parameters:\n  " + "\n  ".join(lines)) from None

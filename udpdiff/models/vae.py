@@ -1,0 +1,110 @@
+"""The 3D VAE that maps RGB videos *and* Pixelplanes colormaps to 16-channel latents.
+
+Large profiles load CogVideoX's ``AutoencoderKLCogVideoX`` unchanged (paper §4.4: dense maps are
+"decoded using the same video 3D VAE"). The ``tiny`` profile trains a small instance of the same
+class on the synthetic clips and their colormaps, so reconstructions are real, not assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLCogVideoX
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def build_vae(spec: dict, seed: int) -> AutoencoderKLCogVideoX:
+    """params.yaml ``vae``: ``pretrained`` (dir/id, ``subfolder``) or a ``config`` to train."""
+    if spec.get("pretrained"):
+        return AutoencoderKLCogVideoX.from_pretrained(spec["pretrained"], subfolder=spec.get("subfolder", "vae"))
+    torch.manual_seed(seed)
+    config = dict(spec.get("config", {}))
+    n = len(config.get("block_out_channels", (128, 256, 256, 512)))
+    config.setdefault("down_block_types", ("CogVideoXDownBlock3D",) * n)
+    config.setdefault("up_block_types", ("CogVideoXUpBlock3D",) * n)
+    return AutoencoderKLCogVideoX(**config)
+
+
+def to_model_input(videos: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 (B,T,H,W,3) -> float (B,3,T,H,W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(list(videos)) if not isinstance(videos, np.ndarray) else videos))
+    return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B,3,T,H,W) in [-1, 1] -> uint8 (B,T,H,W,3)."""
+    x = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def train_vae(
+    vae: AutoencoderKLCogVideoX,
+    videos: Sequence[np.ndarray],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+    seed: int,
+    log_fn: Callable[[dict[str, float], int], None] | None = None,
+) -> list[dict[str, float]]:
+    """Fit the VAE to uint8 videos (RGB clips and their colormaps alike): L1 + MSE + tiny KL.
+
+    Returns the per-step history; ``log_fn(metrics, step)`` is called every 10 steps.
+    """
+    if not videos:
+        raise ValueError("train_vae needs at least one video")
+    data = to_model_input(np.stack(videos))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
+    vae.train()
+    history: list[dict[str, float]] = []
+    for step in tqdm(range(1, steps + 1), desc="vae", leave=False):
+        idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
+        x = data[idx]
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = l1 + mse + kl_weight * kl
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"VAE loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        row = {"vae_loss": loss.item(), "vae_l1": l1.item(), "vae_kl": kl.item()}
+        history.append(row)
+        if log_fn is not None and (step % 10 == 0 or step == steps):
+            log_fn(row, step)
+    vae.eval()
+    return history
+
+
+@torch.no_grad()
+def calibrate_scaling_factor(vae: AutoencoderKLCogVideoX, videos: Sequence[np.ndarray]) -> float:
+    """Set ``scaling_factor`` so scaled latents have unit variance (as Stable Diffusion did)."""
+    latents = torch.cat([vae.encode(to_model_input(v[None])).latent_dist.mode() for v in videos])
+    factor = float(1.0 / latents.std().clamp_min(1e-6))
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKLCogVideoX, videos: Sequence[np.ndarray]) -> float:
+    """Mean PSNR (dB) of mode-decoded reconstructions over ``videos``."""
+    scores = []
+    for v in videos:
+        x = to_model_input(v[None])
+        rec = to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0].astype(np.float64)
+        mse = np.mean((rec - v.astype(np.float64)) ** 2)
+        scores.append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+    return float(np.mean(scores))

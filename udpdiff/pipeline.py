@@ -1,0 +1,137 @@
+"""``UDPDiffPipeline``: text -> RGB video + its dense prediction, in one denoising pass.
+
+A thin layer over diffusers' ``CogVideoXPipeline``: its denoising loop (CFG, DDIM/DPM++,
+rotary embeddings, callbacks) runs unchanged on 32-channel latents; we only (1) tell the
+transformer which task to produce, (2) split the final latent into its RGB and dense halves and
+decode both with the same VAE (paper §4.4), and (3) decode the colormap back to depth or entity
+ids with Pixelplanes.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import CogVideoXPipeline
+from diffusers.utils import BaseOutput
+
+from udpdiff import pixelplanes
+from udpdiff.models.transformer import LATENT_CHANNELS
+from udpdiff.models.vae import to_uint8
+from udpdiff.tasks import task_id, task_prompt
+
+TASK_CONDITIONINGS = ("embedding", "text-prompt", "none")
+
+
+@dataclass
+class UDPDiffPipelineOutput(BaseOutput):
+    """``videos`` and ``colormaps`` are uint8 (B,T,H,W,3); ``dense`` is depth float32 (B,T,H,W)
+    in [0,1] (1 = near) for ``task="depth"`` or int32 entity ids for ``"segmentation"``."""
+
+    videos: np.ndarray
+    colormaps: np.ndarray
+    dense: np.ndarray
+    task: str
+
+
+class UDPDiffPipeline(CogVideoXPipeline):
+    # a plain ``str`` annotation: diffusers reads __init__'s annotations to save/load the config
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, task_conditioning: str = "embedding"):
+        if task_conditioning not in TASK_CONDITIONINGS:
+            raise ValueError(f"task_conditioning must be one of {TASK_CONDITIONINGS}, got {task_conditioning!r}")
+        super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+        if transformer.config.in_channels != 2 * LATENT_CHANNELS:
+            raise ValueError(f"UDPDiffPipeline needs a {2 * LATENT_CHANNELS}-channel transformer, "
+                             f"got in_channels={transformer.config.in_channels}")
+        if task_conditioning == "embedding" and getattr(transformer, "task_embedding", None) is None:
+            raise ValueError("task_conditioning='embedding' needs a transformer with num_tasks > 0")
+        self.register_to_config(task_conditioning=task_conditioning)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        task: str = "depth",
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int = 49,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        max_sequence_length: int = 226,
+        segmentation_tolerance: float = 40.0,
+        depth_decode: Literal["nearest", "continuous"] = "continuous",
+        video: np.ndarray | None = None,
+        **kwargs,
+    ) -> UDPDiffPipelineOutput:
+        """Generate ``num_frames`` of RGB video and the ``task`` prediction for ``prompt``.
+
+        ``video`` (uint8 (T,H,W,3), optional) turns generation into dense prediction *of that
+        video*: after every step the RGB half of the latent is replaced by the video's latent
+        noised to the next step's level (the replacement method for conditional sampling from a
+        joint diffusion model), so only the dense half is generated. The evaluation uses this to
+        score predictions against exact ground truth.
+        """
+        tid = task_id(task)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        conditioning = self.config.task_conditioning
+        if conditioning == "text-prompt":
+            prompts = [task_prompt(task, p) for p in prompts]
+        ctx = self.transformer.task_context(tid) if conditioning == "embedding" else contextlib.nullcontext()
+        if video is not None:
+            if kwargs.get("callback_on_step_end") is not None:
+                raise ValueError("video= and callback_on_step_end cannot be combined")
+            kwargs["callback_on_step_end"] = self._rgb_replacement(video, len(prompts), generator)
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+            num_frames, height, width = video.shape[0], video.shape[1], video.shape[2]
+        with ctx:
+            (latents,) = super().__call__(
+                prompt=prompts,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                max_sequence_length=max_sequence_length,
+                output_type="latent",
+                return_dict=False,
+                **kwargs,
+            )
+        videos = self._decode(latents[:, :, :LATENT_CHANNELS])
+        colormaps = self._decode(latents[:, :, LATENT_CHANNELS:])
+        if task == "depth":
+            dense = np.stack([pixelplanes.decode_depth(c, method=depth_decode) for c in colormaps])
+        else:
+            dense = np.stack([pixelplanes.decode_segmentation(c, tolerance=segmentation_tolerance) for c in colormaps])
+        self.maybe_free_model_hooks()
+        return UDPDiffPipelineOutput(videos=videos, colormaps=colormaps, dense=dense, task=task)
+
+    def _rgb_replacement(self, video: np.ndarray, batch: int, generator):
+        from udpdiff.models.vae import to_model_input
+
+        x = to_model_input(video[None]).to(self.vae.device, self.vae.dtype)
+        clean = self.vae.encode(x).latent_dist.mode() * self.vae_scaling_factor_image  # (1,C,F,h,w)
+        clean = clean.permute(0, 2, 1, 3, 4).repeat(batch, 1, 1, 1, 1)  # (B,F,C,h,w)
+        gen = generator[0] if isinstance(generator, list) else generator
+        alphas = self.scheduler.alphas_cumprod
+
+        def callback(pipe, i: int, t, tensors: dict) -> dict:
+            latents = tensors["latents"]
+            timesteps = pipe.scheduler.timesteps
+            if i + 1 < len(timesteps):
+                a = alphas[timesteps[i + 1]].to(latents)
+                noise = torch.randn(clean.shape, generator=gen, device=gen.device if gen else None).to(latents)
+                rgb = a.sqrt() * clean.to(latents) + (1 - a).sqrt() * noise
+            else:
+                rgb = clean.to(latents)
+            return {"latents": torch.cat([rgb, latents[:, :, LATENT_CHANNELS:]], dim=2)}
+
+        return callback
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        # (B,F,C,h,w) latents -> uint8 frames, trimming any frames the 1.5 patching padded on
+        return to_uint8(self.decode_latents(latents.to(self.vae.dtype)))
