@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mlflow  # noqa: E402
 
-from udpdiff.config import Params, load_params  # noqa: E402
+from udpdiff.config import Params, ParamsError, load_params  # noqa: E402
 from udpdiff.paths import ProjectPaths  # noqa: E402
 from udpdiff.steps import StepResult  # noqa: E402
 
@@ -29,9 +29,14 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(os.environ.get("UDPDIFF_ROOT", Path(__file__).resolve().parents[1]))
 
 
-def load(profile: str | None = None) -> tuple[Params, ProjectPaths]:
+def load(profile: str | None = None, variant: str | None = None) -> tuple[Params, ProjectPaths]:
+    """Params and paths of the active profile; ``variant`` applies that sweep's overrides."""
     p = load_params(REPO_ROOT / "params.yaml", profile=profile)
-    return p, ProjectPaths(REPO_ROOT, p.profile)
+    if variant is not None:
+        if variant not in p.sweeps:
+            raise ParamsError(f"sweep variant {variant!r} is not defined in params.yaml; defined: {sorted(p.sweeps)}")
+        p = p.with_overrides(p.sweeps[variant])
+    return p, ProjectPaths(REPO_ROOT, p.profile, variant)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

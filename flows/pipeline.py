@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
+import mlflow
 from flows.common import load, log_result, log_step_metrics, mlflow_run
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -48,16 +49,25 @@ JOBS["pipeline"] = JOBS["curate"] + JOBS["train"] + JOBS["evaluate"]
 
 
 @flow(name="udpdiff-stage", flow_run_name="{stage}")
-def stage_flow(stage: Stage, profile: str | None = None) -> dict[str, float]:
-    """Run one stage: the library step as a Prefect task, inside its own MLflow run."""
-    p, paths = load(profile)
+def stage_flow(stage: Stage, profile: str | None = None, variant: str | None = None) -> dict[str, float]:
+    """Run one stage: the library step as a Prefect task, inside its own MLflow run.
+
+    ``variant`` names a sweep entry of params.yaml: its overrides apply and its outputs go to
+    the variant's own folders."""
+    p, paths = load(profile, variant)
     step = stage
     if stage == "data":  # the dataset stage follows the profile's source
         step = "synthesize" if p.active.data.source == "synthetic" else "curate"
     fn = STEP_FUNCTIONS[step]
     kwargs = {"log_fn": log_step_metrics} if step in STREAMS_METRICS else {}
-    with mlflow_run(step, p) as run:
-        result = task(fn, name=step, cache_policy=NO_CACHE)(p, paths, **kwargs)
+    with mlflow_run(step, p, {"variant": variant} if variant else None) as run:
+        try:
+            result = task(fn, name=step, cache_policy=NO_CACHE)(p, paths, **kwargs)
+        except Exception as err:
+            # a failing step may leave evidence (the GX report of a broken contract): keep it
+            log_result(steps.StepResult(artifacts=list(getattr(err, "artifacts", []))))
+            mlflow.set_tag("failure", str(err)[:5000])
+            raise
         log_result(result)
         write_text(paths.metrics / f"{stage}.json", json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
         get_run_logger().info("%s done (MLflow run %s): %s", stage, run.info.run_id,
@@ -70,7 +80,7 @@ def udpdiff(job: Literal["pipeline", "curate", "train", "evaluate", "sweep"] = "
             profile: str | None = None) -> dict[str, dict[str, float]]:
     """The whole system's entry point; ``job`` picks which stages run, in order."""
     if job == "sweep":
-        from flows.sweep import sweep_flow
+        from flows.sweep import sweep_flow  # imports this module: keep the import here
 
         return sweep_flow(profile=profile)
     return {stage: stage_flow(stage, profile) for stage in JOBS[job]}

@@ -45,3 +45,28 @@ def test_bad_params_fail_the_cli_with_a_clear_message(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "profile 'does-not-exist' is not defined" in proc.stderr
+
+
+def test_broken_data_contract_fails_the_stage_and_logs_the_report(tmp_path):
+    """A dataset that breaks the contract: the validate stage exits non-zero, names the problem,
+    and its MLflow run is FAILED with the GX report attached."""
+    import os
+    import shutil
+    import sqlite3
+
+    from udpdiff.data.synthetic import synthesize_dataset
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    manifest = synthesize_dataset(tmp_path / "data" / "tiny" / "clips", num_clips=3, num_frames=9, height=48,
+                                  width=48, fps=8, seed=0, val_fraction=0.34)
+    victim = sorted((manifest.parent / "depth").glob("*.npz"))[0]
+    victim.unlink()
+    env = {**os.environ, "UDPDIFF_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect")}
+    proc = subprocess.run([sys.executable, "-m", "flows", "stage", "validate"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "data contract failed" in proc.stderr + proc.stdout and victim.stem in proc.stderr + proc.stdout
+    assert (tmp_path / "data" / "tiny" / "validation" / "report.json").exists()
+    db = sqlite3.connect(tmp_path / "mlruns.db")
+    assert db.execute("SELECT status FROM runs WHERE name='validate'").fetchone()[0] == "FAILED"
+    assert list((tmp_path / "mlartifacts").rglob("report.json"))

@@ -20,9 +20,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["data", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"]
-IGNORE = shutil.ignore_patterns(".git", ".venv", "data", "models", "outputs", "mlruns.db", "mlartifacts", "cache",
-                                "tmp", "__pycache__", ".pytest_cache", ".hypothesis", ".prefect", "*.egg-info",
-                                ".whl", ".device-out", "benchmarks")
+TOP_LEVEL_SKIP = {".git", ".venv", "data", "models", "outputs", "mlruns.db", "mlartifacts", ".prefect", ".whl",
+                  ".device-out", "benchmarks", ".pytest_cache", ".hypothesis"}
+ANYWHERE_SKIP = shutil.ignore_patterns("__pycache__", "*.egg-info")
+
+
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    """What a fresh clone would not have: outputs of earlier runs, caches, the venv."""
+    skip = set(ANYWHERE_SKIP(directory, names))
+    if Path(directory) == REPO:
+        skip |= TOP_LEVEL_SKIP & set(names)
+    if Path(directory) == REPO / ".dvc":
+        skip |= {"cache", "tmp"} & set(names)
+    return skip
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -39,7 +49,7 @@ def _frames(path: Path) -> int:
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e") / "udpdiff"
-    shutil.copytree(REPO, work, ignore=IGNORE)
+    shutil.copytree(REPO, work, ignore=_ignore)
     env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("PREFECT_API_URL", None)  # ephemeral Prefect, as on a fresh machine
@@ -117,3 +127,16 @@ def test_every_stage_logged_an_mlflow_run(repro):
     assert params["train.lr"] == "0.001" and params["profile"] == "tiny"
     artifacts = list((work / "mlartifacts").rglob("*.gif")) + list((work / "mlartifacts").rglob("*.mp4"))
     assert artifacts, "sample galleries and previews are logged as MLflow artifacts"
+
+
+@pytest.mark.slow
+def test_generate_cli_writes_side_by_side_video_and_arrays(repro):
+    import numpy as np
+
+    work, _, _ = repro
+    _run([sys.executable, "-m", "udpdiff.cli", "generate", "--prompt", "a red sphere rolls left", "--task",
+          "segmentation", "--steps", "3", "--seed", "7"], work, os.environ.copy(), timeout=300)
+    stem = work / "outputs" / "generate" / "segmentation-seed7"
+    assert _frames(stem.with_suffix(".mp4")) == 9
+    with np.load(stem.with_suffix(".npz")) as z:
+        assert z["video"].shape == (9, 48, 48, 3) and z["dense"].shape == (9, 48, 48)

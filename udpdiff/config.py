@@ -157,6 +157,8 @@ class Params(_Strict):
     seed: int = 1234
     mlflow: MlflowParams = MlflowParams()
     profiles: dict[str, ProfileParams]
+    # ablations: name -> {dotted key in the active profile: value}, e.g. {"train.lr": 1e-4}
+    sweeps: dict[str, dict[str, Any]] = {}
 
     @field_validator("profiles")
     @classmethod
@@ -174,6 +176,25 @@ class Params(_Strict):
     @property
     def active(self) -> ProfileParams:
         return self.profiles[self.profile]
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Params:
+        """A copy whose active profile has ``overrides`` (dotted keys) applied, re-validated."""
+        raw = self.model_dump()
+        for dotted, value in overrides.items():
+            node = raw["profiles"][self.profile]
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if not isinstance(node.get(key), dict):
+                    raise ParamsError(f"override {dotted!r}: no section {key!r} in profile {self.profile!r}")
+                node = node[key]
+            if leaf not in node:
+                raise ParamsError(f"override {dotted!r}: no key {leaf!r} in profile {self.profile!r}")
+            node[leaf] = value
+        try:
+            return Params.model_validate(raw)
+        except ValidationError as e:
+            lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+            raise ParamsError(f"overrides {overrides}: invalid parameters:\n  " + "\n  ".join(lines)) from None
 
 
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:

@@ -9,8 +9,15 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ProjectPaths:
+    """``variant`` (an ablation of a sweep) moves everything downstream of the shared data, VAE
+    and text encoder under ``.../sweeps/<variant>/``, so variants never overwrite each other."""
+
     root: Path
     profile: str
+    variant: str | None = None
+
+    def _own(self, base: Path) -> Path:
+        return base / "sweeps" / self.variant if self.variant else base
 
     @property
     def data(self) -> Path:
@@ -30,11 +37,11 @@ class ProjectPaths:
 
     @property
     def pixelplanes(self) -> Path:
-        return self.data / "pixelplanes"
+        return self._own(self.data) / "pixelplanes"
 
     @property
     def latents(self) -> Path:
-        return self.data / "latents"
+        return self._own(self.data) / "latents"
 
     @property
     def models(self) -> Path:
@@ -50,15 +57,19 @@ class ProjectPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.models / "checkpoints"
+        return self._own(self.models) / "checkpoints"
 
     @property
     def pipeline(self) -> Path:
-        return self.models / "pipeline"
+        return self._own(self.models) / "pipeline"
 
     @property
     def outputs(self) -> Path:
-        return self.root / "outputs" / self.profile
+        return self._own(self.root / "outputs" / self.profile)
+
+    @property
+    def sweeps(self) -> Path:
+        return self.root / "outputs" / self.profile / "sweeps"
 
     @property
     def samples(self) -> Path:

@@ -115,8 +115,10 @@ def validate(p: Params, paths: ProjectPaths) -> StepResult:
     metrics = {"contract_success": float(result.success), "contract_failures": float(len(result.failures))}
     _json(paths.validation / "summary.json", {**metrics, "failures": result.failures})
     if not result.success:
-        raise DataContractError(f"{paths.manifest}: data contract failed (report: {report}):\n  - "
+        err = DataContractError(f"{paths.manifest}: data contract failed (report: {report}):\n  - "
                                 + "\n  - ".join(result.failures))
+        err.artifacts = [report, paths.validation / "summary.json"]  # for the caller to keep/log
+        raise err
     return StepResult(metrics=metrics, artifacts=[report])
 
 
@@ -259,13 +261,14 @@ def build_latents(p: Params, paths: ProjectPaths) -> StepResult:
 
     te = p.active.text_encoder
     tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed)
-    tmp_te = _fresh_tmp_dir(paths.text_encoder)
-    if te.pretrained:
-        _json(tmp_te / "SOURCE.json", {"pretrained": te.pretrained})
-    else:
-        encoder.save_pretrained(tmp_te)
-        tokenizer.save_pretrained(tmp_te)
-    _replace_dir(tmp_te, paths.text_encoder)
+    if paths.variant is None:  # sweep variants share the base run's text encoder
+        tmp_te = _fresh_tmp_dir(paths.text_encoder)
+        if te.pretrained:
+            _json(tmp_te / "SOURCE.json", {"pretrained": te.pretrained})
+        else:
+            encoder.save_pretrained(tmp_te)
+            tokenizer.save_pretrained(tmp_te)
+        _replace_dir(tmp_te, paths.text_encoder)
     vae = load_vae(p, paths)
     tasks = p.active.train.tasks
     df = read_manifest(paths.manifest)
@@ -459,7 +462,9 @@ def report(p: Params, paths: ProjectPaths) -> StepResult:
                   viz.markdown_table([{"model": "UDPDiff (segmentation)", **m["segmentation"]}],
                                      ["model", "gt_miou", "gt_temporal_id_consistency"]), ""]
     lines += ["## Notes", ""] + [f"- {n}" for n in ev["notes"]] + [
-        "- Missing columns mean the metric's model is not configured (see notes); empty cells are `-`.", ""]
+        "- An empty cell means that metric's model is not configured (see the notes above).",
+        "- `gt_*` columns score the dense prediction *of* real validation clips (RGB half fixed to the clip) "
+        "against their exact ground truth; depth after least-squares scale-and-shift alignment.", ""]
     path = paths.report / "report.md"
     write_text(path, "\n".join(lines))
     artifacts = [path] + [q for q in (paths.metrics / "train_loss.png", paths.metrics / "vae_loss.png") if q.exists()]
