@@ -28,7 +28,8 @@ from udpdiff.io.atomic import write_text  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"e2e-tiny-{socket.gethostname()}.json")
+    parser.add_argument("--out", type=Path,
+                        default=REPO / "benchmarks" / "results" / f"e2e-tiny-{socket.gethostname()}.json")
     args = parser.parse_args()
     stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",

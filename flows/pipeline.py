@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import mlflow
-from flows.common import load, log_result, log_step_metrics, mlflow_run
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import load, log_result, log_step_metrics, mlflow_run
 from udpdiff import steps
 from udpdiff.io.atomic import write_text
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 
 import mlflow
-from flows.common import load, log_result, mlflow_run
-from flows.pipeline import stage_flow
 from prefect import flow, get_run_logger
 
+from flows.common import load, log_result, mlflow_run
+from flows.pipeline import stage_flow
 from udpdiff import viz
 from udpdiff.io.atomic import write_text
 from udpdiff.steps import StepResult

@@ -27,7 +27,6 @@ from udpdiff.evaluation.consistency import (
 )
 from udpdiff.evaluation.fvd import I3DFeatures, feature_statistics, frechet_distance, fvd_from_features
 
-
 # --------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_hungarian_is_optimal(seed: int) -> None:
     iou, p_lab, g_lab = iou_matrix(pred, gt)
     sub = iou[np.ix_(p_lab != 0, g_lab != 0)]
     best = max(
-        sum(sub[r, c] for r, c in zip(rows, range(sub.shape[1])))
+        sum(sub[r, c] for r, c in zip(rows, range(sub.shape[1]), strict=True))
         for rows in itertools.permutations(range(sub.shape[0]), sub.shape[1])
     )
     res = hungarian_miou(pred, gt)

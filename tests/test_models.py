@@ -121,8 +121,9 @@ def _tiny_pipeline(conditioning: str = "embedding") -> UDPDiffPipeline:
     tokenizer, encoder = build_text_encoder({"config": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2,
                                                         "d_kv": 16}}, seed=0)
     torch.manual_seed(0)
-    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
-                                 block_out_channels=(8, 8, 8), latent_channels=16, layers_per_block=1, norm_num_groups=4)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                 latent_channels=16, layers_per_block=1, norm_num_groups=4)
     transformer = UDPDiffTransformer3DModel(**TINY, num_tasks=2 if conditioning == "embedding" else 0)
     return UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
                            scheduler=build_scheduler({"type": "ddim"}), task_conditioning=conditioning)

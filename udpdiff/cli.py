@@ -27,7 +27,8 @@ def _generate(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
     generator = torch.Generator().manual_seed(args.seed)
-    out = pipe(args.prompt, task=args.task, num_frames=args.num_frames or pipe.transformer.config.sample_frames, height=args.height, width=args.width,
+    num_frames = args.num_frames or pipe.transformer.config.sample_frames
+    out = pipe(args.prompt, task=args.task, num_frames=num_frames, height=args.height, width=args.width,
                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator,
                max_sequence_length=pipe.transformer.config.max_text_seq_length)
     out_dir = Path(args.out)

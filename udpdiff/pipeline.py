@@ -40,7 +40,8 @@ class UDPDiffPipeline(CogVideoXPipeline):
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, task_conditioning: str = "embedding"):
         if task_conditioning not in TASK_CONDITIONINGS:
             raise ValueError(f"task_conditioning must be one of {TASK_CONDITIONINGS}, got {task_conditioning!r}")
-        super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+        super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                         scheduler=scheduler)
         if transformer.config.in_channels != 2 * LATENT_CHANNELS:
             raise ValueError(f"UDPDiffPipeline needs a {2 * LATENT_CHANNELS}-channel transformer, "
                              f"got in_channels={transformer.config.in_channels}")

@@ -187,7 +187,14 @@ def load_vae(p: Params, paths: ProjectPaths):
 
 def train_autoencoder(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResult:
     """Fit the tiny VAE on RGB clips and both colormaps (a pretrained VAE is only checked)."""
-    from udpdiff.models.vae import build_vae, calibrate_scaling_factor, reconstruction_psnr, to_model_input, to_uint8, train_vae
+    from udpdiff.models.vae import (
+        build_vae,
+        calibrate_scaling_factor,
+        reconstruction_psnr,
+        to_model_input,
+        to_uint8,
+        train_vae,
+    )
 
     spec = p.active.vae
     df = read_manifest(paths.manifest)
@@ -235,7 +242,8 @@ def train_autoencoder(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
     _replace_dir(tmp, paths.vae)
     curve = {"vae_loss": (np.arange(1, len(history) + 1), [h["vae_loss"] for h in history])} if history else {}
     artifacts = [viz.plot_curves(paths.metrics / "vae_loss.png", curve, ylabel="L1 + MSE + KL", logy=bool(history),
-                                 title="VAE training loss" if history else f"pretrained VAE ({spec.pretrained}): not trained")]
+                                 title="VAE training loss" if history else
+                                 f"pretrained VAE ({spec.pretrained}): not trained")]
     preview = paths.outputs / "previews" / "vae_reconstruction.mp4"
     viz.write_side_by_side(preview, [val_videos[k][0] for k in rec] + [rec[k] for k in rec],
                            labels=[f"{k}" for k in rec] + [f"{k} (VAE)" for k in rec], fps=p.active.data.fps)
@@ -377,7 +385,11 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
     """Scores per task: frame consistency and motion smoothness of generated videos (VBench SC/BC
     too when DINO/CLIP weights are configured), and dense-prediction accuracy against exact GT."""
     from udpdiff.evaluation.consistency import (
-        background_consistency, motion_smoothness_flow, pixel_frame_consistency, subject_consistency)
+        background_consistency,
+        motion_smoothness_flow,
+        pixel_frame_consistency,
+        subject_consistency,
+    )
     from udpdiff.evaluation.depth import depth_metrics
     from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
 
@@ -414,7 +426,8 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
         results[task] = {k: float(np.mean(v)) for k, v in rows.items()}
         results[task]["num_videos"] = float(len(entries))
     # the same weight-free scores on the real validation clips: the ceiling to compare against
-    real = [read_video(resolve(paths.manifest, df.loc[c].video_path)) for c in dict.fromkeys(e["clip_id"] for e in index)]
+    real_ids = dict.fromkeys(e["clip_id"] for e in index)
+    real = [read_video(resolve(paths.manifest, df.loc[c].video_path)) for c in real_ids]
     results["real"] = {"pixel_frame_consistency": float(np.mean([pixel_frame_consistency(v) for v in real])),
                        "motion_smoothness_flow": float(np.mean(motion_smoothness_flow(np.stack(real))))}
     _json(paths.metrics / "eval.json", {"metrics": results, "notes": notes})

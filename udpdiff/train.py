@@ -143,6 +143,12 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
 
 
+def _draw_latent(rec: dict, prefix: str, gen: torch.Generator) -> torch.Tensor:
+    """A sample of the cached VAE posterior N(mean, std^2)."""
+    mean, std = rec[f"{prefix}_mean"], rec[f"{prefix}_std"]
+    return mean + std * torch.randn(mean.shape, generator=gen)
+
+
 def make_batch(
     data: LatentDataset,
     p: Params,
@@ -170,11 +176,7 @@ def make_batch(
         rec = data.records[i]
         task = t.tasks[tasks[j]]
 
-        def sample(prefix: str) -> torch.Tensor:
-            mean, std = rec[f"{prefix}_mean"], rec[f"{prefix}_std"]
-            return mean + std * torch.randn(mean.shape, generator=gen)
-
-        x0.append(torch.cat([sample("rgb"), sample(task)], dim=0))  # (32, F, h, w)
+        x0.append(torch.cat([_draw_latent(rec, "rgb", gen), _draw_latent(rec, task, gen)], dim=0))  # (32, F, h, w)
         key = "long" if long_caption[j] else "short"
         if t.task_conditioning == "text-prompt":
             key = f"{key}:{task}"
@@ -271,7 +273,8 @@ def train(
         sums = {"loss": 0.0, "loss_rgb": 0.0, "loss_dense": 0.0}
         per_task: dict[str, list[float]] = {}
         for micro in range(t.gradient_accumulation_steps):
-            batch = {k: v.to(device) for k, v in make_batch(data, p, step, micro, scaling_factor, alphas_cumprod).items()}
+            batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod)
+            batch = {k: v.to(device) for k, v in batch.items()}
             kwargs = {"task_id": batch["task_ids"]} if num_tasks else {}
             pred = engine(hidden_states=batch["noisy"], encoder_hidden_states=batch["text"],
                           timestep=batch["timesteps"], image_rotary_emb=rotary, return_dict=False, **kwargs)[0]

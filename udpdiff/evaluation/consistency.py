@@ -25,6 +25,7 @@ resized (bicubic) so the short side is 224, center-cropped to 224x224 and CLIP-n
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections.abc import Sequence
@@ -188,7 +189,7 @@ def _weights_hint(class_name: str, default_id: str) -> str:
     )
 
 
-class _TorchExtractor:
+class _TorchExtractor(abc.ABC):
     """Shared plumbing: device handling, chunked batching, no-grad inference."""
 
     name = "base"
@@ -198,11 +199,13 @@ class _TorchExtractor:
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Model features of preprocessed frames, (N, D)."""
 
-    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """The metric's own resize/crop/normalisation of (N, 3, H, W) frames in [0, 255]."""
 
     @torch.inference_mode()
     def __call__(self, frames: ArrayLike) -> torch.Tensor:

@@ -94,7 +94,7 @@ def hungarian_miou(
     matches: list[tuple[int, int, float]] = []
     if sub.size:
         rows, cols = linear_sum_assignment(sub, maximize=True)
-        for r, c in zip(rows.tolist(), cols.tolist()):
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             v = float(sub[r, c])
             # A zero-IoU assignment is an artefact of the square-ish solver, not a match.
             if v > 0.0:

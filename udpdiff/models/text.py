@@ -43,7 +43,9 @@ def _subfolder(root: str, name: str) -> str | None:
 
 def _load_tokenizer(pretrained: str) -> PreTrainedTokenizerBase:
     sub = _subfolder(pretrained, "tokenizer")
-    return AutoTokenizer.from_pretrained(pretrained, subfolder=sub) if sub else AutoTokenizer.from_pretrained(pretrained)
+    if sub:
+        return AutoTokenizer.from_pretrained(pretrained, subfolder=sub)
+    return AutoTokenizer.from_pretrained(pretrained)
 
 
 @torch.no_grad()

@@ -17,10 +17,13 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from diffusers import CogVideoXTransformer3DModel
+
 # diffusers' pipeline loader looks up the component's base classes in the module that defines it
 # (model_index.json names "udpdiff.models.transformer"); this name makes that lookup succeed.
-from diffusers import ModelMixin  # noqa: F401
+from diffusers import (
+    CogVideoXTransformer3DModel,
+    ModelMixin,  # noqa: F401
+)
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
@@ -207,7 +210,8 @@ def from_cogvideox(
     model = UDPDiffTransformer3DModel.from_config(config)
     state = stock.state_dict()
     generator = torch.Generator().manual_seed(seed)
-    state["patch_embed.proj.weight"] = _expand_in(state["patch_embed.proj.weight"], factor, channel_expansion, generator)
+    state["patch_embed.proj.weight"] = _expand_in(state["patch_embed.proj.weight"], factor, channel_expansion,
+                                                  generator)
     state["proj_out.weight"], state["proj_out.bias"] = _expand_out(
         state["proj_out.weight"], state["proj_out.bias"], factor, channel_expansion, generator
     )
