@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 repro: setup
-	$(BIN)/dvc repro
+	$(BIN)/python -m flows repro
 
 test: setup
 	$(BIN)/python -m pytest

@@ -391,6 +391,7 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
         subject_consistency,
     )
     from udpdiff.evaluation.depth import depth_metrics
+    from udpdiff.evaluation.fvd import fvd_from_features
     from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
 
     index = json.loads((paths.samples / "index.json").read_text())
@@ -423,6 +424,13 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
             rows["subject_consistency"] = list(np.atleast_1d(subject_consistency(batch, extractors["dino"])))
         if "clip" in extractors:
             rows["background_consistency"] = list(np.atleast_1d(background_consistency(batch, extractors["clip"])))
+        if "i3d" in extractors:
+            # FVD against the real clips the prompts came from; biased by both counts, so logged beside it
+            real_batch = np.stack([read_video(resolve(paths.manifest, df.loc[e["clip_id"]].video_path))
+                                   for e in entries])
+            rows["fvd"] = [fvd_from_features(extractors["i3d"](real_batch).cpu().numpy(),
+                                             extractors["i3d"](batch).cpu().numpy())]
+            rows["fvd_num_frames"] = [float(batch.shape[1])]
         results[task] = {k: float(np.mean(v)) for k, v in rows.items()}
         results[task]["num_videos"] = float(len(entries))
     # the same weight-free scores on the real validation clips: the ceiling to compare against
@@ -441,7 +449,10 @@ def _metric_models(p: Params) -> tuple[dict, list[str]]:
 
     e = p.active.evaluate
     out, notes = {}, []
-    for key, cls, ref in (("dino", DinoFeatures, e.dino), ("clip", ClipImageFeatures, e.clip)):
+    from udpdiff.evaluation.fvd import I3DFeatures
+
+    models = (("dino", DinoFeatures, e.dino), ("clip", ClipImageFeatures, e.clip), ("i3d", I3DFeatures, e.i3d))
+    for key, cls, ref in models:
         if not ref:
             notes.append(f"{key}: not configured (set profiles.{p.profile}.evaluate.{key} to a local path or id)")
             continue
@@ -460,7 +471,7 @@ def report(p: Params, paths: ProjectPaths) -> StepResult:
     ev = json.loads((paths.metrics / "eval.json").read_text())
     m = ev["metrics"]
     tasks = [t for t in p.active.train.tasks if t in m]
-    gen_cols = ["model", "subject_consistency", "background_consistency", "motion_smoothness_flow",
+    gen_cols = ["model", "subject_consistency", "background_consistency", "motion_smoothness_flow", "fvd",
                 "pixel_frame_consistency"]
     gen_rows = [{"model": "real clips (reference)", **m["real"]}] + [{"model": f"UDPDiff ({t})", **m[t]} for t in tasks]
     lines = [f"# UDPDiff report — profile `{p.profile}`", "",
