@@ -25,8 +25,10 @@ def run_with_prefect_server(cmd: list[str]) -> int:
     Without PREFECT_API_URL each stage would start (and stop) its own ephemeral server, several
     seconds apiece; one server for the whole `dvc repro` saves that and keeps all runs in one
     place. An existing PREFECT_API_URL is used as is."""
-    if os.environ.get("PREFECT_API_URL"):
-        return subprocess.call(cmd)
+    # dvc.yaml's commands say `python`: make it this environment's, activated or not
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if env.get("PREFECT_API_URL"):
+        return subprocess.call(cmd, env=env)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -50,7 +52,7 @@ def run_with_prefect_server(cmd: list[str]) -> int:
                 print("error: prefect server did not become healthy within 120 s", file=sys.stderr)
                 return 1
             time.sleep(0.5)
-        return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": url})
+        return subprocess.call(cmd, env={**env, "PREFECT_API_URL": url})
     finally:
         server.terminate()
         try:

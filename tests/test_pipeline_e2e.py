@@ -50,12 +50,16 @@ def _frames(path: Path) -> int:
 def repro(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e") / "udpdiff"
     shutil.copytree(REPO, work, ignore=_ignore)
-    env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("PREFECT_API_URL", None)  # ephemeral Prefect, as on a fresh machine
+    venv_bin = str(Path(sys.executable).parent)
+    bare_path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv_bin)
+    env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PYTHONUNBUFFERED": "1", "PATH": bare_path}
+    env.pop("PREFECT_API_URL", None)
     _run(["git", "init", "-q"], work, env)
-    first = _run([sys.executable, "-m", "dvc", "repro"], work, env)
-    second = _run([sys.executable, "-m", "dvc", "repro"], work, env, timeout=300)
+    # first exactly what `make repro` runs, with the venv not activated (one shared Prefect server)...
+    first = _run([sys.executable, "-m", "flows", "repro"], work, env)
+    # ...then plain `dvc repro` in an activated venv (ephemeral Prefect per stage): nothing to do
+    second = _run([sys.executable, "-m", "dvc", "repro"], work, {**env, "PATH": f"{venv_bin}{os.pathsep}{bare_path}"},
+                  timeout=300)
     return work, first, second
 
 
