@@ -373,7 +373,8 @@ def sample(p: Params, paths: ProjectPaths) -> StepResult:
                                [np.concatenate([z["video"] for z in first], axis=1),
                                 np.concatenate([z["colormap"] for z in first], axis=1),
                                 np.concatenate([_dense_picture(task, z["dense"]) for z in first], axis=1)],
-                               labels=["generated", f"{task} colormap", "decoded"], fps=d.fps)
+                               labels=["generated", f"{task} colormap", "decoded"], fps=d.fps,
+                               height=len(first) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
     _json(tmp / "index.json", index)
     _replace_dir(tmp, paths.samples)
     runtime = {"seconds_per_sample": float(np.median(seconds)),
@@ -475,7 +476,7 @@ def report(p: Params, paths: ProjectPaths) -> StepResult:
                 "pixel_frame_consistency"]
     gen_rows = [{"model": "real clips (reference)", **m["real"]}] + [{"model": f"UDPDiff ({t})", **m[t]} for t in tasks]
     lines = [f"# UDPDiff report — profile `{p.profile}`", "",
-             "## Generation quality (paper Tabs 1–2 layout; higher is better)", "",
+             "## Generation quality (paper Tabs 1–2 layout; higher is better, except FVD)", "",
              viz.markdown_table(gen_rows, gen_cols), ""]
     if "depth" in m:
         lines += ["## Depth prediction of real validation clips vs exact ground truth (Tab 3 layout)", "",
