@@ -149,7 +149,7 @@ def side_by_side(
     if any(p.shape[0] != t for p, _ in panels):
         raise ValueError(f"frame counts differ: {[p.shape[0] for p, _ in panels]}")
     height = int(height or max(panels[0][0].shape[1], MIN_DISPLAY_HEIGHT))
-    band = max(14, height // 8)
+    band = min(32, max(14, height // 8))
     out = []
     for i, (rgb, is_labels) in enumerate(panels):
         # upscaling keeps hard pixel edges (nearest) so small clips are not smeared
