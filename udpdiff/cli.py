@@ -17,7 +17,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from udpdiff import viz
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.steps import _dense_picture
+    from udpdiff.steps import dense_picture
 
     if not (Path(args.pipeline) / "model_index.json").exists():
         print(f"error: {args.pipeline}: not a saved UDPDiff pipeline (no model_index.json); "
@@ -33,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
                max_sequence_length=pipe.transformer.config.max_text_seq_length)
     out_dir = Path(args.out)
     stem = out_dir / f"{args.task}-seed{args.seed}"
-    viz.write_side_by_side(f"{stem}.mp4", [out.videos[0], out.colormaps[0], _dense_picture(args.task, out.dense[0])],
+    viz.write_side_by_side(f"{stem}.mp4", [out.videos[0], out.colormaps[0], dense_picture(args.task, out.dense[0])],
                            labels=["video", f"{args.task} colormap", "decoded"], fps=args.fps)
     from udpdiff.io.atomic import atomic_path
 

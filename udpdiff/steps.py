@@ -323,7 +323,7 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
 
 
 # -- sampling, evaluation, report ---------------------------------------------------------------------
-def _dense_picture(task: str, dense: np.ndarray, palette: pixelplanes.Palette | None = None) -> np.ndarray:
+def dense_picture(task: str, dense: np.ndarray, palette: pixelplanes.Palette | None = None) -> np.ndarray:
     """A decoded prediction re-rendered for people: Spectral depth, or ids in palette colours."""
     if task == "depth":
         return pixelplanes.encode_depth(np.clip(dense, 0.0, 1.0))
@@ -351,19 +351,20 @@ def sample(p: Params, paths: ProjectPaths) -> StepResult:
     call = dict(num_frames=d.num_frames, height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
                 guidance_scale=s.guidance_scale, max_sequence_length=te.max_length,
                 segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
+    real_videos = {r.clip_id: read_video(resolve(paths.manifest, r.video_path)) for r in rows.itertuples()}
     for task in p.active.train.tasks:
         for i, row in enumerate(rows.itertuples()):
             start = time.perf_counter()
             out = pipe(row.caption_long, task=task, generator=torch.Generator().manual_seed(p.seed + i), **call)
             seconds.append(time.perf_counter() - start)
-            real = read_video(resolve(paths.manifest, row.video_path))
+            real = real_videos[row.clip_id]
             cond = pipe(row.caption_long, task=task, video=real, generator=torch.Generator().manual_seed(p.seed + i),
                         **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
             stem = tmp / task / row.clip_id
             stem.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(f"{stem}.npz", video=out.videos[0], colormap=out.colormaps[0], dense=out.dense[0],
                                 conditioned_colormap=cond.colormaps[0], conditioned_dense=cond.dense[0])
-            viz.write_side_by_side(f"{stem}.mp4", [out.videos[0], out.colormaps[0], _dense_picture(task, out.dense[0])],
+            viz.write_side_by_side(f"{stem}.mp4", [out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])],
                                    labels=["generated", f"{task} colormap", "decoded"], fps=d.fps)
             index.append({"task": task, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
                           "npz": f"{task}/{row.clip_id}.npz", "mp4": f"{task}/{row.clip_id}.mp4"})
@@ -372,7 +373,7 @@ def sample(p: Params, paths: ProjectPaths) -> StepResult:
         viz.write_side_by_side(tmp / f"gallery_{task}.gif",
                                [np.concatenate([z["video"] for z in first], axis=1),
                                 np.concatenate([z["colormap"] for z in first], axis=1),
-                                np.concatenate([_dense_picture(task, z["dense"]) for z in first], axis=1)],
+                                np.concatenate([dense_picture(task, z["dense"]) for z in first], axis=1)],
                                labels=["generated", f"{task} colormap", "decoded"], fps=d.fps,
                                height=len(first) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
     _json(tmp / "index.json", index)
@@ -399,6 +400,9 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
     df = read_manifest(paths.manifest).set_index("clip_id")
     extractors, notes = _metric_models(p)
     results: dict[str, dict[str, float]] = {}
+    # each real clip is read once: for FVD and for the reference row
+    real = {c: read_video(resolve(paths.manifest, df.loc[c].video_path))
+            for c in dict.fromkeys(e["clip_id"] for e in index)}
     for task in p.active.train.tasks:
         entries = [e for e in index if e["task"] == task]
         rows: dict[str, list[float]] = {}
@@ -427,18 +431,16 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
             rows["background_consistency"] = list(np.atleast_1d(background_consistency(batch, extractors["clip"])))
         if "i3d" in extractors:
             # FVD against the real clips the prompts came from; biased by both counts, so logged beside it
-            real_batch = np.stack([read_video(resolve(paths.manifest, df.loc[e["clip_id"]].video_path))
-                                   for e in entries])
+            real_batch = np.stack([real[e["clip_id"]] for e in entries])
             rows["fvd"] = [fvd_from_features(extractors["i3d"](real_batch).cpu().numpy(),
                                              extractors["i3d"](batch).cpu().numpy())]
             rows["fvd_num_frames"] = [float(batch.shape[1])]
         results[task] = {k: float(np.mean(v)) for k, v in rows.items()}
         results[task]["num_videos"] = float(len(entries))
     # the same weight-free scores on the real validation clips: the ceiling to compare against
-    real_ids = dict.fromkeys(e["clip_id"] for e in index)
-    real = [read_video(resolve(paths.manifest, df.loc[c].video_path)) for c in real_ids]
-    results["real"] = {"pixel_frame_consistency": float(np.mean([pixel_frame_consistency(v) for v in real])),
-                       "motion_smoothness_flow": float(np.mean(motion_smoothness_flow(np.stack(real))))}
+    real_list = list(real.values())
+    results["real"] = {"pixel_frame_consistency": float(np.mean([pixel_frame_consistency(v) for v in real_list])),
+                       "motion_smoothness_flow": float(np.mean(motion_smoothness_flow(np.stack(real_list))))}
     _json(paths.metrics / "eval.json", {"metrics": results, "notes": notes})
     flat = {f"{task}/{k}": v for task, m in results.items() for k, v in m.items()}
     return StepResult(metrics=flat, artifacts=[paths.metrics / "eval.json"], info={"notes": notes})
