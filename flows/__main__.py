@@ -4,6 +4,7 @@
     python -m flows run pipeline           # the `udpdiff` flow: pipeline|curate|train|evaluate|sweep
     python -m flows run sweep --variants single-task-depth   # ablations (params.yaml `sweeps`)
     python -m flows repro                  # `dvc repro` with one local Prefect server for all stages
+    torchrun --nproc_per_node 8 -m flows stage train   # train on 8 GPUs (params.yaml train_launcher)
 """
 
 from __future__ import annotations
@@ -86,7 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     from udpdiff.config import ParamsError
 
     try:
-        if args.command == "stage":
+        if args.command == "stage" and int(os.environ.get("RANK", 0)) != 0:
+            # a worker rank under torchrun/deepspeed: the same step, without a flow or MLflow run
+            # of its own (rank 0 runs those and logs for all ranks)
+            if args.stage != "train":
+                print(f"error: only the train stage runs under a multi-process launcher, not {args.stage!r}",
+                      file=sys.stderr)
+                return 2
+            from flows.common import load
+            from udpdiff import steps
+
+            steps.train_transformer(*load(args.profile, args.variant))
+        elif args.command == "stage":
             stage_flow(args.stage, args.profile, args.variant)
         elif args.job == "sweep":
             from flows.sweep import sweep_flow

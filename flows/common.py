@@ -98,3 +98,12 @@ def log_result(result: StepResult, artifact_path: str | None = None) -> None:
 def log_step_metrics(metrics: dict[str, float], step: int) -> None:
     """Per-step callback the library's loops call while an MLflow run is active."""
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_step_artifact(path: Path, artifact_dir: str) -> None:
+    """Callback for files a loop produces while it runs (preview grids, checkpoints)."""
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_dir)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_dir)

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import load, log_result, log_step_metrics, mlflow_run
+from flows.common import REPO_ROOT, load, log_result, log_step_artifact, log_step_metrics, mlflow_run
 from udpdiff import steps
 from udpdiff.io.atomic import write_text
 
@@ -58,8 +63,12 @@ def stage_flow(stage: Stage, profile: str | None = None, variant: str | None = N
     step = stage
     if stage == "data":  # the dataset stage follows the profile's source
         step = "synthesize" if p.active.data.source == "synthetic" else "curate"
+    if step == "train" and not under_launcher() and p.train_launcher.split() != ["python", "-m"]:
+        return launch_training(p, variant)
     fn = STEP_FUNCTIONS[step]
     kwargs = {"log_fn": log_step_metrics} if step in STREAMS_METRICS else {}
+    if step == "train":
+        kwargs["artifact_fn"] = log_step_artifact
     with mlflow_run(step, p, {"variant": variant} if variant else None) as run:
         try:
             result = task(fn, name=step, cache_policy=NO_CACHE)(p, paths, **kwargs)
@@ -73,6 +82,28 @@ def stage_flow(stage: Stage, profile: str | None = None, variant: str | None = N
         get_run_logger().info("%s done (MLflow run %s): %s", stage, run.info.run_id,
                               ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
     return result.metrics
+
+
+def under_launcher() -> bool:
+    """True in a process started by torchrun/deepspeed (they set the rank variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch_training(p, variant: str | None) -> dict[str, float]:
+    """Run the train stage under ``train_launcher`` (several GPUs or nodes). Its rank 0 runs this
+    same flow (a flow run and MLflow run of its own); the other ranks run the bare step."""
+    cmd = [*shlex.split(p.train_launcher), "flows", "stage", "train", "--profile", p.profile]
+    if variant:
+        cmd += ["--variant", variant]
+    log = get_run_logger()
+    log.info("launching training: %s", " ".join(cmd))
+    # the launcher's own `python` must be this environment's
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    if code != 0:
+        raise RuntimeError(f"training under {p.train_launcher!r} failed with exit code {code}; see its log above")
+    _, paths = load(p.profile, variant)
+    return json.loads((paths.metrics / "train.json").read_text())
 
 
 @flow(name="udpdiff")

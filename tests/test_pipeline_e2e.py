@@ -131,6 +131,16 @@ def test_every_stage_logged_an_mlflow_run(repro):
     assert params["train.lr"] == "0.001" and params["profile"] == "tiny"
     artifacts = list((work / "mlartifacts").rglob("*.gif")) + list((work / "mlartifacts").rglob("*.mp4"))
     assert artifacts, "sample galleries and previews are logged as MLflow artifacts"
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_memory_gb"):
+        assert db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key=?", (train_id, key)).fetchone()[0]
+    # the train run holds its preview grids, its checkpoints and the diffusers export
+    train_artifacts = next((work / "mlartifacts").rglob(f"{train_id}/artifacts"))
+    previews = sorted(x.name for x in (train_artifacts / "train_samples").iterdir())
+    assert previews == ["step-00000500.gif", "step-00001000.gif"], previews
+    checkpoints = sorted(x.name for x in (train_artifacts / "checkpoints").iterdir())
+    assert checkpoints == [f"step-{s:08d}" for s in (250, 500, 750, 1000)], checkpoints
+    assert (train_artifacts / "checkpoints" / "step-00001000" / "mp_rank_00_model_states.pt").exists()
+    assert (train_artifacts / "model" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
 
 
 @pytest.mark.slow

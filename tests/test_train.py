@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,21 @@ import yaml
 from udpdiff.config import load_params
 from udpdiff.latents import EMPTY_PROMPT_FILE
 from udpdiff.models.scheduler import build_scheduler
-from udpdiff.train import TrainingDivergedError, latest_checkpoint, make_batch, run_fingerprint, train
+from udpdiff.train import (
+    DeepSpeedConfigError,
+    TrainingDivergedError,
+    _free_port,
+    latest_checkpoint,
+    load_deepspeed_config,
+    make_batch,
+    run_fingerprint,
+    train,
+    zero_stage,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS = [f"clip{i}" for i in range(6)]
+DS = REPO / "infra" / "deepspeed"
 
 
 def _params(tmp_path: Path, **train_overrides):
@@ -127,3 +140,102 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
         _run(p, latents, tmp_path / "ck")
     assert latest_checkpoint(good.parent)[1] == 2
     assert sorted(f.name for f in good.rglob("*")) == before
+
+
+# -- DeepSpeed configs and distributed training ------------------------------------------------------
+DS_CONFIGS = sorted((REPO / "infra" / "deepspeed").glob("*.json"))
+
+
+def _autos(node) -> list:
+    if isinstance(node, dict):
+        return [a for v in node.values() for a in _autos(v)]
+    return ["auto"] if node == "auto" else []
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=[p.name for p in DS_CONFIGS])
+def test_shipped_deepspeed_configs_take_their_values_from_params(tmp_path, path):
+    p = _params(tmp_path, precision="bf16", micro_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5)
+    cfg = load_deepspeed_config(path, p, world_size=4)
+    assert _autos(cfg) == []
+    assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    assert zero_stage(cfg) == (3 if "zero3" in path.name else 2)
+    if "optimizer" in cfg:
+        assert cfg["optimizer"]["params"]["lr"] == p.active.train.lr
+
+
+def test_deepspeed_config_errors_name_the_file_and_the_problem(tmp_path):
+    p = _params(tmp_path)
+    with pytest.raises(DeepSpeedConfigError, match=r"nope\.json: DeepSpeed config not found"):
+        load_deepspeed_config(tmp_path / "nope.json", p)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DeepSpeedConfigError, match=r"bad\.json: not valid JSON"):
+        load_deepspeed_config(bad, p)
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(DeepSpeedConfigError, match=r"clash\.json: train_micro_batch_size_per_gpu is 7 but params"):
+        load_deepspeed_config(clash, p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3.json", "zero2-offload.json"])
+def test_zero3_and_offload_train_the_same_model_as_zero2(tmp_path, name):
+    p = _params(tmp_path)
+    latents = _latents(tmp_path)
+    ref_model, ref = _run(p, latents, tmp_path / "zero2", ds_config=load_deepspeed_config(DS / "zero2.json", p))
+    cfg = load_deepspeed_config(DS / name, p)
+    model, result = _run(p, latents, tmp_path / name, ds_config=cfg)
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
+    # the returned module holds full weights (ZeRO-3's shards gathered), equal to ZeRO-2's
+    ours, theirs = model.state_dict(), ref_model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        if k.endswith("norm_k.bias"):
+            # softmax is blind to a bias shared by all keys: its gradient is 0 up to rounding
+            # noise, which Adam scales up to lr-sized steps that differ between ZeRO stages
+            continue
+        assert torch.allclose(ours[k], theirs[k], atol=1e-5), k
+    if name == "zero3.json":  # and a killed ZeRO-3 run resumes exactly
+        _run(p, latents, tmp_path / "z3split", ds_config=cfg, max_steps_this_run=3)
+        _, resumed = _run(p, latents, tmp_path / "z3split", ds_config=cfg)
+        assert resumed.resumed_from == 2
+        assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
+
+
+def _torchrun(work: Path, out: Path, nproc: int, *extra: str) -> dict:
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun) if torchrun.exists() else shutil.which("torchrun"), "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), str(REPO / "tests" / "dist_worker.py"), str(work), str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_double_accumulation_and_resume_exactly(tmp_path):
+    two = tmp_path / "two"
+    two.mkdir()
+    p2 = _params(two)
+    _latents(two)
+    full = _torchrun(two, two / "full.json", 2)
+    assert full["world"] == 2 and full["steps_done"] == 6
+    # the ranks split each step's global batch: read rank after rank, step after step, they walk
+    # each epoch's permutation once (6 clips, global batch 2 ranks x 2)
+    walked = [i for step in range(3) for rank in range(2) for i in full["clips"][rank][step]]
+    assert sorted(walked[:6]) == sorted(walked[6:12]) == list(range(6)), walked
+    # the same computation as one rank accumulating two micro-batches
+    one = tmp_path / "one"
+    one.mkdir()
+    p1 = _params(one, gradient_accumulation_steps=2)
+    _, ref = _run(p1, _latents(one), one / "ck")
+    assert full["losses"] == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)
+    # a two-rank run killed after 3 steps resumes from its step-2 checkpoint with the same losses
+    shutil.rmtree(two / "ck")
+    _torchrun(two, two / "part.json", 2, "3")
+    resumed = _torchrun(two, two / "resumed.json", 2)
+    assert resumed["resumed_from"] == 2 and resumed["losses"] == pytest.approx(full["losses"], rel=1e-5)
+    assert p2.active.train.steps == 6

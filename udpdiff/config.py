@@ -105,13 +105,20 @@ class TrainParams(_Strict):
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
+    # a DeepSpeed JSON (repo-relative or absolute); its "auto" values are filled from the fields
+    # here (micro batch, accumulation, clipping, precision). ZeRO stage and offload live in it.
+    deepspeed_config: str = "infra/deepspeed/zero2.json"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
+    # a grid of samples (one prompt per task, video | colormap) every N steps; 0 turns it off
+    sample_every: int = Field(0, ge=0)
+    # MLflow gets each checkpoint either copied ("artifacts") or as a path + size reference
+    # ("references": a 5B ZeRO checkpoint is ~60 GB); the final diffusers export is always copied
+    # for artifacts, referenced otherwise
+    log_checkpoints: Literal["artifacts", "references"] = "references"
 
     @model_validator(mode="after")
     def _tasks(self) -> TrainParams:
@@ -155,6 +162,9 @@ class MlflowParams(_Strict):
 class Params(_Strict):
     profile: str = "tiny"
     seed: int = 1234
+    # what starts the train stage: "python -m" (one process), or a multi-process launcher ending in
+    # its module flag, e.g. "torchrun --nproc_per_node 8 -m" or "deepspeed --num_gpus 8 --module"
+    train_launcher: str = "python -m"
     mlflow: MlflowParams = MlflowParams()
     profiles: dict[str, ProfileParams]
     # ablations: name -> {dotted key in the active profile: value}, e.g. {"train.lr": 1e-4}

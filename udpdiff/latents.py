@@ -7,6 +7,7 @@ sample exactly as on-the-fly encoding would.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,19 +82,31 @@ def encode_clips(
 
 
 class LatentDataset:
-    """All cached clips of a split, held in memory (the tiny and moderate sets fit easily; a
-    streaming variant would index files the same way)."""
+    """The cached clips of a split, loaded on demand: ``dataset[i]`` reads one clip's file and
+    keeps the most recent ``cache_size`` in memory (all of them for the tiny set; a bounded
+    window for a 300K-clip set, whose cache would not fit in RAM)."""
 
-    def __init__(self, cache_dir: Path, clip_ids: Sequence[str]):
+    def __init__(self, cache_dir: Path, clip_ids: Sequence[str], cache_size: int = 256):
         if not clip_ids:
             raise ValueError(f"{cache_dir}: no clips to train on")
-        self.records = []
-        for cid in clip_ids:
-            path = cache_dir / f"{cid}.pt"
+        self.paths = [cache_dir / f"{cid}.pt" for cid in clip_ids]
+        for cid, path in zip(clip_ids, self.paths, strict=True):
             if not path.exists():
                 raise FileNotFoundError(f"{path}: latent cache missing for clip {cid}; rerun the latents stage")
-            self.records.append(torch.load(path, map_location="cpu", weights_only=True))
-        self.empty_text = torch.load(cache_dir / EMPTY_PROMPT_FILE, weights_only=True)["text:empty"]
+        empty = cache_dir / EMPTY_PROMPT_FILE
+        if not empty.exists():
+            raise FileNotFoundError(f"{empty}: empty-prompt embedding missing; rerun the latents stage")
+        self.empty_text = torch.load(empty, weights_only=True)["text:empty"]
+        self._load = functools.lru_cache(maxsize=cache_size)(self._read)
+
+    def _read(self, i: int) -> dict:
+        try:
+            return torch.load(self.paths[i], map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: name it
+            raise ValueError(f"{self.paths[i]}: unreadable latent cache ({e}); rerun the latents stage") from e
+
+    def __getitem__(self, i: int) -> dict:
+        return self._load(i)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.paths)

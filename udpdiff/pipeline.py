@@ -52,7 +52,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None,
         task: str = "depth",
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
@@ -76,15 +76,22 @@ class UDPDiffPipeline(CogVideoXPipeline):
         score predictions against exact ground truth.
         """
         tid = task_id(task)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         conditioning = self.config.task_conditioning
-        if conditioning == "text-prompt":
-            prompts = [task_prompt(task, p) for p in prompts]
+        if prompt is None:  # precomputed ``prompt_embeds`` (the task already in them for text-prompt)
+            if kwargs.get("prompt_embeds") is None:
+                raise ValueError("give a prompt or prompt_embeds")
+            prompts = None
+            batch = kwargs["prompt_embeds"].shape[0]
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            batch = len(prompts)
+            if conditioning == "text-prompt":
+                prompts = [task_prompt(task, p) for p in prompts]
         ctx = self.transformer.task_context(tid) if conditioning == "embedding" else contextlib.nullcontext()
         if video is not None:
             if kwargs.get("callback_on_step_end") is not None:
                 raise ValueError("video= and callback_on_step_end cannot be combined")
-            kwargs["callback_on_step_end"] = self._rgb_replacement(video, len(prompts), generator)
+            kwargs["callback_on_step_end"] = self._rgb_replacement(video, batch, generator)
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
             num_frames, height, width = video.shape[0], video.shape[1], video.shape[2]
         with ctx:

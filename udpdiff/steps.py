@@ -7,6 +7,7 @@ about Prefect, DVC or MLflow.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -291,18 +292,26 @@ def build_latents(p: Params, paths: ProjectPaths) -> StepResult:
 
 
 def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
+                      artifact_fn: Callable[[Path, str], None] | None = None,
                       max_steps_this_run: int | None = None) -> StepResult:
+    """Train the transformer (one process, or every rank of a launcher: rank 0 writes outputs)."""
     from udpdiff.models.scheduler import build_scheduler
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.train import summary, train, write_history
+    from udpdiff.train import _rank_world, resolve_config_path, summary, train, write_history
 
+    t = p.active.train
     df = read_manifest(paths.manifest)
     vae = load_vae(p, paths)
     scheduler = build_scheduler(p.active.scheduler.model_dump(), p.active.transformer.pretrained)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    preview = functools.partial(_training_preview, p, paths, vae, scheduler, df) if t.sample_every else None
     transformer, result = train(p, paths.latents, df[df.split == "train"].clip_id.tolist(), paths.checkpoints,
                                 scaling_factor=float(vae.config.scaling_factor), vae_scale_spatial=vae_scale,
-                                scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run)
+                                scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run,
+                                ds_config=resolve_config_path(t.deepspeed_config, paths.root),
+                                preview_fn=preview, artifact_fn=artifact_fn)
+    if _rank_world()[0] != 0:
+        return StepResult()
     history_csv = paths.metrics / "train_history.csv"
     write_history(result.history, history_csv)
     artifacts = [history_csv]
@@ -312,14 +321,59 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
                                      ylabel="v-prediction MSE", logy=True))
     metrics = summary(result.history) if result.history else {}
     metrics.update(steps_done=float(result.steps_done), resumed_from_step=float(result.resumed_from))
-    if result.steps_done >= p.active.train.steps:
+    if result.steps_done >= t.steps:
         tokenizer, encoder = load_text_encoder(p, paths)
         pipe = UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer.eval(),
-                               scheduler=scheduler, task_conditioning=p.active.train.task_conditioning)
+                               scheduler=scheduler, task_conditioning=t.task_conditioning)
         tmp = _fresh_tmp_dir(paths.pipeline)
         pipe.save_pretrained(tmp)
         _replace_dir(tmp, paths.pipeline)
+        if artifact_fn is not None and t.log_checkpoints == "artifacts":
+            artifact_fn(paths.pipeline / "transformer", "model/transformer")  # the diffusers export
     return StepResult(metrics=metrics, artifacts=artifacts, info={"checkpoint": str(result.checkpoint)})
+
+
+def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.DataFrame, module: torch.nn.Module,
+                      step: int) -> Path | None:
+    """A sample grid of the model being trained: one validation prompt per task, rows of
+    generated video | colormap | decoded. The prompt embeddings come from the latent cache, so
+    no text encoder is loaded during training. Runs on every rank (ZeRO-3 forwards are
+    collective); rank 0 writes the gif and returns its path."""
+    from udpdiff.latents import EMPTY_PROMPT_FILE
+    from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.train import _rank_world
+
+    t, d, s = p.active.train, p.active.data, p.active.sample
+    rows = df[df.split == s.split]
+    clip = (rows if not rows.empty else df).iloc[0].clip_id
+    rec = torch.load(paths.latents / f"{clip}.pt", map_location="cpu", weights_only=True)
+    empty = torch.load(paths.latents / EMPTY_PROMPT_FILE, map_location="cpu", weights_only=True)["text:empty"]
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae.to(device), transformer=module,
+                           scheduler=scheduler, task_conditioning=t.task_conditioning)
+    pipe.set_progress_bar_config(disable=True)
+    columns: list[list[np.ndarray]] = [[], [], []]
+    for task in t.tasks:
+        key = f"text:long:{task}" if t.task_conditioning == "text-prompt" else "text:long"
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = pipe(None, task=task, prompt_embeds=rec[key][None].to(device, dtype),
+                       negative_prompt_embeds=empty[None].to(device, dtype), num_frames=d.num_frames,
+                       height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
+                       guidance_scale=s.guidance_scale, generator=torch.Generator(device).manual_seed(p.seed),
+                       segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
+        for col, frames in zip(columns, (out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])),
+                               strict=True):
+            col.append(frames)
+    vae.to("cpu")
+    if _rank_world()[0] != 0:
+        return None
+    path = paths.outputs / "train_samples" / f"step-{step:08d}.gif"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    viz.write_side_by_side(path, [np.concatenate(c, axis=1) for c in columns],
+                           labels=[f"step {step}: {' / '.join(t.tasks)}", "colormap", "decoded"], fps=d.fps,
+                           height=len(t.tasks) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
+    return path
 
 
 # -- sampling, evaluation, report ---------------------------------------------------------------------

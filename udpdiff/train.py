@@ -13,6 +13,7 @@ DeepSpeed checkpoint, and the loss history from its client state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +24,7 @@ import resource
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,36 +77,109 @@ def init_distributed(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def deepspeed_config(p: Params) -> dict:
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed JSON is missing, not JSON, or contradicts params.yaml."""
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def load_deepspeed_config(path: str | Path, p: Params, world_size: int = 1) -> dict:
+    """The shipped (or a user's) DeepSpeed JSON with its ``"auto"`` values filled from params.yaml.
+
+    params.yaml stays the one source of batch size, accumulation, clipping and precision (they
+    shape the data order and the run fingerprint): an explicit value in the JSON that disagrees
+    is an error naming the file and key, never a silent override.
+    """
     t = p.active.train
-    zero: dict = {"stage": t.zero_stage}
-    if t.zero_stage >= 2:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
-    if t.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16"},
-        "steps_per_print": 10**9,  # our own logging reports progress
-        "wall_clock_breakdown": False,
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DeepSpeedConfigError(f"{path}: DeepSpeed config not found (train.deepspeed_config)") from None
+    except json.JSONDecodeError as e:
+        raise DeepSpeedConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
+        raise DeepSpeedConfigError(f"{path}: expected a JSON object with a zero_optimization object")
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): t.micro_batch_size,
+        ("gradient_accumulation_steps",): t.gradient_accumulation_steps,
+        ("train_batch_size",): t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        ("gradient_clipping",): t.max_grad_norm,
+        ("bf16", "enabled"): t.precision == "bf16",
+        ("fp16", "enabled"): t.precision == "fp16",
     }
+    if "optimizer" in cfg:  # DeepSpeed builds it (DeepSpeedCPUAdam under ZeRO-Offload)
+        if not isinstance(cfg["optimizer"], dict) or str(cfg["optimizer"].get("type", "")).lower() != "adamw":
+            raise DeepSpeedConfigError(f"{path}: optimizer.type must be AdamW (the paper's optimizer)")
+        wanted[("optimizer", "params", "lr")] = t.lr
+        wanted[("optimizer", "params", "weight_decay")] = t.weight_decay
+    for keys, value in wanted.items():
+        node = cfg
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        current = node.get(keys[-1], "auto")
+        if current == "auto":
+            if keys != ("train_batch_size",):  # DeepSpeed derives it; only checked when given
+                node[keys[-1]] = value
+        elif current != value:
+            raise DeepSpeedConfigError(f"{path}: {'.'.join(keys)} is {current!r} but params.yaml implies {value!r}; "
+                                       "set it to \"auto\" or change train.* in params.yaml")
+    if not torch.cuda.is_available():  # pinned host memory needs CUDA
+        for key in ("offload_optimizer", "offload_param"):
+            if isinstance(cfg["zero_optimization"].get(key), dict):
+                cfg["zero_optimization"][key]["pin_memory"] = False
+    return cfg
+
+
+def resolve_config_path(path: str | Path, root: Path | None = None) -> Path:
+    """A repo-relative config path: against ``root`` (the project), else the working directory,
+    else the checkout this package lives in."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    for base in ([root] if root is not None else []) + [Path.cwd(), Path(__file__).resolve().parents[1]]:
+        if (base / path).exists():
+            return base / path
+    return (root or Path.cwd()) / path
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every"}
+# settings a resumed run may change without invalidating its checkpoints
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every", "log_checkpoints",
+                     "deepspeed_config"}
 
 
-def run_fingerprint(p: Params) -> str:
-    """Hash of the settings a checkpoint depends on (not the ones a resumed run may change)."""
+def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 1) -> str:
+    """Hash of the settings a checkpoint depends on (not the ones a resumed run may change).
+
+    The ZeRO stage and the number of ranks count too: ZeRO shards optimizer state per rank, and
+    the data order follows the global batch; the JSON's tuning knobs (buckets, offload) do not."""
     a = p.active
     state = {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(),
              "vae": a.vae.model_dump(), "text_encoder": a.text_encoder.model_dump(),
              "transformer": a.transformer.model_dump(), "scheduler": a.scheduler.model_dump(),
              "train": {k: v for k, v in a.train.model_dump().items() if k not in RESUMABLE_CHANGES}}
+    zero = (ds_config or {}).get("zero_optimization", {"stage": 2})
+    state["distributed"] = {"zero_stage": int(zero.get("stage", 0)), "world_size": world_size,
+                            "optimizer_by_deepspeed": "optimizer" in (ds_config or {}),
+                            "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none")}
     return "run-" + hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -121,19 +195,26 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[str, int] | None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict], keep_last: int) -> Path:
-    """DeepSpeed writes into a hidden tag folder that is renamed into place, then ``latest`` is
-    replaced atomically: a kill at any point leaves the previous checkpoint usable."""
+    """Every rank writes its ZeRO shards into a hidden tag folder; rank 0 then renames it into
+    place and replaces ``latest`` atomically: a kill at any point leaves the previous checkpoint
+    usable. (Multi-node runs need ``ckpt_dir`` on a shared filesystem, as DeepSpeed does.)"""
+    rank, _ = _rank_world()
     tag = f"step-{step:08d}"
     tmp_tag = f".tmp-{tag}"
-    shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
+    _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step, "history": history},
                            save_latest=False)
+    _barrier()
     final = ckpt_dir / tag
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(ckpt_dir / tmp_tag, final)
-    write_text(ckpt_dir / "latest", tag)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(ckpt_dir / tmp_tag, final)
+        write_text(ckpt_dir / "latest", tag)
+        for old in sorted(d for d in ckpt_dir.glob("step-*") if d.is_dir())[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -156,32 +237,40 @@ def make_batch(
     micro: int,
     scaling_factor: float,
     alphas_cumprod: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s micro-batch of optimizer step ``step``: a pure function of its arguments.
+
+    The global batch of a step is ``world_size`` consecutive micro-batches of the epoch
+    permutation, one per rank, so ranks never see the same clip in a step, and a run on N GPUs
+    is the same computation as one on a single GPU with N times the accumulation."""
     t = p.active.train
     seed = p.seed
     b = t.micro_batch_size
-    # walk the per-epoch permutations in order: a pure function of (seed, step, micro)
-    position = (step * t.gradient_accumulation_steps + micro) * b
+    position = ((step * t.gradient_accumulation_steps + micro) * world_size + rank) * b
     idx = []
     for k in range(position, position + b):
         epoch, offset = divmod(k, len(data))
         idx.append(int(epoch_order(seed, epoch, len(data))[offset]))
-    rng = np.random.default_rng([seed, step, micro])
+    # streams keyed by the micro-batch's place in the global batch: N ranks with accumulation A
+    # draw exactly what one rank with accumulation N·A draws (same data, noise and timesteps)
+    rng = np.random.default_rng([seed, step, micro * world_size + rank])
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     tasks = rng.choice(len(t.tasks), size=b, p=t.task_ratio)
     long_caption = rng.random(b) < t.long_caption_prob
     drop_caption = rng.random(b) < t.caption_dropout_prob
-    x0, text, task_ids = [], [], []
+    x0, text, task_ids, clip_idx = [], [], [], []
     for j, i in enumerate(idx):
-        rec = data.records[i]
+        rec = data[i]
         task = t.tasks[tasks[j]]
-
         x0.append(torch.cat([_draw_latent(rec, "rgb", gen), _draw_latent(rec, task, gen)], dim=0))  # (32, F, h, w)
         key = "long" if long_caption[j] else "short"
         if t.task_conditioning == "text-prompt":
             key = f"{key}:{task}"
         text.append(data.empty_text if drop_caption[j] else rec[f"text:{key}"])
         task_ids.append(task_id(task))
+        clip_idx.append(i)
     x0_t = torch.stack(x0).permute(0, 2, 1, 3, 4) * scaling_factor  # (B, F, 32, h, w) as CogVideoX
     noise = torch.randn(x0_t.shape, generator=gen)
     timesteps = torch.randint(0, len(alphas_cumprod), (b,), generator=gen)
@@ -194,6 +283,7 @@ def make_batch(
         "timesteps": timesteps,
         "text": torch.stack(text),
         "task_ids": torch.tensor(task_ids),
+        "clip_index": torch.tensor(clip_idx),
     }
 
 
@@ -208,7 +298,40 @@ def rotary_embeddings(transformer: UDPDiffTransformer3DModel, vae_scale: int, he
     return CogVideoXPipeline._prepare_rotary_positional_embeddings(shim, height, width, latent_frames, device)
 
 
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalars over data-parallel ranks (NaN-aware: a rank without a task adds nothing)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    keys = sorted(values)
+    v = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    have = torch.isfinite(v)
+    stacked = torch.stack([torch.where(have, v, torch.zeros_like(v)), have.to(v.dtype)])
+    dist.all_reduce(stacked)
+    mean = stacked[0] / stacked[1].clamp_min(1)
+    mean[stacked[1] == 0] = float("nan")
+    return dict(zip(keys, mean.tolist(), strict=True))
+
+
+@contextlib.contextmanager
+def full_weights(engine, zero: int) -> Iterator[torch.nn.Module]:
+    """The module with its full parameters: as is under ZeRO 0–2; gathered on every rank (a
+    collective: all ranks must enter) under ZeRO-3, whose ranks hold only shards."""
+    if zero == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield engine.module
+    else:
+        yield engine.module
+
+
 # -- the loop ---------------------------------------------------------------------------------------
+PreviewFn = Callable[[torch.nn.Module, int], "Path | None"]
+ArtifactFn = Callable[[Path, str], None]
+
+
 def train(
     p: Params,
     latents_dir: Path,
@@ -219,16 +342,34 @@ def train(
     scheduler,
     log_fn: LogFn | None = None,
     max_steps_this_run: int | None = None,
+    ds_config: dict | str | Path | None = None,
+    preview_fn: PreviewFn | None = None,
+    artifact_fn: ArtifactFn | None = None,
 ) -> tuple[UDPDiffTransformer3DModel, TrainResult]:
     """Train (or resume) the transformer; returns the trained module and what happened.
 
-    ``max_steps_this_run`` stops early (as a kill would) — used by resume tests.
+    Runs as one process, or as one rank of ``deepspeed``/``torchrun`` (see infra/README.md):
+    every rank calls this; rank 0 alone logs, writes previews and reports artifacts.
+    ``ds_config`` is a DeepSpeed config (``load_deepspeed_config``) or its JSON file; by default
+    ``train.deepspeed_config``, relative to the working directory. ``preview_fn(module, step)``
+    renders a sample grid every ``train.sample_every`` steps (called on all ranks, since under
+    ZeRO-3 a forward pass is collective) and returns its file on rank 0; ``artifact_fn(path,
+    artifact_dir)`` receives previews and checkpoints. ``max_steps_this_run`` stops early (as a
+    kill would) — used by resume tests.
     """
     import deepspeed
     from tqdm.auto import tqdm
 
     t = p.active.train
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_distributed(device)
+    rank, world = _rank_world()
+    if not isinstance(ds_config, dict):  # a path (or None: params' own), read once the world size is known
+        ds_config = load_deepspeed_config(resolve_config_path(ds_config or t.deepspeed_config), p, world)
+    zero = zero_stage(ds_config)
     data = LatentDataset(latents_dir, train_ids)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     # the embedding table is indexed by the global task ids, so it spans up to the largest one used
@@ -238,20 +379,30 @@ def train(
         transformer.enable_gradient_checkpointing()
     transformer.train()
 
-    init_distributed(device)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     warmup = max(t.warmup_steps, 1)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    engine, _, _, _ = deepspeed.initialize(model=transformer, optimizer=optimizer, lr_scheduler=lr_schedule,
-                                           config=deepspeed_config(p))
+
+    def linear_warmup(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    # AdamW, built by DeepSpeed when the config names it (its CPU Adam for ZeRO-Offload), else here
+    optimizer = None if "optimizer" in ds_config else \
+        torch.optim.AdamW(transformer.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    engine, _, _, lr_schedule = deepspeed.initialize(model=transformer, model_parameters=transformer.parameters(),
+                                                     optimizer=optimizer, lr_scheduler=linear_warmup,
+                                                     config=ds_config)
+    is_main = rank == 0
+    log_fn = log_fn if is_main else None
+    artifact_fn = artifact_fn if is_main else None
 
     # checkpoints live under a fingerprint of everything that shapes the run, so a run with other
     # settings never resumes from them (extending `steps` keeps the fingerprint and resumes)
-    ckpt_dir = ckpt_dir / run_fingerprint(p)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    others = [d.name for d in ckpt_dir.parent.iterdir() if d.is_dir() and d != ckpt_dir]
-    if others:
-        logger.info("not resuming from checkpoints of other settings in %s: %s", ckpt_dir.parent, others)
+    ckpt_dir = ckpt_dir / run_fingerprint(p, ds_config, world)
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        others = [d.name for d in ckpt_dir.parent.iterdir() if d.is_dir() and d != ckpt_dir]
+        if others:
+            logger.info("not resuming from checkpoints of other settings in %s: %s", ckpt_dir.parent, others)
+    _barrier()
     start, history, last_ckpt = 0, [], None
     found = latest_checkpoint(ckpt_dir)
     if found is not None:
@@ -261,29 +412,32 @@ def train(
         logger.info("resumed from %s at step %d", last_ckpt, start)
     resumed_from = start
 
-    sample0 = data.records[0]["rgb_mean"]  # (16, F, h, w)
+    sample0 = data[0]["rgb_mean"]  # (16, F, h, w)
     latent_frames, h, w = sample0.shape[1:]
     rotary = rotary_embeddings(transformer, vae_scale_spatial, h * vae_scale_spatial, w * vae_scale_spatial,
                                latent_frames, device)
     tokens_per_sample = latent_frames * (h // transformer.config.patch_size) * (w // transformer.config.patch_size)
     end = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
-    bar = tqdm(range(start, end), desc="train", initial=start, total=t.steps, leave=False)
+    bar = tqdm(range(start, end), desc="train", initial=start, total=t.steps, leave=False, disable=not is_main)
     tick = time.perf_counter()
     for step in bar:
         sums = {"loss": 0.0, "loss_rgb": 0.0, "loss_dense": 0.0}
         per_task: dict[str, list[float]] = {}
         for micro in range(t.gradient_accumulation_steps):
-            batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod)
+            batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod, rank, world)
             batch = {k: v.to(device) for k, v in batch.items()}
             kwargs = {"task_id": batch["task_ids"]} if num_tasks else {}
             pred = engine(hidden_states=batch["noisy"], encoder_hidden_states=batch["text"],
                           timestep=batch["timesteps"], image_rotary_emb=rotary, return_dict=False, **kwargs)[0]
             err = (pred.float() - batch["v_target"]).pow(2)
             loss = err.mean()
-            if not torch.isfinite(loss):
+            # every rank must agree to stop, or the others would wait forever in the next collective
+            finite = _mean_over_ranks({"finite": float(torch.isfinite(loss))}, device)["finite"] == 1.0
+            if not finite:
                 raise TrainingDivergedError(
-                    f"loss is {loss.item()} at step {step + 1} (micro-batch {micro}); stopped without saving. "
-                    f"Last good checkpoint: {last_ckpt or 'none yet'}. Lower train.lr or check the inputs."
+                    f"loss is {loss.item()} on rank {rank} at step {step + 1} (micro-batch {micro}) or another rank's "
+                    f"is not finite; stopped without saving. Last good checkpoint: {last_ckpt or 'none yet'}. "
+                    "Lower train.lr or check the inputs."
                 )
             engine.backward(loss)
             engine.step()
@@ -296,27 +450,64 @@ def train(
                 per_task.setdefault(name, []).append(ls)
         done = step + 1
         grad_norm = engine.get_global_grad_norm()
-        row = {"step": done, **sums, "lr": lr_schedule.get_last_lr()[0],
+        local = {**sums, **{f"loss_dense_{k}": float(np.mean(per_task[k])) if k in per_task else float("nan")
+                            for k in t.tasks}}
+        row = {"step": done, **{k: v for k, v in _mean_over_ranks(local, device).items() if not math.isnan(v)},
+               "lr": lr_schedule.get_last_lr()[0],
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-        row.update({f"loss_dense_{k}": float(np.mean(v)) for k, v in per_task.items()})
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if done % t.log_every == 0 or done == end:
             elapsed = time.perf_counter() - tick
             tick = time.perf_counter()
             n_steps = t.log_every if done % t.log_every == 0 else (done - start) % t.log_every or t.log_every
-            samples = n_steps * t.micro_batch_size * t.gradient_accumulation_steps
+            samples = n_steps * t.micro_batch_size * t.gradient_accumulation_steps * world
             metrics = {k: v for k, v in row.items() if k != "step"}
             metrics.update(samples_per_s=samples / elapsed, tokens_per_s=samples * tokens_per_sample / elapsed,
+                           tokens_per_s_per_gpu=samples * tokens_per_sample / elapsed / world,
                            peak_memory_gb=_peak_memory_gb(device))
             if log_fn is not None:
                 log_fn(metrics, done)
-            logger.info("step %d/%d loss %.4f (rgb %.4f, dense %.4f)", done, t.steps, row["loss"], row["loss_rgb"],
-                        row["loss_dense"])
+            if is_main:
+                logger.info("step %d/%d loss %.4f (rgb %.4f, dense %.4f)", done, t.steps, row["loss"],
+                            row["loss_rgb"], row["loss_dense"])
         if done % t.checkpoint_every == 0 or done == t.steps:
             last_ckpt = save_checkpoint(engine, ckpt_dir, done, history, t.keep_last)
+            if artifact_fn is not None:
+                _report_checkpoint(last_ckpt, t.log_checkpoints, artifact_fn)
+        if preview_fn is not None and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+            engine.module.eval()
+            with full_weights(engine, zero) as module:
+                picture = preview_fn(module, done)
+            engine.module.train()
+            if picture is not None and artifact_fn is not None:
+                artifact_fn(picture, "train_samples")
     bar.close()
-    return engine.module, TrainResult(steps_done=end, resumed_from=resumed_from, history=history, checkpoint=last_ckpt)
+    with full_weights(engine, zero) as module:
+        # a plain module with full weights, detached from DeepSpeed (ZeRO-3 would otherwise hand
+        # back empty shards), for the pipeline export
+        trained = module if zero != 3 else _copy_module(module)
+    return trained, TrainResult(steps_done=end, resumed_from=resumed_from, history=history, checkpoint=last_ckpt)
+
+
+def _copy_module(module: torch.nn.Module) -> UDPDiffTransformer3DModel:
+    copy = UDPDiffTransformer3DModel.from_config(module.config)
+    copy.load_state_dict({k: v.detach().clone() for k, v in module.state_dict().items()})
+    return copy
+
+
+def _report_checkpoint(path: Path, mode: str, artifact_fn: ArtifactFn) -> None:
+    """Hand a checkpoint to the tracker: its files (``artifacts``) or a JSON reference with its
+    location and size (``references``: large checkpoints stay where they are)."""
+    if mode == "artifacts":
+        artifact_fn(path, f"checkpoints/{path.name}")
+        return
+    files = [f for f in path.rglob("*") if f.is_file()]
+    ref = {"checkpoint": str(path.resolve()), "step": int(path.name.split("-")[-1]),
+           "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    ref_file = path / "reference.json"  # pruned together with its checkpoint
+    write_text(ref_file, json.dumps(ref, indent=2) + "\n")
+    artifact_fn(ref_file, f"checkpoints/{path.name}")
 
 
 def _peak_memory_gb(device: torch.device) -> float:
