@@ -21,7 +21,7 @@ from udpdiff.steps import StepResult
 SWEEP_STAGES = ["encode", "latents", "train", "sample", "evaluate", "report"]
 COLUMNS = ["variant", "depth/gt_delta1", "depth/gt_rmse", "segmentation/gt_miou", "depth/pixel_frame_consistency",
            "depth/motion_smoothness_flow", "segmentation/pixel_frame_consistency",
-           "segmentation/motion_smoothness_flow"]
+           "segmentation/motion_smoothness_flow", "rgb/pixel_frame_consistency", "rgb/motion_smoothness_flow"]
 
 
 def _flat_eval(path) -> dict[str, float]:

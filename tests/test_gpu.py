@@ -44,16 +44,18 @@ def test_pipeline_runs_on_gpu():
     assert out.videos.shape == (1, 9, 32, 32, 3) and out.dense.shape == (1, 9, 32, 32)
 
 
-def test_deepspeed_training_resumes_exactly_on_gpu(tmp_path):
-    from tests.test_train import CLIPS, _latents, _params, _run
-    from udpdiff.train import latest_checkpoint, run_fingerprint
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero2-offload.json"])
+def test_deepspeed_training_resumes_exactly_on_gpu(tmp_path, config):
+    from tests.test_train import CLIPS, DS, _latents, _params, _run
+    from udpdiff.train import latest_checkpoint, load_deepspeed_config, run_fingerprint
 
     p = _params(tmp_path)
+    ds = load_deepspeed_config(DS / config, p)
     latents = _latents(tmp_path)
-    _, full = _run(p, latents, tmp_path / "full")
-    _, part = _run(p, latents, tmp_path / "split", max_steps_this_run=3)
-    assert latest_checkpoint(tmp_path / "split" / run_fingerprint(p))[1] == 2
-    model, resumed = _run(p, latents, tmp_path / "split")
+    _, full = _run(p, latents, tmp_path / "full", ds_config=ds)
+    _, part = _run(p, latents, tmp_path / "split", max_steps_this_run=3, ds_config=ds)
+    assert latest_checkpoint(tmp_path / "split" / run_fingerprint(p, ds))[1] == 2
+    model, resumed = _run(p, latents, tmp_path / "split", ds_config=ds)
     assert next(model.parameters()).is_cuda and len(CLIPS) == 6
     assert resumed.resumed_from == 2
     # same batches; GPU kernels may differ in the last bits between runs

@@ -181,3 +181,50 @@ def test_pipeline_save_and_load_round_trip(tmp_path):
     a = pipe("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
     b = loaded("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
     assert np.array_equal(a.videos, b.videos) and np.array_equal(a.colormaps, b.colormaps)
+
+
+# -- the RGB-only baseline (the paper's fine-tuned "CogVideoX" rows) -----------------------------------
+def test_rgb_only_baseline_is_the_stock_model():
+    from udpdiff.models.transformer import rgb_only
+
+    stock = _stock(rotary=False)
+    ours = rgb_only(stock).eval()
+    assert ours.config.in_channels == ours.config.out_channels == 16 and ours.task_embedding is None
+    x, text, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, text, t).sample, stock(x, text, t).sample, atol=0, rtol=0)
+    fresh = load_transformer({"config": TINY}, num_tasks=2, seed=0, dense=False)
+    assert fresh.config.in_channels == 16 and fresh.config.num_tasks == 0
+
+
+def _rgb_only_pipeline() -> UDPDiffPipeline:
+    dense = _tiny_pipeline("none")
+    torch.manual_seed(0)
+    transformer = UDPDiffTransformer3DModel(**TINY, in_channels=16, out_channels=16, num_tasks=0).eval()
+    return UDPDiffPipeline(tokenizer=dense.tokenizer, text_encoder=dense.text_encoder, vae=dense.vae,
+                           transformer=transformer, scheduler=dense.scheduler, task_conditioning="none")
+
+
+def test_rgb_only_pipeline_generates_what_stock_cogvideox_generates():
+    from diffusers import CogVideoXPipeline
+
+    pipe = _rgb_only_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_frames=9, height=32, width=32, num_inference_steps=3, guidance_scale=2.0, max_sequence_length=16)
+    out = pipe("a red sphere", task=None, generator=torch.Generator().manual_seed(0), **call)
+    assert out.videos.shape == (1, 9, 32, 32, 3) and out.colormaps is None and out.dense is None
+    stock = CogVideoXPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                              transformer=pipe.transformer, scheduler=pipe.scheduler)
+    stock.set_progress_bar_config(disable=True)
+    ref = stock("a red sphere", generator=torch.Generator().manual_seed(0), output_type="np", **call).frames[0]
+    assert np.abs(out.videos[0].astype(int) - np.round(ref * 255).astype(int)).max() <= 1
+
+
+def test_rgb_only_and_dense_pipelines_reject_the_wrong_task():
+    with pytest.raises(ValueError, match="RGB-only"):
+        _rgb_only_pipeline()("a red sphere", task="depth", num_frames=9, height=32, width=32, num_inference_steps=1)
+    with pytest.raises(ValueError, match="task is required"):
+        _tiny_pipeline()("a red sphere", task=None, num_frames=9, height=32, width=32, num_inference_steps=1)
+    with pytest.raises(ValueError, match="task_conditioning='none'"):
+        UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, task_conditioning="embedding",
+                        transformer=UDPDiffTransformer3DModel(**TINY, in_channels=16, out_channels=16, num_tasks=0))

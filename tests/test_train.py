@@ -216,6 +216,8 @@ def _torchrun(work: Path, out: Path, nproc: int, *extra: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="with CUDA each rank takes its own GPU: needs 2")
 def test_two_ranks_equal_one_rank_with_double_accumulation_and_resume_exactly(tmp_path):
     two = tmp_path / "two"
     two.mkdir()
@@ -239,3 +241,23 @@ def test_two_ranks_equal_one_rank_with_double_accumulation_and_resume_exactly(tm
     resumed = _torchrun(two, two / "resumed.json", 2)
     assert resumed["resumed_from"] == 2 and resumed["losses"] == pytest.approx(full["losses"], rel=1e-5)
     assert p2.active.train.steps == 6
+
+
+def test_rgb_only_batches_have_16_channels(tmp_path):
+    from udpdiff.latents import LatentDataset
+
+    p = _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none")
+    data = LatentDataset(_latents(tmp_path), CLIPS)
+    batch = make_batch(data, p, step=0, micro=0, scaling_factor=1.0, alphas_cumprod=build_scheduler({}).alphas_cumprod)
+    assert batch["noisy"].shape == (2, 3, 16, 4, 4) and batch["task_ids"].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="needs task_conditioning: none"):
+        _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="embedding")
+
+
+@pytest.mark.slow
+def test_rgb_only_baseline_trains_a_16_channel_model(tmp_path):
+    p = _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none", steps=4)
+    model, result = _run(p, _latents(tmp_path), tmp_path / "ck")
+    assert model.config.in_channels == 16 and model.config.num_tasks == 0
+    assert result.steps_done == 4 and all("loss_dense" not in h for h in result.history)
+    assert all(h["loss"] == pytest.approx(h["loss_rgb"]) for h in result.history)

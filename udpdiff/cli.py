@@ -24,21 +24,31 @@ def _generate(args: argparse.Namespace) -> int:
               "run `dvc repro` or pass --pipeline", file=sys.stderr)
         return 2
     pipe = UDPDiffPipeline.from_pretrained(args.pipeline)
+    if not pipe.dense and args.task is not None:
+        print(f"error: {args.pipeline}: an RGB-only pipeline (16-channel baseline) has no {args.task!r} output; "
+              "leave out --task", file=sys.stderr)
+        return 2
+    task = (args.task or "depth") if pipe.dense else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
     generator = torch.Generator().manual_seed(args.seed)
     num_frames = args.num_frames or pipe.transformer.config.sample_frames
-    out = pipe(args.prompt, task=args.task, num_frames=num_frames, height=args.height, width=args.width,
+    out = pipe(args.prompt, task=task, num_frames=num_frames, height=args.height, width=args.width,
                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator,
                max_sequence_length=pipe.transformer.config.max_text_seq_length)
     out_dir = Path(args.out)
-    stem = out_dir / f"{args.task}-seed{args.seed}"
-    viz.write_side_by_side(f"{stem}.mp4", [out.videos[0], out.colormaps[0], dense_picture(args.task, out.dense[0])],
-                           labels=["video", f"{args.task} colormap", "decoded"], fps=args.fps)
+    stem = out_dir / f"{task or 'rgb'}-seed{args.seed}"
     from udpdiff.io.atomic import atomic_path
 
+    if task is None:
+        viz.write_side_by_side(f"{stem}.mp4", [out.videos[0]], labels=["video (RGB only)"], fps=args.fps)
+        arrays = {"video": out.videos[0]}
+    else:
+        viz.write_side_by_side(f"{stem}.mp4", [out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])],
+                               labels=["video", f"{task} colormap", "decoded"], fps=args.fps)
+        arrays = {"video": out.videos[0], "colormap": out.colormaps[0], "dense": out.dense[0]}
     with atomic_path(f"{stem}.npz") as tmp:
-        np.savez_compressed(tmp, video=out.videos[0], colormap=out.colormaps[0], dense=out.dense[0])
+        np.savez_compressed(tmp, **arrays)
     print(f"wrote {stem}.mp4 and {stem}.npz")
     return 0
 
@@ -49,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text -> video + dense prediction (mp4 side by side + npz)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--task", choices=["depth", "segmentation"], default="depth")
+    g.add_argument("--task", choices=["depth", "segmentation"], default=None,
+                   help="default: depth (leave out for an RGB-only baseline pipeline)")
     g.add_argument("--pipeline", default="models/tiny/pipeline", help="a saved UDPDiffPipeline folder")
     g.add_argument("--out", default="outputs/generate")
     g.add_argument("--num-frames", type=int, default=None, help="default: the transformer's sample_frames")

@@ -94,7 +94,8 @@ class TrainParams(_Strict):
     tasks: list[str] = ["segmentation", "depth"]
     task_ratio: list[float] = [0.5, 0.5]
     # embedding: learned task embedding (paper); text-prompt: task named in the prompt (Tab 5);
-    # none: a single-task model without task embedding (Tab 1)
+    # none: a single-task model without task embedding (Tab 1), or with `tasks: []` the
+    # RGB-only 16-channel baseline (the "CogVideoX" rows, fine-tuned under the same conditions)
     task_conditioning: Literal["embedding", "text-prompt", "none"] = "embedding"
     long_caption_prob: float = Field(0.8, ge=0, le=1)
     caption_dropout_prob: float = Field(0.1, ge=0, lt=1)
@@ -123,8 +124,10 @@ class TrainParams(_Strict):
     @model_validator(mode="after")
     def _tasks(self) -> TrainParams:
         validate_tasks(self.tasks, self.task_ratio)
-        if self.task_conditioning == "none" and len(self.tasks) != 1:
+        if self.task_conditioning == "none" and len(self.tasks) > 1:
             raise ValueError(f"task_conditioning 'none' is for single-task models; got tasks {self.tasks}")
+        if not self.tasks and self.task_conditioning != "none":
+            raise ValueError("tasks: [] (the RGB-only baseline) needs task_conditioning: none")
         return self
 
 

@@ -27,12 +27,13 @@ TASK_CONDITIONINGS = ("embedding", "text-prompt", "none")
 @dataclass
 class UDPDiffPipelineOutput(BaseOutput):
     """``videos`` and ``colormaps`` are uint8 (B,T,H,W,3); ``dense`` is depth float32 (B,T,H,W)
-    in [0,1] (1 = near) for ``task="depth"`` or int32 entity ids for ``"segmentation"``."""
+    in [0,1] (1 = near) for ``task="depth"`` or int32 entity ids for ``"segmentation"``. An
+    RGB-only pipeline (the 16-channel baseline) returns ``videos`` alone (the rest ``None``)."""
 
     videos: np.ndarray
-    colormaps: np.ndarray
-    dense: np.ndarray
-    task: str
+    colormaps: np.ndarray | None
+    dense: np.ndarray | None
+    task: str | None
 
 
 class UDPDiffPipeline(CogVideoXPipeline):
@@ -42,9 +43,12 @@ class UDPDiffPipeline(CogVideoXPipeline):
             raise ValueError(f"task_conditioning must be one of {TASK_CONDITIONINGS}, got {task_conditioning!r}")
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                          scheduler=scheduler)
-        if transformer.config.in_channels != 2 * LATENT_CHANNELS:
-            raise ValueError(f"UDPDiffPipeline needs a {2 * LATENT_CHANNELS}-channel transformer, "
-                             f"got in_channels={transformer.config.in_channels}")
+        channels = transformer.config.in_channels
+        if channels not in (LATENT_CHANNELS, 2 * LATENT_CHANNELS):
+            raise ValueError(f"UDPDiffPipeline needs a {2 * LATENT_CHANNELS}-channel transformer (or {LATENT_CHANNELS} "
+                             f"for the RGB-only baseline), got in_channels={channels}")
+        if channels == LATENT_CHANNELS and task_conditioning != "none":
+            raise ValueError("an RGB-only (16-channel) transformer has no task: use task_conditioning='none'")
         if task_conditioning == "embedding" and getattr(transformer, "task_embedding", None) is None:
             raise ValueError("task_conditioning='embedding' needs a transformer with num_tasks > 0")
         self.register_to_config(task_conditioning=task_conditioning)
@@ -53,7 +57,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None,
-        task: str = "depth",
+        task: str | None = "depth",
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -75,7 +79,14 @@ class UDPDiffPipeline(CogVideoXPipeline):
         joint diffusion model), so only the dense half is generated. The evaluation uses this to
         score predictions against exact ground truth.
         """
-        tid = task_id(task)
+        if not self.dense and task is not None:
+            raise ValueError(f"this pipeline is RGB-only (16-channel transformer): it has no {task!r} output; "
+                             "pass task=None")
+        if self.dense and task is None:
+            raise ValueError("task is required: 'depth' or 'segmentation'")
+        if not self.dense and video is not None:
+            raise ValueError("video= predicts dense maps; this pipeline is RGB-only")
+        tid = task_id(task) if self.dense else None
         conditioning = self.config.task_conditioning
         if prompt is None:  # precomputed ``prompt_embeds`` (the task already in them for text-prompt)
             if kwargs.get("prompt_embeds") is None:
@@ -110,6 +121,9 @@ class UDPDiffPipeline(CogVideoXPipeline):
                 **kwargs,
             )
         videos = self._decode(latents[:, :, :LATENT_CHANNELS])
+        if not self.dense:
+            self.maybe_free_model_hooks()
+            return UDPDiffPipelineOutput(videos=videos, colormaps=None, dense=None, task=None)
         colormaps = self._decode(latents[:, :, LATENT_CHANNELS:])
         if task == "depth":
             dense = np.stack([pixelplanes.decode_depth(c, method=depth_decode) for c in colormaps])
@@ -117,6 +131,11 @@ class UDPDiffPipeline(CogVideoXPipeline):
             dense = np.stack([pixelplanes.decode_segmentation(c, tolerance=segmentation_tolerance) for c in colormaps])
         self.maybe_free_model_hooks()
         return UDPDiffPipelineOutput(videos=videos, colormaps=colormaps, dense=dense, task=task)
+
+    @property
+    def dense(self) -> bool:
+        """False for the RGB-only baseline: video only, no dense half."""
+        return self.transformer.config.in_channels == 2 * LATENT_CHANNELS
 
     def _rgb_replacement(self, video: np.ndarray, batch: int, generator):
         from udpdiff.models.vae import to_model_input

@@ -316,7 +316,8 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
     write_history(result.history, history_csv)
     artifacts = [history_csv]
     steps = [h["step"] for h in result.history]
-    curves = {k: (steps, [h[k] for h in result.history]) for k in ("loss", "loss_rgb", "loss_dense")}
+    curves = {k: (steps, [h[k] for h in result.history]) for k in ("loss", "loss_rgb", "loss_dense")
+              if all(k in h for h in result.history)}
     artifacts.append(viz.plot_curves(paths.metrics / "train_loss.png", curves, title="UDPDiff training loss",
                                      ylabel="v-prediction MSE", logy=True))
     metrics = summary(result.history) if result.history else {}
@@ -354,7 +355,7 @@ def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.Dat
                            scheduler=scheduler, task_conditioning=t.task_conditioning)
     pipe.set_progress_bar_config(disable=True)
     columns: list[list[np.ndarray]] = [[], [], []]
-    for task in t.tasks:
+    for task in t.tasks or [None]:  # None: the RGB-only baseline, video alone
         key = f"text:long:{task}" if t.task_conditioning == "text-prompt" else "text:long"
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = pipe(None, task=task, prompt_embeds=rec[key][None].to(device, dtype),
@@ -362,17 +363,19 @@ def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.Dat
                        height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
                        guidance_scale=s.guidance_scale, generator=torch.Generator(device).manual_seed(p.seed),
                        segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
-        for col, frames in zip(columns, (out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])),
-                               strict=True):
-            col.append(frames)
+        columns[0].append(out.videos[0])
+        if task is not None:
+            columns[1].append(out.colormaps[0])
+            columns[2].append(dense_picture(task, out.dense[0]))
     vae.to("cpu")
     if _rank_world()[0] != 0:
         return None
     path = paths.outputs / "train_samples" / f"step-{step:08d}.gif"
     path.parent.mkdir(parents=True, exist_ok=True)
-    viz.write_side_by_side(path, [np.concatenate(c, axis=1) for c in columns],
-                           labels=[f"step {step}: {' / '.join(t.tasks)}", "colormap", "decoded"], fps=d.fps,
-                           height=len(t.tasks) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
+    viz.write_side_by_side(path, [np.concatenate(c, axis=1) for c in columns if c],
+                           labels=[f"step {step}: {' / '.join(t.tasks or ['RGB only'])}", "colormap", "decoded"][
+                               :sum(bool(c) for c in columns)], fps=d.fps,
+                           height=max(len(t.tasks), 1) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
     return path
 
 
@@ -383,6 +386,14 @@ def dense_picture(task: str, dense: np.ndarray, palette: pixelplanes.Palette | N
         return pixelplanes.encode_depth(np.clip(dense, 0.0, 1.0))
     return pixelplanes.encode_segmentation(dense, seed=0)[0] if palette is None else \
         pixelplanes.encode_segmentation(dense, palette=palette)[0]
+
+
+RGB_ONLY = "rgb"  # the sample set of the RGB-only baseline (no dense task)
+
+
+def sample_sets(p: Params) -> list[str]:
+    """What the sample and evaluate stages produce per model: one set per task, or ``rgb``."""
+    return list(p.active.train.tasks) or [RGB_ONLY]
 
 
 def sample(p: Params, paths: ProjectPaths) -> StepResult:
@@ -406,35 +417,44 @@ def sample(p: Params, paths: ProjectPaths) -> StepResult:
                 guidance_scale=s.guidance_scale, max_sequence_length=te.max_length,
                 segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
     real_videos = {r.clip_id: read_video(resolve(paths.manifest, r.video_path)) for r in rows.itertuples()}
-    for task in p.active.train.tasks:
+    names = sample_sets(p)
+    for name in names:
+        task = None if name == RGB_ONLY else name
         for i, row in enumerate(rows.itertuples()):
             start = time.perf_counter()
             out = pipe(row.caption_long, task=task, generator=torch.Generator().manual_seed(p.seed + i), **call)
             seconds.append(time.perf_counter() - start)
-            real = real_videos[row.clip_id]
-            cond = pipe(row.caption_long, task=task, video=real, generator=torch.Generator().manual_seed(p.seed + i),
-                        **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
-            stem = tmp / task / row.clip_id
+            stem = tmp / name / row.clip_id
             stem.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(f"{stem}.npz", video=out.videos[0], colormap=out.colormaps[0], dense=out.dense[0],
-                                conditioned_colormap=cond.colormaps[0], conditioned_dense=cond.dense[0])
-            viz.write_side_by_side(f"{stem}.mp4", [out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])],
-                                   labels=["generated", f"{task} colormap", "decoded"], fps=d.fps)
-            index.append({"task": task, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
-                          "npz": f"{task}/{row.clip_id}.npz", "mp4": f"{task}/{row.clip_id}.mp4"})
+            if task is None:
+                np.savez_compressed(f"{stem}.npz", video=out.videos[0])
+                viz.write_side_by_side(f"{stem}.mp4", [out.videos[0]], labels=["generated (RGB only)"], fps=d.fps)
+            else:
+                cond = pipe(row.caption_long, task=task, video=real_videos[row.clip_id],
+                            generator=torch.Generator().manual_seed(p.seed + i),
+                            **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
+                np.savez_compressed(f"{stem}.npz", video=out.videos[0], colormap=out.colormaps[0],
+                                    dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
+                                    conditioned_dense=cond.dense[0])
+                viz.write_side_by_side(f"{stem}.mp4",
+                                       [out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])],
+                                       labels=["generated", f"{task} colormap", "decoded"], fps=d.fps)
+            index.append({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
+                          "npz": f"{name}/{row.clip_id}.npz", "mp4": f"{name}/{row.clip_id}.mp4"})
         # one picture per task for the MLflow UI: every sample stacked, video | colormap | decoded
-        first = [np.load(tmp / e["npz"]) for e in index if e["task"] == task]
-        viz.write_side_by_side(tmp / f"gallery_{task}.gif",
-                               [np.concatenate([z["video"] for z in first], axis=1),
-                                np.concatenate([z["colormap"] for z in first], axis=1),
-                                np.concatenate([dense_picture(task, z["dense"]) for z in first], axis=1)],
-                               labels=["generated", f"{task} colormap", "decoded"], fps=d.fps,
+        first = [np.load(tmp / e["npz"]) for e in index if e["task"] == name]
+        columns = [np.concatenate([z["video"] for z in first], axis=1)]
+        if task is not None:
+            columns += [np.concatenate([z["colormap"] for z in first], axis=1),
+                        np.concatenate([dense_picture(task, z["dense"]) for z in first], axis=1)]
+        viz.write_side_by_side(tmp / f"gallery_{name}.gif", columns,
+                               labels=["generated", f"{task} colormap", "decoded"][:len(columns)], fps=d.fps,
                                height=len(first) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
     _json(tmp / "index.json", index)
     _replace_dir(tmp, paths.samples)
     runtime = {"seconds_per_sample": float(np.median(seconds)),
                "seconds_per_step": float(np.median(seconds)) / s.num_inference_steps}
-    return StepResult(metrics=runtime, artifacts=[paths.samples / f"gallery_{t}.gif" for t in p.active.train.tasks])
+    return StepResult(metrics=runtime, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
 
 
 def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
@@ -457,16 +477,19 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
     # each real clip is read once: for FVD and for the reference row
     real = {c: read_video(resolve(paths.manifest, df.loc[c].video_path))
             for c in dict.fromkeys(e["clip_id"] for e in index)}
-    for task in p.active.train.tasks:
+    for task in sample_sets(p):
         entries = [e for e in index if e["task"] == task]
         rows: dict[str, list[float]] = {}
         videos = []
         for e in entries:
             with np.load(paths.samples / e["npz"]) as z:
-                video, cond = z["video"], z["conditioned_dense"]
+                video = z["video"]
+                cond = z["conditioned_dense"] if task != RGB_ONLY else None
             videos.append(video)
             clip = df.loc[e["clip_id"]]
-            if task == "depth":
+            if task == RGB_ONLY:
+                pass  # no dense prediction to score
+            elif task == "depth":
                 gt = load_depth(resolve(paths.manifest, clip.depth_path))
                 # disparity 0 is "infinitely far" (sky): ratios there are undefined, so score where gt > 0
                 m = depth_metrics(cond, gt, mask=gt > 1e-3)
@@ -527,10 +550,12 @@ def report(p: Params, paths: ProjectPaths) -> StepResult:
     """Markdown report in the paper's table layout, from the metrics the other stages wrote."""
     ev = json.loads((paths.metrics / "eval.json").read_text())
     m = ev["metrics"]
-    tasks = [t for t in p.active.train.tasks if t in m]
+    tasks = [t for t in sample_sets(p) if t in m]
     gen_cols = ["model", "subject_consistency", "background_consistency", "motion_smoothness_flow", "fvd",
                 "pixel_frame_consistency"]
-    gen_rows = [{"model": "real clips (reference)", **m["real"]}] + [{"model": f"UDPDiff ({t})", **m[t]} for t in tasks]
+    gen_rows = [{"model": "real clips (reference)", **m["real"]}] + [
+        {"model": "CogVideoX, fine-tuned RGB only (16 ch)" if t == RGB_ONLY else f"UDPDiff ({t})", **m[t]}
+        for t in tasks]
     lines = [f"# UDPDiff report — profile `{p.profile}`", "",
              "## Generation quality (paper Tabs 1–2 layout; higher is better, except FVD)", "",
              viz.markdown_table(gen_rows, gen_cols), ""]

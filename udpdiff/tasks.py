@@ -25,9 +25,12 @@ def task_prompt(task: str, caption: str) -> str:
 
 
 def validate_tasks(tasks: Sequence[str], ratio: Sequence[float]) -> None:
+    """``tasks`` empty is the RGB-only baseline (the paper's fine-tuned "CogVideoX" rows)."""
     for t in tasks:
         task_id(t)
     if len(tasks) != len(ratio):
         raise ValueError(f"task_ratio has {len(ratio)} entries for {len(tasks)} tasks {list(tasks)}")
+    if not tasks:
+        return
     if any(r < 0 for r in ratio) or abs(sum(ratio) - 1.0) > 1e-6:
         raise ValueError(f"task_ratio must be non-negative and sum to 1, got {list(ratio)}")

@@ -257,21 +257,23 @@ def make_batch(
     # draw exactly what one rank with accumulation N·A draws (same data, noise and timesteps)
     rng = np.random.default_rng([seed, step, micro * world_size + rank])
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    tasks = rng.choice(len(t.tasks), size=b, p=t.task_ratio)
+    dense = bool(t.tasks)  # no tasks: the RGB-only baseline, 16-channel latents
+    tasks = rng.choice(len(t.tasks), size=b, p=t.task_ratio) if dense else [None] * b
     long_caption = rng.random(b) < t.long_caption_prob
     drop_caption = rng.random(b) < t.caption_dropout_prob
     x0, text, task_ids, clip_idx = [], [], [], []
     for j, i in enumerate(idx):
         rec = data[i]
-        task = t.tasks[tasks[j]]
-        x0.append(torch.cat([_draw_latent(rec, "rgb", gen), _draw_latent(rec, task, gen)], dim=0))  # (32, F, h, w)
+        task = t.tasks[tasks[j]] if dense else None
+        rgb = _draw_latent(rec, "rgb", gen)
+        x0.append(torch.cat([rgb, _draw_latent(rec, task, gen)], dim=0) if dense else rgb)  # (32 or 16, F, h, w)
         key = "long" if long_caption[j] else "short"
         if t.task_conditioning == "text-prompt":
             key = f"{key}:{task}"
         text.append(data.empty_text if drop_caption[j] else rec[f"text:{key}"])
-        task_ids.append(task_id(task))
+        task_ids.append(task_id(task) if dense else -1)
         clip_idx.append(i)
-    x0_t = torch.stack(x0).permute(0, 2, 1, 3, 4) * scaling_factor  # (B, F, 32, h, w) as CogVideoX
+    x0_t = torch.stack(x0).permute(0, 2, 1, 3, 4) * scaling_factor  # (B, F, C, h, w) as CogVideoX
     noise = torch.randn(x0_t.shape, generator=gen)
     timesteps = torch.randint(0, len(alphas_cumprod), (b,), generator=gen)
     a = alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1)
@@ -374,7 +376,8 @@ def train(
     alphas_cumprod = scheduler.alphas_cumprod.float()
     # the embedding table is indexed by the global task ids, so it spans up to the largest one used
     num_tasks = max(task_id(x) for x in t.tasks) + 1 if t.task_conditioning == "embedding" else 0
-    transformer = load_transformer(p.active.transformer.model_dump(), num_tasks=num_tasks, seed=p.seed)
+    dense = bool(t.tasks)
+    transformer = load_transformer(p.active.transformer.model_dump(), num_tasks=num_tasks, seed=p.seed, dense=dense)
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -421,7 +424,7 @@ def train(
     bar = tqdm(range(start, end), desc="train", initial=start, total=t.steps, leave=False, disable=not is_main)
     tick = time.perf_counter()
     for step in bar:
-        sums = {"loss": 0.0, "loss_rgb": 0.0, "loss_dense": 0.0}
+        sums = {"loss": 0.0, "loss_rgb": 0.0, **({"loss_dense": 0.0} if dense else {})}
         per_task: dict[str, list[float]] = {}
         for micro in range(t.gradient_accumulation_steps):
             batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod, rank, world)
@@ -443,6 +446,8 @@ def train(
             engine.step()
             sums["loss"] += loss.item() / t.gradient_accumulation_steps
             sums["loss_rgb"] += err[:, :, :LATENT_CHANNELS].mean().item() / t.gradient_accumulation_steps
+            if not dense:
+                continue
             sums["loss_dense"] += err[:, :, LATENT_CHANNELS:].mean().item() / t.gradient_accumulation_steps
             per_sample = err[:, :, LATENT_CHANNELS:].mean(dim=(1, 2, 3, 4))
             for tid_, ls in zip(batch["task_ids"].tolist(), per_sample.tolist(), strict=True):
@@ -469,8 +474,8 @@ def train(
             if log_fn is not None:
                 log_fn(metrics, done)
             if is_main:
-                logger.info("step %d/%d loss %.4f (rgb %.4f, dense %.4f)", done, t.steps, row["loss"],
-                            row["loss_rgb"], row["loss_dense"])
+                logger.info("step %d/%d loss %.4f (rgb %.4f%s)", done, t.steps, row["loss"], row["loss_rgb"],
+                            f", dense {row['loss_dense']:.4f}" if dense else "")
         if done % t.checkpoint_every == 0 or done == t.steps:
             last_ckpt = save_checkpoint(engine, ckpt_dir, done, history, t.keep_last)
             if artifact_fn is not None:
@@ -491,7 +496,8 @@ def train(
 
 
 def _copy_module(module: torch.nn.Module) -> UDPDiffTransformer3DModel:
-    copy = UDPDiffTransformer3DModel.from_config(module.config)
+    first = next(module.parameters())
+    copy = UDPDiffTransformer3DModel.from_config(module.config).to(first.device, first.dtype)
     copy.load_state_dict({k: v.detach().clone() for k, v in module.state_dict().items()})
     return copy
 
@@ -528,7 +534,8 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
 
 def summary(history: list[dict[str, float]], window: int = 20) -> dict[str, float]:
     last = history[-window:]
-    return {f"final_{k}": float(np.mean([r[k] for r in last if k in r])) for k in ("loss", "loss_rgb", "loss_dense")}
+    return {f"final_{k}": float(np.mean([r[k] for r in last])) for k in ("loss", "loss_rgb", "loss_dense")
+            if all(k in r for r in last)}
 
 
 def dump_json(obj: dict, path: Path) -> None:

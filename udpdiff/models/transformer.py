@@ -222,19 +222,33 @@ def from_cogvideox(
     return model if dtype == torch.float32 else model.to(dtype=dtype)
 
 
-def load_transformer(spec: dict, num_tasks: int, seed: int) -> UDPDiffTransformer3DModel:
+def load_transformer(spec: dict, num_tasks: int, seed: int, dense: bool = True) -> UDPDiffTransformer3DModel:
     """Build the transformer a profile asks for.
 
     ``spec`` (params.yaml ``model.transformer``) either names ``pretrained`` — a local CogVideoX
     directory (its ``transformer/`` subfolder) or hub id loaded with ``from_pretrained`` — plus
     ``channel_expansion``, or gives a ``config`` for random initialisation (the ``tiny`` profile).
+    ``dense=False`` keeps CogVideoX's 16 channels: the RGB-only baseline, identical to the stock
+    model (same class as ours so that training and saving need no special case).
     """
     pretrained = spec.get("pretrained")
+    channels = 2 * LATENT_CHANNELS if dense else LATENT_CHANNELS
     if pretrained:
         stock = CogVideoXTransformer3DModel.from_pretrained(pretrained, subfolder=spec.get("subfolder", "transformer"))
+        if not dense:
+            return rgb_only(stock)
         logger.info("expanding %s to 32 channels (%s)", pretrained, spec.get("channel_expansion", "duplicate"))
         return from_cogvideox(stock, num_tasks, spec.get("channel_expansion", "duplicate"), seed)
     torch.manual_seed(seed)
     config = dict(spec["config"])
-    config.update(in_channels=2 * LATENT_CHANNELS, out_channels=2 * LATENT_CHANNELS, num_tasks=num_tasks)
+    config.update(in_channels=channels, out_channels=channels, num_tasks=num_tasks if dense else 0)
     return UDPDiffTransformer3DModel.from_config(config)
+
+
+def rgb_only(stock: CogVideoXTransformer3DModel) -> UDPDiffTransformer3DModel:
+    """The stock 16-channel model, weights unchanged, as a ``UDPDiffTransformer3DModel``."""
+    config = {k: v for k, v in stock.config.items() if not k.startswith("_")}
+    config.update(num_tasks=0)
+    model = UDPDiffTransformer3DModel.from_config(config)
+    model.load_state_dict(stock.state_dict(), strict=True)
+    return model.to(dtype=next(stock.parameters()).dtype)

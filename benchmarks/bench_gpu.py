@@ -1,0 +1,1016 @@
+"""GPU benchmarks: UDPDiff's 32-channel transformer beside stock CogVideoX, same run, same GPU.
+
+Sections (``--sections``, any subset, in this order):
+
+* ``gemm``   — the bf16 matrix-product ceiling of this GPU (best of a few large products); every
+  MFU below is measured against it.
+* ``step``   — one denoising step: a transformer forward with CFG batch 2 (latents, 226x4096
+  prompt embeddings, timesteps; rotary tables for 5B as the pipeline makes them) under
+  ``torch.no_grad()``, stock diffusers ``CogVideoXTransformer3DModel`` (16 ch) and ours
+  (``UDPDiffTransformer3DModel``, 32 ch + task embedding) timed alternately (A B B A ...) so clock
+  drift hits both alike; median of ``--step-iters`` after ``--step-warmup``.
+* ``sample`` — a full sample: ``CogVideoXPipeline`` (stock) and ``UDPDiffPipeline`` (ours; its VAE
+  decodes the RGB and the dense half, then Pixelplanes decodes the depth colormap), the diffusers
+  scheduler (DPM for 5B, DDIM for 2B), CFG 6, then the VAE decode (``AutoencoderKLCogVideoX``,
+  tiling + slicing as the CogVideoX docs recommend). Prompt embeddings are precomputed random
+  tensors: T5-XXL text encoding is *excluded*. Reported as total, denoising, VAE decode and the
+  rest (post-processing to numpy/uint8, Pixelplanes).
+* ``train``  — fwd+bwd+optimizer under DeepSpeed ZeRO-2 (the shipped ``infra/deepspeed/zero2.json``
+  with its "auto" fields filled: micro batch 1, no accumulation, clipping 1.0, bf16), gradient
+  checkpointing, torch AdamW as the client optimizer, v-prediction MSE; 2B stock and ours on this
+  process's GPUs. 5B ZeRO-2 needs two GPUs (fp32 master weights + Adam alone are 67 GB): launched
+  with ``torchrun --nproc_per_node 2`` it runs; on one GPU it is recorded as not run, and a 5B
+  fwd+bwd without optimizer (the reference figure's setting) is measured instead.
+
+Models have random weights and are built directly on the GPU in bf16; each is freed before the
+next. FLOPs are counted analytically from the config (see ``forward_flops``). The JSON is written
+after every section, so a run stopped by a time limit keeps what it measured.
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu-h100.json
+    python benchmarks/bench_gpu.py --sections gemm,step --archs 5b --out /tmp/x.json
+    python benchmarks/bench_gpu.py --smoke --out /tmp/smoke.json        # tiny, CPU ok, seconds
+    python benchmarks/bench_gpu.py --merge a.json b.json --out all.json # combine runs' sections
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+logger = logging.getLogger("bench_gpu")
+
+SECTIONS = ("gemm", "step", "sample", "train")
+GIB = 2**30
+
+# Published CogVideoX 1.0 transformer configs (THUDM/CogVideoX-{2b,5b}/transformer/config.json).
+COMMON = dict(attention_head_dim=64, time_embed_dim=512, text_embed_dim=4096, patch_size=2, max_text_seq_length=226,
+              sample_frames=49, sample_height=60, sample_width=90, activation_fn="gelu-approximate",
+              attention_bias=True, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, temporal_compression_ratio=4,
+              spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0)
+ARCHS: dict[str, dict[str, Any]] = {
+    "2b": {"transformer": dict(COMMON, num_attention_heads=30, num_layers=30, use_rotary_positional_embeddings=False),
+           "scheduler": "ddim", "scheduler_config": {"snr_shift_scale": 3.0}, "vae_scaling_factor": 1.15258426},
+    "5b": {"transformer": dict(COMMON, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
+           "scheduler": "dpm", "scheduler_config": {"snr_shift_scale": 1.0}, "vae_scaling_factor": 0.7},
+}
+# CogVideoX's 3D VAE (AutoencoderKLCogVideoX's defaults are the released config).
+VAE_CONFIG: dict[str, Any] = {}
+FULL_SIZE = dict(frames=49, height=480, width=720)
+
+# --smoke: the same code paths on toy sizes (seconds on a CPU)
+SMOKE_COMMON = dict(COMMON, attention_head_dim=32, time_embed_dim=32, text_embed_dim=32, max_text_seq_length=16,
+                    sample_frames=5, sample_height=4, sample_width=4)
+SMOKE_ARCHS: dict[str, dict[str, Any]] = {
+    "2b": dict(ARCHS["2b"], transformer=dict(SMOKE_COMMON, num_attention_heads=2, num_layers=2,
+                                             use_rotary_positional_embeddings=False)),
+    "5b": dict(ARCHS["5b"], transformer=dict(SMOKE_COMMON, num_attention_heads=2, num_layers=3,
+                                             use_rotary_positional_embeddings=True)),
+}
+SMOKE_VAE = dict(down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+                 block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1, norm_num_groups=4)
+SMOKE_SIZE = dict(frames=5, height=32, width=32)
+
+H100_SXM_DENSE_BF16_TFLOPS = 989.4  # datasheet, for reference only; MFU uses the measured ceiling
+
+
+# --------------------------------------------------------------------------------------------
+# bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+class Bench:
+    """Shared state: device, settings, the result dict and where it goes."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.smoke = args.smoke
+        cuda = torch.cuda.is_available() and not args.cpu
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.cuda = cuda
+        # bf16 throughout; only a smoke run on the CPU uses fp32 (CPU bf16 convolutions are very slow)
+        self.dtype = torch.float32 if args.smoke and not cuda else torch.bfloat16
+        self.archs = SMOKE_ARCHS if args.smoke else ARCHS
+        self.vae_config = SMOKE_VAE if args.smoke else VAE_CONFIG
+        self.size = SMOKE_SIZE if args.smoke else FULL_SIZE
+        self.t_start = time.perf_counter()
+        self.result: dict[str, Any] = {}
+
+    # -- time and memory -----------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def timed(self, fn: Callable[[], Any]) -> float:
+        """Seconds one call of ``fn`` takes on the device (CUDA events; host clock on CPU)."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    # -- output --------------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.rank != 0 or self.args.out is None:
+            return
+        self.result["wall_s"] = self.elapsed()
+        write_outputs(self.result, self.args.out)
+
+
+def gib(n: int | float | None) -> float | None:
+    return None if n is None else n / GIB
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    from udpdiff.io.atomic import write_text
+
+    write_text(out, json.dumps(result, indent=2, default=str) + "\n")
+    write_text(out.with_suffix(".md"), render_markdown(result))
+
+
+def machine_info(bench: Bench) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    info: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(),
+                            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    versions = {}
+    for name in ("torch", "diffusers", "deepspeed", "transformers", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    versions["torch"] = torch.__version__
+    versions["cuda"] = torch.version.cuda
+    versions["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    info["versions"] = versions
+    info["device"] = str(bench.device)
+    if bench.cuda:
+        props = torch.cuda.get_device_properties(bench.device)
+        info["gpu"] = {"name": props.name, "memory_gib": props.total_memory / GIB,
+                       "multiprocessors": props.multi_processor_count, "count": torch.cuda.device_count()}
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30, check=True)
+            info["nvidia_smi"] = smi.stdout.strip().splitlines()
+        except (OSError, subprocess.SubprocessError) as exc:
+            info["nvidia_smi"] = f"unavailable: {exc}"
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def token_counts(cfg: dict[str, Any], size: dict[str, int]) -> dict[str, int]:
+    lat_f = (size["frames"] - 1) // cfg["temporal_compression_ratio"] + 1
+    lat_h, lat_w = size["height"] // 8, size["width"] // 8  # CogVideoX's VAE: 8x spatial
+    p = cfg["patch_size"]
+    video = lat_f * (lat_h // p) * (lat_w // p)
+    return {"latent_frames": lat_f, "latent_height": lat_h, "latent_width": lat_w, "video_tokens": video,
+            "text_tokens": cfg["max_text_seq_length"], "tokens": video + cfg["max_text_seq_length"]}
+
+
+def forward_flops(cfg: dict[str, Any], size: dict[str, int], in_channels: int, out_channels: int,
+                  batch: int) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of one transformer forward, from the config.
+
+    Counted: the patch embedding (a p x p conv = 2·N_vid·(C·p²)·d) and text projection
+    (2·N_txt·4096·d); per block the q, k, v, out projections (4 · 2·N·d²) and the feed-forward
+    d -> 4d -> d (2 · 2·N·d·4d), i.e. 24·N·d², plus attention scores and values over the joint
+    text+video sequence (QKᵀ and PV: 2 · 2·N²·d); the output projection (2·N_vid·d·p²·C_out).
+    Not counted (<0.1%): the timestep MLP, the AdaLN modulation linears (per sample, not per
+    token), layer norms, activations, softmax, rotary and the residual adds.
+    """
+    tc = token_counts(cfg, size)
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    p, n_vid, n_txt = cfg["patch_size"], tc["video_tokens"], tc["text_tokens"]
+    n = n_vid + n_txt
+    embed = 2 * n_vid * in_channels * p * p * d + 2 * n_txt * cfg["text_embed_dim"] * d
+    linear = cfg["num_layers"] * 24 * n * d * d
+    attention = cfg["num_layers"] * 4 * n * n * d
+    out = 2 * n_vid * d * p * p * out_channels
+    per_sample = embed + linear + attention + out
+    return {"total": float(batch * per_sample), "per_sample": float(per_sample), "embed_and_out": float(embed + out),
+            "linear": float(linear), "attention": float(attention), "batch": batch, **tc}
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+
+
+def build_transformer(bench: Bench, arch: str, ours: bool) -> torch.nn.Module:
+    """Random weights, built on the device (fast even for 5B) and cast to bf16."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from udpdiff.models.transformer import LATENT_CHANNELS, UDPDiffTransformer3DModel
+
+    cfg = dict(bench.archs[arch]["transformer"])
+    torch.manual_seed(0 if not ours else 1)
+    with torch.device(bench.device):
+        if ours:
+            model = UDPDiffTransformer3DModel(**cfg, in_channels=2 * LATENT_CHANNELS,
+                                              out_channels=2 * LATENT_CHANNELS, num_tasks=2)
+            # zero-initialised in the model; random here so the sum does real work
+            torch.nn.init.normal_(model.task_embedding.weight, std=0.02)
+        else:
+            model = CogVideoXTransformer3DModel(**cfg, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS)
+    return model.to(dtype=bench.dtype)
+
+
+def model_channels(model: torch.nn.Module) -> int:
+    return int(model.config.in_channels)
+
+
+def rotary_tables(bench: Bench, model: torch.nn.Module, latent_frames: int):
+    """The rotary tables CogVideoX-5B uses, made by the pipeline's own method."""
+    if not model.config.use_rotary_positional_embeddings:
+        return None
+    from diffusers import CogVideoXPipeline
+
+    shim = type("_Shim", (), {"vae_scale_factor_spatial": 8, "transformer": model})()
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(
+        shim, bench.size["height"], bench.size["width"], latent_frames, bench.device)
+
+
+def step_inputs(bench: Bench, arch: str, channels: int, batch: int, seed: int) -> dict[str, Any]:
+    cfg = bench.archs[arch]["transformer"]
+    tc = token_counts(cfg, bench.size)
+    g = torch.Generator(device=bench.device).manual_seed(seed)
+    shape = (batch, tc["latent_frames"], channels, tc["latent_height"], tc["latent_width"])
+    return {
+        "hidden_states": torch.randn(shape, generator=g, device=bench.device, dtype=bench.dtype),
+        "encoder_hidden_states": torch.randn((batch, cfg["max_text_seq_length"], cfg["text_embed_dim"]), generator=g,
+                                             device=bench.device, dtype=bench.dtype),
+        "timestep": torch.randint(0, 1000, (batch,), generator=g, device=bench.device),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# gemm
+# --------------------------------------------------------------------------------------------
+
+
+def run_gemm(bench: Bench) -> None:
+    a = bench.args
+    shapes = [(256, 256, 256)] if bench.smoke else [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 8192, 8192)]
+    # a product the 5B model itself does: CFG batch 2 x (17550+226) tokens, d=3072 -> 4d
+    if not bench.smoke:
+        shapes.append((2 * 17776, 3072, 12288))
+    rows = []
+    for m, k, n in shapes:
+        g = torch.Generator(device=bench.device).manual_seed(m + n)
+        pairs = [(torch.randn((m, k), generator=g, device=bench.device, dtype=bench.dtype),
+                  torch.randn((k, n), generator=g, device=bench.device, dtype=bench.dtype)) for _ in range(2)]
+        for x, y in pairs * a.gemm_warmup:
+            x @ y
+        times = [bench.timed(lambda x=x, y=y: x @ y) for x, y in pairs * max(1, a.gemm_iters // 2)]
+        med = statistics.median(times)
+        tflops = 2 * m * k * n / med / 1e12
+        rows.append({"m": m, "k": k, "n": n, "median_s": med, "tflops": tflops, "iters": len(times)})
+        logger.info("gemm %5d x %5d x %5d bf16: %8.1f TFLOP/s", m, k, n, tflops)
+        del pairs
+    square = [r for r in rows if r["m"] == r["k"] == r["n"] or bench.smoke] or rows
+    best = max(square, key=lambda r: r["tflops"])
+    bench.result["gemm"] = {"dtype": "bfloat16", "shapes": rows, "ceiling_tflops": best["tflops"],
+                            "ceiling_shape": [best["m"], best["k"], best["n"]],
+                            "note": "ceiling = best median over the square/large shapes (random inputs, "
+                                    "torch.matmul, CUDA events); the model-shaped row is for reference"}
+    bench.free()
+
+
+def ceiling_tflops(bench: Bench) -> float | None:
+    g = bench.result.get("gemm")
+    return g["ceiling_tflops"] if g else None
+
+
+def mfu(bench: Bench, flops: float, seconds: float) -> dict[str, float | None]:
+    achieved = flops / seconds / 1e12
+    ceil = ceiling_tflops(bench)
+    return {"tflops": achieved, "mfu": achieved / ceil if ceil else None,
+            "mfu_vs_datasheet": achieved / H100_SXM_DENSE_BF16_TFLOPS if bench.cuda and not bench.smoke else None}
+
+
+# --------------------------------------------------------------------------------------------
+# step
+# --------------------------------------------------------------------------------------------
+
+
+def interleaved(bench: Bench, fns: dict[str, Callable[[], Any]], other_bytes: dict[str, int], warmup: int,
+                iters: int) -> dict[str, dict[str, Any]]:
+    """Time each of ``fns`` ``iters`` times, alternating A B / B A rounds; peak memory per call
+    with the other models' resident bytes taken off (= as if the model ran alone)."""
+    names = list(fns)
+    for i in range(warmup):
+        for name in names:
+            logger.info("  warm-up %d/%d %s", i + 1, warmup, name)
+            fns[name]()
+    bench.sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, int | None] = {n: None for n in names}
+    for i in range(iters):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            bench.reset_peak()
+            times[name].append(bench.timed(fns[name]))
+            peak = bench.peak_bytes()
+            if peak is not None:
+                peaks[name] = max(peaks[name] or 0, peak - other_bytes.get(name, 0))
+        logger.info("  round %d/%d: %s", i + 1, iters, ", ".join(f"{n} {times[n][-1]:.4f} s" for n in names))
+    return {n: {"median_s": statistics.median(times[n]), "min_s": min(times[n]), "max_s": max(times[n]),
+                "times_s": times[n], "peak_gib": gib(peaks[n])} for n in names}
+
+
+def paired_overhead_pct(stock: dict[str, Any], ours: dict[str, Any]) -> float | None:
+    """Median over rounds of ours/stock - 1, each pair timed back to back (cancels slow drift)."""
+    a, b = stock.get("times_s"), ours.get("times_s")
+    if not a or not b or len(a) != len(b):
+        return None
+    return 100 * statistics.median(y / x - 1 for x, y in zip(a, b, strict=True))
+
+
+def run_step(bench: Bench, arch: str) -> None:
+    a = bench.args
+    logger.info("step %s: building stock and ours", arch)
+    models = {"stock": build_transformer(bench, arch, ours=False).eval(),
+              "ours": build_transformer(bench, arch, ours=True).eval()}
+    sizes = {k: param_bytes(m) for k, m in models.items()}
+    tc = token_counts(bench.archs[arch]["transformer"], bench.size)
+    rotary = rotary_tables(bench, models["stock"], tc["latent_frames"])
+    inputs = {k: step_inputs(bench, arch, model_channels(m), batch=2, seed=7) for k, m in models.items()}
+    # CFG batch: [uncond, cond], one task id for both halves, as the pipeline passes it
+    extra = {"stock": {}, "ours": {"task_id": torch.tensor([1])}}
+
+    def call(name: str) -> Callable[[], Any]:
+        def fn() -> Any:
+            with torch.no_grad():
+                return models[name](**inputs[name], image_rotary_emb=rotary, return_dict=False, **extra[name])[0]
+        return fn
+
+    other = {"stock": sizes["ours"], "ours": sizes["stock"]}
+    res = interleaved(bench, {n: call(n) for n in models}, other, a.step_warmup, a.step_iters)
+    cfg = bench.archs[arch]["transformer"]
+    for name, m in models.items():
+        ch = model_channels(m)
+        fl = forward_flops(cfg, bench.size, ch, ch, batch=2)
+        res[name].update(params=n_params(m), weights_gib=gib(sizes[name]), channels=ch, flops=fl["total"],
+                         **mfu(bench, fl["total"], res[name]["median_s"]))
+    entry = {
+        "config": cfg, "batch": 2, "tokens": tc,
+        "stock": res["stock"], "ours": res["ours"],
+        "overhead_pct": 100 * (res["ours"]["median_s"] / res["stock"]["median_s"] - 1),
+        "overhead_paired_pct": paired_overhead_pct(res["stock"], res["ours"]),
+        "flops_breakdown_stock": forward_flops(cfg, bench.size, 16, 16, 2),
+        "extra_flops_ours_pct": 100 * (res["ours"]["flops"] / res["stock"]["flops"] - 1),
+        "warmup": a.step_warmup, "iters": a.step_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
+    }
+    bench.result.setdefault("step", {})[arch] = entry
+    logger.info("step %s: stock %.4f s, ours %.4f s (%+.2f%%), MFU %.1f%% / %.1f%%", arch,
+                res["stock"]["median_s"], res["ours"]["median_s"], entry["overhead_pct"],
+                100 * (res["stock"]["mfu"] or 0), 100 * (res["ours"]["mfu"] or 0))
+
+
+# --------------------------------------------------------------------------------------------
+# sample
+# --------------------------------------------------------------------------------------------
+
+
+def build_scheduler(bench: Bench, arch: str):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    from udpdiff.models.scheduler import COGVIDEOX_DEFAULTS
+
+    spec = bench.archs[arch]
+    cls = CogVideoXDPMScheduler if spec["scheduler"] == "dpm" else CogVideoXDDIMScheduler
+    return cls(**{**COGVIDEOX_DEFAULTS, **spec["scheduler_config"]})
+
+
+def build_vae(bench: Bench, arch: str):
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(2)
+    with torch.device(bench.device):
+        vae = AutoencoderKLCogVideoX(**bench.vae_config, scaling_factor=bench.archs[arch]["vae_scaling_factor"])
+    vae = vae.to(dtype=bench.dtype).eval()
+    vae.enable_tiling()
+    vae.enable_slicing()
+    return vae
+
+
+def sample_steps(bench: Bench, arch: str, decode_estimate_s: float) -> tuple[int, str]:
+    """Steps to time for this arch: ``--sample-steps`` unless the time budget cannot hold them."""
+    a = bench.args
+    steps = a.sample_steps
+    if a.budget_s is None:
+        return steps, "as asked"
+    step = bench.result.get("step", {}).get(arch)
+    per_step = (step["stock"]["median_s"] + step["ours"]["median_s"]) if step else None
+    if per_step is None:
+        return steps, "as asked (no step timing to budget with)"
+    left = a.budget_s - bench.elapsed() - 3 * decode_estimate_s - 45
+    fit = int(left // (per_step * 1.05))
+    if fit >= steps:
+        return steps, "as asked"
+    return max(3, fit), f"reduced from {steps} to fit --budget-s={a.budget_s:.0f} (time left {left:.0f} s)"
+
+
+def run_sample(bench: Bench, arch: str) -> None:
+    from diffusers import CogVideoXPipeline
+
+    from udpdiff.pipeline import UDPDiffPipeline
+
+    a = bench.args
+    size = bench.size
+    cfg = bench.archs[arch]["transformer"]
+    prior = [e for e in bench.result.get("sample", {}).values() if isinstance(e, dict) and "stock" in e]
+    decode_est = prior[-1]["stock"]["vae_decode_s"] if prior else a.decode_guess_s
+    steps, why = sample_steps(bench, arch, decode_est)
+    logger.info("sample %s: %d steps (%s)", arch, steps, why)
+
+    vae = build_vae(bench, arch)
+    transformers = {"stock": build_transformer(bench, arch, ours=False).eval(),
+                    "ours": build_transformer(bench, arch, ours=True).eval()}
+    sizes = {k: param_bytes(m) for k, m in transformers.items()}
+    g = torch.Generator(device=bench.device).manual_seed(11)
+    text = torch.randn((2, cfg["max_text_seq_length"], cfg["text_embed_dim"]), generator=g, device=bench.device,
+                       dtype=bench.dtype)
+    prompt_embeds, negative_embeds = text[1:], text[:1]
+
+    pipes = {
+        "stock": CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformers["stock"],
+                                   scheduler=build_scheduler(bench, arch)),
+        "ours": UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformers["ours"],
+                                scheduler=build_scheduler(bench, arch)),
+    }
+    marks: dict[str, float] = {}
+    decode_times: list[float] = []
+
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+        # precomputed embeddings stand in for T5-XXL (excluded from the timing)
+        pipe.encode_prompt = lambda *args, **kwargs: (prompt_embeds, negative_embeds)
+        inner = pipe.decode_latents
+
+        def decode(latents, inner=inner):
+            bench.sync()
+            t0 = time.perf_counter()
+            out = inner(latents)
+            bench.sync()
+            decode_times.append(time.perf_counter() - t0)
+            return out
+
+        pipe.decode_latents = decode
+
+    def on_step(pipe, i, t, tensors):
+        if (i + 1) % 10 == 0 or i + 1 == steps:
+            logger.info("  step %d/%d", i + 1, steps)
+        if i + 1 == steps:
+            bench.sync()
+            marks["denoised"] = time.perf_counter()
+        return {}
+
+    # warm-up: one VAE decode of 3 latent frames at full resolution (every tile shape and the
+    # frame-batch path); the transformer's kernels were warmed by the step section when it ran
+    tc = token_counts(cfg, size)
+    with torch.no_grad():
+        warm = torch.randn((1, min(3, tc["latent_frames"]), 16, tc["latent_height"], tc["latent_width"]),
+                           device=bench.device, dtype=bench.dtype)
+        t_warm = bench.timed(lambda: pipes["stock"].decode_latents(warm))
+    decode_times.clear()
+    logger.info("sample %s: VAE warm-up decode (%d latent frames) %.2f s", arch, warm.shape[1], t_warm)
+
+    kwargs = dict(num_frames=size["frames"], height=size["height"], width=size["width"], guidance_scale=6.0,
+                  num_inference_steps=steps, callback_on_step_end=on_step)
+    out: dict[str, Any] = {}
+    for name, pipe in pipes.items():
+        generator = torch.Generator(device=bench.device).manual_seed(0)
+        call_kwargs = dict(kwargs, generator=generator)
+        if name == "stock":
+            call_kwargs["output_type"] = "np"
+        else:
+            call_kwargs["task"] = "depth"
+        bench.free()
+        bench.reset_peak()
+        decode_times.clear()
+        marks.clear()
+        logger.info("sample %s %s: %d steps + decode", arch, name, steps)
+        bench.sync()
+        t0 = time.perf_counter()
+        result = pipe("benchmark prompt", **call_kwargs)
+        bench.sync()
+        total = time.perf_counter() - t0
+        peak = bench.peak_bytes()
+        other = sizes["ours" if name == "stock" else "stock"]
+        denoise = marks["denoised"] - t0
+        decode = sum(decode_times)
+        row = {"steps": steps, "total_s": total, "denoise_s": denoise, "denoise_per_step_s": denoise / steps,
+               "vae_decode_s": decode, "vae_decodes": len(decode_times), "post_s": total - denoise - decode,
+               "peak_gib": gib(None if peak is None else peak - other)}
+        if steps != a.sample_steps:
+            row["scaled_total_s"] = row["total_s"] + (a.sample_steps / steps - 1) * denoise
+            row["scaled_denoise_s"] = denoise * a.sample_steps / steps
+        out[name] = row
+        logger.info("sample %s %s: total %.1f s = denoise %.1f + VAE decode %.1f (%d) + post %.1f; peak %s GiB",
+                    arch, name, total, denoise, decode, len(decode_times), row["post_s"],
+                    f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-")
+        del result
+    entry = {
+        "steps": steps, "steps_note": why, "target_steps": a.sample_steps,
+        "scheduler": type(pipes["stock"].scheduler).__name__, "guidance_scale": 6.0,
+        "size": size, "vae": "AutoencoderKLCogVideoX, CogVideoX config, random weights, bf16, tiling+slicing",
+        "vae_warmup_s": t_warm, "stock": out["stock"], "ours": out["ours"],
+        "denoise_overhead_pct": 100 * (out["ours"]["denoise_s"] / out["stock"]["denoise_s"] - 1),
+        "note": "text encoding (T5-XXL) excluded: random precomputed prompt embeddings; stock decodes one latent "
+                "(output_type=np), ours decodes the RGB and the dense half (two VAE decodes) and Pixelplanes-decodes "
+                "the depth colormap (in post_s); one run each, after warm-up. Pixelplanes' decode costs per unique "
+                "colour: the output of a random-weight VAE has millions of them, so ours' post_s here is far above "
+                "what a trained model's colormaps cost (about 1 s per 49x480x720 on the H100 host, "
+                "benchmarks/results/pixelplanes-h100.json)",
+    }
+    bench.result.setdefault("sample", {})[arch] = entry
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+def init_distributed(bench: Bench) -> None:
+    """The training loop's own process-group setup (one rank here; launchers set the env)."""
+    from udpdiff.train import init_distributed as init
+
+    init(torch.device(bench.device))
+
+
+def zero2_config(bf16: bool = True) -> dict[str, Any]:
+    """infra/deepspeed/zero2.json with its "auto" fields filled by the training code itself, from
+    the paper profile's settings (micro batch 1, no accumulation, clipping 1.0, lr 1e-5)."""
+    from udpdiff.config import load_params
+    from udpdiff.train import load_deepspeed_config
+
+    p = load_params(ROOT / "params.yaml", profile="cogvideox-2b")
+    p = p.with_overrides({"train.precision": "bf16" if bf16 else "fp32"})
+    return load_deepspeed_config(ROOT / "infra" / "deepspeed" / "zero2.json", p)
+
+
+def train_batch(bench: Bench, arch: str, channels: int, seed: int) -> dict[str, torch.Tensor]:
+    """One v-prediction batch (micro batch 1) on the device."""
+    cfg = bench.archs[arch]["transformer"]
+    tc = token_counts(cfg, bench.size)
+    g = torch.Generator(device=bench.device).manual_seed(seed)
+    shape = (1, tc["latent_frames"], channels, tc["latent_height"], tc["latent_width"])
+    x0 = torch.randn(shape, generator=g, device=bench.device)
+    noise = torch.randn(shape, generator=g, device=bench.device)
+    alphas = build_scheduler(bench, arch).alphas_cumprod.to(bench.device)
+    t = torch.randint(0, len(alphas), (1,), generator=g, device=bench.device)
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    return {
+        "noisy": (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(bench.dtype),
+        "v_target": a.sqrt() * noise - (1 - a).sqrt() * x0,
+        "timestep": t,
+        "text": torch.randn((1, cfg["max_text_seq_length"], cfg["text_embed_dim"]), generator=g, device=bench.device,
+                            dtype=bench.dtype),
+    }
+
+
+def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], world: int) -> dict[str, Any]:
+    """Build, wrap in a DeepSpeed engine, time; everything is freed when this returns."""
+    import deepspeed
+
+    a = bench.args
+    cfg = bench.archs[arch]["transformer"]
+    tc = token_counts(cfg, bench.size)
+    logger.info("train %s %s: ZeRO-2 on %d GPU(s), building", arch, name, world)
+    model = build_transformer(bench, arch, ours=name == "ours")
+    model.enable_gradient_checkpointing()
+    model.train()
+    ch = model_channels(model)
+    params = n_params(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
+    batch = train_batch(bench, arch, ch, seed=3 + bench.rank)
+    rotary = rotary_tables(bench, model, tc["latent_frames"])
+    extra = {"task_id": torch.tensor([1])} if name == "ours" else {}
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        pred = engine(hidden_states=batch["noisy"], encoder_hidden_states=batch["text"], timestep=batch["timestep"],
+                      image_rotary_emb=rotary, return_dict=False, **extra)[0]
+        loss = (pred.float() - batch["v_target"]).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+
+    for i in range(a.train_warmup):
+        logger.info("  warm-up %d/%d", i + 1, a.train_warmup)
+        step()
+    bench.sync()
+    bench.reset_peak()
+    times = []
+    for i in range(a.train_iters):
+        bench.sync()
+        t0 = time.perf_counter()
+        step()
+        bench.sync()
+        times.append(time.perf_counter() - t0)
+        logger.info("  step %d/%d: %.3f s", i + 1, a.train_iters, times[-1])
+    med = statistics.median(times)
+    fl = forward_flops(cfg, bench.size, ch, ch, batch=1)["total"]
+    ceil = ceiling_tflops(bench)
+    loss_values = [float(x) for x in losses]
+    row = {
+        "median_s": med, "min_s": min(times), "max_s": max(times), "times_s": times,
+        "tokens_per_s_per_gpu": tc["video_tokens"] / med, "samples_per_s": world / med,
+        "params": params, "channels": ch, "fwd_flops": fl,
+        "model_tflops": 3 * fl / med / 1e12, "mfu_3x": 3 * fl / med / 1e12 / ceil if ceil else None,
+        "hw_tflops_4x": 4 * fl / med / 1e12, "mfu_4x": 4 * fl / med / 1e12 / ceil if ceil else None,
+        "peak_gib": gib(bench.peak_bytes()),
+        "reserved_peak_gib": gib(torch.cuda.max_memory_reserved(bench.device)) if bench.cuda else None,
+        "loss_first_last": [loss_values[0], loss_values[-1]],
+        "loss_finite": all(math.isfinite(x) for x in loss_values),
+    }
+    logger.info("train %s %s: %.3f s/step, %.0f tokens/s/GPU, MFU %s, peak %s GiB", arch, name, med,
+                row["tokens_per_s_per_gpu"], _pct(row["mfu_3x"]), _f(row["peak_gib"], "{:.1f}"))
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    return row
+
+
+def run_train_zero2(bench: Bench, arch: str) -> None:
+    """fwd+bwd+optimizer under ZeRO-2 on this process group's GPUs; stock then ours (they do not
+    both fit beside their optimizer states, so this one is sequential, not interleaved)."""
+    import torch.distributed as dist
+
+    a = bench.args
+    init_distributed(bench)
+    world = dist.get_world_size()
+    ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16)
+    rows: dict[str, Any] = {}
+    for name in ("stock", "ours"):
+        rows[name] = zero2_one(bench, arch, name, ds_config, world)
+        bench.free()
+    key = f"{arch}_zero2_{world}gpu"
+    bench.result.setdefault("train", {})[key] = {
+        "arch": arch, "gpus": world, "deepspeed_config": ds_config, "optimizer": "torch.optim.AdamW (client)",
+        "gradient_checkpointing": True, "micro_batch": 1, "loss": "v-prediction MSE (fp32)",
+        "stock": rows["stock"], "ours": rows["ours"],
+        "overhead_pct": 100 * (rows["ours"]["median_s"] / rows["stock"]["median_s"] - 1),
+        "warmup": a.train_warmup, "iters": a.train_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
+        "order": "sequential (stock, then ours): both with optimizer states do not fit at once",
+        "conventions": "tokens = video tokens per sample (text tokens not counted); MFU 3x = model FLOPs "
+                       "(fwd + 2x fwd for bwd) / time / GEMM ceiling; 4x counts the recomputed forward of "
+                       "gradient checkpointing too",
+    }
+
+
+def run_fwd_bwd(bench: Bench, arch: str) -> None:
+    """fwd+bwd (no optimizer) at batch 1 with gradient checkpointing, stock and ours interleaved:
+    the setting of the reference figure (5B: 3.7 s, 28 GiB on one H100)."""
+    a = bench.args
+    cfg = bench.archs[arch]["transformer"]
+    models = {"stock": build_transformer(bench, arch, ours=False), "ours": build_transformer(bench, arch, ours=True)}
+    sizes = {k: param_bytes(m) for k, m in models.items()}
+    tc = token_counts(cfg, bench.size)
+    rotary = rotary_tables(bench, models["stock"], tc["latent_frames"])
+    batches = {}
+    for name, m in models.items():
+        m.enable_gradient_checkpointing()
+        m.train()
+        batches[name] = train_batch(bench, arch, model_channels(m), seed=5)
+    extra = {"stock": {}, "ours": {"task_id": torch.tensor([1])}}
+
+    def call(name: str) -> Callable[[], None]:
+        def fn() -> None:
+            for m in models.values():  # only this model's grads live during its call
+                m.zero_grad(set_to_none=True)
+            b = batches[name]
+            pred = models[name](hidden_states=b["noisy"], encoder_hidden_states=b["text"], timestep=b["timestep"],
+                                image_rotary_emb=rotary, return_dict=False, **extra[name])[0]
+            (pred.float() - b["v_target"]).pow(2).mean().backward()
+        return fn
+
+    other = {"stock": sizes["ours"], "ours": sizes["stock"]}
+    fns = {name: call(name) for name in models}
+    res = interleaved(bench, fns, other, a.train_warmup, a.train_iters)
+    for name, m in models.items():
+        ch = model_channels(m)
+        fl = forward_flops(cfg, bench.size, ch, ch, batch=1)["total"]
+        med = res[name]["median_s"]
+        ceil = ceiling_tflops(bench)
+        res[name].update(channels=ch, params=n_params(m), fwd_flops=fl, tokens_per_s_per_gpu=tc["video_tokens"] / med,
+                         model_tflops=3 * fl / med / 1e12, mfu_3x=(3 * fl / med / 1e12) / ceil if ceil else None,
+                         hw_tflops_4x=4 * fl / med / 1e12, mfu_4x=(4 * fl / med / 1e12) / ceil if ceil else None)
+    bench.result.setdefault("train", {})[f"{arch}_fwd_bwd_1gpu"] = {
+        "arch": arch, "what": "fwd+bwd, no optimizer, batch 1, gradient checkpointing, bf16 weights and grads "
+                              "(reference: stock 5B 3.7 s, 28 GiB on one H100)",
+        "stock": res["stock"], "ours": res["ours"],
+        "overhead_pct": 100 * (res["ours"]["median_s"] / res["stock"]["median_s"] - 1),
+        "overhead_paired_pct": paired_overhead_pct(res["stock"], res["ours"]),
+        "warmup": a.train_warmup, "iters": a.train_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
+    }
+    logger.info("fwd+bwd %s: stock %.3f s, ours %.3f s", arch, res["stock"]["median_s"], res["ours"]["median_s"])
+
+
+def run_train(bench: Bench, arch: str) -> None:
+    gpus = torch.cuda.device_count() if bench.cuda else 1
+    if arch == "5b" and bench.world < 2:
+        reason = (f"5B ZeRO-2 needs 2 GPUs (bf16 weights+grads 22 GB, fp32 master + Adam 67 GB); this run has "
+                  f"{bench.world} process(es) on {gpus} visible GPU(s)"
+                  + ("" if gpus >= 2 else "; no multi-GPU machine kind was lent for this run"))
+        if bench.smoke:
+            reason += " (smoke run)"
+        bench.result.setdefault("train", {})["5b_zero2_2gpu"] = {"status": "not run", "reason": reason}
+        logger.info("train 5b ZeRO-2: not run (%s); measuring fwd+bwd on one GPU instead", reason)
+        if bench.world == 1:
+            run_fwd_bwd(bench, arch)
+        return
+    run_train_zero2(bench, arch)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _f(v: Any, fmt: str = "{:.3f}") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return fmt.format(v)
+
+
+def _pct(v: Any) -> str:
+    return _f(None if v is None else 100 * v, "{:.1f}%")
+
+
+def _size(r: dict[str, Any]) -> str:
+    size = r.get("settings", {}).get("size") or FULL_SIZE
+    text = f"{size['frames']}x{size['height']}x{size['width']}"
+    return text + (" (latent 13x60x90: 17550 video + 226 text tokens)" if size == FULL_SIZE else "")
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    m = r.get("machine", {})
+    lines = [f"# GPU benchmarks ({r.get('date', '?')})", ""]
+    gpu = m.get("gpu", {})
+    v = m.get("versions", {})
+    lines.append(f"Device: {gpu.get('name', m.get('device', '?'))}; torch {v.get('torch')}, diffusers "
+                 f"{v.get('diffusers')}, deepspeed {v.get('deepspeed')}; CUDA {v.get('cuda')}. "
+                 f"{'SMOKE RUN (toy sizes): numbers mean nothing. ' if r.get('settings', {}).get('smoke') else ''}"
+                 f"Random weights, {r.get('settings', {}).get('dtype')}, {_size(r)}.")
+    lines.append("")
+    if "gemm" in r:
+        g = r["gemm"]
+        lines += ["## bf16 GEMM ceiling", "", "| m | k | n | TFLOP/s |", "|---:|---:|---:|---:|"]
+        lines += [f"| {s['m']} | {s['k']} | {s['n']} | {s['tflops']:.4g} |" for s in g["shapes"]]
+        lines += ["", f"Ceiling used for MFU: **{g['ceiling_tflops']:.4g} TFLOP/s** "
+                      f"({'x'.join(map(str, g['ceiling_shape']))}).", ""]
+        per_run = [f"{x['file']} {x['gemm']['ceiling_tflops']:.1f}" for x in r.get("runs", []) if x.get("gemm")]
+        if len(per_run) > 1:
+            lines += [f"Each section's MFU uses the ceiling measured in its own run: {'; '.join(per_run)} TFLOP/s.",
+                      ""]
+    if "step" in r:
+        lines += ["## Denoising step (transformer forward, CFG batch 2, no_grad)", "",
+                  "| arch | model | s/step (median) | overhead vs stock | TFLOP/s | MFU | peak GiB |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for arch, e in r["step"].items():
+            for name in ("stock", "ours"):
+                x = e[name]
+                ov = ""
+                if name == "ours":
+                    ov = _f(e["overhead_pct"], "{:+.2f}%") + (f" (paired {e['overhead_paired_pct']:+.2f}%)"
+                                                            if e.get("overhead_paired_pct") is not None else "")
+                lines.append(f"| {arch} | {name} ({x['channels']} ch) | {_f(x['median_s'], '{:.4f}')} | {ov} | "
+                             f"{_f(x['tflops'], '{:.0f}')} | {_pct(x['mfu'])} | {_f(x['peak_gib'], '{:.1f}')} |")
+        lines += ["", "Stock and ours timed alternately in the same process (A B, B A, ...); overhead = ratio of "
+                      "medians - 1, paired = median of per-round ratios - 1. MFU = analytic forward "
+                      "FLOPs (linears 24·N·d² per block + attention 4·N²·d per block + patch/text/out projections) "
+                      "/ time / GEMM ceiling. Peak = max allocated during the call minus the other model's weights.",
+                  ""]
+    if "sample" in r:
+        lines += ["## Sample (denoising loop + VAE decode; T5 text encoding excluded)", "",
+                  "| arch | model | steps | total s | denoise s | per step s | VAE decode s (n) | post s | peak GiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for arch, e in r["sample"].items():
+            if "stock" not in e:
+                continue
+            for name in ("stock", "ours"):
+                x = e[name]
+                lines.append(f"| {arch} ({e['scheduler']}) | {name} | {x['steps']} | {_f(x['total_s'], '{:.1f}')} | "
+                             f"{_f(x['denoise_s'], '{:.1f}')} | {_f(x['denoise_per_step_s'], '{:.3f}')} | "
+                             f"{_f(x['vae_decode_s'], '{:.1f}')} ({x['vae_decodes']}) | {_f(x['post_s'], '{:.1f}')} | "
+                             f"{_f(x['peak_gib'], '{:.1f}')} |")
+            scaled = [f"{n} ≈ {e[n]['scaled_total_s']:.1f} s" for n in ("stock", "ours") if "scaled_total_s" in e[n]]
+            if scaled:
+                lines.append(f"| {arch} | scaled to {e['target_steps']} steps | | {'; '.join(scaled)} | | | | | |")
+        notes = {e["note"] for e in r["sample"].values() if "note" in e}
+        steps_notes = [f"{a}: {e['steps_note']}" for a, e in r["sample"].items() if "steps_note" in e]
+        lines += ["", *sorted(notes), "Steps: " + "; ".join(steps_notes) + ".", ""]
+    if "train" in r:
+        lines += ["## Training step (micro batch 1, gradient checkpointing, bf16)", "",
+                  "| setting | model | s/step | tokens/s/GPU | MFU (3x fwd) | MFU (4x, recompute) | peak GiB |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for key, e in r["train"].items():
+            if "stock" not in e:
+                lines.append(f"| {key} | {e.get('status', '')}: {e.get('reason', '')} | | | | | |")
+                continue
+            for name in ("stock", "ours"):
+                x = e[name]
+                ov = f" ({e['overhead_pct']:+.2f}%)" if name == "ours" else ""
+                lines.append(f"| {key} | {name} ({x['channels']} ch) | {_f(x['median_s'])}{ov} | "
+                             f"{_f(x['tokens_per_s_per_gpu'], '{:.0f}')} | {_pct(x['mfu_3x'])} | {_pct(x['mfu_4x'])} | "
+                             f"{_f(x['peak_gib'], '{:.1f}')} |")
+        lines += ["", "ZeRO-2 rows: DeepSpeed with infra/deepspeed/zero2.json (auto fields: micro batch 1, no "
+                      "accumulation, clipping 1.0, bf16), torch AdamW; fwd_bwd rows: no optimizer. Tokens = video "
+                      "tokens (17550/sample).", ""]
+    for note in r.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def merge(paths: list[Path], notes: list[str] | None = None) -> dict[str, Any]:
+    """Sections of several runs in one result (later files win per arch/key); each run's meta
+    is kept under ``runs``."""
+    merged: dict[str, Any] = {"benchmark": "gpu", "runs": []}
+    for path in paths:
+        r = json.loads(path.read_text())
+        for key in ("date", "machine", "settings"):
+            merged.setdefault(key, copy.deepcopy(r.get(key)))
+        versions = (merged.get("machine") or {}).get("versions")
+        if versions is not None:  # a run that did not import DeepSpeed records it as None
+            for name, version in ((r.get("machine") or {}).get("versions") or {}).items():
+                if versions.get(name) is None:
+                    versions[name] = version
+        merged["runs"].append({"file": path.name, "date": r.get("date"), "plan": r.get("settings", {}).get("plan"),
+                               "wall_s": r.get("wall_s"), "argv": r.get("settings", {}).get("argv"),
+                               "gemm": r.get("gemm")})
+        if r.get("gemm") and "gemm" not in merged:
+            merged["gemm"] = r["gemm"]  # the first run's; each section's MFU uses its own run's ceiling
+        for section in ("step", "sample", "train"):
+            for key, value in r.get(section, {}).items():
+                merged.setdefault(section, {})[key] = value
+        merged.setdefault("notes", [])
+        merged["notes"] += [n for n in r.get("notes", []) if n not in merged["notes"]]
+    for section in ("step", "train"):  # runs made before the paired figure existed
+        for entry in merged.get(section, {}).values():
+            if isinstance(entry, dict) and "stock" in entry and "overhead_paired_pct" not in entry:
+                entry["overhead_paired_pct"] = paired_overhead_pct(entry["stock"], entry["ours"])
+    merged["notes"] += [n for n in notes or [] if n not in merged["notes"]]
+    return merged
+
+
+def parse_sections(text: str, archs: list[str]) -> dict[str, list[str]]:
+    """``gemm,step,sample:5b,train:2b+5b`` -> {section: archs}; a section without ``:`` takes
+    ``--archs``. Sections always run in the order gemm, step, sample, train."""
+    plan: dict[str, list[str]] = {}
+    for token in filter(None, text.split(",")):
+        name, _, which = token.partition(":")
+        plan[name] = [a for a in which.split("+") if a] if which else list(archs)
+    unknown = set(plan) - set(SECTIONS)
+    bad_archs = {a for v in plan.values() for a in v} - set(ARCHS)
+    if unknown or bad_archs:
+        raise SystemExit(f"unknown sections {sorted(unknown)} or archs {sorted(bad_archs)}")
+    return {k: plan[k] for k in SECTIONS if k in plan}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (a .md table is written beside it)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma list of {SECTIONS}; 'sample:2b' or 'train:2b+5b' picks archs per section")
+    p.add_argument("--archs", default="5b,2b", help="comma list of 2b,5b (order = run order)")
+    p.add_argument("--smoke", action="store_true", help="toy configs and sizes, few iterations (CPU ok)")
+    p.add_argument("--cpu", action="store_true", help="use the CPU even if CUDA is available")
+    p.add_argument("--gemm-warmup", type=int, default=3)
+    p.add_argument("--gemm-iters", type=int, default=20)
+    p.add_argument("--step-warmup", type=int, default=3)
+    p.add_argument("--step-iters", type=int, default=8, help="timed calls per model (median)")
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--decode-guess-s", type=float, default=25.0, help="VAE decode estimate before one is measured")
+    p.add_argument("--train-warmup", type=int, default=3)
+    p.add_argument("--train-iters", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="whole-run time budget; sample steps are reduced (and scaled, marked) to fit it")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine result JSONs into --out; no runs")
+    p.add_argument("--note", action="append", default=[], help="with --merge: a note to add (repeatable)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for name, value in (("gemm_warmup", 1), ("gemm_iters", 2), ("step_warmup", 1), ("step_iters", 2),
+                            ("sample_steps", 2), ("train_warmup", 1), ("train_iters", 2)):
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    if args.merge:
+        if args.out is None:
+            raise SystemExit("--merge needs --out")
+        result = merge(args.merge, args.note)
+        write_outputs(result, args.out)
+        print(render_markdown(result))
+        return 0
+    archs = [a for a in args.archs.split(",") if a]
+    plan = parse_sections(args.sections, archs)
+    sections = list(plan)
+    bench = Bench(args)
+    if bench.world > 1 and set(sections) - {"gemm", "train"}:
+        raise SystemExit("a multi-process launch runs only --sections gemm,train")
+    for noisy in ("diffusers", "deepspeed", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    bench.result.update({
+        "benchmark": "gpu",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(bench),
+        "settings": {"sections": sections, "plan": plan, "archs": archs, "smoke": args.smoke, "size": bench.size,
+                     "dtype": str(bench.dtype).removeprefix("torch."), "argv": sys.argv[1:] if argv is None else argv,
+                     "iterations": {k: getattr(args, k) for k in ("gemm_warmup", "gemm_iters", "step_warmup",
+                                                                  "step_iters", "sample_steps", "train_warmup",
+                                                                  "train_iters")},
+                     "budget_s": args.budget_s},
+        "notes": ["random weights; models built on the device and cast to bf16; eager PyTorch (no torch.compile), "
+                  "diffusers' default attention processor (SDPA)"],
+    })
+    logger.info("device %s, sections %s, archs %s", bench.device, sections, archs)
+    runners: dict[str, Callable[[Bench, str], None]] = {"step": run_step, "sample": run_sample, "train": run_train}
+    if "gemm" in sections:  # every rank measures its own GPU; rank 0 writes
+        run_gemm(bench)
+        bench.save()
+    for section in ("step", "sample", "train"):
+        for arch in plan.get(section, []):
+            logger.info("== %s %s (t=%.0f s)", section, arch, bench.elapsed())
+            try:
+                runners[section](bench, arch)
+            except torch.cuda.OutOfMemoryError as exc:
+                logger.error("%s %s: out of memory: %s", section, arch, exc)
+                bench.result.setdefault(section, {})[arch] = {"status": "failed", "reason": f"OOM: {exc}"[:500]}
+            bench.free()
+            bench.save()
+    if bench.rank == 0:
+        print(render_markdown(bench.result))
+        if args.out:
+            print(f"wrote {args.out} and {args.out.with_suffix('.md')} ({bench.elapsed():.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
