@@ -95,8 +95,7 @@ def launch_training(p, variant: str | None) -> dict[str, float]:
     cmd = [*shlex.split(p.train_launcher), "flows", "stage", "train", "--profile", p.profile]
     if variant:
         cmd += ["--variant", variant]
-    log = get_run_logger()
-    log.info("launching training: %s", " ".join(cmd))
+    logger.info("launching training: %s", " ".join(cmd))
     # the launcher's own `python` must be this environment's
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)

@@ -70,3 +70,41 @@ def test_broken_data_contract_fails_the_stage_and_logs_the_report(tmp_path):
     db = sqlite3.connect(tmp_path / "mlruns.db")
     assert db.execute("SELECT status FROM runs WHERE name='validate'").fetchone()[0] == "FAILED"
     assert list((tmp_path / "mlartifacts").rglob("report.json"))
+
+
+def test_train_stage_starts_under_the_configured_launcher(tmp_path, monkeypatch):
+    """With ``train_launcher`` set, the train stage runs itself under that launcher (whose rank 0
+    does the flow and MLflow work) and returns the metrics rank 0 wrote."""
+    import json
+
+    import flows.pipeline as fp
+    from udpdiff.config import load_params
+
+    p = load_params(REPO / "params.yaml").model_copy(update={"train_launcher": "torchrun --nproc_per_node 2 -m"})
+    calls = []
+
+    class Paths:
+        metrics = tmp_path
+
+    (tmp_path / "train.json").write_text(json.dumps({"final_loss": 0.25}))
+    monkeypatch.setattr(fp, "load", lambda profile, variant: (p, Paths))
+    monkeypatch.setattr(fp.subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
+    assert fp.launch_training(p, "single-task-depth") == {"final_loss": 0.25}
+    (cmd, env), = calls
+    assert cmd == ["torchrun", "--nproc_per_node", "2", "-m", "flows", "stage", "train", "--profile", "tiny",
+                   "--variant", "single-task-depth"]
+    assert env["PATH"].startswith(str(Path(sys.executable).parent))
+    monkeypatch.setattr(fp.subprocess, "call", lambda cmd, **kw: 3)
+    import pytest
+
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        fp.launch_training(p, None)
+
+
+def test_worker_ranks_run_only_the_train_stage():
+    import os
+
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "-m", "flows", "stage", "sample"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "only the train stage runs under a multi-process launcher" in proc.stderr

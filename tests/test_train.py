@@ -261,3 +261,29 @@ def test_rgb_only_baseline_trains_a_16_channel_model(tmp_path):
     assert model.config.in_channels == 16 and model.config.num_tasks == 0
     assert result.steps_done == 4 and all("loss_dense" not in h for h in result.history)
     assert all(h["loss"] == pytest.approx(h["loss_rgb"]) for h in result.history)
+
+
+@pytest.mark.slow
+def test_previews_and_checkpoints_are_reported_while_training(tmp_path):
+    p = _params(tmp_path, sample_every=3, log_checkpoints="references")
+    calls, artifacts = [], []
+
+    def preview(module, step, path):
+        calls.append((step, module.training))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"grid {step}")
+        return path
+
+    _, result = _run(p, _latents(tmp_path), tmp_path / "ck", preview_fn=preview,
+                     artifact_fn=lambda path, where: artifacts.append((Path(path), where)))
+    assert calls == [(3, False), (6, False)]  # every sample_every steps, the model in eval mode
+    grids = sorted(x.name for x in (result.run_dir / "train_samples").iterdir())
+    assert grids == ["step-00000003.gif", "step-00000006.gif"]
+    assert [w for _, w in artifacts] == ["checkpoints/step-00000002", "train_samples", "checkpoints/step-00000004",
+                                         "checkpoints/step-00000006", "train_samples"]
+    ref = json.loads(artifacts[-2][0].read_text())  # a reference: where the checkpoint is and how big
+    assert ref["step"] == 6 and ref["bytes"] > 0 and Path(ref["checkpoint"]) == result.run_dir / "step-00000006"
+    # a run resumed after the end trains nothing, but its grids are still there to publish
+    _, again = _run(p, tmp_path / "latents", tmp_path / "ck", preview_fn=preview)
+    assert again.resumed_from == 6 and len(calls) == 2
+    assert len(list((again.run_dir / "train_samples").iterdir())) == 2

@@ -312,6 +312,12 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
                                 preview_fn=preview, artifact_fn=artifact_fn)
     if _rank_world()[0] != 0:
         return StepResult()
+    # the run's preview grids (kept with its checkpoints, so a resumed run still has the early ones)
+    grids = paths.outputs / "train_samples"
+    tmp = _fresh_tmp_dir(grids)
+    for gif in sorted((result.run_dir / "train_samples").glob("step-*.gif")):
+        shutil.copy2(gif, tmp / gif.name)
+    _replace_dir(tmp, grids)
     history_csv = paths.metrics / "train_history.csv"
     write_history(result.history, history_csv)
     artifacts = [history_csv]
@@ -335,7 +341,7 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
 
 
 def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.DataFrame, module: torch.nn.Module,
-                      step: int) -> Path | None:
+                      step: int, path: Path) -> Path | None:
     """A sample grid of the model being trained: one validation prompt per task, rows of
     generated video | colormap | decoded. The prompt embeddings come from the latent cache, so
     no text encoder is loaded during training. Runs on every rank (ZeRO-3 forwards are
@@ -370,7 +376,6 @@ def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.Dat
     vae.to("cpu")
     if _rank_world()[0] != 0:
         return None
-    path = paths.outputs / "train_samples" / f"step-{step:08d}.gif"
     path.parent.mkdir(parents=True, exist_ok=True)
     viz.write_side_by_side(path, [np.concatenate(c, axis=1) for c in columns if c],
                            labels=[f"step {step}: {' / '.join(t.tasks or ['RGB only'])}", "colormap", "decoded"][

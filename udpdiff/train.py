@@ -52,6 +52,7 @@ class TrainResult:
     resumed_from: int
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
+    run_dir: Path | None = None  # this run's checkpoints, and its preview grids in train_samples/
 
 
 # -- distributed / DeepSpeed -----------------------------------------------------------------------
@@ -330,7 +331,7 @@ def full_weights(engine, zero: int) -> Iterator[torch.nn.Module]:
 
 
 # -- the loop ---------------------------------------------------------------------------------------
-PreviewFn = Callable[[torch.nn.Module, int], "Path | None"]
+PreviewFn = Callable[[torch.nn.Module, int, Path], "Path | None"]
 ArtifactFn = Callable[[Path, str], None]
 
 
@@ -355,7 +356,8 @@ def train(
     ``ds_config`` is a DeepSpeed config (``load_deepspeed_config``) or its JSON file; by default
     ``train.deepspeed_config``, relative to the working directory. ``preview_fn(module, step)``
     renders a sample grid every ``train.sample_every`` steps (called on all ranks, since under
-    ZeRO-3 a forward pass is collective) and returns its file on rank 0; ``artifact_fn(path,
+    ZeRO-3 a forward pass is collective); rank 0 writes it to the path given, inside the run's
+    checkpoint folder so that a resumed run keeps the earlier grids, and returns it; ``artifact_fn(path,
     artifact_dir)`` receives previews and checkpoints. ``max_steps_this_run`` stops early (as a
     kill would) — used by resume tests.
     """
@@ -483,7 +485,7 @@ def train(
         if preview_fn is not None and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
             engine.module.eval()
             with full_weights(engine, zero) as module:
-                picture = preview_fn(module, done)
+                picture = preview_fn(module, done, ckpt_dir / "train_samples" / f"step-{done:08d}.gif")
             engine.module.train()
             if picture is not None and artifact_fn is not None:
                 artifact_fn(picture, "train_samples")
@@ -492,7 +494,8 @@ def train(
         # a plain module with full weights, detached from DeepSpeed (ZeRO-3 would otherwise hand
         # back empty shards), for the pipeline export
         trained = module if zero != 3 else _copy_module(module)
-    return trained, TrainResult(steps_done=end, resumed_from=resumed_from, history=history, checkpoint=last_ckpt)
+    return trained, TrainResult(steps_done=end, resumed_from=resumed_from, history=history, checkpoint=last_ckpt,
+                                run_dir=ckpt_dir)
 
 
 def _copy_module(module: torch.nn.Module) -> UDPDiffTransformer3DModel:
