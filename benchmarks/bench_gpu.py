@@ -575,10 +575,7 @@ def run_sample(bench: Bench, arch: str) -> None:
         "denoise_overhead_pct": 100 * (out["ours"]["denoise_s"] / out["stock"]["denoise_s"] - 1),
         "note": "text encoding (T5-XXL) excluded: random precomputed prompt embeddings; stock decodes one latent "
                 "(output_type=np), ours decodes the RGB and the dense half (two VAE decodes) and Pixelplanes-decodes "
-                "the depth colormap (in post_s); one run each, after warm-up. Pixelplanes' decode costs per unique "
-                "colour: the output of a random-weight VAE has millions of them, so ours' post_s here is far above "
-                "what a trained model's colormaps cost (about 1 s per 49x480x720 on the H100 host, "
-                "benchmarks/results/pixelplanes-h100.json)",
+                "the depth colormap on the GPU (in post_s); one run each, after warm-up",
     }
     bench.result.setdefault("sample", {})[arch] = entry
 
