@@ -287,3 +287,35 @@ def test_previews_and_checkpoints_are_reported_while_training(tmp_path):
     _, again = _run(p, tmp_path / "latents", tmp_path / "ck", preview_fn=preview)
     assert again.resumed_from == 6 and len(calls) == 2
     assert len(list((again.run_dir / "train_samples").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_online_encoding_trains_exactly_like_the_latent_cache(tmp_path):
+    """train.latents: online computes each record when a batch needs it; the batches, and so the
+    losses, are those of training on the latents stage's cache."""
+    import numpy as np
+    from diffusers import AutoencoderKLCogVideoX
+
+    from udpdiff.latents import ClipInputs, OnlineLatentDataset, encode_clips
+    from udpdiff.models.text import build_text_encoder, encode_text
+
+    p = _params(tmp_path, latents="online")
+    rng = np.random.default_rng(0)
+    clips = [ClipInputs(clip_id=c, rgb=rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8),
+                        dense={t: rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8) for t in p.active.train.tasks},
+                        caption_long=f"a long caption {c}", caption_short=f"short {c}") for c in CLIPS]
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                 latent_channels=16, layers_per_block=1, norm_num_groups=4).eval()
+    tokenizer, encoder = build_text_encoder({"config": {"d_model": 64, "d_ff": 64, "num_layers": 1, "num_heads": 2,
+                                                        "d_kv": 16}}, seed=0)
+
+    def text_fn(prompts):
+        return encode_text(tokenizer, encoder, prompts, 8)
+
+    encode_clips(clips, vae, text_fn, tmp_path / "cache", p.active.train.tasks)
+    _, cached = _run(p, tmp_path / "cache", tmp_path / "ck-cached")
+    online = OnlineLatentDataset(lambda i: clips[i], len(clips), vae, text_fn, p.active.train.tasks)
+    _, live = _run(p, online, tmp_path / "ck-online")
+    assert [h["loss"] for h in live.history] == pytest.approx([h["loss"] for h in cached.history], rel=1e-5)

@@ -151,6 +151,29 @@ def test_decord_open_failure_falls_back_to_pyav(
     assert probe_video(path).backend == "pyav"
 
 
+@pytest.fixture(autouse=True)
+def _forget_decord_failures() -> None:
+    video_mod._DECORD_FAILED.clear()
+
+
+def test_a_file_decord_failed_on_goes_straight_to_pyav_next_time(
+    clip_file: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, frames = clip_file
+    opened = []
+
+    def broken(*args: object, **kwargs: object) -> None:
+        opened.append(1)
+        raise RuntimeError("simulated decord failure")
+
+    monkeypatch.setattr(video_mod, "_open_decord", broken)
+    first, second = read_video(path, indices=[3]), read_video(path, indices=[3])
+    assert len(opened) == 1 and np.array_equal(first, second) and _mae(first[0], frames[3]) < 4.0
+    path.touch()  # a rewritten file gets decord again
+    read_video(path, indices=[3])
+    assert len(opened) == 2
+
+
 def test_hanging_decord_read_times_out_and_falls_back(
     clip_file: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,6 +111,9 @@ class TrainParams(_Strict):
     deepspeed_config: str = "infra/deepspeed/zero2.json"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    # cached: read the latents stage's VAE posteriors and T5 embeddings; online: encode each clip
+    # when a batch needs it (no pre-encoding pass; the same batches, slower steps)
+    latents: Literal["cached", "online"] = "cached"
     checkpoint_every: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,33 +44,44 @@ def _posterior(vae: AutoencoderKLCogVideoX, video: np.ndarray) -> tuple[torch.Te
     return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
 
 
+TextFn = Callable[[list[str]], torch.Tensor]
+
+
+def encode_record(clip: ClipInputs, vae: AutoencoderKLCogVideoX, text_fn: TextFn, tasks: Sequence[str],
+                  text_prompt_tasks: bool = False) -> dict[str, torch.Tensor | str]:
+    """One clip's training inputs: VAE posteriors of the video and of each task's colormap, and
+    the T5 embeddings of its captions (``text_prompt_tasks``: also the task-named prompts of the
+    Tab 5 ablation). The cache stores exactly this; online training computes it on the fly."""
+    record: dict[str, torch.Tensor | str] = {"clip_id": clip.clip_id}
+    record["rgb_mean"], record["rgb_std"] = _posterior(vae, clip.rgb)
+    for task in tasks:
+        record[f"{task}_mean"], record[f"{task}_std"] = _posterior(vae, clip.dense[task])
+    prompts = {"long": clip.caption_long, "short": clip.caption_short}
+    if text_prompt_tasks:
+        for task in tasks:
+            prompts[f"long:{task}"] = task_prompt(task, clip.caption_long)
+            prompts[f"short:{task}"] = task_prompt(task, clip.caption_short)
+    embeds = text_fn(list(prompts.values())).cpu()
+    for i, key in enumerate(prompts):
+        record[f"text:{key}"] = embeds[i]
+    return record
+
+
 def encode_clips(
-    clips: Sequence[ClipInputs],
+    clips: Iterable[ClipInputs],
     vae: AutoencoderKLCogVideoX,
-    text_fn: Callable[[list[str]], torch.Tensor],
+    text_fn: TextFn,
     out_dir: Path,
     tasks: Sequence[str],
     text_prompt_tasks: bool = False,
+    total: int | None = None,
 ) -> list[Path]:
-    """Write ``<out_dir>/<clip_id>.pt`` for every clip and the empty-prompt embedding.
-
-    ``text_prompt_tasks`` also caches the task-named prompts of the Tab 5 ablation.
-    """
+    """Write ``<out_dir>/<clip_id>.pt`` for every clip (read one at a time) and the empty-prompt
+    embedding."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for clip in tqdm(clips, desc="latents", leave=False):
-        record: dict[str, torch.Tensor | str] = {"clip_id": clip.clip_id}
-        record["rgb_mean"], record["rgb_std"] = _posterior(vae, clip.rgb)
-        for task in tasks:
-            record[f"{task}_mean"], record[f"{task}_std"] = _posterior(vae, clip.dense[task])
-        prompts = {"long": clip.caption_long, "short": clip.caption_short}
-        if text_prompt_tasks:
-            for task in tasks:
-                prompts[f"long:{task}"] = task_prompt(task, clip.caption_long)
-                prompts[f"short:{task}"] = task_prompt(task, clip.caption_short)
-        embeds = text_fn(list(prompts.values())).cpu()
-        for i, key in enumerate(prompts):
-            record[f"text:{key}"] = embeds[i]
+    for clip in tqdm(clips, desc="latents", total=total, leave=False):
+        record = encode_record(clip, vae, text_fn, tasks, text_prompt_tasks)
         path = out_dir / f"{clip.clip_id}.pt"
         with atomic_path(path) as tmp:
             torch.save(record, tmp)
@@ -110,3 +121,26 @@ class LatentDataset:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+class OnlineLatentDataset:
+    """The same records as ``LatentDataset``, computed when read: ``load_clip(i)`` gives the
+    clip, the VAE and text encoder run in the training process, and no cache is written (the
+    finetrainers-style choice between pre-encoding and encoding on the fly). Slower per step,
+    but a new dataset trains without a pre-encoding pass and its disk space."""
+
+    def __init__(self, load_clip: Callable[[int], ClipInputs], size: int, vae: AutoencoderKLCogVideoX,
+                 text_fn: TextFn, tasks: Sequence[str], text_prompt_tasks: bool = False):
+        if size == 0:
+            raise ValueError("no clips to train on")
+        self.load_clip, self.size, self.vae, self.text_fn = load_clip, size, vae, text_fn
+        self.tasks, self.text_prompt_tasks = list(tasks), text_prompt_tasks
+        with torch.no_grad():
+            self.empty_text = text_fn([""]).cpu()[0]
+
+    def __getitem__(self, i: int) -> dict:
+        with torch.no_grad():
+            return encode_record(self.load_clip(i), self.vae, self.text_fn, self.tasks, self.text_prompt_tasks)
+
+    def __len__(self) -> int:
+        return self.size

@@ -263,9 +263,20 @@ def load_text_encoder(p: Params, paths: ProjectPaths):
             T5EncoderModel.from_pretrained(paths.text_encoder).eval().requires_grad_(False))
 
 
+def clip_inputs(p: Params, paths: ProjectPaths, row):
+    """One manifest row's video, colormaps (per trained task) and captions, read from disk."""
+    from udpdiff.latents import ClipInputs
+
+    return ClipInputs(clip_id=row.clip_id, rgb=read_video(resolve(paths.manifest, row.video_path)),
+                      dense={t: load_colormap(paths, t, row.clip_id) for t in p.active.train.tasks},
+                      caption_long=row.caption_long, caption_short=row.caption_short)
+
+
 def build_latents(p: Params, paths: ProjectPaths) -> StepResult:
-    """Cache VAE posteriors and T5 embeddings for every clip (and save the tiny text encoder)."""
-    from udpdiff.latents import ClipInputs, encode_clips
+    """Cache VAE posteriors and T5 embeddings for every clip (and save the tiny text encoder).
+    With ``train.latents: online`` only the empty-prompt embedding is written: training encodes
+    the clips itself."""
+    from udpdiff.latents import encode_clips
     from udpdiff.models.text import build_text_encoder, encode_text
 
     te = p.active.text_encoder
@@ -279,14 +290,14 @@ def build_latents(p: Params, paths: ProjectPaths) -> StepResult:
             tokenizer.save_pretrained(tmp_te)
         _replace_dir(tmp_te, paths.text_encoder)
     vae = load_vae(p, paths)
-    tasks = p.active.train.tasks
     df = read_manifest(paths.manifest)
-    clips = (ClipInputs(clip_id=r.clip_id, rgb=read_video(resolve(paths.manifest, r.video_path)),
-                        dense={t: load_colormap(paths, t, r.clip_id) for t in tasks},
-                        caption_long=r.caption_long, caption_short=r.caption_short) for r in df.itertuples())
+    if p.active.train.latents == "online":
+        df = df.iloc[:0]
     tmp = _fresh_tmp_dir(paths.latents)
-    written = encode_clips(list(clips), vae, lambda prompts: encode_text(tokenizer, encoder, prompts, te.max_length),
-                           tmp, tasks, text_prompt_tasks=p.active.train.task_conditioning == "text-prompt")
+    written = encode_clips((clip_inputs(p, paths, r) for r in df.itertuples()), vae,
+                           lambda prompts: encode_text(tokenizer, encoder, prompts, te.max_length), tmp,
+                           p.active.train.tasks, text_prompt_tasks=p.active.train.task_conditioning == "text-prompt",
+                           total=len(df))
     _replace_dir(tmp, paths.latents)
     return StepResult(metrics={"cached_clips": float(len(written))})
 
@@ -297,15 +308,29 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
     """Train the transformer (one process, or every rank of a launcher: rank 0 writes outputs)."""
     from udpdiff.models.scheduler import build_scheduler
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.train import _rank_world, resolve_config_path, summary, train, write_history
+    from udpdiff.train import _rank_world, resolve_config_path, summary, train, train_device, write_history
 
     t = p.active.train
     df = read_manifest(paths.manifest)
     vae = load_vae(p, paths)
     scheduler = build_scheduler(p.active.scheduler.model_dump(), p.active.transformer.pretrained)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    preview = functools.partial(_training_preview, p, paths, vae, scheduler, df) if t.sample_every else None
-    transformer, result = train(p, paths.latents, df[df.split == "train"].clip_id.tolist(), paths.checkpoints,
+    train_rows = df[df.split == "train"]
+    latents, text_fn = paths.latents, None
+    if t.latents == "online":
+        from udpdiff.latents import OnlineLatentDataset
+        from udpdiff.models.text import encode_text
+
+        tokenizer, encoder = load_text_encoder(p, paths)
+        vae, encoder = vae.to(train_device()), encoder.to(train_device())
+
+        def text_fn(prompts: list[str]) -> torch.Tensor:
+            return encode_text(tokenizer, encoder, prompts, p.active.text_encoder.max_length, device=encoder.device)
+
+        latents = OnlineLatentDataset(lambda i: clip_inputs(p, paths, train_rows.iloc[i]), len(train_rows), vae,
+                                      text_fn, t.tasks, text_prompt_tasks=t.task_conditioning == "text-prompt")
+    preview = functools.partial(_training_preview, p, paths, vae, scheduler, df, text_fn) if t.sample_every else None
+    transformer, result = train(p, latents, train_rows.clip_id.tolist(), paths.checkpoints,
                                 scaling_factor=float(vae.config.scaling_factor), vae_scale_spatial=vae_scale,
                                 scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run,
                                 ds_config=resolve_config_path(t.deepspeed_config, paths.root),
@@ -340,23 +365,32 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
     return StepResult(metrics=metrics, artifacts=artifacts, info={"checkpoint": str(result.checkpoint)})
 
 
-def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.DataFrame, module: torch.nn.Module,
-                      step: int, path: Path) -> Path | None:
+def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.DataFrame, text_fn,
+                      module: torch.nn.Module, step: int, path: Path) -> Path | None:
     """A sample grid of the model being trained: one validation prompt per task, rows of
     generated video | colormap | decoded. The prompt embeddings come from the latent cache, so
-    no text encoder is loaded during training. Runs on every rank (ZeRO-3 forwards are
+    no text encoder is loaded during training (``text_fn`` encodes them when training encodes
+    online and there is no cache). Runs on every rank (ZeRO-3 forwards are
     collective); rank 0 writes the gif and returns its path."""
     from udpdiff.latents import EMPTY_PROMPT_FILE
     from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.tasks import task_prompt
     from udpdiff.train import _rank_world
 
     t, d, s = p.active.train, p.active.data, p.active.sample
     rows = df[df.split == s.split]
-    clip = (rows if not rows.empty else df).iloc[0].clip_id
-    rec = torch.load(paths.latents / f"{clip}.pt", map_location="cpu", weights_only=True)
+    row = (rows if not rows.empty else df).iloc[0]
+    if text_fn is None:
+        rec = torch.load(paths.latents / f"{row.clip_id}.pt", map_location="cpu", weights_only=True)
+    else:
+        prompts = {"text:long": row.caption_long, **{f"text:long:{k}": task_prompt(k, row.caption_long)
+                                                     for k in t.tasks}}
+        with torch.no_grad():
+            rec = dict(zip(prompts, text_fn(list(prompts.values())).cpu(), strict=True))
     empty = torch.load(paths.latents / EMPTY_PROMPT_FILE, map_location="cpu", weights_only=True)["text:empty"]
     device = next(module.parameters()).device
     dtype = next(module.parameters()).dtype
+    home = vae.device  # the VAE goes back there (online encoding keeps it on the GPU)
     pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae.to(device), transformer=module,
                            scheduler=scheduler, task_conditioning=t.task_conditioning)
     pipe.set_progress_bar_config(disable=True)
@@ -373,7 +407,7 @@ def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.Dat
         if task is not None:
             columns[1].append(out.colormaps[0])
             columns[2].append(dense_picture(task, out.dense[0]))
-    vae.to("cpu")
+    vae.to(home)
     if _rank_world()[0] != 0:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)

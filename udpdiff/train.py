@@ -33,7 +33,7 @@ import torch
 
 from udpdiff.config import Params
 from udpdiff.io.atomic import write_text
-from udpdiff.latents import LatentDataset
+from udpdiff.latents import LatentDataset, OnlineLatentDataset
 from udpdiff.models.transformer import LATENT_CHANNELS, UDPDiffTransformer3DModel, load_transformer
 from udpdiff.tasks import task_id
 
@@ -164,7 +164,7 @@ def zero_stage(ds_config: dict) -> int:
 # -- checkpoints ------------------------------------------------------------------------------------
 # settings a resumed run may change without invalidating its checkpoints
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every", "log_checkpoints",
-                     "deepspeed_config"}
+                     "deepspeed_config", "latents"}
 
 
 def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 1) -> str:
@@ -335,9 +335,16 @@ PreviewFn = Callable[[torch.nn.Module, int, Path], "Path | None"]
 ArtifactFn = Callable[[Path, str], None]
 
 
+def train_device() -> torch.device:
+    """This rank's device: its GPU (``LOCAL_RANK`` under a launcher), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def train(
     p: Params,
-    latents_dir: Path,
+    latents: Path | LatentDataset | OnlineLatentDataset,
     train_ids: list[str],
     ckpt_dir: Path,
     scaling_factor: float,
@@ -351,7 +358,9 @@ def train(
 ) -> tuple[UDPDiffTransformer3DModel, TrainResult]:
     """Train (or resume) the transformer; returns the trained module and what happened.
 
-    Runs as one process, or as one rank of ``deepspeed``/``torchrun`` (see infra/README.md):
+    ``latents`` is the latents stage's cache folder (read for ``train_ids``) or a dataset object
+    (``OnlineLatentDataset`` encodes clips as batches need them). Runs as one process, or as one
+    rank of ``deepspeed``/``torchrun`` (see infra/README.md):
     every rank calls this; rank 0 alone logs, writes previews and reports artifacts.
     ``ds_config`` is a DeepSpeed config (``load_deepspeed_config``) or its JSON file; by default
     ``train.deepspeed_config``, relative to the working directory. ``preview_fn(module, step)``
@@ -365,8 +374,7 @@ def train(
     from tqdm.auto import tqdm
 
     t = p.active.train
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = train_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_distributed(device)
@@ -374,7 +382,7 @@ def train(
     if not isinstance(ds_config, dict):  # a path (or None: params' own), read once the world size is known
         ds_config = load_deepspeed_config(resolve_config_path(ds_config or t.deepspeed_config), p, world)
     zero = zero_stage(ds_config)
-    data = LatentDataset(latents_dir, train_ids)
+    data = LatentDataset(latents, train_ids) if isinstance(latents, str | Path) else latents
     alphas_cumprod = scheduler.alphas_cumprod.float()
     # the embedding table is indexed by the global task ids, so it spans up to the largest one used
     num_tasks = max(task_id(x) for x in t.tasks) + 1 if t.task_conditioning == "embedding" else 0

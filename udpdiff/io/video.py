@@ -395,6 +395,23 @@ def count_decodable_frames(path: str | os.PathLike) -> int:
     return n
 
 
+# Files decord failed on in this process (path, mtime, size): later reads go straight to PyAV
+# instead of failing (and warning) again on every epoch. Bounded, since it lives for the process.
+_DECORD_FAILED: set[tuple[str, int, int]] = set()
+_DECORD_FAILED_MAX = 100_000
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+def _remember_decord_failure(path: Path) -> None:
+    if len(_DECORD_FAILED) >= _DECORD_FAILED_MAX:
+        _DECORD_FAILED.clear()
+    _DECORD_FAILED.add(_file_key(path))
+
+
 def read_video(
     path: str | os.PathLike,
     indices: Sequence[int] | None = None,
@@ -420,13 +437,17 @@ def read_video(
     _check_file(path)
     probe = _probe_pyav(path)
 
-    vr = None
-    try:
-        vr = _open_decord(path, timeout_s)
-        decord_len: int | None = len(vr)
-    except Exception as exc:
-        logger.warning("%s: decord cannot open the file (%s); falling back to PyAV", path, exc)
-        vr, decord_len = None, None
+    vr, decord_len = None, None
+    if _file_key(path) in _DECORD_FAILED:
+        logger.debug("%s: decord failed on this file before; reading with PyAV", path)
+    else:
+        try:
+            vr = _open_decord(path, timeout_s)
+            decord_len = len(vr)
+        except Exception as exc:
+            logger.warning("%s: decord cannot open the file (%s); falling back to PyAV", path, exc)
+            _remember_decord_failure(path)
+            vr, decord_len = None, None
 
     total = _trusted_count(path, probe, decord_len)
     idx = _resolve_indices(path, total, indices, num_frames, max_frames)
@@ -438,6 +459,7 @@ def read_video(
             frames = _read_decord(vr, unique, (probe.height, probe.width), size, timeout_s)
         except Exception as exc:
             logger.warning("%s: decord read failed (%s); falling back to PyAV", path, exc)
+            _remember_decord_failure(path)
             frames = None
         finally:
             del vr  # release decord's decoder state promptly (its memory grows with use)
