@@ -277,14 +277,11 @@ def model_channels(model: torch.nn.Module) -> int:
 
 
 def rotary_tables(bench: Bench, model: torch.nn.Module, latent_frames: int):
-    """The rotary tables CogVideoX-5B uses, made by the pipeline's own method."""
-    if not model.config.use_rotary_positional_embeddings:
-        return None
-    from diffusers import CogVideoXPipeline
+    """The rotary tables CogVideoX-5B uses, as the training loop makes them (None for 2B)."""
+    from udpdiff.train import rotary_embeddings
 
-    shim = type("_Shim", (), {"vae_scale_factor_spatial": 8, "transformer": model})()
-    return CogVideoXPipeline._prepare_rotary_positional_embeddings(
-        shim, bench.size["height"], bench.size["width"], latent_frames, bench.device)
+    return rotary_embeddings(model, 8, bench.size["height"], bench.size["width"], latent_frames,
+                             torch.device(bench.device))
 
 
 def step_inputs(bench: Bench, arch: str, channels: int, batch: int, seed: int) -> dict[str, Any]:
@@ -429,13 +426,10 @@ def run_step(bench: Bench, arch: str) -> None:
 
 
 def build_scheduler(bench: Bench, arch: str):
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-
-    from udpdiff.models.scheduler import COGVIDEOX_DEFAULTS
+    from udpdiff.models.scheduler import build_scheduler as build
 
     spec = bench.archs[arch]
-    cls = CogVideoXDPMScheduler if spec["scheduler"] == "dpm" else CogVideoXDDIMScheduler
-    return cls(**{**COGVIDEOX_DEFAULTS, **spec["scheduler_config"]})
+    return build({"type": spec["scheduler"], "config": spec["scheduler_config"]})
 
 
 def build_vae(bench: Bench, arch: str):

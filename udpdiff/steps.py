@@ -308,7 +308,7 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
     """Train the transformer (one process, or every rank of a launcher: rank 0 writes outputs)."""
     from udpdiff.models.scheduler import build_scheduler
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.train import _rank_world, resolve_config_path, summary, train, train_device, write_history
+    from udpdiff.train import rank_and_world, resolve_config_path, summary, train, train_device, write_history
 
     t = p.active.train
     df = read_manifest(paths.manifest)
@@ -329,13 +329,15 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
 
         latents = OnlineLatentDataset(lambda i: clip_inputs(p, paths, train_rows.iloc[i]), len(train_rows), vae,
                                       text_fn, t.tasks, text_prompt_tasks=t.task_conditioning == "text-prompt")
-    preview = functools.partial(_training_preview, p, paths, vae, scheduler, df, text_fn) if t.sample_every else None
+    preview = None
+    if t.sample_every:
+        preview = functools.partial(_training_preview, p, vae, scheduler, *_preview_prompts(p, paths, df, text_fn))
     transformer, result = train(p, latents, train_rows.clip_id.tolist(), paths.checkpoints,
                                 scaling_factor=float(vae.config.scaling_factor), vae_scale_spatial=vae_scale,
                                 scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run,
                                 ds_config=resolve_config_path(t.deepspeed_config, paths.root),
                                 preview_fn=preview, artifact_fn=artifact_fn)
-    if _rank_world()[0] != 0:
+    if rank_and_world()[0] != 0:
         return StepResult()
     # the run's preview grids (kept with its checkpoints, so a resumed run still has the early ones)
     grids = paths.outputs / "train_samples"
@@ -365,20 +367,16 @@ def train_transformer(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
     return StepResult(metrics=metrics, artifacts=artifacts, info={"checkpoint": str(result.checkpoint)})
 
 
-def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.DataFrame, text_fn,
-                      module: torch.nn.Module, step: int, path: Path) -> Path | None:
-    """A sample grid of the model being trained: one validation prompt per task, rows of
-    generated video | colormap | decoded. The prompt embeddings come from the latent cache, so
-    no text encoder is loaded during training (``text_fn`` encodes them when training encodes
-    online and there is no cache). Runs on every rank (ZeRO-3 forwards are
-    collective); rank 0 writes the gif and returns its path."""
+def _preview_prompts(p: Params, paths: ProjectPaths, df: pd.DataFrame, text_fn) -> tuple[dict, torch.Tensor]:
+    """The training previews' prompt embeddings, read once: the first validation clip's long
+    caption (task-named for the text-prompt ablation) and the empty prompt. They come from the
+    latent cache, so no text encoder is loaded during training; ``text_fn`` encodes them when
+    training encodes online and there is no cache."""
     from udpdiff.latents import EMPTY_PROMPT_FILE
-    from udpdiff.pipeline import UDPDiffPipeline
     from udpdiff.tasks import task_prompt
-    from udpdiff.train import _rank_world
 
-    t, d, s = p.active.train, p.active.data, p.active.sample
-    rows = df[df.split == s.split]
+    t = p.active.train
+    rows = df[df.split == p.active.sample.split]
     row = (rows if not rows.empty else df).iloc[0]
     if text_fn is None:
         rec = torch.load(paths.latents / f"{row.clip_id}.pt", map_location="cpu", weights_only=True)
@@ -387,7 +385,20 @@ def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.Dat
                                                      for k in t.tasks}}
         with torch.no_grad():
             rec = dict(zip(prompts, text_fn(list(prompts.values())).cpu(), strict=True))
+    keys = [f"text:long:{k}" if t.task_conditioning == "text-prompt" else "text:long" for k in t.tasks or [None]]
     empty = torch.load(paths.latents / EMPTY_PROMPT_FILE, map_location="cpu", weights_only=True)["text:empty"]
+    return {k: rec[k] for k in keys}, empty
+
+
+def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor], empty: torch.Tensor,
+                      module: torch.nn.Module, step: int, path: Path) -> Path | None:
+    """A sample grid of the model being trained: one prompt per task (``_preview_prompts``), rows
+    of generated video | colormap | decoded. Runs on every rank (ZeRO-3 forwards are
+    collective); rank 0 writes the gif and returns its path."""
+    from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.train import rank_and_world
+
+    t, d, s = p.active.train, p.active.data, p.active.sample
     device = next(module.parameters()).device
     dtype = next(module.parameters()).dtype
     home = vae.device  # the VAE goes back there (online encoding keeps it on the GPU)
@@ -398,7 +409,7 @@ def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.Dat
     for task in t.tasks or [None]:  # None: the RGB-only baseline, video alone
         key = f"text:long:{task}" if t.task_conditioning == "text-prompt" else "text:long"
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = pipe(None, task=task, prompt_embeds=rec[key][None].to(device, dtype),
+            out = pipe(None, task=task, prompt_embeds=prompts[key][None].to(device, dtype),
                        negative_prompt_embeds=empty[None].to(device, dtype), num_frames=d.num_frames,
                        height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
                        guidance_scale=s.guidance_scale, generator=torch.Generator(device).manual_seed(p.seed),
@@ -408,7 +419,7 @@ def _training_preview(p: Params, paths: ProjectPaths, vae, scheduler, df: pd.Dat
             columns[1].append(out.colormaps[0])
             columns[2].append(dense_picture(task, out.dense[0]))
     vae.to(home)
-    if _rank_world()[0] != 0:
+    if rank_and_world()[0] != 0:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     viz.write_side_by_side(path, [np.concatenate(c, axis=1) for c in columns if c],

@@ -82,7 +82,8 @@ class DeepSpeedConfigError(ValueError):
     """The DeepSpeed JSON is missing, not JSON, or contradicts params.yaml."""
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's data-parallel rank and the number of ranks (0, 1 outside a launcher)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -199,7 +200,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict], keep
     """Every rank writes its ZeRO shards into a hidden tag folder; rank 0 then renames it into
     place and replaces ``latest`` atomically: a kill at any point leaves the previous checkpoint
     usable. (Multi-node runs need ``ckpt_dir`` on a shared filesystem, as DeepSpeed does.)"""
-    rank, _ = _rank_world()
+    rank, _ = rank_and_world()
     tag = f"step-{step:08d}"
     tmp_tag = f".tmp-{tag}"
     if rank == 0:
@@ -378,7 +379,7 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_distributed(device)
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if not isinstance(ds_config, dict):  # a path (or None: params' own), read once the world size is known
         ds_config = load_deepspeed_config(resolve_config_path(ds_config or t.deepspeed_config), p, world)
     zero = zero_stage(ds_config)
