@@ -1,4 +1,4 @@
-"""VBench-style consistency metrics, weight-free stand-ins, and FVD maths.
+"""VBench-style consistency metrics, weight-free stand-ins, and FVD maths (motion smoothness: test_eval_motion.py).
 
 Real DINO/CLIP/I3D weights are not available offline: extractors are exercised with tiny random
 transformers models and a fake TorchScript I3D.
@@ -19,7 +19,6 @@ from udpdiff.evaluation.consistency import (
     FeatureExtractor,
     MetricModelUnavailable,
     background_consistency,
-    motion_smoothness_flow,
     pixel_frame_consistency,
     subject_consistency,
     vbench_consistency,
@@ -215,19 +214,6 @@ def test_pixel_frame_consistency() -> None:
     assert pixel_frame_consistency(np.repeat(v[:1], 4, axis=0)) == 1.0
     assert pixel_frame_consistency(v) > pixel_frame_consistency(v[SHUFFLE])
     assert pixel_frame_consistency(torch.from_numpy(v)) == pytest.approx(pixel_frame_consistency(v))
-
-
-def test_motion_smoothness_flow() -> None:
-    v = moving_video()
-    assert motion_smoothness_flow(np.repeat(v[:1], 7, axis=0)) == 1.0
-    smooth = motion_smoothness_flow(v)
-    shuffled = motion_smoothness_flow(v[SHUFFLE])
-    assert 0.0 < shuffled < smooth <= 1.0
-    assert smooth > 0.99  # near-linear motion is interpolated almost exactly
-    per = motion_smoothness_flow(np.stack([v, v[SHUFFLE]]), reduction="none")
-    assert per == pytest.approx([smooth, shuffled])
-    with pytest.raises(ValueError):
-        motion_smoothness_flow(v[:2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Temporal-consistency metrics of generated videos (paper section 4: SC, BC, MS).
+"""Temporal-consistency metrics of generated videos (paper section 4: SC and BC).
 
 VBench definitions (checked against Vchitect/VBench ``subject_consistency.py``,
-``background_consistency.py``, ``motion_smoothness.py`` and ``utils.py``):
+``background_consistency.py`` and ``utils.py``):
 
 * Subject consistency (SC): DINO ViT-B/16 features (CLS token of the last layer), L2-normalised.
 * Background consistency (BC): CLIP ViT-B/32 image embeddings, L2-normalised.
@@ -10,10 +10,8 @@ VBench definitions (checked against Vchitect/VBench ``subject_consistency.py``,
   the frame scores ``(sim_prev + sim_first) / 2``, and the video scores the mean over its
   ``T - 1`` frames. VBench's dataset score is ``sum / count`` over all frames of all videos; for
   equal-length videos that equals the mean of the per-video scores. A 1-frame video scores 1.
-* Motion smoothness (MS): VBench drops the odd frames, re-creates them with the AMT-S frame
-  interpolation network, and scores ``(255 - MAE) / 255`` against the real odd frames. AMT weights
-  are not available offline, so :func:`motion_smoothness_flow` is a weight-free stand-in (OpenCV
-  Farneback flow); its numbers are NOT comparable to the paper's MS column.
+* Motion smoothness (MS) lives in :mod:`udpdiff.evaluation.motion` (VBench's AMT-S interpolator and
+  a weight-free optical-flow prior).
 
 Preprocessing follows VBench: DINO frames are resized (bilinear, no antialias) so the short side is
 224 and are *not* cropped (the DINO ViT interpolates its position embeddings; we use
@@ -32,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,7 +48,6 @@ __all__ = [
     "subject_consistency",
     "background_consistency",
     "pixel_frame_consistency",
-    "motion_smoothness_flow",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -418,85 +414,3 @@ def pixel_frame_consistency(video: ArrayLike) -> float:
     d = (v[:, 1:].to(torch.int16) - v[:, :-1].to(torch.int16)).abs()
     return float(1.0 - d.float().mean() / 255.0)
 
-
-def _farneback(a: np.ndarray, b: np.ndarray, params: dict[str, float | int]) -> np.ndarray:
-    return cv2.calcOpticalFlowFarneback(a, b, None, **params)
-
-
-def _backward_warp(img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Sample ``img (N, C, H, W)`` at ``x + flow(x)`` (``flow (N, H, W, 2)``, pixels, xy order)."""
-    n, _, h, w = img.shape
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=img.dtype), torch.arange(w, dtype=img.dtype), indexing="ij"
-    )
-    gx = (xs + flow[..., 0]) * (2.0 / max(w - 1, 1)) - 1.0
-    gy = (ys + flow[..., 1]) * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
-_FARNEBACK_DEFAULTS: dict[str, float | int] = dict(
-    pyr_scale=0.5, levels=4, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0
-)
-
-
-def _flow_ms_one(video: np.ndarray, params: dict[str, float | int]) -> float:
-    t = video.shape[0]
-    even = video[0::2]
-    n_pairs = (t - 1) // 2  # odd frames with a real frame on both sides
-    targets = video[1 : 2 * n_pairs : 2]
-    left, right = even[:n_pairs], even[1 : n_pairs + 1]
-    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in even[: n_pairs + 1]])
-    # OpenCV's Farneback is a per-image-pair C++ call; this loop is only over those calls, the
-    # warping and scoring below are batched.
-    f01 = np.stack([_farneback(gray[k], gray[k + 1], params) for k in range(n_pairs)])
-    f10 = np.stack([_farneback(gray[k + 1], gray[k], params) for k in range(n_pairs)])
-    f01_t, f10_t = torch.from_numpy(f01), torch.from_numpy(f10)
-    # Flow from the (unknown) middle frame back to each neighbour, t = 1/2 case of the
-    # bidirectional approximation used by Super SloMo: F_t0 = (F10 - F01) / 4, F_t1 = -F_t0.
-    # For a uniform translation d (F01 = d, F10 = -d) this gives F_t0 = -d/2, F_t1 = d/2.
-    ft0 = 0.25 * (f10_t - f01_t)
-    l_img = torch.from_numpy(left).permute(0, 3, 1, 2).float()
-    r_img = torch.from_numpy(right).permute(0, 3, 1, 2).float()
-    mid = 0.5 * (_backward_warp(l_img, ft0) + _backward_warp(r_img, -ft0))
-    # VBench rounds the interpolated frames to uint8 images before the absolute difference.
-    mid_u8 = mid.round().clamp(0, 255).permute(0, 2, 3, 1)
-    mae = (mid_u8 - torch.from_numpy(targets).float()).abs().mean()
-    return float((255.0 - mae) / 255.0)
-
-
-def motion_smoothness_flow(
-    video: ArrayLike,
-    reduction: Literal["mean", "none"] = "mean",
-    **farneback_params: float | int,
-) -> float | list[float]:
-    """Weight-free motion-smoothness score in the spirit of VBench MS (NOT comparable to it).
-
-    VBench's MS drops the odd frames, re-synthesises them with the AMT-S video-frame-interpolation
-    network from their even neighbours, and scores ``(255 - MAE) / 255`` with MAE the mean absolute
-    8-bit error against the real odd frames. Here the interpolator is classical: OpenCV Farneback
-    forward and backward flow between the two even neighbours, both frames backward-warped half
-    way (bidirectional t = 1/2 flow approximation) and averaged. Smooth, roughly linear motion is
-    reconstructed well (score near 1); jerky or shuffled motion is not. The absolute values depend
-    on the interpolator, so never compare them with the paper's MS numbers.
-
-    Args:
-        video: uint8 ``(T, H, W, 3)`` (T >= 3) or ``(B, T, H, W, 3)``; numpy or torch (runs on CPU).
-        reduction: ``"mean"`` over videos or ``"none"`` for a per-video list.
-        **farneback_params: overrides of ``cv2.calcOpticalFlowFarneback`` parameters
-            (defaults: pyr_scale=0.5, levels=4, winsize=15, iterations=3, poly_n=5,
-            poly_sigma=1.2, flags=0).
-    """
-    vids, _ = _as_video_batch(video)
-    arr = vids.detach().cpu().numpy() if isinstance(vids, torch.Tensor) else np.asarray(vids)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"expected uint8 video, got {arr.dtype}")
-    if arr.shape[1] < 3:
-        raise ValueError(f"motion smoothness needs at least 3 frames, got {arr.shape[1]}")
-    params = {**_FARNEBACK_DEFAULTS, **farneback_params}
-    scores = [_flow_ms_one(np.ascontiguousarray(v), params) for v in arr]
-    if reduction == "none":
-        return scores
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    return float(np.mean(scores))
