@@ -5,17 +5,21 @@ BIN    := $(VENV)/bin
 # torch is installed first and pinned so pip never swaps it; 2.13.0 is the CPU build this
 # project's machines carry. On a GPU host, install your CUDA build of torch into $(VENV) first.
 TORCH_SPEC ?= torch==2.13.0
+VBENCH_SPEC ?= vbench==0.1.5
 
 .PHONY: setup repro test test-fast lint clean-outputs
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel setuptools
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	# DeepSpeed ships only an sdist whose setup imports torch: build against the torch above
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15"
 	$(BIN)/pip install -q -e ".[dev]"
+	# VBench's own AMT-S network code for motion smoothness; its pins (transformers 4.33, numpy<2)
+	# conflict with ours and we import only its AMT modules, so its dependencies are not installed
+	$(BIN)/pip install -q --no-deps "$(VBENCH_SPEC)"
 	touch $@
 
 repro: setup

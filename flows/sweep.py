@@ -19,9 +19,13 @@ from udpdiff.io.atomic import write_text
 from udpdiff.steps import StepResult
 
 SWEEP_STAGES = ["encode", "latents", "train", "sample", "evaluate", "report"]
-COLUMNS = ["variant", "depth/gt_delta1", "depth/gt_rmse", "segmentation/gt_miou", "depth/pixel_frame_consistency",
-           "depth/motion_smoothness_flow", "segmentation/pixel_frame_consistency",
-           "segmentation/motion_smoothness_flow", "rgb/pixel_frame_consistency", "rgb/motion_smoothness_flow"]
+# the paper's ablation columns (SC | BC | MS | FVD) per sample set, then the dense-prediction scores;
+# columns no variant has (a metric model not configured) are left out
+_GENERATION = ["subject_consistency", "background_consistency", "motion_smoothness", "motion_smoothness_flow", "fvd"]
+COLUMNS = ["variant", *(f"{s}/{m}" for s in ("depth", "segmentation", "rgb") for m in _GENERATION),
+           "depth/gt_delta1", "depth/gt_rmse", "depth/pseudo_delta1", "depth/pseudo_rmse", "segmentation/gt_miou",
+           "segmentation/pseudo_miou", "depth/pixel_frame_consistency", "segmentation/pixel_frame_consistency",
+           "rgb/pixel_frame_consistency"]
 
 
 def _flat_eval(path) -> dict[str, float]:
@@ -42,14 +46,14 @@ def sweep_flow(profile: str | None = None, variants: list[str] | None = None) ->
         raise FileNotFoundError(f"a sweep reuses the base run's data, VAE and text encoder; missing {missing}: "
                                 "run `dvc repro latents` (or the pipeline job) first")
     rows = []
-    if (base.metrics / "eval.json").exists():
-        rows.append({"variant": "base (params.yaml)", **_flat_eval(base.metrics / "eval.json")})
+    if (base.evaluation / "metrics.json").exists():
+        rows.append({"variant": "base (params.yaml)", **_flat_eval(base.evaluation / "metrics.json")})
     for name in names:
         log.info("sweep variant %s: %s", name, p.sweeps[name])
         for stage in SWEEP_STAGES:
             stage_flow(stage, profile, variant=name)
         _, vpaths = load(profile, name)
-        rows.append({"variant": name, **_flat_eval(vpaths.metrics / "eval.json")})
+        rows.append({"variant": name, **_flat_eval(vpaths.evaluation / "metrics.json")})
     table = viz.markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
     text = (f"# Ablations — profile `{p.profile}`\n\n{table}\n\nOverrides per variant:\n\n"
             + "\n".join(f"- `{n}`: `{json.dumps(p.sweeps[n])}`" for n in names) + "\n")

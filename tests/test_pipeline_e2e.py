@@ -88,7 +88,12 @@ def test_outputs_people_look_at_exist_and_are_videos(repro):
     for png in ("train_loss.png", "vae_loss.png"):
         assert (out / "metrics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report" / "report.md").read_text()
-    assert "| UDPDiff (depth) |" in report and "| UDPDiff (segmentation) |" in report
+    assert "| UDPDiff (depth) |" in report and "| UDPDiff (seg) |" in report
+    assert "| Model | SC (↑) | BC (↑) | MS† (↑) | FVD (↓) |" in report  # the paper's layout, flow prior marked
+    assert "Inference time (paper Tab 4)" in report and "CogVideoX (stock architecture)" in report
+    assert (out / "report" / "report.html").read_text().startswith("<!doctype html>")
+    for name in ("tables.md", "tables.html", "per_video.csv"):
+        assert (out / "evaluation" / name).stat().st_size > 0
     assert (work / "models" / "tiny" / "pipeline" / "model_index.json").exists()
 
 
@@ -108,7 +113,10 @@ def test_metrics_are_real_numbers_with_exact_representation_round_trips(repro):
     header = history[0].split(",")
     loss = [float(r.split(",")[header.index("loss")]) for r in history[1:]]
     assert sum(loss[-50:]) / 50 < 0.8 * sum(loss[:50]) / 50  # it learned
-    ev = json.loads((metrics / "eval.json").read_text())["metrics"]
+    evaluation = json.loads((work / "outputs" / "tiny" / "evaluation" / "metrics.json").read_text())
+    ev = evaluation["metrics"]
+    assert set(evaluation["runtime"]) == {"stock", "segmentation", "depth"}
+    assert all(r["seconds_per_sample"] > 0 for r in evaluation["runtime"].values())
     for task in ("depth", "segmentation"):
         for key in ("pixel_frame_consistency", "motion_smoothness_flow"):
             assert 0.0 < ev[task][key] <= 1.0
@@ -131,6 +139,8 @@ def test_every_stage_logged_an_mlflow_run(repro):
     assert params["train.lr"] == "0.001" and params["profile"] == "tiny"
     artifacts = list((work / "mlartifacts").rglob("*.gif")) + list((work / "mlartifacts").rglob("*.mp4"))
     assert artifacts, "sample galleries and previews are logged as MLflow artifacts"
+    for table in ("tables.md", "tables.html", "report.html"):
+        assert list((work / "mlartifacts").rglob(table)), f"{table} is an MLflow artifact"
     for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_memory_gb"):
         assert db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key=?", (train_id, key)).fetchone()[0]
     # the train run holds its preview grids, its checkpoints and the diffusers export

@@ -139,12 +139,48 @@ class SampleParams(_Strict):
     num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = Field(3.0, ge=1.0)
     split: Literal["train", "val"] = "val"
+    gallery_size: int = Field(4, ge=1)        # samples per task stacked in the MLflow gallery
+    runtime_trials: int = Field(1, ge=0)      # timed runs of ours and the stock architecture (Tab 4)
+
+
+class AnnotatorParams(_Strict):
+    """A dense annotator run on generated RGB (the paper's pseudo-ground-truth protocol, Tab 3)."""
+
+    type: Literal["depthcrafter", "depth-anything-v2", "sam2"]
+    path: str                                 # local folder or hub id of the model
+    svd_path: str | None = None               # DepthCrafter only: its Stable Video Diffusion base
 
 
 class EvaluateParams(_Strict):
+    """Metric models (local paths or hub ids; ``null`` = that metric is not computed) and streaming.
+
+    ``amt`` is VBench's ``amt-s.pth`` for motion smoothness; without it MS comes from the OpenCV
+    optical-flow prior (reported under its own name). FVD reference statistics of the sampled split
+    are cached per split, I3D file and frame count."""
+
+    batch_size: int = Field(4, gt=0)          # videos per streamed chunk
+    device: str = "auto"                      # auto: CUDA when available
     dino: str | None = None
     clip: str | None = None
+    amt: str | None = None
     i3d: str | None = None
+    fvd_frames: int | None = Field(None, gt=0)            # first N frames of each video (null: all)
+    fvd_reference_videos: int | None = Field(None, gt=1)  # real clips for the reference (null: whole split)
+    depth_annotator: AnnotatorParams | None = None        # pseudo-GT depth of generated videos
+    depth_baseline: AnnotatorParams | None = None         # Tab 3's per-frame baseline vs that pseudo-GT
+    segmentation_annotator: AnnotatorParams | None = None  # pseudo-GT entity ids of generated videos
+
+    @model_validator(mode="after")
+    def _annotator_kinds(self) -> EvaluateParams:
+        for key, kinds in (("depth_annotator", ("depthcrafter", "depth-anything-v2")),
+                           ("depth_baseline", ("depthcrafter", "depth-anything-v2")),
+                           ("segmentation_annotator", ("sam2",))):
+            ref = getattr(self, key)
+            if ref is not None and ref.type not in kinds:
+                raise ValueError(f"{key}.type must be one of {list(kinds)}, got {ref.type!r}")
+        if self.depth_baseline is not None and self.depth_annotator is None:
+            raise ValueError("depth_baseline is scored against depth_annotator's pseudo-GT: set depth_annotator too")
+        return self
 
 
 class ProfileParams(_Strict):

@@ -80,5 +80,15 @@ class ProjectPaths:
         return self.outputs / "metrics"
 
     @property
+    def evaluation(self) -> Path:
+        """metrics.json (DVC metrics), per-video scores, the paper's tables (md, html)."""
+        return self.outputs / "evaluation"
+
+    @property
+    def fvd_reference(self) -> Path:
+        """Cached I3D statistics of real clips, one file per split / frame count / I3D file."""
+        return self.data / "fvd_reference"
+
+    @property
     def report(self) -> Path:
         return self.outputs / "report"

@@ -22,7 +22,7 @@ import torch
 
 from udpdiff import pixelplanes, viz
 from udpdiff.config import Params
-from udpdiff.io.atomic import write_text
+from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
 from udpdiff.io.video import read_video
@@ -446,182 +446,345 @@ def sample_sets(p: Params) -> list[str]:
     return list(p.active.train.tasks) or [RGB_ONLY]
 
 
+def _sample_fingerprint(p: Params, paths: ProjectPaths, names: list[str]) -> str:
+    """What makes two sample runs interchangeable: the sampling params and the pipeline's files."""
+    import hashlib
+
+    files = sorted((str(f.relative_to(paths.pipeline)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in paths.pipeline.rglob("*") if f.is_file())
+    a = p.active
+    key = {"seed": p.seed, "sets": names, "sample": a.sample.model_dump(exclude={"gallery_size", "runtime_trials"}),
+           "data": [a.data.num_frames, a.data.height, a.data.width], "tolerance": a.pixelplanes.decode_tolerance,
+           "max_length": a.text_encoder.max_length, "pipeline": files}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resumable_work_dir(final: Path, fingerprint: str) -> Path:
+    """A work folder beside ``final`` that survives an interrupted run: reused when the fingerprint
+    matches (finished samples are kept), emptied otherwise."""
+    work = final.with_name(f".partial-{final.name}")
+    stamp = work / "fingerprint.txt"
+    if stamp.exists() and stamp.read_text().strip() == fingerprint:
+        logger.info("%s: resuming an interrupted run (finished samples are kept)", work)
+        return work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    write_text(stamp, fingerprint + "\n")
+    return work
+
+
+def inference_device(p: Params) -> tuple[torch.device, torch.dtype]:
+    """Sampling runs on the GPU when there is one, in the training precision (fp32 on the CPU)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), torch.float32
+    return torch.device("cuda"), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.active.train.precision,
+                                                                                      torch.float32)
+
+
 def sample(p: Params, paths: ProjectPaths) -> StepResult:
     """Text -> (video, dense) for validation prompts, per task with the same prompts and seeds
     (the paper's multi-task protocol), plus the dense prediction *of* each real validation clip
-    (the RGB half fixed to that clip) so the evaluation can score it against exact ground truth."""
+    (the RGB half fixed to that clip) so the evaluation can score it against exact ground truth.
+
+    Samples are written one by one (1,024 of them never sit in memory) into a work folder that an
+    interrupted run resumes; the finished set replaces ``outputs/<profile>/samples`` at the end.
+    ``sample.runtime_trials`` also times ours against the stock CogVideoX architecture (Tab 4)."""
     import time
+
+    from tqdm.auto import tqdm
 
     from udpdiff.pipeline import UDPDiffPipeline
 
     s, d, te = p.active.sample, p.active.data, p.active.text_encoder
-    pipe = UDPDiffPipeline.from_pretrained(paths.pipeline)
+    device, dtype = inference_device(p)
+    pipe = UDPDiffPipeline.from_pretrained(paths.pipeline, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     df = read_manifest(paths.manifest)
     rows = df[df.split == s.split].head(s.num_samples)
     if rows.empty:
         raise ValueError(f"{paths.manifest}: no clips in split {s.split!r} to take prompts from")
-    tmp = _fresh_tmp_dir(paths.samples)
-    index, seconds = [], []
+    if len(rows) < s.num_samples:
+        logger.warning("sample.num_samples=%d but split %r has %d clips: sampling %d", s.num_samples, s.split,
+                       len(rows), len(rows))
+    names = sample_sets(p)
+    work = _resumable_work_dir(paths.samples, _sample_fingerprint(p, paths, names))
     call = dict(num_frames=d.num_frames, height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
                 guidance_scale=s.guidance_scale, max_sequence_length=te.max_length,
                 segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
-    real_videos = {r.clip_id: read_video(resolve(paths.manifest, r.video_path)) for r in rows.itertuples()}
-    names = sample_sets(p)
+    index, seconds = [], []
+    bar = tqdm(total=len(names) * len(rows), desc="sample", unit="video")
     for name in names:
         task = None if name == RGB_ONLY else name
         for i, row in enumerate(rows.itertuples()):
+            stem = work / name / row.clip_id
+            index.append({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
+                          "npz": f"{name}/{row.clip_id}.npz", "mp4": f"{name}/{row.clip_id}.mp4"})
+            bar.update()
+            if Path(f"{stem}.npz").exists() and Path(f"{stem}.mp4").exists():
+                with np.load(f"{stem}.npz") as z:
+                    seconds.append(float(z["seconds"]))
+                continue
             start = time.perf_counter()
             out = pipe(row.caption_long, task=task, generator=torch.Generator().manual_seed(p.seed + i), **call)
             seconds.append(time.perf_counter() - start)
-            stem = tmp / name / row.clip_id
             stem.parent.mkdir(parents=True, exist_ok=True)
-            if task is None:
-                np.savez_compressed(f"{stem}.npz", video=out.videos[0])
-                viz.write_side_by_side(f"{stem}.mp4", [out.videos[0]], labels=["generated (RGB only)"], fps=d.fps)
-            else:
-                cond = pipe(row.caption_long, task=task, video=real_videos[row.clip_id],
+            arrays = {"video": out.videos[0], "seconds": np.float64(seconds[-1])}
+            if task is not None:
+                real = read_video(resolve(paths.manifest, row.video_path))  # one clip at a time
+                cond = pipe(row.caption_long, task=task, video=real,
                             generator=torch.Generator().manual_seed(p.seed + i),
                             **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
-                np.savez_compressed(f"{stem}.npz", video=out.videos[0], colormap=out.colormaps[0],
-                                    dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
-                                    conditioned_dense=cond.dense[0])
+                arrays.update(colormap=out.colormaps[0], dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
+                              conditioned_dense=cond.dense[0])
+            # the mp4 is written last: an npz without its mp4 is an interrupted sample and is redone
+            with atomic_path(f"{stem}.npz") as tmp:
+                np.savez_compressed(tmp, **arrays)
+            if task is None:
+                viz.write_side_by_side(f"{stem}.mp4", [out.videos[0]], labels=["generated (RGB only)"], fps=d.fps)
+            else:
                 viz.write_side_by_side(f"{stem}.mp4",
                                        [out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])],
                                        labels=["generated", f"{task} colormap", "decoded"], fps=d.fps)
-            index.append({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
-                          "npz": f"{name}/{row.clip_id}.npz", "mp4": f"{name}/{row.clip_id}.mp4"})
-        # one picture per task for the MLflow UI: every sample stacked, video | colormap | decoded
-        first = [np.load(tmp / e["npz"]) for e in index if e["task"] == name]
-        columns = [np.concatenate([z["video"] for z in first], axis=1)]
-        if task is not None:
-            columns += [np.concatenate([z["colormap"] for z in first], axis=1),
-                        np.concatenate([dense_picture(task, z["dense"]) for z in first], axis=1)]
-        viz.write_side_by_side(tmp / f"gallery_{name}.gif", columns,
-                               labels=["generated", f"{task} colormap", "decoded"][:len(columns)], fps=d.fps,
-                               height=len(first) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
-    _json(tmp / "index.json", index)
-    _replace_dir(tmp, paths.samples)
-    runtime = {"seconds_per_sample": float(np.median(seconds)),
+        _write_gallery(work, name, [e for e in index if e["task"] == name][: s.gallery_size], d)
+    bar.close()
+    runtime = measure_runtime(p, pipe, rows.iloc[0].caption_long, names) if s.runtime_trials else {}
+    _json(work / "index.json", index)
+    _json(work / "runtime.json", runtime)
+    (work / "fingerprint.txt").unlink()
+    _replace_dir(work, paths.samples)
+    metrics = {"seconds_per_sample": float(np.median(seconds)),
                "seconds_per_step": float(np.median(seconds)) / s.num_inference_steps}
-    return StepResult(metrics=runtime, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
+    metrics.update({f"runtime/{k}/{m}": v for k, r in runtime.items() for m, v in r.items()})
+    return StepResult(metrics=metrics, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
+
+
+def _write_gallery(work: Path, name: str, entries: list[dict], d) -> None:
+    """One picture per sample set for the MLflow UI: a few samples stacked, video | colormap | decoded."""
+    task = None if name == RGB_ONLY else name
+    loaded = []
+    for e in entries:
+        with np.load(work / e["npz"]) as z:
+            loaded.append({k: z[k] for k in ("video", "colormap", "dense") if k in z})
+    columns = [np.concatenate([z["video"] for z in loaded], axis=1)]
+    if task is not None:
+        columns += [np.concatenate([z["colormap"] for z in loaded], axis=1),
+                    np.concatenate([dense_picture(task, z["dense"]) for z in loaded], axis=1)]
+    viz.write_side_by_side(work / f"gallery_{name}.gif", columns,
+                           labels=["generated", f"{task} colormap", "decoded"][:len(columns)], fps=d.fps,
+                           height=len(loaded) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
+
+
+def stock_pipeline(p: Params, pipe):
+    """diffusers' stock ``CogVideoXPipeline`` with the stock 16-channel transformer, sharing our
+    VAE, T5 and scheduler: the baseline of Tab 4. With ``transformer.pretrained`` that is the real
+    CogVideoX; otherwise the profile's config randomly initialised (a timing baseline only)."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    from udpdiff.models.transformer import LATENT_CHANNELS
+
+    spec = p.active.transformer
+    dtype, device = pipe.transformer.dtype, pipe.transformer.device
+    if spec.pretrained:
+        stock = CogVideoXTransformer3DModel.from_pretrained(spec.pretrained, subfolder="transformer",
+                                                            torch_dtype=dtype)
+    else:
+        config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_") and k != "num_tasks"}
+        config.update(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS)
+        stock = CogVideoXTransformer3DModel.from_config(config).to(dtype)
+    out = CogVideoXPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                            transformer=stock.to(device), scheduler=pipe.scheduler)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def measure_runtime(p: Params, pipe, prompt: str, names: list[str]) -> dict[str, dict[str, float]]:
+    """Tab 4: median seconds per sample and per denoising step of the stock architecture and of ours
+    (per sample set), same prompt, seed, size and steps. Each is run once untimed first (warm-up)."""
+    from udpdiff.evaluation.runtime import time_calls
+
+    s, d, te = p.active.sample, p.active.data, p.active.text_encoder
+    call = dict(num_frames=d.num_frames, height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
+                guidance_scale=s.guidance_scale, max_sequence_length=te.max_length)
+    stock = stock_pipeline(p, pipe)
+    runs = {"stock": functools.partial(stock, prompt, generator=torch.Generator().manual_seed(p.seed),
+                                       output_type="np", **call)}
+    for name in names:
+        task = None if name == RGB_ONLY else name
+        runs[name] = functools.partial(pipe, prompt, task=task, generator=torch.Generator().manual_seed(p.seed),
+                                       segmentation_tolerance=p.active.pixelplanes.decode_tolerance, **call)
+    return {k: time_calls(fn, s.runtime_trials, steps=s.num_inference_steps) for k, fn in runs.items()}
 
 
 def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
-    """Scores per task: frame consistency and motion smoothness of generated videos (VBench SC/BC
-    too when DINO/CLIP weights are configured), and dense-prediction accuracy against exact GT."""
-    from udpdiff.evaluation.consistency import (
-        background_consistency,
-        motion_smoothness_flow,
-        pixel_frame_consistency,
-        subject_consistency,
-    )
-    from udpdiff.evaluation.depth import depth_metrics
-    from udpdiff.evaluation.fvd import fvd_from_features
-    from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
+    """Scores per sample set, streamed in chunks of ``evaluate.batch_size`` videos:
 
-    index = json.loads((paths.samples / "index.json").read_text())
-    df = read_manifest(paths.manifest).set_index("clip_id")
-    extractors, notes = _metric_models(p)
-    results: dict[str, dict[str, float]] = {}
-    # each real clip is read once: for FVD and for the reference row
-    real = {c: read_video(resolve(paths.manifest, df.loc[c].video_path))
-            for c in dict.fromkeys(e["clip_id"] for e in index)}
-    for task in sample_sets(p):
-        entries = [e for e in index if e["task"] == task]
-        rows: dict[str, list[float]] = {}
-        videos = []
-        for e in entries:
-            with np.load(paths.samples / e["npz"]) as z:
-                video = z["video"]
-                cond = z["conditioned_dense"] if task != RGB_ONLY else None
-            videos.append(video)
-            clip = df.loc[e["clip_id"]]
-            if task == RGB_ONLY:
-                pass  # no dense prediction to score
-            elif task == "depth":
-                gt = load_depth(resolve(paths.manifest, clip.depth_path))
-                # disparity 0 is "infinitely far" (sky): ratios there are undefined, so score where gt > 0
-                m = depth_metrics(cond, gt, mask=gt > 1e-3)
-                for k in ("delta1", "abs_rel", "rmse"):
-                    rows.setdefault(f"gt_{k}", []).append(m[k])
-            else:
-                gt = load_ids(resolve(paths.manifest, clip.seg_path))
-                rows.setdefault("gt_miou", []).append(float(hungarian_miou(cond, gt)["miou"]))
-                rows.setdefault("gt_temporal_id_consistency", []).append(temporal_id_consistency(cond, gt))
-        batch = np.stack(videos)
-        rows["pixel_frame_consistency"] = [pixel_frame_consistency(v) for v in videos]
-        rows["motion_smoothness_flow"] = list(np.atleast_1d(motion_smoothness_flow(batch)))
-        if "dino" in extractors:
-            rows["subject_consistency"] = list(np.atleast_1d(subject_consistency(batch, extractors["dino"])))
-        if "clip" in extractors:
-            rows["background_consistency"] = list(np.atleast_1d(background_consistency(batch, extractors["clip"])))
-        if "i3d" in extractors:
-            # FVD against the real clips the prompts came from; biased by both counts, so logged beside it
-            real_batch = np.stack([real[e["clip_id"]] for e in entries])
-            rows["fvd"] = [fvd_from_features(extractors["i3d"](real_batch).cpu().numpy(),
-                                             extractors["i3d"](batch).cpu().numpy())]
-            rows["fvd_num_frames"] = [float(batch.shape[1])]
-        results[task] = {k: float(np.mean(v)) for k, v in rows.items()}
-        results[task]["num_videos"] = float(len(entries))
-    # the same weight-free scores on the real validation clips: the ceiling to compare against
-    real_list = list(real.values())
-    results["real"] = {"pixel_frame_consistency": float(np.mean([pixel_frame_consistency(v) for v in real_list])),
-                       "motion_smoothness_flow": float(np.mean(motion_smoothness_flow(np.stack(real_list))))}
-    _json(paths.metrics / "eval.json", {"metrics": results, "notes": notes})
-    flat = {f"{task}/{k}": v for task, m in results.items() for k, v in m.items()}
-    return StepResult(metrics=flat, artifacts=[paths.metrics / "eval.json"], info={"notes": notes})
+    - generation quality (Tabs 1-2): VBench SC (DINO) / BC (CLIP) when configured, motion smoothness
+      (VBench's AMT when configured, else the flow prior, under its own name), FVD against the
+      cached I3D statistics of the real split, and a weight-free frame-consistency number;
+    - dense predictions of real clips against their exact (or curated) ground truth (``gt_*``);
+    - dense predictions of generated videos against the annotators' pseudo ground truth (Tab 3,
+      ``pseudo_*`` / ``baseline_*``) when annotators are configured.
 
+    Writes ``outputs/<profile>/evaluation/{metrics.json, per_video.csv, tables.md, tables.html}``."""
+    from tqdm.auto import tqdm
 
-def _metric_models(p: Params) -> tuple[dict, list[str]]:
-    """Load the learned-metric models that are configured; a missing one is a note, not a failure."""
-    from udpdiff.evaluation.consistency import ClipImageFeatures, DinoFeatures, MetricModelUnavailable
+    from udpdiff.evaluation import tables
+    from udpdiff.evaluation.fvd import FeatureAccumulator, fvd
+    from udpdiff.evaluation.runner import build_metric_suite
 
     e = p.active.evaluate
-    out, notes = {}, []
-    from udpdiff.evaluation.fvd import I3DFeatures
+    index = json.loads((paths.samples / "index.json").read_text())
+    df = read_manifest(paths.manifest).set_index("clip_id")
+    suite = build_metric_suite(e, where=f"profiles.{p.profile}.evaluate")
+    reference = fvd_reference(p, paths, suite.i3d) if suite.i3d is not None else None
+    per_video: list[dict] = []
+    results: dict[str, dict[str, float]] = {}
+    for name in sample_sets(p):
+        task = None if name == RGB_ONLY else name
+        entries = [x for x in index if x["task"] == name]
+        features = FeatureAccumulator(suite.i3d, e.fvd_frames) if reference is not None else None
+        for chunk in tqdm(_chunks(entries, e.batch_size), desc=f"evaluate {name}", unit="chunk",
+                          total=-(-len(entries) // e.batch_size)):
+            arrays = [_load_sample(paths.samples / x["npz"], task) for x in chunk]
+            videos = _stack([a["video"] for a in arrays], paths.samples / chunk[0]["npz"])
+            scores = suite.score_videos(videos)
+            if task is not None:
+                scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
+                for x, a in zip(chunk, arrays, strict=True):
+                    for k, v in _ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
+                                                     paths.manifest).items():
+                        scores.setdefault(k, []).append(v)
+            if features is not None:
+                features.add(videos, what=f"{paths.samples / name}")
+            for j, x in enumerate(chunk):
+                per_video.append({"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}})
+        rows = [r for r in per_video if r["set"] == name]
+        results[name] = _means(rows)
+        results[name]["num_videos"] = float(len(rows))
+        results[name]["num_frames"] = float(videos.shape[1]) if entries else 0.0
+        if features is not None:
+            results[name].update(fvd(reference, features.statistics()))
+    # the same scores on the real clips the prompts came from: the ceiling to compare against
+    real_ids = list(dict.fromkeys(x["clip_id"] for x in index))
+    real_rows = []
+    for chunk in _chunks(real_ids, e.batch_size):
+        videos = np.stack([read_video(resolve(paths.manifest, df.loc[c].video_path)) for c in chunk])
+        scores = suite.score_videos(videos)
+        real_rows += [{"set": "real", "clip_id": c, **{k: v[j] for k, v in scores.items()}}
+                      for j, c in enumerate(chunk)]
+    results["real"] = {**_means(real_rows), "num_videos": float(len(real_rows)),
+                       "num_frames": float(videos.shape[1]) if real_rows else 0.0}
+    runtime_path = paths.samples / "runtime.json"
+    runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {}
+    notes = suite.notes
+    out = paths.evaluation
+    _json(out / "metrics.json", {"metrics": results, "runtime": runtime, "models": suite.names, "notes": notes})
+    with atomic_path(out / "per_video.csv") as tmp:
+        pd.DataFrame(per_video + real_rows).to_csv(tmp, index=False)
+    tabs = tables.all_tables(results, sample_sets(p), suite.names, runtime)
+    title = f"UDPDiff evaluation — profile `{p.profile}`"
+    write_text(out / "tables.md", tables.markdown_document(title, tabs, notes))
+    write_text(out / "tables.html", tables.html_document(title, tabs, notes))
+    flat = {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
+    return StepResult(metrics=flat, artifacts=[out / f for f in ("metrics.json", "per_video.csv", "tables.md",
+                                                                 "tables.html")], info={"notes": notes})
 
-    models = (("dino", DinoFeatures, e.dino), ("clip", ClipImageFeatures, e.clip), ("i3d", I3DFeatures, e.i3d))
-    for key, cls, ref in models:
-        if not ref:
-            notes.append(f"{key}: not configured (set profiles.{p.profile}.evaluate.{key} to a local path or id)")
-            continue
-        try:
-            out[key] = cls(ref)
-        except MetricModelUnavailable as err:
-            logger.warning("%s", err)
-            notes.append(str(err))
-    notes.append("motion_smoothness_flow uses an OpenCV optical-flow interpolation prior, not VBench's AMT model; "
-                 "its numbers are not comparable to the paper's MS")
-    return out, notes
+
+def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path) -> dict[str, float]:
+    """The dense prediction *of* a real clip against that clip's ground truth (exact for synthetic data)."""
+    from udpdiff.evaluation.depth import depth_metrics
+    from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
+
+    if task == "depth":
+        gt = load_depth(resolve(manifest, clip.depth_path))
+        # disparity 0 is "infinitely far" (sky): ratios there are undefined, so score where gt > 0
+        m = depth_metrics(prediction, gt, mask=gt > 1e-3)
+        return {f"gt_{k}": m[k] for k in ("delta1", "abs_rel", "rmse")}
+    gt = load_ids(resolve(manifest, clip.seg_path))
+    return {"gt_miou": float(hungarian_miou(prediction, gt)["miou"]),
+            "gt_temporal_id_consistency": temporal_id_consistency(prediction, gt)}
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _load_sample(path: Path, task: str | None) -> dict[str, np.ndarray]:
+    keys = ("video",) if task is None else ("video", "dense", "conditioned_dense")
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable sample ({type(err).__name__}: {err}); rerun the sample stage") from err
+
+
+def _stack(videos: list[np.ndarray], where: Path) -> np.ndarray:
+    shapes = {v.shape for v in videos}
+    if len(shapes) != 1:
+        raise ValueError(f"{where.parent}: samples of one set differ in shape {sorted(shapes)}")
+    return np.stack(videos)
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    keys = dict.fromkeys(k for r in rows for k in r if k not in ("set", "clip_id"))
+    out = {}
+    for k in keys:
+        # NaN-skipping mean: a clip without entities has no mIoU, which must not sink the average
+        v = np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)
+        v = v[~np.isnan(v)]
+        out[k] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
+def fvd_reference(p: Params, paths: ProjectPaths, i3d):
+    """I3D statistics of the real clips of ``sample.split`` (capped at ``evaluate.fvd_reference_videos``),
+    cached under ``data/<profile>/fvd_reference``: computed once per split, clip set, frame count and
+    I3D file, reused by every later evaluation and sweep variant."""
+    import hashlib
+
+    from udpdiff.evaluation.fvd import FeatureAccumulator, FVDStatistics
+
+    e, split = p.active.evaluate, p.active.sample.split
+    df = read_manifest(paths.manifest)
+    clips = df[df.split == split].sort_values("clip_id")
+    if e.fvd_reference_videos:
+        clips = clips.head(e.fvd_reference_videos)
+    files = [resolve(paths.manifest, v) for v in clips.video_path]
+    i3d_file = Path(e.i3d).expanduser()
+    key = json.dumps({"split": split, "clips": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                      "frames": e.fvd_frames, "i3d": [str(i3d_file.resolve()), i3d_file.stat().st_size]})
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    cache = paths.fvd_reference / f"{split}-{digest[:16]}.npz"
+    stats = FVDStatistics.load(cache, digest)
+    if stats is not None:
+        logger.info("FVD reference: %s (%d videos, %d frames, cached)", cache, stats.num_videos, stats.num_frames)
+        return stats
+    acc = FeatureAccumulator(i3d, e.fvd_frames)
+    for chunk in _chunks(files, e.batch_size):
+        acc.add(np.stack([read_video(f) for f in chunk]), what=str(chunk[0].parent))
+    stats = acc.statistics()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(cache, digest)
+    logger.info("FVD reference: %s (%d videos, %d frames, computed)", cache, stats.num_videos, stats.num_frames)
+    return stats
 
 
 def report(p: Params, paths: ProjectPaths) -> StepResult:
-    """Markdown report in the paper's table layout, from the metrics the other stages wrote."""
-    ev = json.loads((paths.metrics / "eval.json").read_text())
-    m = ev["metrics"]
-    tasks = [t for t in sample_sets(p) if t in m]
-    gen_cols = ["model", "subject_consistency", "background_consistency", "motion_smoothness_flow", "fvd",
-                "pixel_frame_consistency"]
-    gen_rows = [{"model": "real clips (reference)", **m["real"]}] + [
-        {"model": "CogVideoX, fine-tuned RGB only (16 ch)" if t == RGB_ONLY else f"UDPDiff ({t})", **m[t]}
-        for t in tasks]
-    lines = [f"# UDPDiff report — profile `{p.profile}`", "",
-             "## Generation quality (paper Tabs 1–2 layout; higher is better, except FVD)", "",
-             viz.markdown_table(gen_rows, gen_cols), ""]
-    if "depth" in m:
-        lines += ["## Depth prediction of real validation clips vs exact ground truth (Tab 3 layout)", "",
-                  viz.markdown_table([{"model": "UDPDiff (depth)", **m["depth"]}],
-                                     ["model", "gt_delta1", "gt_abs_rel", "gt_rmse"]), ""]
-    if "segmentation" in m:
-        lines += ["## Segmentation of real validation clips vs exact ground truth", "",
-                  viz.markdown_table([{"model": "UDPDiff (segmentation)", **m["segmentation"]}],
-                                     ["model", "gt_miou", "gt_temporal_id_consistency"]), ""]
-    lines += ["## Notes", ""] + [f"- {n}" for n in ev["notes"]] + [
-        "- An empty cell means that metric's model is not configured (see the notes above).",
-        "- `gt_*` columns score the dense prediction *of* real validation clips (RGB half fixed to the clip) "
-        "against their exact ground truth; depth after least-squares scale-and-shift alignment.", ""]
-    path = paths.report / "report.md"
-    write_text(path, "\n".join(lines))
-    artifacts = [path] + [q for q in (paths.metrics / "train_loss.png", paths.metrics / "vae_loss.png") if q.exists()]
-    return StepResult(artifacts=artifacts)
+    """The run's report (markdown and HTML): the evaluation's tables in the paper's layouts, the
+    training and VAE loss curves, and the sample galleries."""
+    from udpdiff.evaluation import tables
+
+    ev = json.loads((paths.evaluation / "metrics.json").read_text())
+    tabs = tables.all_tables(ev["metrics"], [t for t in sample_sets(p) if t in ev["metrics"]], ev.get("models", {}),
+                             ev.get("runtime"))
+    models = [f"{k}: {v}" for k, v in ev.get("models", {}).items()]
+    notes = [*ev["notes"], *(f"model for {m}" for m in models),
+             "`gt_*` scores are dense predictions *of* real validation clips (RGB half fixed to the clip) against "
+             "their ground truth; depth after least-squares scale-and-shift alignment per video."]
+    title = f"UDPDiff report — profile `{p.profile}`"
+    out = paths.report
+    write_text(out / "report.md", tables.markdown_document(title, tabs, notes))
+    write_text(out / "report.html", tables.html_document(title, tabs, notes))
+    plots = [q for q in (paths.metrics / "train_loss.png", paths.metrics / "vae_loss.png") if q.exists()]
+    return StepResult(artifacts=[out / "report.md", out / "report.html", *plots])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 
-__all__ = ["I3DFeatures", "feature_statistics", "frechet_distance", "fvd_from_features"]
+__all__ = ["FVDStatistics", "FeatureAccumulator", "I3DFeatures", "clip_frames", "feature_statistics",
+           "frechet_distance", "fvd", "fvd_from_features"]
 
 _I3D_HINT = (
     "FVD needs the StyleGAN-V TorchScript I3D ('i3d_torchscript.pt', TF-Hub Kinetics-400 I3D). "
@@ -167,3 +169,79 @@ class I3DFeatures:
             feats = self.model(x, rescale=True, resize=True, return_features=True)
             out.append(feats.float())
         return torch.cat(out, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming statistics and the per-split reference cache
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FVDStatistics:
+    """Gaussian statistics of I3D features, with the counts that bias FVD (logged beside every score)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_videos: int
+    num_frames: int
+
+    def save(self, path: str | os.PathLike, key: str) -> None:
+        from udpdiff.io.atomic import atomic_path
+
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, num_videos=self.num_videos, num_frames=self.num_frames,
+                     key=np.array(key))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, key: str) -> FVDStatistics | None:
+        """The cached statistics, or ``None`` when the file is absent, unreadable or for another key."""
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) != key:
+                    return None
+                return cls(z["mu"], z["sigma"], int(z["num_videos"]), int(z["num_frames"]))
+        except (OSError, KeyError, ValueError) as err:
+            if Path(path).exists():
+                logger.warning("ignoring unreadable FVD reference cache %s: %s", path, err)
+            return None
+
+
+def clip_frames(videos: np.ndarray, num_frames: int | None, what: str = "videos") -> np.ndarray:
+    """The first ``num_frames`` frames of ``(B, T, H, W, 3)`` videos (all when ``None``)."""
+    if num_frames is None:
+        return videos
+    if videos.shape[1] < num_frames:
+        raise ValueError(f"{what}: FVD uses {num_frames} frames per video, these have {videos.shape[1]}")
+    return videos[:, :num_frames]
+
+
+class FeatureAccumulator:
+    """Collects I3D features chunk by chunk (400 floats per video) for :class:`FVDStatistics`."""
+
+    def __init__(self, i3d: I3DFeatures, num_frames: int | None) -> None:
+        self.i3d, self.num_frames = i3d, num_frames
+        self.features: list[np.ndarray] = []
+        self.frames: int | None = None
+
+    def add(self, videos: np.ndarray, what: str = "videos") -> None:
+        v = clip_frames(videos, self.num_frames, what)
+        if self.frames is not None and v.shape[1] != self.frames:
+            raise ValueError(f"{what}: {v.shape[1]} frames, earlier videos of this set had {self.frames}; "
+                             "FVD needs one frame count (set evaluate.fvd_frames)")
+        self.frames = int(v.shape[1])
+        self.features.append(self.i3d(v).cpu().numpy())
+
+    def statistics(self) -> FVDStatistics:
+        feats = np.concatenate(self.features) if self.features else np.empty((0, 0))
+        mu, sigma = feature_statistics(feats)
+        return FVDStatistics(mu, sigma, int(feats.shape[0]), int(self.frames or 0))
+
+
+def fvd(real: FVDStatistics, fake: FVDStatistics) -> dict[str, float]:
+    """FVD between two sets, with both sets' video and frame counts (FVD is biased by both)."""
+    if real.num_frames != fake.num_frames:
+        raise ValueError(f"FVD compares sets with one frame count: reference {real.num_frames}, "
+                         f"generated {fake.num_frames}")
+    return {"fvd": frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma),
+            "fvd_num_videos": float(fake.num_videos), "fvd_reference_videos": float(real.num_videos),
+            "fvd_num_frames": float(fake.num_frames)}

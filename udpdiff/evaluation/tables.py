@@ -1,0 +1,154 @@
+"""Result tables in the paper's layouts (Tabs 1-4), as markdown and as standalone HTML.
+
+Input is the ``metrics`` dict the evaluate step writes (``{set: {metric: value}}``, sets being
+``real``, ``segmentation``, ``depth`` or ``rgb``) plus the runtime measured by the sample step.
+SC, BC and MS are shown as percentages with two decimals, as in the paper; FVD with two decimals;
+depth with four. A metric that was not computed is an empty cell, explained in the notes.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from udpdiff import viz
+
+MS_AMT, MS_FLOW = "motion_smoothness", "motion_smoothness_flow"
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]                   # header labels
+    rows: list[list[str]]                # formatted cells
+    footnotes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        body = viz.markdown_table([dict(zip(self.columns, r, strict=True)) for r in self.rows], self.columns)
+        notes = "".join(f"\n{n}\n" for n in self.footnotes)
+        return f"### {self.title}\n\n{body}{notes}"
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows)
+        notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in self.footnotes)
+        return (f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead>"
+                f"<tbody>{body}</tbody></table>{notes}")
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    if value is None or not math.isfinite(float(value)):
+        return ""
+    return f"{float(value) * scale:.{digits}f}"
+
+
+def _count(value: float | None) -> str:
+    return "" if value is None else str(int(value))
+
+
+def set_label(name: str) -> str:
+    return {"real": "Real clips (reference)", "rgb": "CogVideoX, fine-tuned RGB only (16 ch)",
+            "segmentation": "UDPDiff (seg)", "depth": "UDPDiff (depth)"}.get(name, f"UDPDiff ({name})")
+
+
+def generation_table(metrics: Mapping[str, Mapping[str, float]], sets: Sequence[str]) -> Table:
+    """Tabs 1-2: SC | BC | MS | FVD per sample set (plus the real clips' own scores)."""
+    uses_flow = any(MS_FLOW in metrics.get(s, {}) for s in sets)
+    ms = "MS† (↑)" if uses_flow else "MS (↑)"
+    cols = ["Model", "SC (↑)", "BC (↑)", ms, "FVD (↓)", "videos", "frames"]
+    rows = []
+    for s in ["real", *sets]:
+        m = metrics.get(s)
+        if m is None:
+            continue
+        rows.append([set_label(s), _fmt(m.get("subject_consistency"), 100), _fmt(m.get("background_consistency"), 100),
+                     _fmt(m.get(MS_AMT, m.get(MS_FLOW)), 100), _fmt(m.get("fvd")),
+                     _count(m.get("num_videos")), _count(m.get("num_frames"))])
+    notes = ["SC, BC, MS in %. FVD against the cached I3D statistics of the real split; it is biased by the "
+             "number of videos and of frames, shown beside it."]
+    scored = [metrics[s] for s in sets if "fvd" in metrics.get(s, {})]
+    fvd_frames = {int(m["fvd_num_frames"]) for m in scored}
+    fvd_reference = {int(m["fvd_reference_videos"]) for m in scored}
+    if fvd_frames:
+        notes.append(f"FVD uses the first {'/'.join(map(str, sorted(fvd_frames)))} frames of each video; reference: "
+                     f"{'/'.join(map(str, sorted(fvd_reference)))} real clips.")
+    if uses_flow:
+        notes.append("† MS from the offline OpenCV optical-flow prior, not VBench's AMT model: "
+                     "not comparable to the paper's MS column.")
+    return Table("Generation quality (paper Tabs 1–2)", cols, rows, notes)
+
+
+def depth_pseudo_gt_table(metrics: Mapping[str, Mapping[str, float]], names: Mapping[str, str]) -> Table | None:
+    """Tab 3: δ1 | RMSE of depth on generated videos against the annotator's pseudo ground truth."""
+    m = metrics.get("depth", {})
+    if "pseudo_delta1" not in m:
+        return None
+    rows = []
+    if "baseline_delta1" in m:
+        rows.append([names.get("depth_baseline", "baseline"), _fmt(m["baseline_delta1"], digits=4),
+                     _fmt(m.get("baseline_rmse"), digits=4)])
+    rows.append(["UDPDiff (depth)", _fmt(m["pseudo_delta1"], digits=4), _fmt(m.get("pseudo_rmse"), digits=4)])
+    return Table("Depth of generated videos vs pseudo ground truth (paper Tab 3)", ["Model", "δ1 (↑)", "RMSE (↓)"],
+                 rows, [f"Pseudo ground truth: {names.get('depth_annotator', 'depth annotator')} run on each generated "
+                        "video; predictions aligned by least-squares scale and shift per video."])
+
+
+def ground_truth_tables(metrics: Mapping[str, Mapping[str, float]]) -> list[Table]:
+    """Dense prediction *of* real clips (RGB half fixed) against their exact or annotated ground truth."""
+    out = []
+    d, s = metrics.get("depth", {}), metrics.get("segmentation", {})
+    if "gt_delta1" in d:
+        out.append(Table("Depth of real validation clips vs ground truth",
+                         ["Model", "δ1 (↑)", "AbsRel (↓)", "RMSE (↓)"],
+                         [["UDPDiff (depth)", _fmt(d["gt_delta1"], digits=4), _fmt(d.get("gt_abs_rel"), digits=4),
+                           _fmt(d.get("gt_rmse"), digits=4)]]))
+    if "gt_miou" in s or "pseudo_miou" in s:
+        out.append(Table("Entity segmentation", ["Model", "mIoU vs GT (↑)", "temporal id consistency (↑)",
+                                                 "mIoU vs annotator on generated (↑)"],
+                         [["UDPDiff (seg)", _fmt(s.get("gt_miou"), digits=4),
+                           _fmt(s.get("gt_temporal_id_consistency"), digits=4), _fmt(s.get("pseudo_miou"), digits=4)]],
+                         ["mIoU after Hungarian matching of decoded entities per video; temporal id consistency = "
+                          "fraction of pixels inside a ground-truth entity whose predicted id is unchanged between "
+                          "consecutive frames."]))
+    return out
+
+
+def runtime_table(runtime: Mapping[str, Mapping[str, float]] | None) -> Table | None:
+    """Tab 4: seconds per sample and per denoising step, stock architecture beside ours."""
+    if not runtime:
+        return None
+    order = sorted(runtime, key=lambda k: k != "stock")  # the baseline first, as in the paper
+    rows = [[("CogVideoX (stock architecture)" if k == "stock" else set_label(k)),
+             _fmt(runtime[k].get("seconds_per_sample"), digits=3), _fmt(runtime[k].get("seconds_per_step"), digits=4)]
+            for k in order if isinstance(runtime[k], Mapping)]
+    return Table("Inference time (paper Tab 4)", ["Model", "s / sample", "s / step"], rows,
+                 ["Same prompt, seed, frames, size and steps; text encoding and VAE decoding included "
+                  "(ours decodes the dense latent too). Medians over the timed runs."])
+
+
+def all_tables(metrics: Mapping[str, Mapping[str, float]], sets: Sequence[str], names: Mapping[str, str],
+               runtime: Mapping[str, Mapping[str, float]] | None = None) -> list[Table]:
+    tables = [generation_table(metrics, sets), depth_pseudo_gt_table(metrics, names), *ground_truth_tables(metrics),
+              runtime_table(runtime)]
+    return [t for t in tables if t is not None]
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
+        "th,td{border:1px solid #bbb;padding:.3em .7em;text-align:right}th:first-child,td:first-child{text-align:left}"
+        "th{background:#eee}.note{color:#555;font-size:.9em}")
+
+
+def html_document(title: str, tables: Sequence[Table], notes: Sequence[str] = ()) -> str:
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    body = "".join(t.html() for t in tables) + (f"<h3>Notes</h3><ul>{items}</ul>" if items else "")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+
+
+def markdown_document(title: str, tables: Sequence[Table], notes: Sequence[str] = ()) -> str:
+    parts = [f"# {title}", "", *(t.markdown() for t in tables)]
+    if notes:
+        parts += ["### Notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(parts)
