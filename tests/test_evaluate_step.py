@@ -112,6 +112,7 @@ def test_perfect_predictions_score_perfectly_and_configured_models_add_columns(t
     assert "| UDPDiff (depth) |" in md and "0.00 |" in md  # FVD with two decimals
     html = (paths.evaluation / "tables.html").read_text()
     assert html.startswith("<!doctype html>") and "<th>SC (↑)</th>" in html and "not comparable" in html
+    assert (paths.evaluation / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report(p, paths)
     assert "| UDPDiff (seg) |" in (paths.report / "report.md").read_text()
     assert (paths.report / "report.html").exists()
@@ -269,3 +270,15 @@ def test_annotators_from_local_folders_run_through_the_evaluate_step(tmp_path):
     md = (paths.evaluation / "tables.md").read_text()
     assert "Depth of generated videos vs pseudo ground truth (paper Tab 3)" in md
     assert f"| depth-anything-v2 ({tmp_path / 'da-v2'}) | 1.0000 | 0.0000 |" in md
+
+
+def test_depth_alignment_per_video_or_per_frame():
+    """A prediction whose scale flickers from frame to frame is perfect per frame, not per video."""
+    from udpdiff.evaluation.runner import depth_scores
+
+    gt = np.random.default_rng(1).uniform(0.1, 1.0, (4, 8, 8)).astype(np.float32)
+    flicker = gt * np.array([1.0, 0.5, 2.0, 0.8], dtype=np.float32)[:, None, None] + 0.1
+    per_frame = depth_scores(flicker, gt, per_frame=True)
+    assert per_frame["delta1"] == pytest.approx(1.0) and per_frame["rmse"] == pytest.approx(0.0, abs=1e-5)
+    per_video = depth_scores(flicker, gt)
+    assert per_video["rmse"] > 0.05 and per_video["delta1"] < 1.0

@@ -164,6 +164,7 @@ class EvaluateParams(_Strict):
     clip: str | None = None
     amt: str | None = None
     i3d: str | None = None
+    depth_alignment: Literal["video", "frame"] = "video"  # least-squares scale and shift per video or frame
     fvd_frames: int | None = Field(None, gt=0)            # first N frames of each video (null: all)
     fvd_reference_videos: int | None = Field(None, gt=1)  # real clips for the reference (null: whole split)
     depth_annotator: AnnotatorParams | None = None        # pseudo-GT depth of generated videos

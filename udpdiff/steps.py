@@ -652,7 +652,7 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
                 scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
                 for x, a in zip(chunk, arrays, strict=True):
                     for k, v in _ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
-                                                     paths.manifest).items():
+                                                     paths.manifest, suite.depth_per_frame).items():
                         scores.setdefault(k, []).append(v)
             if features is not None:
                 features.add(videos, what=f"{paths.samples / name}")
@@ -685,21 +685,34 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
     title = f"UDPDiff evaluation — profile `{p.profile}`"
     write_text(out / "tables.md", tables.markdown_document(title, tabs, notes))
     write_text(out / "tables.html", tables.html_document(title, tabs, notes))
+    _plot_scores(out / "scores.png", results)
     flat = {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
     return StepResult(metrics=flat, artifacts=[out / f for f in ("metrics.json", "per_video.csv", "tables.md",
-                                                                 "tables.html")], info={"notes": notes})
+                                                                 "tables.html", "scores.png")], info={"notes": notes})
 
 
-def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path) -> dict[str, float]:
+def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
+    """The [0, 1] scores of every set side by side (FVD and seconds have other scales: tables only)."""
+    from udpdiff.evaluation.tables import set_label
+
+    keys = ["subject_consistency", "background_consistency", "motion_smoothness", "motion_smoothness_flow",
+            "pixel_frame_consistency", "gt_delta1", "pseudo_delta1", "gt_miou", "pseudo_miou",
+            "gt_temporal_id_consistency"]
+    shown = [k for k in keys if any(k in m for m in results.values())]
+    order = sorted(results, key=lambda s: s != "real")  # the real clips' ceiling first
+    return viz.plot_grouped_bars(path, {set_label(s): results[s] for s in order}, shown,
+                                 title="evaluation scores per sample set", ylabel="score (higher is better)")
+
+
+def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path,
+                         depth_per_frame: bool = False) -> dict[str, float]:
     """The dense prediction *of* a real clip against that clip's ground truth (exact for synthetic data)."""
-    from udpdiff.evaluation.depth import depth_metrics
+    from udpdiff.evaluation.runner import depth_scores
     from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
 
     if task == "depth":
-        gt = load_depth(resolve(manifest, clip.depth_path))
-        # disparity 0 is "infinitely far" (sky): ratios there are undefined, so score where gt > 0
-        m = depth_metrics(prediction, gt, mask=gt > 1e-3)
-        return {f"gt_{k}": m[k] for k in ("delta1", "abs_rel", "rmse")}
+        scores = depth_scores(prediction, load_depth(resolve(manifest, clip.depth_path)), depth_per_frame)
+        return {f"gt_{k}": v for k, v in scores.items()}
     gt = load_ids(resolve(manifest, clip.seg_path))
     return {"gt_miou": float(hungarian_miou(prediction, gt)["miou"]),
             "gt_temporal_id_consistency": temporal_id_consistency(prediction, gt)}

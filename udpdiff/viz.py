@@ -263,6 +263,45 @@ def plot_curves(
     return path
 
 
+def plot_grouped_bars(
+    path: str | os.PathLike,
+    groups: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str],
+    title: str = "",
+    ylabel: str = "",
+) -> Path:
+    """Grouped bar chart (one group per metric, one bar per entry of ``groups``) to a PNG.
+
+    Missing or non-finite values leave a gap, so a metric that was not computed for one set is
+    visibly absent rather than drawn as 0. Returns ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 1.4 * len(metrics) + 2), 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(metrics), dtype=np.float64)
+    for i, (name, values) in enumerate(groups.items()):
+        y = np.array([float(values.get(m, np.nan)) for m in metrics])
+        bars = ax.bar(x + (i - (len(groups) - 1) / 2) * width, np.where(np.isfinite(y), y, 0.0), width, label=name)
+        for bar, v in zip(bars, y, strict=True):
+            if not np.isfinite(v):
+                bar.set_visible(False)
+    ax.set_xticks(x, list(metrics), rotation=20, ha="right", fontsize="small")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    if groups:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
 def _cell(value: Any, floatfmt: str) -> str:
     if value is None:
         return ""

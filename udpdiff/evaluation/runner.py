@@ -59,6 +59,7 @@ class MetricSuite:
     depth_annotator: Callable[[np.ndarray], np.ndarray] | None = None
     depth_baseline: Callable[[np.ndarray], np.ndarray] | None = None
     segmentation_annotator: Callable[[np.ndarray], np.ndarray] | None = None
+    depth_per_frame: bool = False  # least-squares alignment per frame instead of per video
     names: dict[str, str] = field(default_factory=dict)  # which model produced which metric
     notes: list[str] = field(default_factory=list)
 
@@ -81,10 +82,10 @@ class MetricSuite:
         for video, pred in zip(videos, dense, strict=True):
             if task == "depth" and self.depth_annotator is not None:
                 pseudo = self.depth_annotator(video)
-                for k, v in _depth_row(pred, pseudo).items():
+                for k, v in depth_scores(pred, pseudo, self.depth_per_frame).items():
                     out.setdefault(f"pseudo_{k}", []).append(v)
                 if self.depth_baseline is not None:
-                    for k, v in _depth_row(self.depth_baseline(video), pseudo).items():
+                    for k, v in depth_scores(self.depth_baseline(video), pseudo, self.depth_per_frame).items():
                         out.setdefault(f"baseline_{k}", []).append(v)
             elif task == "segmentation" and self.segmentation_annotator is not None:
                 pseudo = self.segmentation_annotator(video)
@@ -92,9 +93,10 @@ class MetricSuite:
         return out
 
 
-def _depth_row(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+def depth_scores(pred: np.ndarray, gt: np.ndarray, per_frame: bool = False) -> dict[str, float]:
+    """δ1, AbsRel, RMSE of one video after least-squares scale-and-shift alignment (per video, or per frame)."""
     # disparity 0 is "infinitely far" (sky): ratios are undefined there, so score where gt > 0
-    m = depth_metrics(pred, gt, mask=gt > 1e-3)
+    m = depth_metrics(pred, gt, mask=gt > 1e-3, per_frame=per_frame)
     return {k: m[k] for k in ("delta1", "abs_rel", "rmse")}
 
 
@@ -129,7 +131,7 @@ def build_metric_suite(e: EvaluateParams, where: str = "evaluate") -> MetricSuit
     ``where`` is the params.yaml prefix of ``e`` (``profiles.<profile>.evaluate``), so that a note
     says exactly which key to set."""
     device = resolve_device(e.device)
-    s = MetricSuite()
+    s = MetricSuite(depth_per_frame=e.depth_alignment == "frame")
     unset = [k for k in ("dino", "clip", "i3d") if not getattr(e, k)]
     for key in unset:
         s.notes.append(f"{key}: not configured, its metric is not computed (set {where}.{key} to a local path or id)")

@@ -92,7 +92,7 @@ def depth_pseudo_gt_table(metrics: Mapping[str, Mapping[str, float]], names: Map
     rows.append(["UDPDiff (depth)", _fmt(m["pseudo_delta1"], digits=4), _fmt(m.get("pseudo_rmse"), digits=4)])
     return Table("Depth of generated videos vs pseudo ground truth (paper Tab 3)", ["Model", "δ1 (↑)", "RMSE (↓)"],
                  rows, [f"Pseudo ground truth: {names.get('depth_annotator', 'depth annotator')} run on each generated "
-                        "video; predictions aligned by least-squares scale and shift per video."])
+                        "video; predictions aligned by least-squares scale and shift (evaluate.depth_alignment)."])
 
 
 def ground_truth_tables(metrics: Mapping[str, Mapping[str, float]]) -> list[Table]:
