@@ -61,17 +61,18 @@ def _params(tmp_path: Path, evaluate: dict | None = None, **profile_overrides):
     return load_params(tmp_path / "params.yaml")
 
 
-def _perfect_samples(paths: ProjectPaths, num_clips: int = 4) -> None:
-    """Sample sets whose 'generated' videos are the real val clips and whose predictions are the GT."""
-    synthesize_dataset(paths.clips, num_clips=num_clips, num_frames=9, height=48, width=48, fps=8, seed=3,
-                       val_fraction=0.5)
+def _perfect_samples(paths: ProjectPaths, num_clips: int = 4, clip_frames: int = 9) -> None:
+    """Sample sets whose 'generated' videos are the real val clips and whose predictions are the GT
+    (the clips' first 9 frames, the tiny profile's num_frames)."""
+    synthesize_dataset(paths.clips, num_clips=num_clips, num_frames=clip_frames, height=48, width=48, fps=8,
+                       seed=3, val_fraction=0.5)
     df = read_manifest(paths.manifest)
     index = []
     for task in ("segmentation", "depth"):
         for row in df[df.split == "val"].itertuples():
-            video = read_video(resolve(paths.manifest, row.video_path))
+            video = read_video(resolve(paths.manifest, row.video_path))[:9]
             gt = (load_ids(resolve(paths.manifest, row.seg_path)) if task == "segmentation"
-                  else load_depth(resolve(paths.manifest, row.depth_path)))
+                  else load_depth(resolve(paths.manifest, row.depth_path)))[:9]
             colormap = (pixelplanes.encode_segmentation(gt, seed=0)[0] if task == "segmentation"
                         else pixelplanes.encode_depth(gt))
             npz = paths.samples / task / f"{row.clip_id}.npz"
@@ -282,3 +283,15 @@ def test_depth_alignment_per_video_or_per_frame():
     assert per_frame["delta1"] == pytest.approx(1.0) and per_frame["rmse"] == pytest.approx(0.0, abs=1e-5)
     per_video = depth_scores(flicker, gt)
     assert per_video["rmse"] > 0.05 and per_video["delta1"] < 1.0
+
+
+def test_clips_longer_than_num_frames_are_scored_on_their_first_frames(tmp_path):
+    """Curated clips may be longer than the profile's num_frames: generation, ground truth, the real row
+    and the FVD reference all use the same first num_frames frames."""
+    p = _params(tmp_path, _metric_models(tmp_path))
+    paths = ProjectPaths(tmp_path, "tiny")
+    _perfect_samples(paths, clip_frames=13)
+    m = evaluate(p, paths).metrics
+    assert m["depth/gt_delta1"] == pytest.approx(1.0) and m["segmentation/gt_miou"] == pytest.approx(1.0)
+    assert m["depth/fvd"] == pytest.approx(0.0, abs=1e-3) and m["depth/fvd_num_frames"] == 9
+    assert m["real/num_frames"] == 9

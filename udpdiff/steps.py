@@ -176,6 +176,12 @@ def load_palette(paths: ProjectPaths, clip_id: str) -> pixelplanes.Palette:
     return pixelplanes.Palette.from_dict(json.loads((paths.pixelplanes / "palettes.json").read_text())[clip_id])
 
 
+def read_clip(p: Params, paths: ProjectPaths, video_path: str) -> np.ndarray:
+    """A manifest clip as the models see it: its first ``data.num_frames`` frames (the data contract
+    guarantees at least that many, at the profile's size; curated clips may be longer)."""
+    return read_video(resolve(paths.manifest, video_path), indices=list(range(p.active.data.num_frames)))
+
+
 # -- models -------------------------------------------------------------------------------------------
 def load_vae(p: Params, paths: ProjectPaths):
     from diffusers import AutoencoderKLCogVideoX
@@ -184,6 +190,9 @@ def load_vae(p: Params, paths: ProjectPaths):
 
     spec = p.active.vae.model_dump()
     return (build_vae(spec, p.seed) if spec["pretrained"] else AutoencoderKLCogVideoX.from_pretrained(paths.vae)).eval()
+
+
+VAE_CHECK_CLIPS = 8  # validation clips for the VAE's reconstruction PSNR
 
 
 def train_autoencoder(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResult:
@@ -203,11 +212,16 @@ def train_autoencoder(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
     train_df, val_df = df[df.split == "train"], df[df.split == "val"]
     if val_df.empty:
         val_df = train_df.iloc[:1]
+    t = p.active.data.num_frames
+    # a pretrained VAE is only checked: a few validation clips, never the (large) training split
+    val_df = val_df.head(VAE_CHECK_CLIPS)
+    if spec.pretrained:
+        train_df = train_df.iloc[:0]
 
     def kinds(rows: pd.DataFrame) -> dict[str, list[np.ndarray]]:
-        out = {"rgb": [read_video(resolve(paths.manifest, r.video_path)) for r in rows.itertuples()]}
+        out = {"rgb": [read_clip(p, paths, r.video_path) for r in rows.itertuples()]}
         for task in tasks:
-            out[task] = [load_colormap(paths, task, r.clip_id) for r in rows.itertuples()]
+            out[task] = [load_colormap(paths, task, r.clip_id)[:t] for r in rows.itertuples()]
         return out
 
     train_videos, val_videos = kinds(train_df), kinds(val_df)
@@ -229,12 +243,12 @@ def train_autoencoder(p: Params, paths: ProjectPaths, log_fn: LogFn | None = Non
 
         rec = {k: roundtrip(v[0]) for k, v in val_videos.items()}
     if "segmentation" in rec:
-        gt_ids = load_ids(resolve(paths.manifest, r.seg_path))
+        gt_ids = load_ids(resolve(paths.manifest, r.seg_path))[:t]
         dec = pixelplanes.decode_segmentation(rec["segmentation"], palette=load_palette(paths, r.clip_id),
                                               tolerance=p.active.pixelplanes.decode_tolerance)
         metrics["seg_pixel_acc_after_vae"] = float((dec == gt_ids).mean())
     if "depth" in rec:
-        gt_depth = load_depth(resolve(paths.manifest, r.depth_path))
+        gt_depth = load_depth(resolve(paths.manifest, r.depth_path))[:t]
         metrics["depth_mae_after_vae"] = float(np.abs(pixelplanes.decode_depth(rec["depth"]) - gt_depth).mean())
     tmp = _fresh_tmp_dir(paths.vae)
     vae.save_pretrained(tmp)
@@ -267,8 +281,9 @@ def clip_inputs(p: Params, paths: ProjectPaths, row):
     """One manifest row's video, colormaps (per trained task) and captions, read from disk."""
     from udpdiff.latents import ClipInputs
 
-    return ClipInputs(clip_id=row.clip_id, rgb=read_video(resolve(paths.manifest, row.video_path)),
-                      dense={t: load_colormap(paths, t, row.clip_id) for t in p.active.train.tasks},
+    t = p.active.data.num_frames
+    return ClipInputs(clip_id=row.clip_id, rgb=read_clip(p, paths, row.video_path),
+                      dense={task: load_colormap(paths, task, row.clip_id)[:t] for task in p.active.train.tasks},
                       caption_long=row.caption_long, caption_short=row.caption_short)
 
 
@@ -530,7 +545,7 @@ def sample(p: Params, paths: ProjectPaths) -> StepResult:
             stem.parent.mkdir(parents=True, exist_ok=True)
             arrays = {"video": out.videos[0], "seconds": np.float64(seconds[-1])}
             if task is not None:
-                real = read_video(resolve(paths.manifest, row.video_path))  # one clip at a time
+                real = read_clip(p, paths, row.video_path)  # one clip at a time
                 cond = pipe(row.caption_long, task=task, video=real,
                             generator=torch.Generator().manual_seed(p.seed + i),
                             **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
@@ -668,7 +683,7 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
     real_ids = list(dict.fromkeys(x["clip_id"] for x in index))
     real_rows = []
     for chunk in _chunks(real_ids, e.batch_size):
-        videos = np.stack([read_video(resolve(paths.manifest, df.loc[c].video_path)) for c in chunk])
+        videos = np.stack([read_clip(p, paths, df.loc[c].video_path) for c in chunk])
         scores = suite.score_videos(videos)
         real_rows += [{"set": "real", "clip_id": c, **{k: v[j] for k, v in scores.items()}}
                       for j, c in enumerate(chunk)]
@@ -710,10 +725,11 @@ def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path
     from udpdiff.evaluation.runner import depth_scores
     from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
 
+    t = prediction.shape[0]  # the clip's first t frames were predicted
     if task == "depth":
-        scores = depth_scores(prediction, load_depth(resolve(manifest, clip.depth_path)), depth_per_frame)
+        scores = depth_scores(prediction, load_depth(resolve(manifest, clip.depth_path))[:t], depth_per_frame)
         return {f"gt_{k}": v for k, v in scores.items()}
-    gt = load_ids(resolve(manifest, clip.seg_path))
+    gt = load_ids(resolve(manifest, clip.seg_path))[:t]
     return {"gt_miou": float(hungarian_miou(prediction, gt)["miou"]),
             "gt_temporal_id_consistency": temporal_id_consistency(prediction, gt)}
 
@@ -764,9 +780,10 @@ def fvd_reference(p: Params, paths: ProjectPaths, i3d):
     if e.fvd_reference_videos:
         clips = clips.head(e.fvd_reference_videos)
     files = [resolve(paths.manifest, v) for v in clips.video_path]
+    frames = list(range(p.active.data.num_frames))
     i3d_file = Path(e.i3d).expanduser()
     key = json.dumps({"split": split, "clips": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-                      "frames": e.fvd_frames, "i3d": [str(i3d_file.resolve()), i3d_file.stat().st_size]})
+                      "frames": [len(frames), e.fvd_frames], "i3d": [str(i3d_file.resolve()), i3d_file.stat().st_size]})
     digest = hashlib.sha256(key.encode()).hexdigest()
     cache = paths.fvd_reference / f"{split}-{digest[:16]}.npz"
     stats = FVDStatistics.load(cache, digest)
@@ -775,7 +792,7 @@ def fvd_reference(p: Params, paths: ProjectPaths, i3d):
         return stats
     acc = FeatureAccumulator(i3d, e.fvd_frames)
     for chunk in _chunks(files, e.batch_size):
-        acc.add(np.stack([read_video(f) for f in chunk]), what=str(chunk[0].parent))
+        acc.add(np.stack([read_video(f, indices=frames) for f in chunk]), what=str(chunk[0].parent))
     stats = acc.statistics()
     cache.parent.mkdir(parents=True, exist_ok=True)
     stats.save(cache, digest)
