@@ -11,9 +11,9 @@ import pytest
 from udpdiff.data.curate import ingest_panda70m, motion_score_from_frames
 from udpdiff.data.synthetic import render_clip
 from udpdiff.data.validation import validate_manifest
-from udpdiff.io.dense import load_ids, save_depth, save_ids
+from udpdiff.io.dense import load_depth, load_ids, save_depth, save_ids
 from udpdiff.io.manifest import read_manifest, resolve
-from udpdiff.io.video import write_video
+from udpdiff.io.video import read_video, write_video
 
 H, W = 32, 48
 
@@ -145,3 +145,73 @@ def test_motion_score_sees_motion() -> None:
     moving[1] = np.roll(still[1], 3, axis=1)
     assert motion_score_from_frames(still) == pytest.approx(0.0, abs=1e-3)
     assert motion_score_from_frames(moving) > motion_score_from_frames(still) + 0.1
+
+
+def test_annotators_label_clips_without_maps(panda: tuple[Path, Path], tmp_path: Path) -> None:
+    """Clips with a precomputed map keep it; the others are labelled by the annotators; an annotator
+    whose output does not fit the clip rejects that clip, naming the problem."""
+    csv, videos = panda
+    seg = tmp_path / "seg"
+    given = np.zeros((12, H, W), np.int32)
+    given[:, :8, :8] = 7
+    save_ids(seg / "good0.npz", given)
+    seen: list[tuple[int, int, int]] = []
+
+    def segment(video: np.ndarray) -> np.ndarray:
+        seen.append(video.shape[:3])
+        return (video[..., 0] > 127).astype(np.int32)  # "entities": bright red pixels
+
+    def depth(video: np.ndarray) -> np.ndarray:
+        return video.mean(-1, dtype=np.float32) / 255.0
+
+    manifest, rejects = ingest_panda70m(csv, videos, tmp_path / "out", min_frames=8, seg_dir=seg,
+                                        annotators={"seg": segment, "depth": depth})
+    df = read_manifest(manifest).set_index("clip_id")
+    assert sorted(df.index) == ["good0", "good1", "good2"]
+    assert np.array_equal(load_ids(resolve(manifest, df.loc["good0", "seg_path"])), given)  # precomputed kept
+    assert seen == [(12, H, W), (12, H, W)]  # the other two were annotated, whole clip at its size
+    for clip in ("good1", "good2"):
+        ids = load_ids(resolve(manifest, df.loc[clip, "seg_path"]))
+        video = read_video(resolve(manifest, df.loc[clip, "video_path"]))
+        assert np.array_equal(ids, (video[..., 0] > 127).astype(np.int32))
+        assert load_depth(resolve(manifest, df.loc[clip, "depth_path"])).shape == (12, H, W)
+    assert validate_manifest(manifest, 8, (H, W), tmp_path / "r.json").success
+
+    bad = {"seg": lambda v: np.zeros(v.shape[:3], np.int32)[:, :-1], "depth": depth}
+    _, rejects = ingest_panda70m(csv, videos, tmp_path / "out2", min_frames=8, annotators=bad)
+    reasons = dict(pd.read_csv(rejects)[["clip_id", "reason"]].itertuples(index=False))
+    assert reasons["good1"].startswith("seg_mismatch") and "annotator" in reasons["good1"]
+    with pytest.raises(ValueError, match="unknown kinds"):
+        ingest_panda70m(csv, videos, tmp_path / "out3", min_frames=8, annotators={"ids": segment})
+
+
+def test_curate_stage_loads_annotators_only_when_a_clip_needs_one(panda: tuple[Path, Path], tmp_path: Path) -> None:
+    """The curate stage with params naming real annotator classes (tiny Depth Anything V2 from a local
+    folder), and a SAM2 path that does not exist: it is never loaded because every clip has ids."""
+    import yaml
+
+    from tests.test_annotators_depth import _small_da_processor, tiny_depth_anything
+    from udpdiff.config import load_params
+    from udpdiff.paths import ProjectPaths
+    from udpdiff.steps import curate
+
+    csv, videos = panda
+    seg = tmp_path / "seg"
+    for i in range(3):
+        save_ids(seg / f"good{i}.npz", np.ones((12, H, W), np.int32))
+    tiny_depth_anything().save_pretrained(tmp_path / "da-v2")
+    _small_da_processor().save_pretrained(tmp_path / "da-v2")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["profiles"]["tiny"]["data"].update(source="panda70m", num_frames=9, height=H, width=W, panda70m={
+        "csv": str(csv), "video_dir": str(videos), "seg_dir": str(seg),
+        "segmentation_annotator": {"type": "sam2", "path": str(tmp_path / "no-sam2-here")},
+        "depth_annotator": {"type": "depth-anything-v2", "path": str(tmp_path / "da-v2")}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = load_params(tmp_path / "params.yaml")
+    paths = ProjectPaths(tmp_path, "tiny")
+    result = curate(p, paths)
+    assert result.metrics["clips"] == 3
+    df = read_manifest(paths.manifest)
+    for row in df.itertuples():
+        d = load_depth(resolve(paths.manifest, row.depth_path))
+        assert d.shape == (12, H, W) and d.min() == 0.0 and d.max() == 1.0  # per-video normalised disparity

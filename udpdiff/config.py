@@ -23,11 +23,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AnnotatorParams(_Strict):
+    """A dense annotator model: labels curated clips, or gives the pseudo ground truth of generated videos (Tab 3)."""
+
+    type: Literal["depthcrafter", "depth-anything-v2", "sam2"]
+    path: str                                 # local folder or hub id of the model
+    svd_path: str | None = None               # DepthCrafter only: its Stable Video Diffusion base
+
+
+DEPTH_ANNOTATORS = ("depthcrafter", "depth-anything-v2")
+SEGMENTATION_ANNOTATORS = ("sam2",)
+
+
+def _check_annotator_kinds(obj: BaseModel, keys: dict[str, tuple[str, ...]]) -> None:
+    for key, kinds in keys.items():
+        ref = getattr(obj, key)
+        if ref is not None and ref.type not in kinds:
+            raise ValueError(f"{key}.type must be one of {list(kinds)}, got {ref.type!r}")
+
+
 class Panda70MSource(_Strict):
     csv: str | None = None
     video_dir: str | None = None
     seg_dir: str | None = None
     depth_dir: str | None = None
+    # clips without a precomputed map in seg_dir / depth_dir are labelled by these (paper §3)
+    segmentation_annotator: AnnotatorParams | None = None
+    depth_annotator: AnnotatorParams | None = None
+
+    @model_validator(mode="after")
+    def _annotator_kinds(self) -> Panda70MSource:
+        _check_annotator_kinds(self, {"segmentation_annotator": SEGMENTATION_ANNOTATORS,
+                                      "depth_annotator": DEPTH_ANNOTATORS})
+        return self
 
 
 class DataParams(_Strict):
@@ -143,14 +171,6 @@ class SampleParams(_Strict):
     runtime_trials: int = Field(1, ge=0)      # timed runs of ours and the stock architecture (Tab 4)
 
 
-class AnnotatorParams(_Strict):
-    """A dense annotator run on generated RGB (the paper's pseudo-ground-truth protocol, Tab 3)."""
-
-    type: Literal["depthcrafter", "depth-anything-v2", "sam2"]
-    path: str                                 # local folder or hub id of the model
-    svd_path: str | None = None               # DepthCrafter only: its Stable Video Diffusion base
-
-
 class EvaluateParams(_Strict):
     """Metric models (local paths or hub ids; ``null`` = that metric is not computed) and streaming.
 
@@ -173,12 +193,8 @@ class EvaluateParams(_Strict):
 
     @model_validator(mode="after")
     def _annotator_kinds(self) -> EvaluateParams:
-        for key, kinds in (("depth_annotator", ("depthcrafter", "depth-anything-v2")),
-                           ("depth_baseline", ("depthcrafter", "depth-anything-v2")),
-                           ("segmentation_annotator", ("sam2",))):
-            ref = getattr(self, key)
-            if ref is not None and ref.type not in kinds:
-                raise ValueError(f"{key}.type must be one of {list(kinds)}, got {ref.type!r}")
+        _check_annotator_kinds(self, {"depth_annotator": DEPTH_ANNOTATORS, "depth_baseline": DEPTH_ANNOTATORS,
+                                      "segmentation_annotator": SEGMENTATION_ANNOTATORS})
         if self.depth_baseline is not None and self.depth_annotator is None:
             raise ValueError("depth_baseline is scored against depth_annotator's pseudo-GT: set depth_annotator too")
         return self

@@ -86,9 +86,16 @@ def curate(p: Params, paths: ProjectPaths) -> StepResult:
     src = p.active.data.panda70m
     if not (src.csv and src.video_dir):
         raise ValueError("data.panda70m.csv and data.panda70m.video_dir must be set for source: panda70m")
+    from udpdiff.annotators import LazyAnnotator
+
+    # loaded when a clip first lacks a map; missing weights then stop the stage (no silently unlabelled data)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    annotators = {kind: LazyAnnotator(ref, device) for kind, ref in
+                  (("seg", src.segmentation_annotator), ("depth", src.depth_annotator)) if ref is not None}
     manifest, rejects = ingest_panda70m(src.csv, src.video_dir, paths.clips, min_frames=p.active.data.num_frames,
                                         seg_dir=src.seg_dir, depth_dir=src.depth_dir,
-                                        val_fraction=p.active.data.val_fraction, seed=p.seed)
+                                        val_fraction=p.active.data.val_fraction, seed=p.seed,
+                                        annotators=annotators)
     df = read_manifest(manifest)
     stats = _dataset_stats(df)
     stats["rejected_clips"] = float(len(pd.read_csv(rejects))) if Path(rejects).stat().st_size else 0.0

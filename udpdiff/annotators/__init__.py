@@ -1,2 +1,53 @@
 """Dense annotators run on RGB videos: pseudo ground truth for the evaluation (paper Tab 3) and
-labels for curation. Depth: DepthCrafter, Depth Anything V2; entity segmentation: SAM2 video."""
+labels for curation. Depth: DepthCrafter, Depth Anything V2; entity segmentation: SAM2 video.
+
+Each maps a uint8 ``(T, H, W, 3)`` video to ``(T, H, W)`` normalised disparity (float32, 1 = near)
+or entity ids (int32, 0 = background), per CONVENTIONS.md. Models load from a local folder or hub
+id; missing weights raise :class:`udpdiff.evaluation.consistency.MetricModelUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from udpdiff.config import AnnotatorParams
+
+
+def build_annotator(ref: AnnotatorParams, device: str | torch.device | None = None
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """The annotator ``ref`` (params.yaml) names, loaded from its local path or hub id."""
+    if ref.type == "depth-anything-v2":
+        from udpdiff.annotators.depth import DepthAnythingV2Annotator
+
+        return DepthAnythingV2Annotator(ref.path, device=device)
+    if ref.type == "depthcrafter":
+        from udpdiff.annotators.depth import DepthCrafterAnnotator
+
+        kwargs = {"svd_path_or_id": ref.svd_path} if ref.svd_path else {}
+        return DepthCrafterAnnotator(ref.path, device=device, **kwargs)
+    if ref.type == "sam2":
+        from udpdiff.annotators.segmentation import Sam2VideoAnnotator
+
+        return Sam2VideoAnnotator(ref.path, device=device)
+    raise ValueError(f"unknown annotator type {ref.type!r}")
+
+
+class LazyAnnotator:
+    """Builds the annotator on its first call: a curation run whose clips all come with precomputed
+    maps never needs (or loads) the annotator's weights."""
+
+    def __init__(self, ref: AnnotatorParams, device: str | torch.device | None = None) -> None:
+        self.ref, self.device = ref, device
+        self.name = ref.type
+        self._annotator: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __call__(self, video: np.ndarray) -> np.ndarray:
+        if self._annotator is None:
+            self._annotator = build_annotator(self.ref, self.device)
+        return self._annotator(video)
+
+
+__all__ = ["LazyAnnotator", "build_annotator"]

@@ -17,6 +17,8 @@ Expected inputs
 * ``video_dir``: the clips, already downloaded and split, as ``<video_dir>/<clip_id>.mp4``.
 * optional ``seg_dir`` / ``depth_dir``: annotator outputs (SAM2 entity ids, DepthCrafter depth) as
   ``<seg_dir>/<clip_id>.npz`` (key ``ids``) and ``<depth_dir>/<clip_id>.npz`` (key ``depth``).
+* optional ``annotators``: models that label a clip which has no precomputed map (see
+  :mod:`udpdiff.annotators`).
 
 Output (``out_dir``): ``videos/``, ``seg/``, ``depth/`` (hard links, or copies across file
 systems), ``manifest.parquet`` with ``source="panda70m"`` and ``rejects.csv``
@@ -32,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +173,22 @@ def _dense_check(kind: str, path: Path, expected: tuple[int, int, int]) -> np.nd
     return array
 
 
+def _annotate(kind: str, annotator: Callable[[np.ndarray], np.ndarray], video: np.ndarray, src: Path,
+              expected: tuple[int, int, int]) -> np.ndarray:
+    """Run ``annotator`` on the clip; its output must be a valid map of the clip's (T, H, W)."""
+    out = np.asarray(annotator(video))
+    if out.shape != expected:
+        raise _RejectError(f"{kind}_mismatch: the {kind} annotator returned {out.shape} for {src} ({expected})")
+    if kind == "seg":
+        if not np.issubdtype(out.dtype, np.integer) or (out < 0).any():
+            raise _RejectError(f"bad_seg: the annotator returned {out.dtype} ids with negatives for {src}")
+        return out.astype(np.int32, copy=False)
+    out = out.astype(np.float32, copy=False)
+    if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+        raise _RejectError(f"bad_depth: the annotator returned values outside [0, 1] (or NaN) for {src}")
+    return out
+
+
 def _ingest_one(
     cand: _Candidate,
     video_dir: Path,
@@ -178,6 +197,7 @@ def _ingest_one(
     seg_dir: Path | None,
     depth_dir: Path | None,
     require_dense: bool,
+    annotators: Mapping[str, Callable[[np.ndarray], np.ndarray]],
 ) -> dict:
     if not _CLIP_ID_RE.match(cand.clip_id):
         raise _RejectError(f"bad_clip_id: {cand.clip_id!r} is not usable as a file name")
@@ -208,16 +228,20 @@ def _ingest_one(
     seg_rel = depth_rel = ""
     num_entities = 0
     dense: dict[str, np.ndarray] = {}
+    video: np.ndarray | None = None
     for kind, folder in (("seg", seg_dir), ("depth", depth_dir)):
-        if folder is None:
-            continue
-        path = folder / f"{cand.clip_id}.npz"
-        if not path.exists():
+        path = folder / f"{cand.clip_id}.npz" if folder is not None else None
+        if path is not None and path.exists():
+            dense[kind] = _dense_check(kind, path, expected)
+        elif kind in annotators:
+            # no precomputed map: the configured annotator labels the clip (paper §3: SAM2 / DepthCrafter)
+            if video is None:
+                video = read_video(src, indices=list(range(n)))
+            dense[kind] = _annotate(kind, annotators[kind], video, src, expected)
+        elif path is not None:
             if require_dense:
                 raise _RejectError(f"missing_{kind}: {path} does not exist")
             logger.info("%s: no %s map at %s", cand.clip_id, kind, path)
-            continue
-        dense[kind] = _dense_check(kind, path, expected)
 
     _link_or_copy(src, out / "videos" / f"{cand.clip_id}.mp4")
     if "seg" in dense:
@@ -257,6 +281,7 @@ def ingest_panda70m(
     val_fraction: float = 0.0,
     seed: int = 0,
     max_clips: int | None = None,
+    annotators: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> tuple[Path, Path]:
     """Validate and import Panda-70M clips; return ``(manifest_path, rejects_path)``.
 
@@ -267,7 +292,15 @@ def ingest_panda70m(
             empty unless ``require_dense`` is set, which rejects the clip instead.
         val_fraction, seed: deterministic split (see :func:`udpdiff.io.manifest.assign_splits`).
         max_clips: stop after this many candidate clips (smoke runs).
+        annotators: ``{"seg": video -> ids, "depth": video -> disparity}`` (e.g. the SAM2 and
+            DepthCrafter annotators of :mod:`udpdiff.annotators`): a clip without a precomputed map
+            of that kind is labelled by it (the whole clip, at its own size). A map that does not
+            fit the clip rejects the clip like a bad file would.
     """
+    annotators = dict(annotators or {})
+    unknown = set(annotators) - {"seg", "depth"}
+    if unknown:
+        raise ValueError(f"annotators: unknown kinds {sorted(unknown)}; use 'seg' and/or 'depth'")
     csv_path, video_dir, out = Path(csv_path), Path(video_dir), Path(out_dir)
     seg_p = Path(seg_dir) if seg_dir is not None else None
     depth_p = Path(depth_dir) if depth_dir is not None else None
@@ -298,7 +331,7 @@ def ingest_panda70m(
                 raise _RejectError(f"duplicate: clip id {cand.clip_id!r} appears more than once")
             seen.add(cand.clip_id)
             rows.append(
-                _ingest_one(cand, video_dir, out, min_frames, seg_p, depth_p, require_dense)
+                _ingest_one(cand, video_dir, out, min_frames, seg_p, depth_p, require_dense, annotators)
             )
         except _RejectError as rej:
             logger.error("rejected clip %s (%s): %s", cand.clip_id, path, rej.reason)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from udpdiff.config import AnnotatorParams, EvaluateParams
+from udpdiff.annotators import build_annotator
+from udpdiff.config import EvaluateParams
 from udpdiff.evaluation.consistency import (
     ClipImageFeatures,
     DinoFeatures,
@@ -107,22 +108,6 @@ def _try(notes: list[str], build: Callable[[], object]) -> object | None:
         logger.warning("%s", err)
         notes.append(str(err))
         return None
-
-
-def build_annotator(ref: AnnotatorParams, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """The dense annotator ``ref`` names, loaded from its local path or hub id."""
-    if ref.type == "depth-anything-v2":
-        from udpdiff.annotators.depth import DepthAnythingV2Annotator
-
-        return DepthAnythingV2Annotator(ref.path, device=device)
-    if ref.type == "depthcrafter":
-        from udpdiff.annotators.depth import DepthCrafterAnnotator
-
-        kwargs = {"svd_path_or_id": ref.svd_path} if ref.svd_path else {}
-        return DepthCrafterAnnotator(ref.path, device=device, **kwargs)
-    from udpdiff.annotators.segmentation import Sam2VideoAnnotator
-
-    return Sam2VideoAnnotator(ref.path, device=device)
 
 
 def build_metric_suite(e: EvaluateParams, where: str = "evaluate") -> MetricSuite:
