@@ -174,6 +174,7 @@ def test_missing_metric_weights_are_a_note_and_the_rest_still_runs(tmp_path):
     for missing in ("absent-dino", "absent.pt", "absent-amt.pth", "absent-da"):
         assert missing in notes
     assert "profiles.tiny.evaluate.clip" in notes
+    assert set(suite.names) == {"motion_smoothness_flow"}  # only models that produce numbers are named
     paths = ProjectPaths(tmp_path, "tiny")
     _perfect_samples(paths)
     m = evaluate(p, paths).metrics

@@ -120,15 +120,14 @@ def build_metric_suite(e: EvaluateParams, where: str = "evaluate") -> MetricSuit
     unset = [k for k in ("dino", "clip", "i3d") if not getattr(e, k)]
     for key in unset:
         s.notes.append(f"{key}: not configured, its metric is not computed (set {where}.{key} to a local path or id)")
-    if e.dino:
-        s.dino = _try(s.notes, lambda: DinoFeatures(e.dino, device=device))
-        s.names["subject_consistency"] = f"DINO ViT-B/16 ({e.dino})"
-    if e.clip:
-        s.clip = _try(s.notes, lambda: ClipImageFeatures(e.clip, device=device))
-        s.names["background_consistency"] = f"CLIP ViT-B/32 ({e.clip})"
-    if e.i3d:
-        s.i3d = _try(s.notes, lambda: I3DFeatures(e.i3d, device=device))
-        s.names["fvd"] = f"I3D Kinetics-400 ({e.i3d})"
+    for key, cls, label, metric in (("dino", DinoFeatures, "DINO ViT-B/16", "subject_consistency"),
+                                    ("clip", ClipImageFeatures, "CLIP ViT-B/32", "background_consistency"),
+                                    ("i3d", I3DFeatures, "I3D Kinetics-400", "fvd")):
+        ref = getattr(e, key)
+        if ref:
+            setattr(s, key, _try(s.notes, lambda cls=cls, ref=ref: cls(ref, device=device)))
+            if getattr(s, key) is not None:  # only what actually produced a number is named
+                s.names[metric] = f"{label} ({ref})"
     if e.amt:
         s.motion = _try(s.notes, lambda: AMTInterpolator(e.amt, device=device))
         if s.motion is not None:
@@ -145,5 +144,6 @@ def build_metric_suite(e: EvaluateParams, where: str = "evaluate") -> MetricSuit
                            f"(set {where}.{key})")
             continue
         setattr(s, key, _try(s.notes, lambda ref=ref: build_annotator(ref, device)))
-        s.names[key] = f"{ref.type} ({ref.path})"
+        if getattr(s, key) is not None:
+            s.names[key] = f"{ref.type} ({ref.path})"
     return s
