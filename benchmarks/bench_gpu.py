@@ -42,10 +42,7 @@ import json
 import logging
 import math
 import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -58,10 +55,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import torch  # noqa: E402
 
+from benchmarks.common import GIB, n_params, write_outputs  # noqa: E402
+from benchmarks.common import machine_info as common_machine_info  # noqa: E402
+
 logger = logging.getLogger("bench_gpu")
 
 SECTIONS = ("gemm", "step", "sample", "train")
-GIB = 2**30
 
 # Published CogVideoX 1.0 transformer configs (THUDM/CogVideoX-{2b,5b}/transformer/config.json).
 COMMON = dict(attention_head_dim=64, time_embed_dim=512, text_embed_dim=4096, patch_size=2, max_text_seq_length=226,
@@ -159,7 +158,7 @@ class Bench:
         if self.rank != 0 or self.args.out is None:
             return
         self.result["wall_s"] = self.elapsed()
-        write_outputs(self.result, self.args.out)
+        write_outputs(self.result, self.args.out, render_markdown)
 
 
 def gib(n: int | float | None) -> float | None:
@@ -170,44 +169,11 @@ def param_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def write_outputs(result: dict[str, Any], out: Path) -> None:
-    from udpdiff.io.atomic import write_text
-
-    write_text(out, json.dumps(result, indent=2, default=str) + "\n")
-    write_text(out.with_suffix(".md"), render_markdown(result))
+PACKAGES = ("torch", "diffusers", "deepspeed", "transformers", "numpy")
 
 
 def machine_info(bench: Bench) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    info: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(),
-                            "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    versions = {}
-    for name in ("torch", "diffusers", "deepspeed", "transformers", "numpy"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    versions["torch"] = torch.__version__
-    versions["cuda"] = torch.version.cuda
-    versions["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    info["versions"] = versions
-    info["device"] = str(bench.device)
-    if bench.cuda:
-        props = torch.cuda.get_device_properties(bench.device)
-        info["gpu"] = {"name": props.name, "memory_gib": props.total_memory / GIB,
-                       "multiprocessors": props.multi_processor_count, "count": torch.cuda.device_count()}
-        try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30, check=True)
-            info["nvidia_smi"] = smi.stdout.strip().splitlines()
-        except (OSError, subprocess.SubprocessError) as exc:
-            info["nvidia_smi"] = f"unavailable: {exc}"
-    return info
+    return common_machine_info(bench.device, PACKAGES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             raise SystemExit("--merge needs --out")
         result = merge(args.merge, args.note)
-        write_outputs(result, args.out)
+        write_outputs(result, args.out, render_markdown)
         print(render_markdown(result))
         return 0
     archs = [a for a in args.archs.split(",") if a]

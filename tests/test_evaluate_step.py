@@ -296,3 +296,19 @@ def test_clips_longer_than_num_frames_are_scored_on_their_first_frames(tmp_path)
     assert m["depth/gt_delta1"] == pytest.approx(1.0) and m["segmentation/gt_miou"] == pytest.approx(1.0)
     assert m["depth/fvd"] == pytest.approx(0.0, abs=1e-3) and m["depth/fvd_num_frames"] == 9
     assert m["real/num_frames"] == 9
+
+
+def test_annotator_options_reach_the_class_and_bad_ones_are_named(tmp_path):
+    from tests.test_annotators_depth import _small_da_processor, tiny_depth_anything
+    from udpdiff.annotators import build_annotator
+    from udpdiff.config import AnnotatorParams
+
+    tiny_depth_anything().save_pretrained(tmp_path / "da-v2")
+    _small_da_processor().save_pretrained(tmp_path / "da-v2")
+    ref = AnnotatorParams(type="depth-anything-v2", path=str(tmp_path / "da-v2"), options={"batch_size": 2})
+    assert build_annotator(ref, "cpu").batch_size == 2
+    bad = AnnotatorParams(type="depth-anything-v2", path=str(tmp_path / "da-v2"), options={"points_per_side": 8})
+    with pytest.raises(ValueError, match="points_per_side"):
+        build_annotator(bad, "cpu")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_annotator(AnnotatorParams(type="sam2", path="x", options={"dtype": "fp8"}), "cpu")

@@ -29,6 +29,8 @@ class AnnotatorParams(_Strict):
     type: Literal["depthcrafter", "depth-anything-v2", "sam2"]
     path: str                                 # local folder or hub id of the model
     svd_path: str | None = None               # DepthCrafter only: its Stable Video Diffusion base
+    # keyword arguments of the annotator class, e.g. {dtype: bfloat16, max_entities: 16, points_per_side: 12}
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 DEPTH_ANNOTATORS = ("depthcrafter", "depth-anything-v2")

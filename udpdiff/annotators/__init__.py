@@ -18,21 +18,38 @@ from udpdiff.config import AnnotatorParams
 
 def build_annotator(ref: AnnotatorParams, device: str | torch.device | None = None
                     ) -> Callable[[np.ndarray], np.ndarray]:
-    """The annotator ``ref`` (params.yaml) names, loaded from its local path or hub id."""
+    """The annotator ``ref`` (params.yaml) names, loaded from its local path or hub id, with
+    ``ref.options`` as keyword arguments of its class (a ``dtype`` given by name, e.g. ``bfloat16``)."""
+    kwargs = dict(ref.options)
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = _DTYPES[kwargs["dtype"]] if kwargs["dtype"] in _DTYPES else _bad_dtype(kwargs["dtype"])
     if ref.type == "depth-anything-v2":
         from udpdiff.annotators.depth import DepthAnythingV2Annotator
 
-        return DepthAnythingV2Annotator(ref.path, device=device)
-    if ref.type == "depthcrafter":
+        cls = DepthAnythingV2Annotator
+    elif ref.type == "depthcrafter":
         from udpdiff.annotators.depth import DepthCrafterAnnotator
 
-        kwargs = {"svd_path_or_id": ref.svd_path} if ref.svd_path else {}
-        return DepthCrafterAnnotator(ref.path, device=device, **kwargs)
-    if ref.type == "sam2":
+        cls = DepthCrafterAnnotator
+        if ref.svd_path:
+            kwargs["svd_path_or_id"] = ref.svd_path
+    elif ref.type == "sam2":
         from udpdiff.annotators.segmentation import Sam2VideoAnnotator
 
-        return Sam2VideoAnnotator(ref.path, device=device)
-    raise ValueError(f"unknown annotator type {ref.type!r}")
+        cls = Sam2VideoAnnotator
+    else:
+        raise ValueError(f"unknown annotator type {ref.type!r}")
+    try:
+        return cls(ref.path, device=device, **kwargs)
+    except TypeError as err:  # an option the class does not take: say which, and where it came from
+        raise ValueError(f"annotator {ref.type} ({ref.path}): bad options {ref.options}: {err}") from err
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bad_dtype(name: str) -> torch.dtype:
+    raise ValueError(f"annotator option dtype must be one of {sorted(_DTYPES)}, got {name!r}")
 
 
 class LazyAnnotator:
