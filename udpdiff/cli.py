@@ -16,6 +16,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from udpdiff import viz
+    from udpdiff.devices import default_device
     from udpdiff.pipeline import UDPDiffPipeline
     from udpdiff.steps import dense_picture
 
@@ -29,8 +30,7 @@ def _generate(args: argparse.Namespace) -> int:
               "leave out --task", file=sys.stderr)
         return 2
     task = (args.task or "depth") if pipe.dense else None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe.to(device)
+    pipe.to(default_device())
     generator = torch.Generator().manual_seed(args.seed)
     num_frames = args.num_frames or pipe.transformer.config.sample_frames
     out = pipe(args.prompt, task=task, num_frames=num_frames, height=args.height, width=args.width,

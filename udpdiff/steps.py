@@ -22,6 +22,7 @@ import torch
 
 from udpdiff import pixelplanes, viz
 from udpdiff.config import Params
+from udpdiff.devices import default_device
 from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
@@ -89,7 +90,7 @@ def curate(p: Params, paths: ProjectPaths) -> StepResult:
     from udpdiff.annotators import LazyAnnotator
 
     # loaded when a clip first lacks a map; missing weights then stop the stage (no silently unlabelled data)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     annotators = {kind: LazyAnnotator(ref, device) for kind, ref in
                   (("seg", src.segmentation_annotator), ("depth", src.depth_annotator)) if ref is not None}
     manifest, rejects = ingest_panda70m(src.csv, src.video_dir, paths.clips, min_frames=p.active.data.num_frames,
@@ -656,15 +657,17 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
 
     e = p.active.evaluate
     index = json.loads((paths.samples / "index.json").read_text())
-    df = read_manifest(paths.manifest).set_index("clip_id")
+    manifest = read_manifest(paths.manifest)
+    df = manifest.set_index("clip_id")
     suite = build_metric_suite(e, where=f"profiles.{p.profile}.evaluate")
-    reference = fvd_reference(p, paths, suite.i3d) if suite.i3d is not None else None
+    reference = fvd_reference(p, paths, suite.i3d, manifest) if suite.i3d is not None else None
     per_video: list[dict] = []
     results: dict[str, dict[str, float]] = {}
     for name in sample_sets(p):
         task = None if name == RGB_ONLY else name
         entries = [x for x in index if x["task"] == name]
         features = FeatureAccumulator(suite.i3d, e.fvd_frames) if reference is not None else None
+        rows: list[dict] = []
         for chunk in tqdm(_chunks(entries, e.batch_size), desc=f"evaluate {name}", unit="chunk",
                           total=-(-len(entries) // e.batch_size)):
             arrays = [_load_sample(paths.samples / x["npz"], task) for x in chunk]
@@ -678,9 +681,9 @@ def evaluate(p: Params, paths: ProjectPaths) -> StepResult:
                         scores.setdefault(k, []).append(v)
             if features is not None:
                 features.add(videos, what=f"{paths.samples / name}")
-            for j, x in enumerate(chunk):
-                per_video.append({"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}})
-        rows = [r for r in per_video if r["set"] == name]
+            rows += [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
+                     for j, x in enumerate(chunk)]
+        per_video += rows
         results[name] = _means(rows)
         results[name]["num_videos"] = float(len(rows))
         results[name]["num_frames"] = float(videos.shape[1]) if entries else 0.0
@@ -773,7 +776,7 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def fvd_reference(p: Params, paths: ProjectPaths, i3d):
+def fvd_reference(p: Params, paths: ProjectPaths, i3d, manifest: pd.DataFrame | None = None):
     """I3D statistics of the real clips of ``sample.split`` (capped at ``evaluate.fvd_reference_videos``),
     cached under ``data/<profile>/fvd_reference``: computed once per split, clip set, frame count and
     I3D file, reused by every later evaluation and sweep variant."""
@@ -782,7 +785,7 @@ def fvd_reference(p: Params, paths: ProjectPaths, i3d):
     from udpdiff.evaluation.fvd import FeatureAccumulator, FVDStatistics
 
     e, split = p.active.evaluate, p.active.sample.split
-    df = read_manifest(paths.manifest)
+    df = read_manifest(paths.manifest) if manifest is None else manifest
     clips = df[df.split == split].sort_values("clip_id")
     if e.fvd_reference_videos:
         clips = clips.head(e.fvd_reference_videos)

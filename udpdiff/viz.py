@@ -220,6 +220,14 @@ def write_side_by_side(
     return path
 
 
+def _save_png(fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
 def plot_curves(
     path: str | os.PathLike,
     series: Mapping[str, tuple[ArrayLike | Sequence[float], ArrayLike | Sequence[float]]],
@@ -256,11 +264,7 @@ def plot_curves(
     ax.grid(True, alpha=0.3)
     if series:
         ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return _save_png(fig, path)
 
 
 def plot_grouped_bars(
@@ -295,11 +299,7 @@ def plot_grouped_bars(
     ax.grid(True, axis="y", alpha=0.3)
     if groups:
         ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return _save_png(fig, path)
 
 
 def _cell(value: Any, floatfmt: str) -> str:

@@ -57,6 +57,7 @@ from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemp
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 from diffusers.utils.torch_utils import randn_tensor
 
+from udpdiff.devices import default_device
 from udpdiff.evaluation.consistency import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -142,12 +143,6 @@ def normalize_per_video(disparity: torch.Tensor | np.ndarray, eps: float = 1e-12
         return np.zeros(tuple(d.shape), dtype=np.float32)
     # float64 for the affine map so that min/max land exactly on 0 and 1 after the float32 cast.
     return ((d - lo) / (hi - lo)).clamp_(0.0, 1.0).to(torch.float32).numpy()
-
-
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class DepthAnnotator(abc.ABC):
@@ -265,7 +260,7 @@ class DepthAnythingV2Annotator(DepthAnnotator):
             )
         if processor is None:
             processor = _load_depth_processor(model_path_or_id, local_files_only)
-        self.device = _default_device(device)
+        self.device = default_device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.batch_size = int(batch_size)
@@ -655,7 +650,7 @@ class DepthCrafterAnnotator(DepthAnnotator):
             raise ValueError(f"need window_size >= 1 and overlap >= 0, got {window_size}, {overlap}")
         if max_res < 64:
             raise ValueError(f"max_res must be >= 64, got {max_res}")
-        self.device = _default_device(device)
+        self.device = default_device(device)
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if pipeline is None:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from udpdiff.devices import default_device
 from udpdiff.evaluation.consistency import IMAGENET_MEAN, IMAGENET_STD, _load_pretrained
 from udpdiff.evaluation.consistency import _weights_hint as _consistency_weights_hint
 
@@ -348,8 +349,8 @@ class Sam2VideoAnnotator:
 
         if device is None:
             # A caller's model stays where it is; a freshly loaded one goes to the GPU if there is one.
-            device = _module_device(model) if model_given else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+            device = _module_device(model) if model_given else None
+        self.device = default_device(device)
         self.model = model.to(self.device, dtype=dtype).eval() if dtype is not None else model.to(self.device).eval()
         self.dtype = next(self.model.parameters()).dtype
         size = self.model.config.image_size  # square model input; an int in every SAM2 checkpoint

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from udpdiff.devices import default_device
 from udpdiff.evaluation.consistency import MetricModelUnavailable
 
 logger = logging.getLogger(__name__)
@@ -134,9 +135,7 @@ class I3DFeatures:
         device: str | torch.device | None = None,
         batch_size: int = 8,
     ) -> None:
-        self.device = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = default_device(device)
         self.batch_size = int(batch_size)
         if model is None:
             if path is None or not Path(path).expanduser().is_file():

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from udpdiff.devices import default_device
 from udpdiff.evaluation.consistency import MetricModelUnavailable
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class AMTInterpolator:
         scale: float | Literal["auto"] = 1.0,
         config: str | os.PathLike | None = None,
     ) -> None:
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         if scale != "auto" and not 0.0 < float(scale) <= 1.0:
             raise ValueError(f"scale must be in (0, 1] or 'auto', got {scale!r}")
         self.scale, self.batch_size = scale, int(batch_size)

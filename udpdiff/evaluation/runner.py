@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from udpdiff.annotators import build_annotator
 from udpdiff.config import EvaluateParams
+from udpdiff.devices import default_device
 from udpdiff.evaluation.consistency import (
     ClipImageFeatures,
     DinoFeatures,
@@ -40,12 +40,6 @@ logger = logging.getLogger(__name__)
 # metric key -> what produced it; the report prints these so nobody compares the flow prior with VBench
 MOTION_PRIORS = {MS_AMT: "VBench AMT-S frame interpolation", MS_FLOW: "OpenCV Farneback optical-flow interpolation "
                  "(offline prior; not comparable to the paper's MS)"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -115,7 +109,7 @@ def build_metric_suite(e: EvaluateParams, where: str = "evaluate") -> MetricSuit
 
     ``where`` is the params.yaml prefix of ``e`` (``profiles.<profile>.evaluate``), so that a note
     says exactly which key to set."""
-    device = resolve_device(e.device)
+    device = default_device(e.device)
     s = MetricSuite(depth_per_frame=e.depth_alignment == "frame")
     unset = [k for k in ("dino", "clip", "i3d") if not getattr(e, k)]
     for key in unset:
