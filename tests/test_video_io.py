@@ -218,7 +218,7 @@ def test_truncated_faststart_file_over_reports_frames(tmp_path: Path) -> None:
     full = tmp_path / "fast.mp4"
     frames = (np.random.default_rng(0).random((30, 64, 64, 3)) * 255).astype(np.uint8)
     with av.open(str(full), "w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=8, options={"crf": "10"})
+        stream = container.add_stream("libx264", rate=8, options={"qp": "10"})
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
@@ -317,3 +317,28 @@ def test_save_validates(tmp_path: Path) -> None:
     with pytest.raises(DenseMapError):
         save_depth(tmp_path / "d.npz", np.full((1, 2, 2), 2.0, np.float32))
     assert not (tmp_path / "d.npz").exists()
+
+
+def test_equal_frames_encode_to_equal_bytes_whatever_the_float_state(tmp_path):
+    """DVC compares bytes: an encoder whose output drifts from run to run re-runs every stage
+    downstream of a video. x264's adaptive quantisation / macroblock tree made equal frames encode
+    differently between calls (and with the CPU's flush-to-zero mode, which torch can switch)."""
+    import hashlib
+
+    import torch
+
+    from udpdiff.data.synthetic import clip_seed, render_clip
+
+    clips = [render_clip(clip_seed(1234, i), 9, 48, 48, clip_id=str(i)).frames for i in range(6)]
+    digests = set()
+    try:
+        for flush_denormal in (False, True, False):
+            torch.set_flush_denormal(flush_denormal)
+            run = []
+            for i, frames in enumerate(clips):
+                write_video(tmp_path / f"{i}.mp4", frames, fps=8)
+                run.append(hashlib.sha256((tmp_path / f"{i}.mp4").read_bytes()).hexdigest())
+            digests.add(tuple(run))
+    finally:
+        torch.set_flush_denormal(False)
+    assert len(digests) == 1

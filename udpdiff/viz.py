@@ -11,17 +11,16 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from udpdiff.io.atomic import atomic_path
+from udpdiff.io.video import write_gif, write_video
 
 logger = logging.getLogger(__name__)
 
@@ -160,35 +159,10 @@ def side_by_side(
     return np.concatenate(out, axis=2)
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
-    t, h, w, _ = frames.shape
-    # yuv420p subsamples chroma 2x2, so libx264 needs even sizes: pad bottom/right with black.
-    ph, pw = h + (h % 2), w + (w % 2)
-    if (ph, pw) != (h, w):
-        frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)))
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            for packet in stream.encode(vf):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
-    from PIL import Image
-
-    images = [Image.fromarray(f) for f in frames]
-    # GIF delays are in centiseconds; Pillow takes milliseconds.
-    duration = max(20, int(round(1000.0 / fps / 10.0)) * 10)
-    images[0].save(
-        path, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0,
-        optimize=False, disposal=1,
-    )
+def _even(frames: np.ndarray) -> np.ndarray:
+    """yuv420p subsamples chroma 2x2, so libx264 needs even sizes: pad bottom/right with black."""
+    _, h, w, _ = frames.shape
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))) if h % 2 or w % 2 else frames
 
 
 def write_side_by_side(
@@ -196,12 +170,12 @@ def write_side_by_side(
     videos: Sequence[ArrayLike],
     labels: Sequence[str | None] | None = None,
     fps: float = 8.0,
-    crf: int = 18,
+    qp: int = 18,
     **side_by_side_kwargs: Any,
 ) -> Path:
     """Write :func:`side_by_side` of ``videos`` to ``path`` (atomically) and return the path.
 
-    ``.mp4``: H.264 (libx264, yuv420p, odd sizes padded to even, ``crf`` quality) via PyAV.
+    ``.mp4``: H.264 (libx264, yuv420p, odd sizes padded to even, constant quantiser ``qp``) via PyAV.
     ``.gif``: looping GIF via Pillow (palette per frame; fine for short previews).
     """
     path = Path(path)
@@ -211,11 +185,10 @@ def write_side_by_side(
         raise ValueError(f"unsupported extension {path.suffix!r}; use .mp4 or .gif")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    with atomic_path(path) as tmp:
-        if ext == ".mp4":
-            _write_mp4(tmp, frames, fps, crf)
-        else:
-            _write_gif(tmp, frames, fps)
+    if ext == ".mp4":  # the project's one mp4 and one gif writer (atomic, deterministic bytes)
+        write_video(path, _even(frames), fps, qp=qp)
+    else:
+        write_gif(path, frames, fps)
     logger.debug("wrote %s (%d frames, %dx%d)", path, frames.shape[0], frames.shape[2], frames.shape[1])
     return path
 

@@ -692,14 +692,14 @@ def synthesize_dataset(
     fps: float,
     seed: int,
     val_fraction: float = 0.1,
-    crf: int = 10,
+    qp: int = 10,
 ) -> Path:
     """Render ``num_clips`` clips into ``out_dir`` in the on-disk format of CONVENTIONS.md.
 
     Writes ``videos/<id>.mp4``, ``seg/<id>.npz``, ``depth/<id>.npz`` per clip and finally
     ``manifest.parquet`` (so a present manifest means a complete dataset). Returns the manifest
-    path. Deterministic: the same arguments give the same arrays, captions and split (the MP4
-    bytes may differ between x264 builds).
+    path. Deterministic: the same arguments give the same arrays, captions, split and MP4 bytes (for
+    one x264 build).
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
@@ -716,7 +716,7 @@ def synthesize_dataset(
         cid = f"synth-{seed}-{i:05d}"
         clip = render_clip(clip_seed(seed, i), num_frames, height, width, clip_id=cid)
         video_rel, seg_rel, depth_rel = f"videos/{cid}.mp4", f"seg/{cid}.npz", f"depth/{cid}.npz"
-        write_video(out / video_rel, clip.frames, fps, crf=crf)
+        write_video(out / video_rel, clip.frames, fps, qp=qp)
         save_ids(out / seg_rel, clip.ids)
         save_depth(out / depth_rel, clip.depth)
         rows.append(

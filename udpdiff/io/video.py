@@ -483,14 +483,15 @@ def write_video(
     path: str | os.PathLike,
     frames: np.ndarray,
     fps: float,
-    crf: int = 10,
+    qp: int = 10,
     preset: str = "medium",
 ) -> None:
     """Write ``uint8 (T, H, W, 3)`` RGB frames as H.264 (libx264, yuv420p) atomically.
 
     yuv420p subsamples chroma 2x2, so H and W must be even; an odd size raises ``ValueError``
-    (padding silently would make the video disagree with its dense maps). A low ``crf`` (default
-    10) keeps the encode close to lossless; 0 is lossless luma but poorly supported by players.
+    (padding silently would make the video disagree with its dense maps). A low constant quantiser
+    ``qp`` (default 10) keeps the encode close to lossless; 0 is lossless luma but poorly supported
+    by players. Equal frames give equal bytes.
     """
     path = Path(path)
     frames = _check_frames(path, frames)
@@ -505,9 +506,11 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1001)
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream(
-                "libx264", rate=rate, options={"crf": str(int(crf)), "preset": preset}
-            )
+            # constant quantiser, no adaptive quantisation, macroblock tree or psychovisual tuning:
+            # with those x264 turns equal frames into different bytes from run to run (measured:
+            # tests/test_video_io.py), and DVC would then re-run every stage downstream of a video
+            stream = container.add_stream("libx264", rate=rate, options={
+                "qp": str(int(qp)), "preset": preset, "x264-params": "aq-mode=0:mbtree=0:psy=0"})
             stream.width = w
             stream.height = h
             stream.pix_fmt = "yuv420p"
@@ -532,7 +535,7 @@ def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"{path}: fps must be positive, got {fps}")
     images = [Image.fromarray(f) for f in frames]
-    duration_ms = max(20, int(round(1000.0 / fps)))
+    duration_ms = max(20, int(round(100.0 / fps)) * 10)  # GIF delays are centiseconds; Pillow takes ms
     with atomic_path(path) as tmp:
         images[0].save(
             tmp,
