@@ -219,6 +219,20 @@ def _build_suite(
     return suite
 
 
+# what differs between two validations of the same data (random ids, clock times): left out, so the
+# report is a pure function of the manifest and DVC never re-runs the stages after it for nothing
+# (when it ran is on the stage's MLflow run)
+_RUN_IDENTITY = {"id", "validation_id", "run_id", "run_time", "validation_time", "ge_load_time"}
+
+
+def _without_run_identity(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_run_identity(v) for k, v in obj.items() if k not in _RUN_IDENTITY}
+    if isinstance(obj, list):
+        return [_without_run_identity(v) for v in obj]
+    return obj
+
+
 def _describe(result: dict, derived_problems: dict[str, dict[str, list[str]]]) -> str:
     config = result["expectation_config"]
     etype = config["type"]
@@ -331,8 +345,9 @@ def validate_manifest(
 
     failures = [_describe(r, derived_problems) for r in as_dict["results"] if not r["success"]]
     success = bool(as_dict["success"]) and not failures
+    as_dict = _without_run_identity(as_dict)
     as_dict.setdefault("meta", {})["udpdiff"] = {
-        "manifest": str(manifest),
+        "manifest": os.path.relpath(manifest, Path(report).parent),
         "min_frames": min_frames,
         "expected_size": list(expected_size) if expected_size else None,
         "failures": failures,
