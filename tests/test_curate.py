@@ -193,7 +193,7 @@ def test_curate_stage_loads_annotators_only_when_a_clip_needs_one(panda: tuple[P
     from tests.test_annotators_depth import _small_da_processor, tiny_depth_anything
     from udpdiff.config import load_params
     from udpdiff.paths import ProjectPaths
-    from udpdiff.steps import curate
+    from udpdiff.stages.data import curate
 
     csv, videos = panda
     seg = tmp_path / "seg"

@@ -30,7 +30,7 @@ from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
 from udpdiff.io.video import read_video
 from udpdiff.paths import ProjectPaths
-from udpdiff.steps import evaluate, report, sample
+from udpdiff.stages import evaluate, report, sample
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -88,7 +88,7 @@ def test_perfect_predictions_score_perfectly_and_configured_models_add_columns(t
     paths = ProjectPaths(tmp_path, "tiny")
     _perfect_samples(paths)
 
-    m = evaluate(p, paths).metrics
+    m = evaluate.run(p, paths).metrics
     assert m["depth/gt_delta1"] == pytest.approx(1.0) and m["depth/gt_rmse"] == pytest.approx(0.0, abs=1e-5)
     assert m["segmentation/gt_miou"] == pytest.approx(1.0)
     assert m["segmentation/gt_temporal_id_consistency"] == pytest.approx(1.0)
@@ -114,7 +114,7 @@ def test_perfect_predictions_score_perfectly_and_configured_models_add_columns(t
     html = (paths.evaluation / "tables.html").read_text()
     assert html.startswith("<!doctype html>") and "<th>SC (↑)</th>" in html and "not comparable" in html
     assert (paths.evaluation / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report(p, paths)
+    report.run(p, paths)
     assert "| UDPDiff (seg) |" in (paths.report / "report.md").read_text()
     assert (paths.report / "report.html").exists()
 
@@ -123,11 +123,11 @@ def test_chunk_size_does_not_change_the_numbers_and_fvd_reference_is_cached(tmp_
     models = _metric_models(tmp_path)
     paths = ProjectPaths(tmp_path, "tiny")
     _perfect_samples(paths, num_clips=6)
-    one = evaluate(_params(tmp_path, {**models, "batch_size": 1}), paths).metrics
+    one = evaluate.run(_params(tmp_path, {**models, "batch_size": 1}), paths).metrics
     cache = sorted(paths.fvd_reference.glob("val-*.npz"))
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
-    three = evaluate(_params(tmp_path, {**models, "batch_size": 3}), paths).metrics
+    three = evaluate.run(_params(tmp_path, {**models, "batch_size": 3}), paths).metrics
     assert one.keys() == three.keys()
     for k in one:
         assert one[k] == pytest.approx(three[k], rel=1e-5, abs=1e-6), k
@@ -136,7 +136,7 @@ def test_chunk_size_does_not_change_the_numbers_and_fvd_reference_is_cached(tmp_
     df = read_manifest(paths.manifest)
     clip = resolve(paths.manifest, df[df.split == "val"].video_path.iloc[0])
     os.utime(clip, ns=(stamp + 10**9, stamp + 10**9))
-    evaluate(_params(tmp_path, {**models, "batch_size": 3}), paths)
+    evaluate.run(_params(tmp_path, {**models, "batch_size": 3}), paths)
     assert len(list(paths.fvd_reference.glob("val-*.npz"))) == 2
 
 
@@ -177,7 +177,7 @@ def test_missing_metric_weights_are_a_note_and_the_rest_still_runs(tmp_path):
     assert set(suite.names) == {"motion_smoothness_flow"}  # only models that produce numbers are named
     paths = ProjectPaths(tmp_path, "tiny")
     _perfect_samples(paths)
-    m = evaluate(p, paths).metrics
+    m = evaluate.run(p, paths).metrics
     assert m["depth/gt_delta1"] == pytest.approx(1.0) and "depth/fvd" not in m
     assert 0.0 < m["depth/motion_smoothness_flow"] <= 1.0
 
@@ -189,7 +189,7 @@ def test_bad_sample_file_names_the_file(tmp_path):
     bad = next((paths.samples / "depth").glob("*.npz"))
     bad.write_bytes(b"not an npz")
     with pytest.raises(ValueError, match=bad.name):
-        evaluate(p, paths)
+        evaluate.run(p, paths)
 
 
 # -- the sample step -------------------------------------------------------------------------------
@@ -222,12 +222,12 @@ def test_sample_resumes_an_interrupted_run_and_times_the_stock_baseline(tiny_pro
 
     monkeypatch.setattr(UDPDiffPipeline, "__call__", counting)
     with pytest.raises(KeyboardInterrupt):
-        sample(p, paths)
+        sample.run(p, paths)
     assert not paths.samples.exists()  # nothing half-written where the next stage reads
     calls.clear()
     monkeypatch.setattr(UDPDiffPipeline, "__call__", lambda self, *a, **k: calls.append(k.get("task")) or
                         real_call(self, *a, **k))
-    result = sample(p, paths)
+    result = sample.run(p, paths)
     # 2 sets x 2 prompts x (generate + conditioned) = 8 calls; the finished sample is not redone;
     # then 2 runtime runs (warm-up + timed) per set of ours
     assert len(calls) == 8 - 2 + 2 * 2
@@ -237,7 +237,8 @@ def test_sample_resumes_an_interrupted_run_and_times_the_stock_baseline(tiny_pro
     for e in index:
         with np.load(paths.samples / e["npz"]) as z:
             assert z["video"].shape == (9, 32, 32, 3) and z["dense"].shape == (9, 32, 32)
-    runtime = json.loads((paths.samples / "runtime.json").read_text())
+    runtime = json.loads((paths.metrics / "runtime.json").read_text())  # a metric beside the samples, not in them
+    assert not any(paths.samples.rglob("*.txt")) and not (paths.samples / "runtime.json").exists()
     assert set(runtime) == {"stock", "segmentation", "depth"}
     assert all(r["seconds_per_sample"] > 0 for r in runtime.values())
     assert result.metrics["runtime/stock/seconds_per_step"] == pytest.approx(
@@ -262,7 +263,7 @@ def test_annotators_from_local_folders_run_through_the_evaluate_step(tmp_path):
                            "segmentation_annotator": {"type": "sam2", "path": str(tmp_path / "sam2")}})
     paths = ProjectPaths(tmp_path, "tiny")
     _perfect_samples(paths)
-    m = evaluate(p, paths).metrics
+    m = evaluate.run(p, paths).metrics
     assert m["depth/baseline_delta1"] == pytest.approx(1.0) and m["depth/baseline_rmse"] == pytest.approx(0, abs=1e-6)
     assert 0.0 <= m["depth/pseudo_delta1"] <= 1.0 and m["depth/pseudo_rmse"] >= 0.0
     assert "segmentation/pseudo_miou" in m  # random SAM2 weights: any value, or NaN when it finds no entity
@@ -292,7 +293,7 @@ def test_clips_longer_than_num_frames_are_scored_on_their_first_frames(tmp_path)
     p = _params(tmp_path, _metric_models(tmp_path))
     paths = ProjectPaths(tmp_path, "tiny")
     _perfect_samples(paths, clip_frames=13)
-    m = evaluate(p, paths).metrics
+    m = evaluate.run(p, paths).metrics
     assert m["depth/gt_delta1"] == pytest.approx(1.0) and m["segmentation/gt_miou"] == pytest.approx(1.0)
     assert m["depth/fvd"] == pytest.approx(0.0, abs=1e-3) and m["depth/fvd_num_frames"] == 9
     assert m["real/num_frames"] == 9

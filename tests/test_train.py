@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from udpdiff.config import load_params
-from udpdiff.latents import EMPTY_PROMPT_FILE
+from udpdiff.latents import EMPTY_PROMPT_FILE, load_record, record_path, save_record
 from udpdiff.models.scheduler import build_scheduler
 from udpdiff.train import (
     DeepSpeedConfigError,
@@ -53,8 +53,8 @@ def _latents(tmp_path: Path, text_dim: int = 64) -> Path:
             rec[f"{prefix}_std"] = torch.rand(16, 3, 4, 4, generator=g) * 0.1
         for key in ("long", "short", "long:segmentation", "short:segmentation", "long:depth", "short:depth"):
             rec[f"text:{key}"] = torch.randn(8, text_dim, generator=g)
-        torch.save(rec, d / f"{cid}.pt")
-    torch.save({"text:empty": torch.zeros(8, text_dim)}, d / EMPTY_PROMPT_FILE)
+        save_record(record_path(d, cid), rec)
+    save_record(d / EMPTY_PROMPT_FILE, {"text:empty": torch.zeros(8, text_dim)})
     return d
 
 
@@ -131,11 +131,11 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     _run(p, latents, tmp_path / "ck", max_steps_this_run=2)
     good = tmp_path / "ck" / run_fingerprint(p) / "step-00000002"
     before = sorted(f.name for f in good.rglob("*"))
-    poisoned = torch.load(latents / f"{CLIPS[0]}.pt", weights_only=True)
+    poisoned = load_record(record_path(latents, CLIPS[0]))
     for k in [k for k in poisoned if k.endswith("_mean")]:
         poisoned[k] = torch.full_like(poisoned[k], float("nan"))
     for cid in CLIPS:
-        torch.save({**poisoned, "clip_id": cid}, latents / f"{cid}.pt")
+        save_record(record_path(latents, cid), {**poisoned, "clip_id": cid})
     with pytest.raises(TrainingDivergedError, match=r"step 3.*step-00000002"):
         _run(p, latents, tmp_path / "ck")
     assert latest_checkpoint(good.parent)[1] == 2

@@ -18,7 +18,7 @@ def _generate(args: argparse.Namespace) -> int:
     from udpdiff import viz
     from udpdiff.devices import default_device
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.steps import dense_picture
+    from udpdiff.stages.common import dense_picture
 
     if not (Path(args.pipeline) / "model_index.json").exists():
         print(f"error: {args.pipeline}: not a saved UDPDiff pipeline (no model_index.json); "

@@ -6,11 +6,14 @@ Validation happens once, at load, so a bad value fails with the key path and the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from udpdiff.tasks import validate_tasks
 
@@ -19,8 +22,81 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable, or holds a bad value."""
 
 
+# Dotted keys read while recording (``recording_reads``): what a DVC stage's `params:` must list.
+_READS: ContextVar[set[str] | None] = ContextVar("udpdiff_params_reads", default=None)
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    """Collect the dotted keys (``profiles.tiny.train.lr``) of every parameter read inside the block,
+    through attribute access or ``model_dump``; tests compare them with dvc.yaml's ``params:``."""
+    reads: set[str] = set()
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Reads inside the block are bookkeeping, not inputs of the stage's outputs (a checkpoint's
+    compatibility fingerprint hashes every section, yet those sections reach training through
+    its data dependencies): they are left out of ``recording_reads``."""
+    token = _READS.set(None)
+    try:
+        yield
+    finally:
+        _READS.reset(token)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _key: str = PrivateAttr(default="")  # this section's dotted key in params.yaml, set by Params
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if name[0] != "_" and not _is_section(value):
+            reads = _READS.get()
+            if reads is not None and name in type(self).model_fields:
+                reads.add(f"{self._key}{name}")
+        return value
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        reads = _READS.get()
+        if reads is not None:
+            exclude = kwargs.get("exclude") or ()
+            reads.update(f"{self._key}{leaf}" for leaf in _leaves(self) if leaf.split(".")[0] not in exclude)
+        return super().model_dump(**kwargs)
+
+
+def _is_section(value: Any) -> bool:
+    return isinstance(value, _Strict) or (isinstance(value, dict) and bool(value)
+                                           and all(isinstance(v, _Strict) for v in value.values()))
+
+
+def _leaves(model: _Strict, prefix: str = "") -> Iterator[str]:
+    for name in type(model).model_fields:
+        value = BaseModel.__getattribute__(model, name)
+        if isinstance(value, _Strict):
+            yield from _leaves(value, f"{prefix}{name}.")
+        elif isinstance(value, dict) and value and all(isinstance(v, _Strict) for v in value.values()):
+            for k, v in value.items():
+                yield from _leaves(v, f"{prefix}{name}.{k}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def _assign_keys(model: _Strict, prefix: str = "") -> None:
+    model._key = prefix
+    for name in type(model).model_fields:
+        value = BaseModel.__getattribute__(model, name)
+        if isinstance(value, _Strict):
+            _assign_keys(value, f"{prefix}{name}.")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, _Strict):
+                    _assign_keys(v, f"{prefix}{name}.{k}.")
 
 
 class AnnotatorParams(_Strict):
@@ -108,11 +184,27 @@ class TextEncoderParams(_Strict):
     config: dict[str, Any] = {}
 
 
+# what a from-scratch transformer's config must spell out: without them diffusers' class defaults
+# (CogVideoX-2B's shape) would be built silently, whatever the profile says
+ARCHITECTURE_KEYS = ("num_attention_heads", "attention_head_dim", "num_layers", "text_embed_dim", "time_embed_dim",
+                     "sample_height", "sample_width", "sample_frames", "patch_size", "max_text_seq_length",
+                     "use_rotary_positional_embeddings")
+
+
 class TransformerParams(_Strict):
     pretrained: str | None = None
     subfolder: str = "transformer"
     channel_expansion: Literal["duplicate", "random", "duplicate-preserving"] = "duplicate"
+    # the architecture: built from it when `pretrained` is null; checked against the weights otherwise
     config: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _architecture(self) -> TransformerParams:
+        missing = [k for k in ARCHITECTURE_KEYS if k not in self.config]
+        if self.pretrained is None and missing:
+            raise ValueError(f"pretrained: null trains from scratch, so config must give the architecture; "
+                             f"missing {missing}")
+        return self
 
 
 class SchedulerParams(_Strict):
@@ -147,8 +239,10 @@ class TrainParams(_Strict):
     checkpoint_every: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
-    # a grid of samples (one prompt per task, video | colormap) every N steps; 0 turns it off
+    # a grid of samples (one prompt per task, video | colormap) every N steps; 0 turns it off. With it,
+    # the validation scores (paper Fig 8) of the first `validation_clips` clips of `sample.split`
     sample_every: int = Field(0, ge=0)
+    validation_clips: int = Field(2, ge=0)
     # MLflow gets each checkpoint either copied ("artifacts") or as a path + size reference
     # ("references": a 5B ZeRO checkpoint is ~60 GB); the final diffusers export is always copied
     # for artifacts, referenced otherwise
@@ -207,7 +301,7 @@ class ProfileParams(_Strict):
     pixelplanes: PixelplanesParams = PixelplanesParams()
     vae: VaeParams = VaeParams()
     text_encoder: TextEncoderParams = TextEncoderParams()
-    transformer: TransformerParams = TransformerParams()
+    transformer: TransformerParams  # no default: a profile names its weights or its architecture
     scheduler: SchedulerParams = SchedulerParams()
     train: TrainParams = TrainParams()
     sample: SampleParams = SampleParams()
@@ -220,6 +314,22 @@ class MlflowParams(_Strict):
     experiment: str = "udpdiff"
 
 
+class AblationParams(_Strict):
+    """One paper table: variants of the active profile, each a set of dotted-key overrides
+    (``{train.task_conditioning: text-prompt}``; ``{}`` is params.yaml as it stands; the key
+    ``profile`` switches profile, as Tab 12 does)."""
+
+    title: str
+    variants: dict[str, dict[str, Any]]
+
+    @field_validator("variants")
+    @classmethod
+    def _some(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if len(v) < 2:
+            raise ValueError("an ablation compares at least two variants")
+        return v
+
+
 class Params(_Strict):
     profile: str = "tiny"
     seed: int = 1234
@@ -228,8 +338,8 @@ class Params(_Strict):
     train_launcher: str = "python -m"
     mlflow: MlflowParams = MlflowParams()
     profiles: dict[str, ProfileParams]
-    # ablations: name -> {dotted key in the active profile: value}, e.g. {"train.lr": 1e-4}
-    sweeps: dict[str, dict[str, Any]] = {}
+    # the paper's ablations, one entry per table: `python -m flows ablation tab5`
+    ablations: dict[str, AblationParams] = {}
 
     @field_validator("profiles")
     @classmethod
@@ -242,6 +352,7 @@ class Params(_Strict):
     def _profile_exists(self) -> Params:
         if self.profile not in self.profiles:
             raise ValueError(f"profile {self.profile!r} is not defined; defined: {sorted(self.profiles)}")
+        _assign_keys(self)
         return self
 
     @property
@@ -249,8 +360,16 @@ class Params(_Strict):
         return self.profiles[self.profile]
 
     def with_overrides(self, overrides: dict[str, Any]) -> Params:
-        """A copy whose active profile has ``overrides`` (dotted keys) applied, re-validated."""
+        """A copy whose active profile has ``overrides`` (dotted keys) applied, re-validated. The key
+        ``profile`` switches the active profile first (the other keys then apply to that one)."""
         raw = self.model_dump()
+        overrides = dict(overrides)
+        if "profile" in overrides:
+            raw["profile"] = overrides.pop("profile")
+            if raw["profile"] not in raw["profiles"]:
+                raise ParamsError(f"override profile={raw['profile']!r}: no such profile; defined: "
+                                  f"{sorted(raw['profiles'])}")
+            self = Params.model_validate(raw)  # noqa: PLW0642 (the other keys apply to the new profile)
         for dotted, value in overrides.items():
             node = raw["profiles"][self.profile]
             *parents, leaf = dotted.split(".")
@@ -266,6 +385,29 @@ class Params(_Strict):
         except ValidationError as e:
             lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
             raise ParamsError(f"overrides {overrides}: invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+    def ineffective_overrides(self, overrides: dict[str, Any]) -> list[str]:
+        """The overrides that could not change anything under this params' active profile, each
+        with the reason (an ablation that silently equals its base would be a lie in its table)."""
+        q = self.with_overrides(overrides)
+        a = q.active
+        problems = []
+        for key in overrides:
+            if key.startswith("data.panda70m") and a.data.source != "panda70m":
+                problems.append(f"{key}: profile {q.profile!r} synthesises its clips (data.source: "
+                                f"{a.data.source}); curation settings are never used")
+            if key == "transformer.channel_expansion" and not a.transformer.pretrained:
+                problems.append(f"{key}: profile {q.profile!r} trains its transformer from scratch "
+                                "(transformer.pretrained: null): there are no pretrained channels to expand")
+            if key == "transformer.pretrained" and overrides[key] is None and not self.active.transformer.pretrained \
+                    and "profile" not in overrides:
+                problems.append(f"{key}: profile {q.profile!r} already trains from scratch")
+            if key == "train.task_ratio" and "train.tasks" not in overrides and len(a.train.tasks) < 2:
+                problems.append(f"{key}: a partition needs two tasks; profile {q.profile!r} trains {a.train.tasks}")
+            if key == "train.task_conditioning" and "train.tasks" not in overrides and len(a.train.tasks) < 2 \
+                    and overrides[key] != "none":
+                problems.append(f"{key}: task conditioning tells tasks apart; {a.train.tasks} has one or none")
+        return problems
 
 
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:

@@ -24,7 +24,33 @@ from udpdiff.tasks import task_prompt
 
 logger = logging.getLogger(__name__)
 
-EMPTY_PROMPT_FILE = "_empty_prompt.pt"
+EMPTY_PROMPT_FILE = "_empty_prompt.safetensors"
+# safetensors, not torch.save: torch's zip writer stamps every file with a random serialization id,
+# so re-encoding identical clips would give new bytes and DVC would retrain for nothing
+RECORD_SUFFIX = ".safetensors"
+
+
+def record_path(cache_dir: Path, clip_id: str) -> Path:
+    return cache_dir / f"{clip_id}{RECORD_SUFFIX}"
+
+
+def save_record(path: Path, record: dict) -> None:
+    """One clip's latents and embeddings, written atomically and byte-identically for equal inputs."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in record.items() if isinstance(v, torch.Tensor)}
+    meta = {k: v for k, v in record.items() if isinstance(v, str)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_record(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        record: dict = dict(f.metadata() or {})
+        record.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    return record
 
 
 @dataclass
@@ -76,19 +102,16 @@ def encode_clips(
     text_prompt_tasks: bool = False,
     total: int | None = None,
 ) -> list[Path]:
-    """Write ``<out_dir>/<clip_id>.pt`` for every clip (read one at a time) and the empty-prompt
+    """Write ``<out_dir>/<clip_id>.safetensors`` for every clip (read one at a time) and the empty-prompt
     embedding."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for clip in tqdm(clips, desc="latents", total=total, leave=False):
         record = encode_record(clip, vae, text_fn, tasks, text_prompt_tasks)
-        path = out_dir / f"{clip.clip_id}.pt"
-        with atomic_path(path) as tmp:
-            torch.save(record, tmp)
+        path = record_path(out_dir, clip.clip_id)
+        save_record(path, record)
         written.append(path)
-    empty = text_fn([""]).cpu()[0]
-    with atomic_path(out_dir / EMPTY_PROMPT_FILE) as tmp:
-        torch.save({"text:empty": empty}, tmp)
+    save_record(out_dir / EMPTY_PROMPT_FILE, {"text:empty": text_fn([""]).cpu()[0]})
     return written
 
 
@@ -100,19 +123,19 @@ class LatentDataset:
     def __init__(self, cache_dir: Path, clip_ids: Sequence[str], cache_size: int = 256):
         if not clip_ids:
             raise ValueError(f"{cache_dir}: no clips to train on")
-        self.paths = [cache_dir / f"{cid}.pt" for cid in clip_ids]
+        self.paths = [record_path(cache_dir, cid) for cid in clip_ids]
         for cid, path in zip(clip_ids, self.paths, strict=True):
             if not path.exists():
                 raise FileNotFoundError(f"{path}: latent cache missing for clip {cid}; rerun the latents stage")
         empty = cache_dir / EMPTY_PROMPT_FILE
         if not empty.exists():
             raise FileNotFoundError(f"{empty}: empty-prompt embedding missing; rerun the latents stage")
-        self.empty_text = torch.load(empty, weights_only=True)["text:empty"]
+        self.empty_text = load_record(empty)["text:empty"]
         self._load = functools.lru_cache(maxsize=cache_size)(self._read)
 
     def _read(self, i: int) -> dict:
         try:
-            return torch.load(self.paths[i], map_location="cpu", weights_only=True)
+            return load_record(self.paths[i])
         except Exception as e:  # a truncated or foreign file: name it
             raise ValueError(f"{self.paths[i]}: unreadable latent cache ({e}); rerun the latents stage") from e
 

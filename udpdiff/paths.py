@@ -9,15 +9,11 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ProjectPaths:
-    """``variant`` (an ablation of a sweep) moves everything downstream of the shared data, VAE
-    and text encoder under ``.../sweeps/<variant>/``, so variants never overwrite each other."""
+    """An ablation variant is a DVC experiment of the same pipeline (``python -m flows ablation``),
+    so it uses these same paths in its own workspace."""
 
     root: Path
     profile: str
-    variant: str | None = None
-
-    def _own(self, base: Path) -> Path:
-        return base / "sweeps" / self.variant if self.variant else base
 
     @property
     def data(self) -> Path:
@@ -37,11 +33,11 @@ class ProjectPaths:
 
     @property
     def pixelplanes(self) -> Path:
-        return self._own(self.data) / "pixelplanes"
+        return self.data / "pixelplanes"
 
     @property
     def latents(self) -> Path:
-        return self._own(self.data) / "latents"
+        return self.data / "latents"
 
     @property
     def models(self) -> Path:
@@ -57,19 +53,15 @@ class ProjectPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self._own(self.models) / "checkpoints"
+        return self.models / "checkpoints"
 
     @property
     def pipeline(self) -> Path:
-        return self._own(self.models) / "pipeline"
+        return self.models / "pipeline"
 
     @property
     def outputs(self) -> Path:
-        return self._own(self.root / "outputs" / self.profile)
-
-    @property
-    def sweeps(self) -> Path:
-        return self.root / "outputs" / self.profile / "sweeps"
+        return self.root / "outputs" / self.profile
 
     @property
     def samples(self) -> Path:

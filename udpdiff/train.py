@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udpdiff.config import Params
+from udpdiff.config import Params, unrecorded
+from udpdiff.extensions_lock import before_deepspeed_build
 from udpdiff.io.atomic import write_text
 from udpdiff.latents import LatentDataset, OnlineLatentDataset
 from udpdiff.models.transformer import LATENT_CHANNELS, UDPDiffTransformer3DModel, load_transformer
@@ -173,11 +174,12 @@ def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 
 
     The ZeRO stage and the number of ranks count too: ZeRO shards optimizer state per rank, and
     the data order follows the global batch; the JSON's tuning knobs (buckets, offload) do not."""
-    a = p.active
-    state = {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(),
-             "vae": a.vae.model_dump(), "text_encoder": a.text_encoder.model_dump(),
-             "transformer": a.transformer.model_dump(), "scheduler": a.scheduler.model_dump(),
-             "train": {k: v for k, v in a.train.model_dump().items() if k not in RESUMABLE_CHANGES}}
+    with unrecorded():
+        a = p.active
+        state = {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(),
+                 "vae": a.vae.model_dump(), "text_encoder": a.text_encoder.model_dump(),
+                 "transformer": a.transformer.model_dump(), "scheduler": a.scheduler.model_dump(),
+                 "train": {k: v for k, v in a.train.model_dump().items() if k not in RESUMABLE_CHANGES}}
     zero = (ds_config or {}).get("zero_optimization", {"stage": 2})
     state["distributed"] = {"zero_stage": int(zero.get("stage", 0)), "world_size": world_size,
                             "optimizer_by_deepspeed": "optimizer" in (ds_config or {}),
@@ -378,6 +380,9 @@ def train(
     device = train_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # DeepSpeed JIT-builds ops from here on (init_distributed: its CPU shm comm op): skip what one
+    # CPU process does not need and never hang on a lock left by a killed build
+    before_deepspeed_build(int(os.environ.get("WORLD_SIZE", 1)))
     init_distributed(device)
     rank, world = rank_and_world()
     if not isinstance(ds_config, dict):  # a path (or None: params' own), read once the world size is known

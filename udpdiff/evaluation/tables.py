@@ -12,8 +12,12 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from udpdiff import viz
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MS_AMT, MS_FLOW = "motion_smoothness", "motion_smoothness_flow"
 
@@ -152,3 +156,86 @@ def markdown_document(title: str, tables: Sequence[Table], notes: Sequence[str] 
     if notes:
         parts += ["### Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+
+ABLATION_SETS = ("depth", "segmentation", "rgb")
+_SET_LABEL = {"depth": "depth", "segmentation": "seg", "rgb": "rgb"}
+# the paper's ablation columns (Tabs 5-7): SC | BC | MS | FVD per sample set
+_ABLATION_GENERATION = (("subject_consistency", "SC (↑)"), ("background_consistency", "BC (↑)"), (MS_AMT, "MS (↑)"),
+                        (MS_FLOW, "MS† (↑)"), ("fvd", "FVD (↓)"))
+# then the dense-prediction scores
+_ABLATION_DENSE = (("depth/gt_delta1", "depth δ1 GT (↑)"), ("depth/gt_rmse", "depth RMSE GT (↓)"),
+                   ("depth/pseudo_delta1", "depth δ1 pseudo-GT (↑)"), ("depth/pseudo_rmse", "depth RMSE pseudo-GT (↓)"),
+                   ("segmentation/gt_miou", "seg mIoU GT (↑)"), ("segmentation/pseudo_miou", "seg mIoU annotator (↑)"),
+                   ("depth/pixel_frame_consistency", "depth pixel consistency (↑)"),
+                   ("segmentation/pixel_frame_consistency", "seg pixel consistency (↑)"),
+                   ("rgb/pixel_frame_consistency", "rgb pixel consistency (↑)"))
+ABLATION_COLUMNS: tuple[tuple[str, str], ...] = (
+    *((f"{s}/{key}", f"{_SET_LABEL[s]} {label}") for s in ABLATION_SETS for key, label in _ABLATION_GENERATION),
+    *_ABLATION_DENSE,
+)
+ABLATION_MS_FLOW_NOTE = ("† MS from the offline OpenCV optical-flow prior (motion_smoothness_flow), not VBench's AMT "
+                         "model: not comparable to the paper's MS column.")
+
+
+def _check_ablation_rows(rows: Sequence[Mapping[str, object]]) -> None:
+    if isinstance(rows, Mapping) or not isinstance(rows, Sequence):
+        raise TypeError(f"ablation rows must be a list of dicts (one per variant), got {type(rows).__name__}")
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"ablation row {i} must be a dict, got {type(row).__name__}")
+        variant = row.get("variant")
+        if not isinstance(variant, str) or not variant:
+            raise ValueError(f"ablation row {i} needs a non-empty 'variant' name, got {variant!r}")
+        if variant in seen:
+            raise ValueError(f"ablation variant {variant!r} appears twice")
+        seen.add(variant)
+        for key, label in ABLATION_COLUMNS:
+            value = row.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+                raise ValueError(f"ablation variant {variant!r}: {key} ({label}) must be a number, got {value!r}")
+
+
+def ablation_columns(rows: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
+    """``(metric key, column label)`` of the paper's ablation columns that some row has a value for,
+    in the paper's order: SC | BC | MS (MS† for the flow prior) | FVD per sample set (depth,
+    segmentation, rgb), then depth δ1/RMSE and segmentation mIoU, then pixel consistency."""
+    _check_ablation_rows(rows)
+    return [(key, label) for key, label in ABLATION_COLUMNS if any(r.get(key) is not None for r in rows)]
+
+
+def ablation_frame(rows: Sequence[Mapping[str, object]], overrides: Mapping[str, Mapping[str, object]]) -> pd.DataFrame:
+    """The ablation table as a pandas DataFrame: one row per variant (rows as ``{"variant": name,
+    "depth/subject_consistency": 0.93, …}``, keys as the evaluate step flattens them), first column
+    ``variant``, then the columns of :func:`ablation_columns` (values as measured, NaN where missing),
+    then ``overrides`` (the variant's params.yaml overrides as JSON, empty for the base run).
+
+    ``df.attrs["keys"]`` maps each column label to its metric key; ``df.attrs["notes"]`` holds the
+    footnotes (the MS† caveat when the flow prior was used)."""
+    import json
+
+    import pandas as pd
+
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a dict of variant -> overrides, got {type(overrides).__name__}")
+    columns = ablation_columns(rows)
+    if not rows:
+        raise ValueError("an ablation table needs at least one variant row")
+    records = []
+    for r in rows:
+        record: dict[str, object] = {"variant": r["variant"]}
+        for key, label in columns:
+            value = r.get(key)
+            record[label] = float(value) if value is not None else math.nan
+        ov = overrides.get(str(r["variant"]))
+        record["overrides"] = json.dumps(dict(ov), sort_keys=True, default=str) if ov else ""
+        records.append(record)
+    df = pd.DataFrame.from_records(records, columns=["variant", *(label for _, label in columns), "overrides"])
+    df.attrs["keys"] = {label: key for key, label in columns}
+    df.attrs["notes"] = [ABLATION_MS_FLOW_NOTE] if any(key.endswith(f"/{MS_FLOW}") for key, _ in columns) else []
+    return df

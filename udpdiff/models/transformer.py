@@ -235,6 +235,10 @@ def load_transformer(spec: dict, num_tasks: int, seed: int, dense: bool = True) 
     channels = 2 * LATENT_CHANNELS if dense else LATENT_CHANNELS
     if pretrained:
         stock = CogVideoXTransformer3DModel.from_pretrained(pretrained, subfolder=spec.get("subfolder", "transformer"))
+        wrong = {k: (v, stock.config.get(k)) for k, v in (spec.get("config") or {}).items() if stock.config.get(k) != v}
+        if wrong:  # the profile describes another model than the weights it names
+            raise ValueError(f"{pretrained}: its transformer config disagrees with params.yaml's transformer.config: "
+                             + ", ".join(f"{k}: params {a!r} vs weights {b!r}" for k, (a, b) in wrong.items()))
         if not dense:
             return rgb_only(stock)
         logger.info("expanding %s to 32 channels (%s)", pretrained, spec.get("channel_expansion", "duplicate"))

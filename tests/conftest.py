@@ -1,0 +1,84 @@
+"""Fixtures shared by test files (helpers live here, never imported from another test file)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+# what a fresh clone would not have: outputs of earlier runs, caches, the venv
+TOP_LEVEL_SKIP = {".git", ".venv", "data", "models", "outputs", "mlruns.db", "mlartifacts", ".prefect", ".whl",
+                  ".device-out", ".pytest_cache", ".hypothesis"}
+ANYWHERE_SKIP = shutil.ignore_patterns("__pycache__", "*.egg-info")
+
+
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    skip = set(ANYWHERE_SKIP(directory, names))
+    if Path(directory) == REPO:
+        skip |= TOP_LEVEL_SKIP & set(names)
+    if Path(directory) == REPO / ".dvc":
+        skip |= {"cache", "tmp"} & set(names)
+    return skip
+
+
+def run_checked(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1500) -> subprocess.CompletedProcess:
+    """Run a command; on failure the assertion shows the tails of its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@dataclass
+class Workspace:
+    """A fresh copy of the repository (a git repo with one commit, as a clone is) and the
+    environment a user's shell would give its commands."""
+
+    path: Path
+    env: dict[str, str]            # the venv *not* activated: what `make repro` sees
+    first_repro: subprocess.CompletedProcess | None = None
+
+    @property
+    def activated_env(self) -> dict[str, str]:
+        return {**self.env, "PATH": f"{VENV_BIN}{os.pathsep}{self.env['PATH']}"}
+
+    def run(self, *cmd: str, timeout: int = 1500, activated: bool = True) -> subprocess.CompletedProcess:
+        return run_checked(list(cmd), self.path, self.activated_env if activated else self.env, timeout)
+
+    def copy(self, dest: Path) -> Workspace:
+        """An independent copy (its DVC cache, MLflow store and git history included) to change freely."""
+        shutil.copytree(self.path, dest, symlinks=True, ignore=shutil.ignore_patterns(".prefect"))
+        env = {**self.env, "PREFECT_HOME": str(dest / ".prefect")}
+        return Workspace(dest, env)
+
+
+def new_workspace(dest: Path) -> Workspace:
+    shutil.copytree(REPO, dest, ignore=_ignore)
+    bare_path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != VENV_BIN)
+    env = {**os.environ, "PREFECT_HOME": str(dest / ".prefect"), "PYTHONUNBUFFERED": "1", "PATH": bare_path,
+           "GIT_AUTHOR_NAME": "udpdiff-test", "GIT_AUTHOR_EMAIL": "test@udpdiff.invalid",
+           "GIT_COMMITTER_NAME": "udpdiff-test", "GIT_COMMITTER_EMAIL": "test@udpdiff.invalid"}
+    for var in ("PREFECT_API_URL", "UDPDIFF_MLFLOW_PARENT_RUN_ID", "UDPDIFF_MLFLOW_TRACKING_URI", "UDPDIFF_MLFLOW_TAGS",
+                "UDPDIFF_MLFLOW_ARTIFACT_ROOT",
+                "UDPDIFF_PREFECT_PARENT_FLOW_RUN_ID", "UDPDIFF_ROOT"):
+        env.pop(var, None)
+    ws = Workspace(dest, env)
+    ws.run("git", "init", "-q", activated=False)
+    ws.run("git", "add", "-A", activated=False)
+    ws.run("git", "commit", "-q", "-m", "fresh clone", activated=False)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def repro_workspace(tmp_path_factory) -> Workspace:
+    """The whole `tiny` pipeline run once, exactly as `make repro` runs it (venv not activated,
+    one shared Prefect server). Read-only: tests that change anything use ``repro_workspace.copy``."""
+    ws = new_workspace(tmp_path_factory.mktemp("e2e") / "udpdiff")
+    ws.first_repro = ws.run(sys.executable, "-m", "flows", "repro", activated=False)
+    return ws

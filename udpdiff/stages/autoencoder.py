@@ -1,0 +1,104 @@
+"""The `autoencoder` stage: the 3D VAE for RGB and colormaps (trained for tiny, checked when pretrained)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from udpdiff import pixelplanes, viz
+from udpdiff.io.dense import load_depth, load_ids
+from udpdiff.io.manifest import read_manifest, resolve
+from udpdiff.stages.common import (
+    LogFn,
+    StepResult,
+    fresh_tmp_dir,
+    load_colormap,
+    load_palette,
+    read_clip,
+    replace_dir,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    from udpdiff.config import Params
+    from udpdiff.paths import ProjectPaths
+
+logger = logging.getLogger(__name__)
+
+
+VAE_CHECK_CLIPS = 8  # validation clips for the VAE's reconstruction PSNR
+
+
+def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResult:
+    """Fit the tiny VAE on RGB clips and both colormaps (a pretrained VAE is only checked)."""
+    from udpdiff.models.vae import (
+        build_vae,
+        calibrate_scaling_factor,
+        reconstruction_psnr,
+        to_model_input,
+        to_uint8,
+        train_vae,
+    )
+
+    spec = p.active.vae
+    df = read_manifest(paths.manifest)
+    tasks = p.active.train.tasks
+    train_df, val_df = df[df.split == "train"], df[df.split == "val"]
+    if val_df.empty:
+        val_df = train_df.iloc[:1]
+    t = p.active.data.num_frames
+    # a pretrained VAE is only checked: a few validation clips, never the (large) training split
+    val_df = val_df.head(VAE_CHECK_CLIPS)
+    if spec.pretrained:
+        train_df = train_df.iloc[:0]
+
+    def kinds(rows: pd.DataFrame) -> dict[str, list[np.ndarray]]:
+        out = {"rgb": [read_clip(p, paths, r.video_path) for r in rows.itertuples()]}
+        for task in tasks:
+            out[task] = [load_colormap(paths, task, r.clip_id)[:t] for r in rows.itertuples()]
+        return out
+
+    train_videos, val_videos = kinds(train_df), kinds(val_df)
+    vae = build_vae(spec.model_dump(), p.seed)
+    history = []
+    if not spec.pretrained:
+        history = train_vae(vae, [v for vs in train_videos.values() for v in vs], steps=spec.train.steps,
+                            batch_size=spec.train.batch_size, lr=spec.train.lr, kl_weight=spec.train.kl_weight,
+                            seed=p.seed, log_fn=log_fn)
+        calibrate_scaling_factor(vae, train_videos["rgb"])
+    metrics = {f"psnr_{k}": reconstruction_psnr(vae, v) for k, v in val_videos.items()}
+    metrics["scaling_factor"] = float(vae.config.scaling_factor)
+    # what the VAE does to the dense maps, measured where it matters: after Pixelplanes decoding
+    r = val_df.iloc[0]
+    with torch.no_grad():
+        def roundtrip(v: np.ndarray) -> np.ndarray:
+            x = to_model_input(v[None])
+            return to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0]
+
+        rec = {k: roundtrip(v[0]) for k, v in val_videos.items()}
+    if "segmentation" in rec:
+        gt_ids = load_ids(resolve(paths.manifest, r.seg_path))[:t]
+        dec = pixelplanes.decode_segmentation(rec["segmentation"], palette=load_palette(paths, r.clip_id),
+                                              tolerance=p.active.pixelplanes.decode_tolerance)
+        metrics["seg_pixel_acc_after_vae"] = float((dec == gt_ids).mean())
+    if "depth" in rec:
+        gt_depth = load_depth(resolve(paths.manifest, r.depth_path))[:t]
+        metrics["depth_mae_after_vae"] = float(np.abs(pixelplanes.decode_depth(rec["depth"]) - gt_depth).mean())
+    tmp = fresh_tmp_dir(paths.vae)
+    vae.save_pretrained(tmp)
+    if spec.pretrained:
+        write_json(tmp / "SOURCE.json", {"pretrained": spec.pretrained})
+    replace_dir(tmp, paths.vae)
+    curve = {"vae_loss": (np.arange(1, len(history) + 1), [h["vae_loss"] for h in history])} if history else {}
+    artifacts = [viz.plot_curves(paths.metrics / "vae_loss.png", curve, ylabel="L1 + MSE + KL", logy=bool(history),
+                                 title="VAE training loss" if history else
+                                 f"pretrained VAE ({spec.pretrained}): not trained")]
+    preview = paths.outputs / "previews" / "vae_reconstruction.mp4"
+    viz.write_side_by_side(preview, [val_videos[k][0] for k in rec] + [rec[k] for k in rec],
+                           labels=[f"{k}" for k in rec] + [f"{k} (VAE)" for k in rec], fps=p.active.data.fps)
+    artifacts.append(preview)
+    return StepResult(metrics=metrics, artifacts=artifacts)

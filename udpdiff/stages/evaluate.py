@@ -1,0 +1,202 @@
+"""The `evaluate` stage: the paper's scores per sample set, streamed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from udpdiff import viz
+from udpdiff.io.atomic import atomic_path, write_text
+from udpdiff.io.dense import load_depth, load_ids
+from udpdiff.io.manifest import read_manifest, resolve
+from udpdiff.io.video import read_video
+from udpdiff.stages.common import (
+    RGB_ONLY,
+    StepResult,
+    read_clip,
+    sample_sets,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    from udpdiff.config import Params
+    from udpdiff.paths import ProjectPaths
+
+logger = logging.getLogger(__name__)
+
+
+def run(p: Params, paths: ProjectPaths) -> StepResult:
+    """Scores per sample set, streamed in chunks of ``evaluate.batch_size`` videos:
+
+    - generation quality (Tabs 1-2): VBench SC (DINO) / BC (CLIP) when configured, motion smoothness
+      (VBench's AMT when configured, else the flow prior, under its own name), FVD against the
+      cached I3D statistics of the real split, and a weight-free frame-consistency number;
+    - dense predictions of real clips against their exact (or curated) ground truth (``gt_*``);
+    - dense predictions of generated videos against the annotators' pseudo ground truth (Tab 3,
+      ``pseudo_*`` / ``baseline_*``) when annotators are configured.
+
+    Writes ``outputs/<profile>/evaluation/{metrics.json, per_video.csv, tables.md, tables.html}``."""
+    from tqdm.auto import tqdm
+
+    from udpdiff.evaluation import tables
+    from udpdiff.evaluation.fvd import FeatureAccumulator, fvd
+    from udpdiff.evaluation.runner import build_metric_suite
+
+    e = p.active.evaluate
+    # what the FVD reference depends on, read whether or not I3D is configured (dvc.yaml lists them)
+    _ = (e.fvd_frames, e.fvd_reference_videos, p.active.sample.split)
+    index = json.loads((paths.samples / "index.json").read_text())
+    manifest = read_manifest(paths.manifest)
+    df = manifest.set_index("clip_id")
+    suite = build_metric_suite(e, where=f"profiles.{p.profile}.evaluate")
+    reference = fvd_reference(p, paths, suite.i3d, manifest) if suite.i3d is not None else None
+    per_video: list[dict] = []
+    results: dict[str, dict[str, float]] = {}
+    for name in sample_sets(p):
+        task = None if name == RGB_ONLY else name
+        entries = [x for x in index if x["task"] == name]
+        features = FeatureAccumulator(suite.i3d, e.fvd_frames) if reference is not None else None
+        rows: list[dict] = []
+        for chunk in tqdm(_chunks(entries, e.batch_size), desc=f"evaluate {name}", unit="chunk",
+                          total=-(-len(entries) // e.batch_size)):
+            arrays = [_load_sample(paths.samples / x["npz"], task) for x in chunk]
+            videos = _stack([a["video"] for a in arrays], paths.samples / chunk[0]["npz"])
+            scores = suite.score_videos(videos)
+            if task is not None:
+                scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
+                for x, a in zip(chunk, arrays, strict=True):
+                    for k, v in _ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
+                                                     paths.manifest, suite.depth_per_frame).items():
+                        scores.setdefault(k, []).append(v)
+            if features is not None:
+                features.add(videos, what=f"{paths.samples / name}")
+            rows += [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
+                     for j, x in enumerate(chunk)]
+        per_video += rows
+        results[name] = _means(rows)
+        results[name]["num_videos"] = float(len(rows))
+        results[name]["num_frames"] = float(videos.shape[1]) if entries else 0.0
+        if features is not None:
+            results[name].update(fvd(reference, features.statistics()))
+    # the same scores on the real clips the prompts came from: the ceiling to compare against
+    real_ids = list(dict.fromkeys(x["clip_id"] for x in index))
+    real_rows = []
+    for chunk in _chunks(real_ids, e.batch_size):
+        videos = np.stack([read_clip(p, paths, df.loc[c].video_path) for c in chunk])
+        scores = suite.score_videos(videos)
+        real_rows += [{"set": "real", "clip_id": c, **{k: v[j] for k, v in scores.items()}}
+                      for j, c in enumerate(chunk)]
+    results["real"] = {**_means(real_rows), "num_videos": float(len(real_rows)),
+                       "num_frames": float(videos.shape[1]) if real_rows else 0.0}
+    notes = suite.notes
+    out = paths.evaluation
+    write_json(out / "metrics.json", {"metrics": results, "models": suite.names, "notes": notes})
+    with atomic_path(out / "per_video.csv") as tmp:
+        pd.DataFrame(per_video + real_rows).to_csv(tmp, index=False)
+    tabs = tables.all_tables(results, sample_sets(p), suite.names)
+    title = f"UDPDiff evaluation — profile `{p.profile}`"
+    write_text(out / "tables.md", tables.markdown_document(title, tabs, notes))
+    write_text(out / "tables.html", tables.html_document(title, tabs, notes))
+    _plot_scores(out / "scores.png", results)
+    flat = {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
+    return StepResult(metrics=flat, artifacts=[out / f for f in ("metrics.json", "per_video.csv", "tables.md",
+                                                                 "tables.html", "scores.png")], info={"notes": notes})
+
+
+def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
+    """The [0, 1] scores of every set side by side (FVD and seconds have other scales: tables only)."""
+    from udpdiff.evaluation.tables import set_label
+
+    keys = ["subject_consistency", "background_consistency", "motion_smoothness", "motion_smoothness_flow",
+            "pixel_frame_consistency", "gt_delta1", "pseudo_delta1", "gt_miou", "pseudo_miou",
+            "gt_temporal_id_consistency"]
+    shown = [k for k in keys if any(k in m for m in results.values())]
+    order = sorted(results, key=lambda s: s != "real")  # the real clips' ceiling first
+    return viz.plot_grouped_bars(path, {set_label(s): results[s] for s in order}, shown,
+                                 title="evaluation scores per sample set", ylabel="score (higher is better)")
+
+
+def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path,
+                         depth_per_frame: bool = False) -> dict[str, float]:
+    """The dense prediction *of* a real clip against that clip's ground truth (exact for synthetic data)."""
+    from udpdiff.evaluation.runner import depth_scores
+    from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
+
+    t = prediction.shape[0]  # the clip's first t frames were predicted
+    if task == "depth":
+        scores = depth_scores(prediction, load_depth(resolve(manifest, clip.depth_path))[:t], depth_per_frame)
+        return {f"gt_{k}": v for k, v in scores.items()}
+    gt = load_ids(resolve(manifest, clip.seg_path))[:t]
+    return {"gt_miou": float(hungarian_miou(prediction, gt)["miou"]),
+            "gt_temporal_id_consistency": temporal_id_consistency(prediction, gt)}
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _load_sample(path: Path, task: str | None) -> dict[str, np.ndarray]:
+    keys = ("video",) if task is None else ("video", "dense", "conditioned_dense")
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable sample ({type(err).__name__}: {err}); rerun the sample stage") from err
+
+
+def _stack(videos: list[np.ndarray], where: Path) -> np.ndarray:
+    shapes = {v.shape for v in videos}
+    if len(shapes) != 1:
+        raise ValueError(f"{where.parent}: samples of one set differ in shape {sorted(shapes)}")
+    return np.stack(videos)
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    keys = dict.fromkeys(k for r in rows for k in r if k not in ("set", "clip_id"))
+    out = {}
+    for k in keys:
+        # NaN-skipping mean: a clip without entities has no mIoU, which must not sink the average
+        v = np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)
+        v = v[~np.isnan(v)]
+        out[k] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
+def fvd_reference(p: Params, paths: ProjectPaths, i3d, manifest: pd.DataFrame | None = None):
+    """I3D statistics of the real clips of ``sample.split`` (capped at ``evaluate.fvd_reference_videos``),
+    cached under ``data/<profile>/fvd_reference``: computed once per split, clip set, frame count and
+    I3D file, reused by every later evaluation and sweep variant."""
+    import hashlib
+
+    from udpdiff.evaluation.fvd import FeatureAccumulator, FVDStatistics
+
+    e, split = p.active.evaluate, p.active.sample.split
+    df = read_manifest(paths.manifest) if manifest is None else manifest
+    clips = df[df.split == split].sort_values("clip_id")
+    if e.fvd_reference_videos:
+        clips = clips.head(e.fvd_reference_videos)
+    files = [resolve(paths.manifest, v) for v in clips.video_path]
+    frames = list(range(p.active.data.num_frames))
+    i3d_file = Path(e.i3d).expanduser()
+    key = json.dumps({"split": split, "clips": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                      "frames": [len(frames), e.fvd_frames], "i3d": [str(i3d_file.resolve()), i3d_file.stat().st_size]})
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    cache = paths.fvd_reference / f"{split}-{digest[:16]}.npz"
+    stats = FVDStatistics.load(cache, digest)
+    if stats is not None:
+        logger.info("FVD reference: %s (%d videos, %d frames, cached)", cache, stats.num_videos, stats.num_frames)
+        return stats
+    acc = FeatureAccumulator(i3d, e.fvd_frames)
+    for chunk in _chunks(files, e.batch_size):
+        acc.add(np.stack([read_video(f, indices=frames) for f in chunk]), what=str(chunk[0].parent))
+    stats = acc.statistics()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(cache, digest)
+    logger.info("FVD reference: %s (%d videos, %d frames, computed)", cache, stats.num_videos, stats.num_frames)
+    return stats

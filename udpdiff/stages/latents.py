@@ -1,0 +1,50 @@
+"""The `latents` stage: cached VAE posteriors and T5 embeddings (and the tiny text encoder)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from udpdiff.io.manifest import read_manifest
+from udpdiff.stages.common import (
+    StepResult,
+    fresh_tmp_dir,
+    replace_dir,
+    write_json,
+)
+from udpdiff.stages.loading import clip_inputs, load_vae
+
+if TYPE_CHECKING:
+    from udpdiff.config import Params
+    from udpdiff.paths import ProjectPaths
+
+logger = logging.getLogger(__name__)
+
+
+def run(p: Params, paths: ProjectPaths) -> StepResult:
+    """Cache VAE posteriors and T5 embeddings for every clip (and save the tiny text encoder).
+    With ``train.latents: online`` only the empty-prompt embedding is written: training encodes
+    the clips itself."""
+    from udpdiff.latents import encode_clips
+    from udpdiff.models.text import build_text_encoder, encode_text
+
+    te = p.active.text_encoder
+    tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed)
+    tmp_te = fresh_tmp_dir(paths.text_encoder)
+    if te.pretrained:
+        write_json(tmp_te / "SOURCE.json", {"pretrained": te.pretrained})
+    else:
+        encoder.save_pretrained(tmp_te)
+        tokenizer.save_pretrained(tmp_te)
+    replace_dir(tmp_te, paths.text_encoder)
+    vae = load_vae(p, paths)
+    df = read_manifest(paths.manifest)
+    if p.active.train.latents == "online":
+        df = df.iloc[:0]
+    tmp = fresh_tmp_dir(paths.latents)
+    written = encode_clips((clip_inputs(p, paths, r) for r in df.itertuples()), vae,
+                           lambda prompts: encode_text(tokenizer, encoder, prompts, te.max_length), tmp,
+                           p.active.train.tasks, text_prompt_tasks=p.active.train.task_conditioning == "text-prompt",
+                           total=len(df))
+    replace_dir(tmp, paths.latents)
+    return StepResult(metrics={"cached_clips": float(len(written))})

@@ -1,0 +1,245 @@
+"""The `train` stage: the 32-channel transformer under DeepSpeed ZeRO."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from udpdiff import viz
+from udpdiff.io.atomic import atomic_path
+from udpdiff.io.dense import load_depth, load_ids
+from udpdiff.io.manifest import read_manifest, resolve
+from udpdiff.latents import EMPTY_PROMPT_FILE, load_record, record_path
+from udpdiff.stages.common import (
+    RGB_ONLY,
+    LogFn,
+    StepResult,
+    dense_picture,
+    fresh_tmp_dir,
+    read_clip,
+    replace_dir,
+)
+from udpdiff.stages.loading import clip_inputs, load_text_encoder, load_vae
+
+if TYPE_CHECKING:
+    from udpdiff.config import Params
+    from udpdiff.paths import ProjectPaths
+
+logger = logging.getLogger(__name__)
+
+
+def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
+        artifact_fn: Callable[[Path, str], None] | None = None,
+        max_steps_this_run: int | None = None) -> StepResult:
+    """Train the transformer (one process, or every rank of a launcher: rank 0 writes outputs)."""
+    from udpdiff.models.scheduler import build_scheduler
+    from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.train import rank_and_world, resolve_config_path, summary, train, train_device, write_history
+
+    t = p.active.train
+    df = read_manifest(paths.manifest)
+    vae = load_vae(p, paths)
+    scheduler = build_scheduler(p.active.scheduler.model_dump(), p.active.transformer.pretrained)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    train_rows = df[df.split == "train"]
+    latents, text_fn = paths.latents, None
+    max_length = p.active.text_encoder.max_length  # online encoding's; read either way (dvc.yaml lists it)
+    if t.latents == "online":
+        from udpdiff.latents import OnlineLatentDataset
+        from udpdiff.models.text import encode_text
+
+        tokenizer, encoder = load_text_encoder(p, paths)
+        vae, encoder = vae.to(train_device()), encoder.to(train_device())
+
+        def text_fn(prompts: list[str]) -> torch.Tensor:
+            return encode_text(tokenizer, encoder, prompts, max_length, device=encoder.device)
+
+        latents = OnlineLatentDataset(lambda i: clip_inputs(p, paths, train_rows.iloc[i]), len(train_rows), vae,
+                                      text_fn, t.tasks, text_prompt_tasks=t.task_conditioning == "text-prompt")
+    preview = None
+    if t.sample_every:
+        empty = load_record(paths.latents / EMPTY_PROMPT_FILE)["text:empty"]
+        rows = df[df.split == p.active.sample.split]
+        rows = rows if not rows.empty else df
+        prompts = _prompt_embeddings(p, paths, rows.iloc[0], text_fn)
+        validation = [_validation_clip(p, paths, row, text_fn) for row in rows.head(t.validation_clips).itertuples()]
+        preview = functools.partial(_training_preview, p, vae, scheduler, prompts, empty, validation, log_fn)
+    transformer, result = train(p, latents, train_rows.clip_id.tolist(), paths.checkpoints,
+                                scaling_factor=float(vae.config.scaling_factor), vae_scale_spatial=vae_scale,
+                                scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run,
+                                ds_config=resolve_config_path(t.deepspeed_config, paths.root),
+                                preview_fn=preview, artifact_fn=artifact_fn)
+    if rank_and_world()[0] != 0:
+        return StepResult()
+    # the run's preview grids (kept with its checkpoints, so a resumed run still has the early ones)
+    grids = paths.outputs / "train_samples"
+    tmp = fresh_tmp_dir(grids)
+    for gif in sorted((result.run_dir / "train_samples").glob("step-*.gif")):
+        shutil.copy2(gif, tmp / gif.name)
+    replace_dir(tmp, grids)
+    artifacts = _validation_history(result.run_dir / "train_samples" / VALIDATION_LOG, paths.metrics)
+    history_csv = paths.metrics / "train_history.csv"
+    write_history(result.history, history_csv)
+    artifacts.append(history_csv)
+    steps = [h["step"] for h in result.history]
+    curves = {k: (steps, [h[k] for h in result.history]) for k in ("loss", "loss_rgb", "loss_dense")
+              if all(k in h for h in result.history)}
+    artifacts.append(viz.plot_curves(paths.metrics / "train_loss.png", curves, title="UDPDiff training loss",
+                                     ylabel="v-prediction MSE", logy=True))
+    metrics = summary(result.history) if result.history else {}
+    metrics.update(steps_done=float(result.steps_done), resumed_from_step=float(result.resumed_from))
+    if result.steps_done >= t.steps:
+        tokenizer, encoder = load_text_encoder(p, paths)
+        pipe = UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer.eval(),
+                               scheduler=scheduler, task_conditioning=t.task_conditioning)
+        tmp = fresh_tmp_dir(paths.pipeline)
+        pipe.save_pretrained(tmp)
+        replace_dir(tmp, paths.pipeline)
+        if artifact_fn is not None and t.log_checkpoints == "artifacts":
+            artifact_fn(paths.pipeline / "transformer", "model/transformer")  # the diffusers export
+    return StepResult(metrics=metrics, artifacts=artifacts, info={"checkpoint": str(result.checkpoint)})
+
+
+def _prompt_embeddings(p: Params, paths: ProjectPaths, row, text_fn) -> dict[str, torch.Tensor]:
+    """One clip's long-caption embedding per trained task (task-named for the text-prompt ablation),
+    keyed as the latent cache keys them. Read from that cache, so no text encoder is loaded during
+    training; ``text_fn`` encodes them when training encodes online and there is no cache."""
+    from udpdiff.tasks import task_prompt
+
+    t = p.active.train
+    if text_fn is None:
+        rec = load_record(record_path(paths.latents, row.clip_id))
+    else:
+        prompts = {"text:long": row.caption_long, **{f"text:long:{k}": task_prompt(k, row.caption_long)
+                                                     for k in t.tasks}}
+        with torch.no_grad():
+            rec = dict(zip(prompts, text_fn(list(prompts.values())).cpu(), strict=True))
+    keys = [f"text:long:{k}" if t.task_conditioning == "text-prompt" else "text:long" for k in t.tasks or [None]]
+    return {k: rec[k] for k in keys}
+
+
+def _validation_clip(p: Params, paths: ProjectPaths, row, text_fn) -> dict:
+    """A validation clip for the scores during training (Fig 8): its frames, its ground truth per
+    trained task and its prompt embeddings, read once."""
+    n = p.active.data.num_frames
+    gt = {}
+    if "depth" in p.active.train.tasks:
+        gt["depth"] = load_depth(resolve(paths.manifest, row.depth_path))[:n]
+    if "segmentation" in p.active.train.tasks:
+        gt["segmentation"] = load_ids(resolve(paths.manifest, row.seg_path))[:n]
+    return {"clip_id": row.clip_id, "video": read_clip(p, paths, row.video_path), "gt": gt,
+            "prompts": _prompt_embeddings(p, paths, row, text_fn)}
+
+
+VALIDATION_LOG = "validation.jsonl"  # beside the preview grids in the run's checkpoint folder
+
+
+def validation_scores(task: str | None, generated: np.ndarray, predictions: list[tuple[np.ndarray, np.ndarray]]
+                      ) -> dict[str, float]:
+    """Scores needing no metric weights (paper Fig 8): the generated video's motion smoothness (the
+    flow prior, MS†) and pixel consistency, and the dense prediction *of* real clips against their
+    ground truth (depth δ1 / AbsRel / RMSE after scale-and-shift, segmentation mIoU)."""
+    from udpdiff.evaluation.consistency import pixel_frame_consistency
+    from udpdiff.evaluation.depth import depth_metrics
+    from udpdiff.evaluation.motion import motion_smoothness_flow
+    from udpdiff.evaluation.segmentation import hungarian_miou
+
+    name = task or RGB_ONLY
+    out = {f"val/{name}/motion_smoothness_flow": float(motion_smoothness_flow(generated)),
+           f"val/{name}/pixel_frame_consistency": float(pixel_frame_consistency(generated))}
+    rows = []
+    for pred, gt in predictions:
+        if task == "depth":
+            m = depth_metrics(pred, gt, mask=gt > 1e-3)
+            rows.append({"gt_delta1": m["delta1"], "gt_abs_rel": m["abs_rel"], "gt_rmse": m["rmse"]})
+        elif task == "segmentation":
+            rows.append({"gt_miou": float(hungarian_miou(pred, gt)["miou"])})
+    for key in dict.fromkeys(k for r in rows for k in r):
+        values = [r[key] for r in rows if np.isfinite(r[key])]
+        if values:
+            out[f"val/{name}/{key}"] = float(np.mean(values))
+    return out
+
+
+def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor], empty: torch.Tensor,
+                      validation: list[dict], log_fn: LogFn | None, module: torch.nn.Module, step: int,
+                      path: Path) -> Path | None:
+    """A sample grid of the model being trained: one prompt per task, rows of generated video |
+    colormap | decoded; and the validation scores (Fig 8) of that video and of the dense prediction
+    of ``validation``'s real clips, logged as metric series and kept beside the grids. Runs on
+    every rank (ZeRO-3 forwards are collective); rank 0 writes and logs, and returns the gif."""
+    from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.train import rank_and_world
+
+    t, d, s = p.active.train, p.active.data, p.active.sample
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    home = vae.device  # the VAE goes back there (online encoding keeps it on the GPU)
+    pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae.to(device), transformer=module,
+                           scheduler=scheduler, task_conditioning=t.task_conditioning)
+    pipe.set_progress_bar_config(disable=True)
+    columns: list[list[np.ndarray]] = [[], [], []]
+    scores: dict[str, float] = {}
+    call = dict(negative_prompt_embeds=empty[None].to(device, dtype), num_inference_steps=s.num_inference_steps,
+                guidance_scale=s.guidance_scale, segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
+    for task in t.tasks or [None]:  # None: the RGB-only baseline, video alone
+        key = f"text:long:{task}" if t.task_conditioning == "text-prompt" else "text:long"
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = pipe(None, task=task, prompt_embeds=prompts[key][None].to(device, dtype), num_frames=d.num_frames,
+                       height=d.height, width=d.width, generator=torch.Generator(device).manual_seed(p.seed), **call)
+            predictions = []
+            for clip in validation if task is not None else []:
+                cond = pipe(None, task=task, video=clip["video"], prompt_embeds=clip["prompts"][key][None].to(
+                    device, dtype), generator=torch.Generator(device).manual_seed(p.seed), **call)
+                predictions.append((cond.dense[0], clip["gt"][task]))
+        scores.update(validation_scores(task, out.videos[0], predictions))
+        columns[0].append(out.videos[0])
+        if task is not None:
+            columns[1].append(out.colormaps[0])
+            columns[2].append(dense_picture(task, out.dense[0]))
+    vae.to(home)
+    if rank_and_world()[0] != 0:
+        return None
+    if log_fn is not None:
+        log_fn(scores, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / VALIDATION_LOG, "a") as f:  # appended: a resumed run keeps the earlier steps
+        f.write(json.dumps({"step": step, **scores}, sort_keys=True) + "\n")
+    viz.write_side_by_side(path, [np.concatenate(c, axis=1) for c in columns if c],
+                           labels=[f"step {step}: {' / '.join(t.tasks or ['RGB only'])}", "colormap", "decoded"][
+                               :sum(bool(c) for c in columns)], fps=d.fps,
+                           height=max(len(t.tasks), 1) * max(d.height, viz.MIN_DISPLAY_HEIGHT))
+    return path
+
+
+# -- sampling, evaluation, report ---------------------------------------------------------------------
+
+
+def _validation_history(log: Path, out_dir: Path) -> list[Path]:
+    """The validation scores over training steps (paper Fig 8) as a CSV (DVC plots) and a picture."""
+    if not log.exists():
+        return []
+    by_step = {}
+    for line in log.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[row["step"]] = row  # a step redone after a resume: the last word counts
+    frame = pd.DataFrame([by_step[s] for s in sorted(by_step)])
+    csv = out_dir / "validation_history.csv"
+    with atomic_path(csv) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    steps = frame["step"].tolist()
+    curves = {c.removeprefix("val/"): (steps, frame[c].tolist()) for c in frame.columns
+              if c != "step" and not c.endswith("rmse") and not c.endswith("abs_rel")}
+    png = viz.plot_curves(out_dir / "validation_scores.png", curves, title="validation scores during training (Fig 8)",
+                          ylabel="score (higher is better)")
+    return [csv, png]
