@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 VBENCH_SPEC ?= vbench==0.1.5
 
-.PHONY: setup repro test test-fast lint clean-outputs
+.PHONY: setup repro test test-fast lint screenshots clean-outputs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -33,6 +33,10 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check udpdiff flows tests benchmarks
+
+# docs/images/mlflow-*.png for the README: the MLflow UI test's screenshots (needs chromium + chromium-driver)
+screenshots: setup
+	UDPDIFF_SCREENSHOT_DIR=docs/images $(BIN)/python -m pytest tests/test_mlflow_ui.py -q
 
 clean-outputs:
 	rm -rf data/*/ models/*/ outputs/*/ mlruns.db mlartifacts

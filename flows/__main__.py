@@ -1,9 +1,9 @@
 """Command line for the flows: what DVC stages and people run.
 
-    python -m flows stage train            # one stage (a Prefect flow + an MLflow run)
-    python -m flows run pipeline           # the `udpdiff` flow: pipeline|curate|train|evaluate|sweep
-    python -m flows run sweep --variants single-task-depth   # ablations (params.yaml `sweeps`)
-    python -m flows repro                  # `dvc repro` with one local Prefect server for all stages
+    python -m flows repro                  # `dvc repro` with one Prefect server and one MLflow parent run
+    python -m flows stage train            # one stage (what dvc.yaml runs): a Prefect flow + an MLflow run
+    python -m flows run train              # the `udpdiff` flow's job: brings its DVC target up to date
+    python -m flows ablation tab5          # a paper ablation (params.yaml `ablations`) as DVC experiments
     torchrun --nproc_per_node 8 -m flows stage train   # train on 8 GPUs (params.yaml train_launcher)
 """
 
@@ -12,81 +12,69 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 
-def run_with_prefect_server(cmd: list[str]) -> int:
-    """Run ``cmd`` with one Prefect server shared by every flow it starts.
-
-    Without PREFECT_API_URL each stage would start (and stop) its own ephemeral server, several
-    seconds apiece; one server for the whole `dvc repro` saves that and keeps all runs in one
-    place. An existing PREFECT_API_URL is used as is."""
-    # dvc.yaml's commands say `python`: make it this environment's, activated or not
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if env.get("PREFECT_API_URL"):
-        return subprocess.call(cmd, env=env)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    prefect = Path(sys.executable).with_name("prefect")
-    server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None:
-                print(f"error: prefect server exited: {server.stderr.read().decode()[-2000:]}", file=sys.stderr)
-                return 1
-            if time.monotonic() > deadline:
-                print("error: prefect server did not become healthy within 120 s", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        return subprocess.call(cmd, env={**env, "PREFECT_API_URL": url})
-    finally:
-        server.terminate()
+def _environment_problem() -> str | None:
+    """dvc.yaml's commands say `python`: outside the project's venv that is some other Python.
+    Say how to get the right one instead of failing deep inside with ModuleNotFoundError."""
+    missing = []
+    for module in ("mlflow", "prefect", "dvc", "torch", "diffusers", "udpdiff"):
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if not missing:
+        return None
+    venv = Path(__file__).resolve().parents[1] / ".venv"
+    how = (f"activate the project's environment first:  source {venv}/bin/activate  (or run `make repro`)"
+           if (venv / "bin" / "python").exists() else
+           "create it first with `make setup` (or `make repro`), then:  source .venv/bin/activate")
+    return f"{sys.executable} lacks {', '.join(missing)}: this is not the UDPDiff environment; {how}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("stage", help="run one stage")
+    rp = sub.add_parser("repro", help="dvc repro (extra args passed on) with one Prefect server and MLflow parent run")
+    rp.add_argument("dvc_args", nargs=argparse.REMAINDER)
+    st = sub.add_parser("stage", help="run one stage (what each dvc.yaml stage runs)")
     st.add_argument("stage")
     st.add_argument("--profile", default=None, help="override params.yaml's profile")
-    st.add_argument("--variant", default=None, help="a sweep variant of params.yaml (its own output folders)")
-    rn = sub.add_parser("run", help="run the udpdiff flow for a job")
-    rn.add_argument("job", choices=["pipeline", "curate", "train", "evaluate", "sweep"])
+    rn = sub.add_parser("run", help="run the udpdiff flow for a job (through DVC)")
+    rn.add_argument("job")
     rn.add_argument("--profile", default=None)
-    rn.add_argument("--variants", nargs="+", default=None, help="sweep: only these variants")
-    rp = sub.add_parser("repro", help="dvc repro (extra args passed on) with one shared Prefect server")
-    rp.add_argument("dvc_args", nargs=argparse.REMAINDER)
+    rn.add_argument("--ablation", default=None, help="job sweep: the table (tab5), default all")
+    ab = sub.add_parser("ablation", help="run paper ablations (params.yaml `ablations`) as DVC experiments")
+    ab.add_argument("tables", nargs="*", help="tab1 tab5 … (default: all of params.yaml's ablations)")
+    ab.add_argument("--profile", default=None)
+    ab.add_argument("--variants", nargs="+", default=None, help="only these variants of the table")
+    ab.add_argument("--force", action="store_true", help="rerun variants whose experiment is up to date")
     args = parser.parse_args(argv)
-    if args.command == "repro":
-        return run_with_prefect_server([str(Path(sys.executable).with_name("dvc")), "repro", *args.dvc_args])
+
+    problem = _environment_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "alembic", "great_expectations"):  # per-request chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from flows.pipeline import stage_flow, udpdiff
     from udpdiff.config import ParamsError
 
+    if args.command in ("run", "ablation") and not os.environ.get("PREFECT_API_URL"):
+        # one local Prefect server for the job's flow and every stage flow DVC starts under it (the
+        # stages then show up as its subflows), instead of an ephemeral server per process
+        from flows.jobs import run_with_prefect_server
+
+        return run_with_prefect_server([sys.executable, "-m", "flows", *(sys.argv[1:] if argv is None else argv)])
     try:
+        if args.command == "repro":
+            from flows.jobs import repro
+
+            return repro(args.dvc_args)
         if args.command == "stage" and int(os.environ.get("RANK", 0)) != 0:
             # a worker rank under torchrun/deepspeed: the same step, without a flow or MLflow run
             # of its own (rank 0 runs those and logs for all ranks)
@@ -95,17 +83,25 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             from flows.common import load
-            from udpdiff import steps
+            from udpdiff.stages import train
 
-            steps.train_transformer(*load(args.profile, args.variant))
+            train.run(*load(args.profile))
         elif args.command == "stage":
-            stage_flow(args.stage, args.profile, args.variant)
-        elif args.job == "sweep":
-            from flows.sweep import sweep_flow
+            from flows.stage import stage_flow
+            from flows.subflows import run_stage_flow
 
-            sweep_flow(args.profile, args.variants)
+            run_stage_flow(stage_flow, {"stage": args.stage, "profile": args.profile})
+        elif args.command == "ablation":
+            from flows.ablation import ablation_flow
+
+            ablation_flow(args.tables or None, args.profile, args.variants, args.force)
         else:
-            udpdiff(args.job, args.profile)
+            from flows.jobs import JOBS, udpdiff
+
+            if args.job not in JOBS:
+                print(f"error: unknown job {args.job!r}; jobs: {sorted(JOBS)}", file=sys.stderr)
+                return 2
+            udpdiff(args.job, args.profile, args.ablation)
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,12 +22,18 @@ def test_udpdiff_flow_has_the_documented_deployments():
     assert {d.name: d.parameters["job"] for d in deployments}["train"] == "train"
 
 
-def test_jobs_cover_every_dvc_stage_in_order():
-    from flows.pipeline import JOBS, STEP_FUNCTIONS
+def test_jobs_target_dvc_stages_and_every_stage_has_a_module():
+    import importlib
+
+    from flows.jobs import JOBS
+    from udpdiff.stages import STAGES
 
     stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-    assert JOBS["pipeline"] == stages
-    assert set(stages) - {"data"} <= set(STEP_FUNCTIONS)
+    assert list(STAGES) == stages
+    for job, targets in JOBS.items():
+        assert targets is None or set(targets) <= set(stages), job
+    for stage in stages:
+        assert callable(importlib.import_module(f"udpdiff.stages.{stage}").run)
 
 
 def test_library_imports_no_orchestration():
@@ -77,7 +83,7 @@ def test_train_stage_starts_under_the_configured_launcher(tmp_path, monkeypatch)
     does the flow and MLflow work) and returns the metrics rank 0 wrote."""
     import json
 
-    import flows.pipeline as fp
+    import flows.stage as fp
     from udpdiff.config import load_params
 
     p = load_params(REPO / "params.yaml").model_copy(update={"train_launcher": "torchrun --nproc_per_node 2 -m"})
@@ -87,18 +93,17 @@ def test_train_stage_starts_under_the_configured_launcher(tmp_path, monkeypatch)
         metrics = tmp_path
 
     (tmp_path / "train.json").write_text(json.dumps({"final_loss": 0.25}))
-    monkeypatch.setattr(fp, "load", lambda profile, variant: (p, Paths))
+    monkeypatch.setattr(fp, "load", lambda profile: (p, Paths))
     monkeypatch.setattr(fp.subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
-    assert fp.launch_training(p, "single-task-depth") == {"final_loss": 0.25}
+    assert fp.launch_training(p) == {"final_loss": 0.25}
     (cmd, env), = calls
-    assert cmd == ["torchrun", "--nproc_per_node", "2", "-m", "flows", "stage", "train", "--profile", "tiny",
-                   "--variant", "single-task-depth"]
+    assert cmd == ["torchrun", "--nproc_per_node", "2", "-m", "flows", "stage", "train", "--profile", "tiny"]
     assert env["PATH"].startswith(str(Path(sys.executable).parent))
     monkeypatch.setattr(fp.subprocess, "call", lambda cmd, **kw: 3)
     import pytest
 
     with pytest.raises(RuntimeError, match="exit code 3"):
-        fp.launch_training(p, None)
+        fp.launch_training(p)
 
 
 def test_worker_ranks_run_only_the_train_stage():
@@ -108,3 +113,14 @@ def test_worker_ranks_run_only_the_train_stage():
     proc = subprocess.run([sys.executable, "-m", "flows", "stage", "sample"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "only the train stage runs under a multi-process launcher" in proc.stderr
+
+
+def test_a_stage_outside_the_venv_says_how_to_activate_it():
+    """dvc.yaml's commands say `python`; run by an interpreter without the project's packages
+    (here: ours with site-packages switched off) the stage names the problem instead of failing
+    deep inside with ModuleNotFoundError."""
+    proc = subprocess.run([sys.executable, "-S", "-m", "flows", "stage", "data"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "lacks mlflow" in proc.stderr and "source " in proc.stderr and "bin/activate" in proc.stderr
+    assert "Traceback" not in proc.stderr

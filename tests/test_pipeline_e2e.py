@@ -8,8 +8,6 @@ representation round trips are exact where they must be.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,27 +16,7 @@ from pathlib import Path
 import av
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ["data", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"]
-TOP_LEVEL_SKIP = {".git", ".venv", "data", "models", "outputs", "mlruns.db", "mlartifacts", ".prefect", ".whl",
-                  ".device-out", "benchmarks", ".pytest_cache", ".hypothesis"}
-ANYWHERE_SKIP = shutil.ignore_patterns("__pycache__", "*.egg-info")
-
-
-def _ignore(directory: str, names: list[str]) -> set[str]:
-    """What a fresh clone would not have: outputs of earlier runs, caches, the venv."""
-    skip = set(ANYWHERE_SKIP(directory, names))
-    if Path(directory) == REPO:
-        skip |= TOP_LEVEL_SKIP & set(names)
-    if Path(directory) == REPO / ".dvc":
-        skip |= {"cache", "tmp"} & set(names)
-    return skip
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1500) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 def _frames(path: Path) -> int:
@@ -47,20 +25,11 @@ def _frames(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e") / "udpdiff"
-    shutil.copytree(REPO, work, ignore=_ignore)
-    venv_bin = str(Path(sys.executable).parent)
-    bare_path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv_bin)
-    env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PYTHONUNBUFFERED": "1", "PATH": bare_path}
-    env.pop("PREFECT_API_URL", None)
-    _run(["git", "init", "-q"], work, env)
-    # first exactly what `make repro` runs, with the venv not activated (one shared Prefect server)...
-    first = _run([sys.executable, "-m", "flows", "repro"], work, env)
-    # ...then plain `dvc repro` in an activated venv (ephemeral Prefect per stage): nothing to do
-    second = _run([sys.executable, "-m", "dvc", "repro"], work, {**env, "PATH": f"{venv_bin}{os.pathsep}{bare_path}"},
-                  timeout=300)
-    return work, first, second
+def repro(repro_workspace):
+    """`make repro`'s run (the shared session fixture), then plain `dvc repro` in an activated venv
+    (ephemeral Prefect per stage): nothing to do."""
+    second = repro_workspace.run(sys.executable, "-m", "dvc", "repro", timeout=300)
+    return repro_workspace.path, repro_workspace.first_repro, second
 
 
 @pytest.mark.slow
@@ -69,7 +38,8 @@ def test_every_stage_ran_and_the_second_repro_does_nothing(repro):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     assert "Running stage" not in second.stdout
-    status = _run([sys.executable, "-m", "dvc", "status"], work, os.environ.copy(), timeout=120)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=work, capture_output=True, text=True,
+                            timeout=120)
     assert "up to date" in status.stdout
 
 
@@ -115,8 +85,9 @@ def test_metrics_are_real_numbers_with_exact_representation_round_trips(repro):
     assert sum(loss[-50:]) / 50 < 0.8 * sum(loss[:50]) / 50  # it learned
     evaluation = json.loads((work / "outputs" / "tiny" / "evaluation" / "metrics.json").read_text())
     ev = evaluation["metrics"]
-    assert set(evaluation["runtime"]) == {"stock", "segmentation", "depth"}
-    assert all(r["seconds_per_sample"] > 0 for r in evaluation["runtime"].values())
+    runtime = json.loads((metrics / "runtime.json").read_text())  # Tab 4: a metric, not a dependency
+    assert set(runtime) == {"stock", "segmentation", "depth"}
+    assert all(r["seconds_per_sample"] > 0 for r in runtime.values())
     for task in ("depth", "segmentation"):
         for key in ("pixel_frame_consistency", "motion_smoothness_flow"):
             assert 0.0 < ev[task][key] <= 1.0
@@ -129,9 +100,15 @@ def test_every_stage_logged_an_mlflow_run(repro):
     work, _, _ = repro
     db = sqlite3.connect(work / "mlruns.db")
     runs = dict(db.execute("SELECT name, status FROM runs"))
-    expected = {"synthesize", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"}
-    assert expected <= set(runs), runs
-    assert all(runs[name] == "FINISHED" for name in expected)
+    assert set(STAGES) <= set(runs), runs
+    assert all(runs[name] == "FINISHED" for name in STAGES)
+    # one parent run for the `make repro`, every stage run nested under it
+    parents = {name: parent for name, parent in db.execute(
+        "SELECT r.name, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key='mlflow.parentRunId'")}
+    assert {parents.get(s) for s in STAGES} == {parents.get("data")} != {None}
+    parent_name, parent_status = db.execute("SELECT name, status FROM runs WHERE run_uuid=?",
+                                            (parents["data"],)).fetchone()
+    assert parent_name in ("make repro", "dvc repro") and parent_status == "FINISHED"  # "make repro" under make
     train_id = db.execute("SELECT run_uuid FROM runs WHERE name='train'").fetchone()[0]
     steps = db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key='loss'", (train_id,)).fetchone()[0]
     assert steps >= 100  # per-step loss curve (every log_every=10 steps of 1000)
@@ -154,12 +131,12 @@ def test_every_stage_logged_an_mlflow_run(repro):
 
 
 @pytest.mark.slow
-def test_generate_cli_writes_side_by_side_video_and_arrays(repro):
+def test_generate_cli_writes_side_by_side_video_and_arrays(repro, repro_workspace):
     import numpy as np
 
     work, _, _ = repro
-    _run([sys.executable, "-m", "udpdiff.cli", "generate", "--prompt", "a red sphere rolls left", "--task",
-          "segmentation", "--steps", "3", "--seed", "7"], work, os.environ.copy(), timeout=300)
+    repro_workspace.run(sys.executable, "-m", "udpdiff.cli", "generate", "--prompt", "a red sphere rolls left",
+                        "--task", "segmentation", "--steps", "3", "--seed", "7", timeout=300)
     stem = work / "outputs" / "generate" / "segmentation-seed7"
     assert _frames(stem.with_suffix(".mp4")) == 9
     with np.load(stem.with_suffix(".npz")) as z:

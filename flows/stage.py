@@ -1,0 +1,76 @@
+"""The Prefect flow each DVC stage runs (`python -m flows stage <name>`): the stage's library module
+(``udpdiff.stages.<name>``) as a Prefect task inside the stage's MLflow run, its result logged and
+its metrics JSON written for DVC."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import REPO_ROOT, load
+from flows.tracking import log_result, log_step_artifact, log_step_metrics, stage_run
+from udpdiff.stages import STAGES
+from udpdiff.stages.common import StepResult, write_json
+
+logger = logging.getLogger(__name__)
+
+STREAMS_METRICS = {"autoencoder", "train"}  # these take a per-step MLflow callback
+
+
+@flow(name="udpdiff-stage", flow_run_name="{stage}")
+def stage_flow(stage: str, profile: str | None = None) -> dict[str, float]:
+    """Run one DVC stage: ``udpdiff.stages.<stage>.run`` as a task, inside its own MLflow run
+    (nested under the pipeline's parent run)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {list(STAGES)}")
+    p, paths = load(profile)
+    if stage == "train" and not under_launcher() and p.train_launcher.split() != ["python", "-m"]:
+        return launch_training(p)
+    run_fn = importlib.import_module(f"udpdiff.stages.{stage}").run
+    kwargs = {"log_fn": log_step_metrics} if stage in STREAMS_METRICS else {}
+    if stage == "train":
+        kwargs["artifact_fn"] = log_step_artifact
+    with stage_run(stage, p) as run:
+        try:
+            result = task(run_fn, name=stage, cache_policy=NO_CACHE)(p, paths, **kwargs)
+        except Exception as err:
+            # a failing step may leave evidence (the GX report of a broken contract): keep it
+            log_result(StepResult(artifacts=list(getattr(err, "artifacts", []))))
+            mlflow.set_tag("failure", str(err)[:5000])
+            raise
+        log_result(result)
+        write_json(paths.metrics / f"{stage}.json", result.metrics)
+        get_run_logger().info("%s done (MLflow run %s): %s", stage, run.info.run_id,
+                              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+    return result.metrics
+
+
+def under_launcher() -> bool:
+    """True in a process started by torchrun/deepspeed (they set the rank variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch_training(p) -> dict[str, float]:
+    """Run the train stage under ``train_launcher`` (several GPUs or nodes). Its rank 0 runs this
+    same flow (a flow run and MLflow run of its own); the other ranks run the bare step."""
+    cmd = [*shlex.split(p.train_launcher), "flows", "stage", "train", "--profile", p.profile]
+    logger.info("launching training: %s", " ".join(cmd))
+    # the launcher's own `python` must be this environment's
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # rank 0 re-enters this flow: it must not show up as a second `train` subflow of the job
+    env.pop("UDPDIFF_PREFECT_PARENT_FLOW_RUN_ID", None)
+    code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    if code != 0:
+        raise RuntimeError(f"training under {p.train_launcher!r} failed with exit code {code}; see its log above")
+    _, paths = load(p.profile)
+    return json.loads((paths.metrics / "train.json").read_text())

@@ -1,0 +1,125 @@
+"""Ablations as DVC experiments: the override grammar handed to `dvc exp run -S`, the checks that
+stop an ablation before any work, and (slow) a real ablation on a reproduced workspace: the
+variants run as DVC experiments, `dvc exp show` lists them with their metrics, MLflow holds a
+parent run named after the table with one child per variant, and a rerun with nothing changed
+runs nothing."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.ablation import dvc_set_args, expected_params, hydra_value, plan
+from udpdiff.config import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_override_values_in_dvcs_set_param_grammar():
+    assert hydra_value(None) == "null" and hydra_value(True) == "true" and hydra_value(0.3) == "0.3"
+    assert hydra_value("text-prompt") == "'text-prompt'"
+    assert hydra_value(["segmentation"]) == "['segmentation']" and hydra_value([]) == "[]"
+    assert hydra_value({"type": "sam2", "options": {"points_per_side": 8}}) == \
+        "{type:'sam2',options:{points_per_side:8}}"
+
+
+def test_set_args_address_the_active_profile_or_switch_it():
+    p = load_params(REPO / "params.yaml", profile="tiny")
+    assert dvc_set_args(p, {"train.task_ratio": [0.3, 0.7]}) == ["-S", "profiles.tiny.train.task_ratio=[0.3,0.7]"]
+    assert dvc_set_args(p, {"profile": "cogvideox-2b", "train.tasks": ["segmentation"]}) == [
+        "-S", "profile='cogvideox-2b'", "-S", "profiles.cogvideox-2b.train.tasks=['segmentation']"]
+
+
+def test_expected_params_is_what_the_overrides_write():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    out = expected_params(raw, {"train.task_conditioning": "text-prompt"})
+    assert out["profiles"]["tiny"]["train"]["task_conditioning"] == "text-prompt"
+    assert raw["profiles"]["tiny"]["train"]["task_conditioning"] == "embedding"  # the input is untouched
+
+
+def test_every_paper_table_has_an_ablation():
+    p = load_params(REPO / "params.yaml")
+    assert {"tab1", "tab2", "tab5", "tab6", "tab7", "tab8", "tab9", "tab10", "tab11", "tab12"} <= set(p.ablations)
+    assert p.ablations["tab5"].title == "Tab 5 — task conditioning"
+    # Tab 6 compares colormaps in the single-task segmentation setting, as the paper does
+    assert all(v["train.tasks"] == ["segmentation"] for v in p.ablations["tab6"].variants.values())
+
+
+def test_tiny_tables_pass_the_checks_and_the_rest_name_the_key_that_cannot_take_effect():
+    p = load_params(REPO / "params.yaml", profile="tiny")
+    assert len(plan(p, ["tab1", "tab2", "tab5", "tab6", "tab7"], None)) == 12
+    with pytest.raises(ParamsError, match=r"tab10\.variants\.random: override transformer\.channel_expansion"):
+        plan(p, ["tab10"], None)
+    with pytest.raises(ParamsError, match=r"data\.panda70m\.depth_annotator: profile 'tiny' synthesises"):
+        plan(p, ["tab8"], None)
+    with pytest.raises(ParamsError, match="unknown ablation"):
+        plan(p, ["tab99"], None)
+    with pytest.raises(ParamsError, match="none of"):
+        plan(p, ["tab5"], ["no-such-variant"])
+
+
+def test_paper_profiles_accept_every_table():
+    p = load_params(REPO / "params.yaml", profile="cogvideox-5b")
+    assert len(plan(p, None, None)) == sum(len(a.variants) for a in p.ablations.values())
+
+
+def test_from_scratch_builds_the_profiles_architecture():
+    """Tab 11's scratch rows: `pretrained: null` on a CogVideoX profile builds that profile's shape,
+    not diffusers' class default; a config that cannot describe a model is refused at load."""
+    p = load_params(REPO / "params.yaml", profile="cogvideox-5b").with_overrides({"transformer.pretrained": None})
+    cfg = p.active.transformer.config
+    assert (cfg["num_attention_heads"], cfg["num_layers"], cfg["use_rotary_positional_embeddings"]) == (48, 42, True)
+    with pytest.raises(ParamsError, match="must give the architecture"):
+        load_params(REPO / "params.yaml", profile="tiny").with_overrides(
+            {"transformer.pretrained": None, "transformer.config": {"num_layers": 2}})
+
+
+@pytest.mark.slow
+def test_an_ablation_runs_as_dvc_experiments_logs_a_table_and_reruns_nothing(repro_workspace, tmp_path):
+    ws = repro_workspace.copy(tmp_path / "ws")
+    params = yaml.safe_load((ws.path / "params.yaml").read_text())
+    # a cheap table for CI (sampling steps touch sample → evaluate → report only); the paper's
+    # tables run the same code with retraining variants
+    params["ablations"]["tabci"] = {"title": "Tab CI — sampling steps",
+                                    "variants": {"fewer-steps": {"sample.num_inference_steps": 10}, "base": {}}}
+    (ws.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    ws.run("git", "commit", "-qam", "a CI ablation table")
+    first = ws.run(sys.executable, "-m", "flows", "ablation", "tabci", activated=False, timeout=1200)
+    log = first.stdout + first.stderr
+    assert "Running stage 'sample'" in log and "Running stage 'train'" not in log, log[-3000:]
+
+    shown = json.loads(ws.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    exps = {r["name"]: r["data"] for b in shown for e in (b.get("experiments") or []) for r in e["revs"]}
+    assert {"tabci-fewer-steps", "tabci-base"} <= set(exps)
+    steps = {n: exps[n]["params"]["params.yaml"]["data"]["profiles"]["tiny"]["sample"]["num_inference_steps"]
+             for n in ("tabci-fewer-steps", "tabci-base")}
+    assert steps == {"tabci-fewer-steps": 10, "tabci-base": 25}
+    for name in ("tabci-fewer-steps", "tabci-base"):
+        ev = exps[name]["metrics"]["outputs/tiny/evaluation/metrics.json"]["data"]["metrics"]
+        assert 0 < ev["depth"]["motion_smoothness_flow"] <= 1
+
+    db = sqlite3.connect(ws.path / "mlruns.db")
+    parent_id, = db.execute("SELECT run_uuid FROM runs WHERE name='Tab CI — sampling steps'").fetchone()
+    children = dict(db.execute("SELECT r.name, r.run_uuid FROM runs r JOIN tags t ON t.run_uuid=r.run_uuid "
+                               "WHERE t.key='mlflow.parentRunId' AND t.value=?", (parent_id,)))
+    assert set(children) == {"fewer-steps", "base"}
+    params_of = dict(db.execute("SELECT key, value FROM params WHERE run_uuid=?", (children["fewer-steps"],)))
+    assert params_of["sample.num_inference_steps"] == "10"
+    metric_keys = {k for k, in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (children["base"],))}
+    assert "depth/motion_smoothness_flow" in metric_keys
+    # the variant's stage runs nest under the variant run (grandchildren of the table's run)
+    grandchildren = {n for n, in db.execute("SELECT r.name FROM runs r JOIN tags t ON t.run_uuid=r.run_uuid WHERE "
+                                           "t.key='mlflow.parentRunId' AND t.value=?", (children["fewer-steps"],))}
+    assert {"sample", "evaluate", "report"} <= grandchildren
+    assert (ws.path / "outputs" / "tiny" / "ablations" / "tabci.md").read_text().count("\n|") >= 3
+
+    runs_before = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    again = ws.run(sys.executable, "-m", "flows", "ablation", "tabci", activated=False, timeout=600)
+    assert "nothing to run" in again.stdout + again.stderr
+    assert "Running stage" not in again.stdout + again.stderr
+    assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == runs_before

@@ -1,0 +1,74 @@
+"""The ablation table (paper Tabs 5-7) as a DataFrame: columns, order, missing values, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from udpdiff.evaluation.tables import ABLATION_MS_FLOW_NOTE, ablation_columns, ablation_frame
+
+ROWS = [
+    {"variant": "base (params.yaml)", "depth/subject_consistency": 0.91, "depth/motion_smoothness_flow": 0.97,
+     "depth/fvd": 410.5, "depth/gt_delta1": 0.62, "segmentation/gt_miou": 0.41, "depth/num_videos": 8,
+     "rgb/pixel_frame_consistency": 0.88},
+    {"variant": "text-prompt", "depth/subject_consistency": 0.90, "depth/motion_smoothness_flow": 0.96,
+     "segmentation/background_consistency": 0.93, "depth/gt_delta1": None},
+]
+OVERRIDES = {"text-prompt": {"train.task_conditioning": "text", "train.tasks": ["depth"]}}
+
+
+def test_columns_in_the_papers_order_and_only_those_some_row_has():
+    assert ablation_columns(ROWS) == [
+        ("depth/subject_consistency", "depth SC (↑)"),
+        ("depth/motion_smoothness_flow", "depth MS† (↑)"),
+        ("depth/fvd", "depth FVD (↓)"),
+        ("segmentation/background_consistency", "seg BC (↑)"),
+        ("depth/gt_delta1", "depth δ1 GT (↑)"),
+        ("segmentation/gt_miou", "seg mIoU GT (↑)"),
+        ("rgb/pixel_frame_consistency", "rgb pixel consistency (↑)"),
+    ]
+
+
+def test_amt_motion_smoothness_is_ms_and_flow_prior_is_ms_dagger():
+    cols = dict(ablation_columns([{"variant": "a", "rgb/motion_smoothness": 0.98, "rgb/motion_smoothness_flow": 0.9}]))
+    assert cols == {"rgb/motion_smoothness": "rgb MS (↑)", "rgb/motion_smoothness_flow": "rgb MS† (↑)"}
+
+
+def test_frame_one_row_per_variant():
+    df = ablation_frame(ROWS, OVERRIDES)
+    assert list(df.columns) == ["variant", "depth SC (↑)", "depth MS† (↑)", "depth FVD (↓)", "seg BC (↑)",
+                                "depth δ1 GT (↑)", "seg mIoU GT (↑)", "rgb pixel consistency (↑)", "overrides"]
+    assert list(df["variant"]) == ["base (params.yaml)", "text-prompt"]
+    assert df.loc[0, "depth FVD (↓)"] == 410.5 and math.isnan(df.loc[1, "depth FVD (↓)"])
+    assert math.isnan(df.loc[1, "depth δ1 GT (↑)"])  # None: not computed
+    assert df.loc[0, "overrides"] == "" and json.loads(df.loc[1, "overrides"]) == OVERRIDES["text-prompt"]
+    assert df.attrs["keys"]["depth SC (↑)"] == "depth/subject_consistency"
+    assert df.attrs["notes"] == [ABLATION_MS_FLOW_NOTE]
+    assert all(df[c].dtype.kind == "f" for c in df.columns if c not in ("variant", "overrides"))
+
+
+def test_no_flow_prior_no_note_and_markdown_renders():
+    df = ablation_frame([{"variant": "a", "depth/motion_smoothness": 0.98}], {})
+    assert df.attrs["notes"] == []
+    assert "depth MS (↑)" in df.to_markdown(index=False)
+
+
+@pytest.mark.parametrize(("rows", "error", "match"), [
+    ([], ValueError, "at least one variant"),
+    ({"variant": "a"}, TypeError, "list of dicts"),
+    (["a"], TypeError, "row 0 must be a dict"),
+    ([{"depth/fvd": 1.0}], ValueError, "non-empty 'variant'"),
+    ([{"variant": "a"}, {"variant": "a"}], ValueError, "appears twice"),
+    ([{"variant": "a", "depth/fvd": "high"}], ValueError, r"'a': depth/fvd \(depth FVD"),
+    ([{"variant": "a", "depth/fvd": True}], ValueError, "must be a number"),
+])
+def test_bad_rows_are_reported(rows, error, match):
+    with pytest.raises(error, match=match):
+        ablation_frame(rows, {})
+
+
+def test_bad_overrides_are_reported():
+    with pytest.raises(TypeError, match="overrides must be a dict"):
+        ablation_frame([{"variant": "a"}], [("a", {})])
