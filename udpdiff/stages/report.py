@@ -25,8 +25,10 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     from udpdiff.evaluation import tables
 
     ev = json.loads((paths.evaluation / "metrics.json").read_text())
+    runtime_file = paths.metrics / "runtime.json"  # the sample stage's timings (Tab 4), a metric
+    runtime = json.loads(runtime_file.read_text()) if runtime_file.exists() else {}
     tabs = tables.all_tables(ev["metrics"], [t for t in sample_sets(p) if t in ev["metrics"]], ev.get("models", {}),
-                             ev.get("runtime"))
+                             runtime)
     models = [f"{k}: {v}" for k, v in ev.get("models", {}).items()]
     notes = [*ev["notes"], *(f"model for {m}" for m in models),
              "`gt_*` scores are dense predictions *of* real validation clips (RGB half fixed to the clip) against "
