@@ -174,7 +174,7 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
             results[table] = {v: variant_metrics(e["metrics"], dict(o).get("profile", p.profile))
                               for (v, o), e in zip(variants_here, up_to_date.values(), strict=True)}
             continue
-        rows, overrides_of = [], {}
+        rows, overrides_of, revs = [], {}, {}
         with ablation_run(p, table, spec.title) as (parent, parent_env):
             for name, overrides in variants_here:
                 exp = experiment_name(table, name)
@@ -198,13 +198,15 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
                             raise RuntimeError(f"{exp}: dvc exp run finished but `dvc exp show` does not list it")
                     metrics = variant_metrics(found["metrics"], dict(overrides).get("profile", p.profile))
                     log_variant_metrics(vrun.info.run_id, metrics)
+                    revs[name] = found["rev"]
                 rows.append({"variant": name, **metrics})
                 overrides_of[name] = dict(overrides)
                 results.setdefault(table, {})[name] = metrics
             frame = ablation_frame(rows, overrides_of)
             out_dir = REPO_ROOT / "outputs" / p.profile / "ablations"
             log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
-            _mark_logged(parent.info.run_id, key)
+            # the experiments this table now stands on: an unchanged rerun finds this key and does nothing
+            _mark_logged(parent.info.run_id, _ablation_key(p, table, variants_here, revs))
             log.info("%s:\n%s", spec.title, frame.drop(columns=["overrides"], errors="ignore").to_string(index=False))
     return results
 

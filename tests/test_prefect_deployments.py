@@ -119,10 +119,12 @@ def test_deployments_bring_targets_up_to_date_through_dvc(repro_workspace, tmp_p
                   tmp_path / "server.log", 120)
         # the venv is not activated (as `make repro` sees it): the job puts its bin on dvc's PATH itself
         with _background([sys.executable, "infra/prefect/serve.py"], ws.path, env, tmp_path / "serve.log") as serve:
-            _wait_for("served deployments", lambda: _api(url, "/deployments/name/udpdiff/train", timeout=2), serve,
-                      tmp_path / "serve.log", 120)
+            jobs = {"pipeline", "curate", "train", "evaluate", "sweep"}
+            # serve.py registers the deployments one after another: wait for all of them
+            _wait_for("served deployments", lambda: {d["name"] for d in _api(url, "/deployments/filter", {}, timeout=2)}
+                      >= jobs or None, serve, tmp_path / "serve.log", 120)
             deployments = _api(url, "/deployments/filter", {})
-            assert {d["name"] for d in deployments} == {"pipeline", "curate", "train", "evaluate", "sweep"}
+            assert {d["name"] for d in deployments} == jobs
 
             # 1. after `make repro` nothing is stale: the train job runs no stage
             noop = _run_deployment(ws.path, env, url, "udpdiff/train")
