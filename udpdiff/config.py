@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from udpdiff.data.curation_params import CurationParams
 from udpdiff.tasks import validate_tasks
 
 
@@ -128,6 +129,9 @@ class Panda70MSource(_Strict):
     # clips without a precomputed map in seg_dir / depth_dir are labelled by these (paper §3)
     segmentation_annotator: AnnotatorParams | None = None
     depth_annotator: AnnotatorParams | None = None
+    # set: cut Panda-70M *source videos* at their timestamps and filter them (udpdiff.data.filters)
+    # instead of reading pre-cut clips from csv / video_dir; see udpdiff.data.curation_params
+    curation: CurationParams | None = None
 
     @model_validator(mode="after")
     def _annotator_kinds(self) -> Panda70MSource:

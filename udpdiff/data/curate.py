@@ -351,4 +351,115 @@ def ingest_panda70m(
     return manifest, rejects_path
 
 
-__all__ = ["REJECT_COLUMNS", "ingest_panda70m", "motion_score_from_frames"]
+#: curate_clips record keys that are manifest columns already (or machine-specific: source_path)
+_RECORD_BASE = {"clip_id", "video_path", "num_frames", "fps", "height", "width", "caption_short", "caption_long",
+                "source_path"}
+_NON_NAME = re.compile(r"[^a-z0-9_]+")
+
+
+def curation_columns(record: Mapping[str, object]) -> dict[str, object]:
+    """A curated clip's scores and provenance as ``curation_<name>`` manifest columns (floats or
+    strings; see :data:`udpdiff.io.manifest.EXTRA_PREFIX`)."""
+    out: dict[str, object] = {}
+    for key, value in record.items():
+        if key in _RECORD_BASE:
+            continue
+        name = "curation_" + _NON_NAME.sub("_", str(key).lower()).strip("_")
+        if isinstance(value, bool):
+            value = float(value)
+        out[name] = float(value) if isinstance(value, int | float | np.number) else str(value)
+    return out
+
+
+class _CountingAnnotator:
+    """Counts the clips an annotator labels; a clip it fails on becomes a reject
+    (``annotator_error``) instead of stopping the run. Errors loading the model (missing weights:
+    ``MetricModelUnavailable``, ``OSError``; a missing package: ``ImportError``) still stop it: no
+    silently unlabelled dataset."""
+
+    def __init__(self, kind: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.kind, self.fn, self.calls = kind, fn, 0
+
+    def __call__(self, video: np.ndarray) -> np.ndarray:
+        from udpdiff.evaluation.consistency import MetricModelUnavailable
+
+        try:
+            out = self.fn(video)
+        except (MetricModelUnavailable, OSError, ImportError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _RejectError(f"annotator_error: the {self.kind} annotator failed "
+                               f"({exc.__class__.__name__}: {exc})") from exc
+        self.calls += 1
+        return out
+
+
+def ingest_curated(
+    records: list[dict],
+    clip_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    min_frames: int,
+    rejects: list[dict] | None = None,
+    seg_dir: str | os.PathLike | None = None,
+    depth_dir: str | os.PathLike | None = None,
+    require_dense: bool = False,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    annotators: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+) -> tuple[Path, Path, dict[str, int]]:
+    """Label and publish clips cut by :func:`udpdiff.data.filters.curate_clips`.
+
+    ``records`` are its kept clips (``<clip_dir>/<clip_id>.mp4``), ``rejects`` everything dropped
+    before (they go to ``rejects.csv`` as they are, scores included). Each clip goes through the
+    same checks, map loading / annotation and linking as :func:`ingest_panda70m`; its filter scores
+    and provenance become ``curation_*`` manifest columns. Returns ``(manifest, rejects_path,
+    counts)`` with ``counts = {"annotated": clips labelled by an annotator, "annotated_seg": ...,
+    "annotated_depth": ..., "failed": clips rejected here}``.
+    """
+    annotators = dict(annotators or {})
+    unknown = set(annotators) - {"seg", "depth"}
+    if unknown:
+        raise ValueError(f"annotators: unknown kinds {sorted(unknown)}; use 'seg' and/or 'depth'")
+    counting = {kind: _CountingAnnotator(kind, fn) for kind, fn in annotators.items()}
+    clip_dir, out = Path(clip_dir), Path(out_dir)
+    seg_p = Path(seg_dir) if seg_dir is not None else None
+    depth_p = Path(depth_dir) if depth_dir is not None else None
+    for sub in ("videos", "seg", "depth"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    all_rejects = list(rejects or [])
+    rows: list[dict] = []
+    annotated = failed = 0
+    for rec in tqdm(records, desc="labelling clips", unit="clip", disable=None):
+        cand = _Candidate(str(rec["clip_id"]), str(rec.get("caption_short", "")), str(rec.get("caption_long", "")))
+        before = {k: a.calls for k, a in counting.items()}
+        try:
+            row = _ingest_one(cand, clip_dir, out, min_frames, seg_p, depth_p, require_dense, counting)
+        except _RejectError as rej:
+            failed += 1
+            path = clip_dir / f"{cand.clip_id}.mp4"
+            logger.error("rejected clip %s (%s): %s", cand.clip_id, path, rej.reason)
+            all_rejects.append({"clip_id": cand.clip_id, "path": str(path), "reason": rej.reason})
+            continue
+        if any(a.calls > before[k] for k, a in counting.items()):
+            annotated += 1
+        row.update(curation_columns(rec))
+        rows.append(row)
+
+    manifest_df = pd.DataFrame(rows) if rows else empty_manifest()
+    if rows:
+        manifest_df["split"] = assign_splits(manifest_df["clip_id"].tolist(), val_fraction, seed)
+    else:
+        logger.warning("%s: no clip survived curation", clip_dir)
+    manifest = write_manifest(manifest_df, out / MANIFEST_NAME)
+    rejects_path = out / "rejects.csv"
+    rej_df = pd.DataFrame(all_rejects)
+    extra = sorted(c for c in rej_df.columns if c not in REJECT_COLUMNS)
+    rej_df = rej_df.reindex(columns=[*REJECT_COLUMNS, *extra])
+    write_text(rejects_path, rej_df.to_csv(index=False))
+    logger.info("published %d curated clips, rejected %d in all (see %s)", len(rows), len(all_rejects), rejects_path)
+    counts = {"annotated": annotated, "failed": failed,
+              **{f"annotated_{k}": a.calls for k, a in counting.items()}}
+    return manifest, rejects_path, counts
+
+
+__all__ = ["REJECT_COLUMNS", "curation_columns", "ingest_curated", "ingest_panda70m", "motion_score_from_frames"]

@@ -156,11 +156,69 @@ class FilterParams(_Strict):
     scene_cut: SceneCutParams | None = SceneCutParams()
 
 
-class CurationParams(_Strict):
-    """Everything curation adds to ``data``: cutting and filtering."""
+class SegPostprocessParams(_Strict):
+    """Repairs of SAM2-propagated entity ids (paper §3.1; :mod:`udpdiff.data.postprocess`), per
+    frame, as fractions of the frame's pixels. Ids are never renumbered."""
 
+    #: unclaimed (id 0) regions up to this size, off the border and bordered by one entity, join it
+    max_hole_fraction: float = Field(0.002, ge=0, le=1)
+    #: entity regions (8-connected pieces) smaller than this are re-assigned (specks); 0 = keep all
+    min_region_fraction: float = Field(0.0005, ge=0, lt=1)
+    #: where a small region goes: the entity most of its border touches, or background (0)
+    small_regions: Literal["neighbour", "background"] = "neighbour"
+    #: the remaining unclaimed pixels: the nearest entity (distance transform) or left background (0)
+    unclaimed: Literal["nearest", "background"] = "nearest"
+
+
+class RecaptionParams(_Strict):
+    """Long captions from a video-language model (paper §3: Video-LLaVA; :mod:`udpdiff.data.captioner`)."""
+
+    type: Literal["video-llava"] = "video-llava"
+    #: local folder or hub id of the model (with its tokenizer and image processor)
+    path: str = "LanguageBind/Video-LLaVA-7B-hf"
+    #: the chat prompt; ``<video>`` (exactly once) is where the clip goes
+    prompt: str = "USER: <video>\nDescribe this video in detail. ASSISTANT:"
+    #: frames sampled uniformly over the clip (Video-LLaVA was trained on 8)
+    num_frames: int = Field(8, gt=0, le=64)
+    max_new_tokens: int = Field(200, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: also re-caption clips whose CSV row already has a ``caption_long``
+    overwrite: bool = False
+    #: only a local folder or the HF cache (the training machines are offline)
+    local_files_only: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_video_token(cls, value: str) -> str:
+        if value.count("<video>") != 1:
+            raise ValueError(f"prompt must contain <video> exactly once (where the clip goes), got {value!r}")
+        return value
+
+
+class CurationParams(_Strict):
+    """Everything curation adds to ``data``: where the Panda-70M sources are, cutting and filtering.
+
+    Relative paths are relative to the project root. Layout::
+
+        <source_dir>/<videoID>.mp4      source videos as Panda-70M's downloader saves them (any of
+                                        cut.video_extensions), not split into clips
+        <csv>                           Panda-70M CSV: videoID, url, timestamp, caption[, caption_long]
+        <cut_dir>/videos/<clip>.mp4     the cut clips (kept ones), <clip> = <videoID>_<k:05d>
+        <cut_dir>/state/<clip>.json     one decision per clip: a rerun skips what is decided
+
+    ``cut_dir`` lives outside the stage's output on purpose: DVC clears a stage's outputs before
+    it runs, and cutting 300K clips should survive an interrupted run.
+    """
+
+    csv: str | None = None
+    source_dir: str | None = None
+    cut_dir: str | None = None
     cut: CutParams = CutParams()
     filters: FilterParams = FilterParams()
+    #: post-processing of the segmentation annotator's ids (not of precomputed maps); null = off
+    seg_postprocess: SegPostprocessParams | None = SegPostprocessParams()
+    #: long captions from a video-language model; null = keep the CSV's (or the short caption)
+    recaption: RecaptionParams | None = None
 
 
 __all__ = [
@@ -172,6 +230,8 @@ __all__ = [
     "MotionFilterParams",
     "QualityFilterParams",
     "QualityWeights",
+    "RecaptionParams",
     "SceneCutParams",
+    "SegPostprocessParams",
     "SourceFilterParams",
 ]

@@ -39,11 +39,15 @@ calibrated on a hand-labelled sample of real Panda-70M clips. A learned scorer (
 plugs in as another :class:`QualityScorer` subclass registered in :data:`QUALITY_SCORER_CLASSES`.
 
 :func:`curate_clips` runs a :class:`~udpdiff.data.cut.ClipCutter` and the filters over a list of
-clips, writes the kept ones and counts every drop by reason; no single bad clip stops it.
+clips, writes the kept ones and counts every drop by reason; no single bad clip stops it. With a
+``resume_key`` it is resumable: each decided clip leaves a small state file, and a rerun with the
+same key (same geometry, cut and filter parameters) and an unchanged source file takes the decision
+from it instead of decoding the clip again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -68,6 +72,7 @@ from udpdiff.data.curation_params import (
     SourceFilterParams,
 )
 from udpdiff.data.cut import ClipCutter, ClipPlan, ClipRejected, ClipSpec, CutClip
+from udpdiff.io.atomic import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -495,12 +500,67 @@ def build_filters(p: FilterParams) -> list[ClipFilter]:
 class CurationResult:
     """``records``: one dict per kept clip (ids, captions, provenance, geometry, every score);
     ``rejects``: ``clip_id, path, reason`` (+ the scores measured before the drop); ``drops``: count
-    per reason code; ``seconds``: wall time per step summed over clips."""
+    per reason code; ``seconds``: wall time per step summed over clips; ``cut``: clips decoded in
+    this run; ``resumed``: clips whose decision came from an earlier run's state file."""
 
     records: list[dict] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
     drops: Counter = field(default_factory=Counter)
     seconds: Counter = field(default_factory=Counter)
+    cut: int = 0
+    resumed: int = 0
+
+
+#: Reject codes that are never remembered by a resumable run: the source may appear (a download
+#: finishes) or the failure may be transient, so a rerun tries again.
+RETRIED_CODES = frozenset({"missing_source", "error"})
+_STATE_VERSION = 1
+
+
+def _source_signature(path: Path) -> list[int]:
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _state_path(out: Path, clip_id: str) -> Path:
+    return out / "state" / f"{clip_id}.json"
+
+
+def _load_state(out: Path, spec: ClipSpec, source: Path, resume_key: str) -> dict | None:
+    """The earlier decision on ``spec`` if it still holds: same key, same clip span, same source
+    file (size and mtime) and, for a kept clip, its video still there. Anything else: ``None``."""
+    path = _state_path(out, spec.clip_id)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable curation state %s (%s); the clip is cut again", path, exc)
+        return None
+    try:
+        if (state.get("version") != _STATE_VERSION or state.get("key") != resume_key
+                or state.get("span") != [spec.start_s, spec.end_s]
+                or state.get("source") != _source_signature(source)):
+            return None
+        if state["status"] == "kept":
+            video = out / state["record"]["video_path"]
+            if not video.is_file() or video.stat().st_size != state.get("video_size"):
+                return None
+        elif state["status"] != "dropped":
+            return None
+    except (KeyError, TypeError, AttributeError, OSError):
+        return None
+    return state
+
+
+def _save_state(out: Path, spec: ClipSpec, source: Path, resume_key: str, status: str, entry: dict,
+                video: Path | None = None) -> None:
+    state = {"version": _STATE_VERSION, "key": resume_key, "span": [spec.start_s, spec.end_s],
+             "source": _source_signature(source), "status": status,
+             "record" if status == "kept" else "reject": entry}
+    if video is not None:
+        state["video_size"] = video.stat().st_size
+    write_text(_state_path(out, spec.clip_id), json.dumps(state, sort_keys=True, default=float))
 
 
 def _timed(result: CurationResult, step: str, fn: Callable, *args):
@@ -518,6 +578,7 @@ def curate_clips(
     cutter: ClipCutter,
     filters: Sequence[ClipFilter],
     evaluate_all: bool = True,
+    resume_key: str | None = None,
 ) -> CurationResult:
     """Cut, filter and write each clip: ``<out_dir>/videos/<clip_id>.mp4`` for the kept ones.
 
@@ -525,6 +586,12 @@ def curate_clips(
     ``evaluate_all`` (so dropped clips keep all their scores for threshold tuning) and the first
     failing one names the drop. Any problem with one clip (missing or corrupt source, a filter
     error) is logged with the file and recorded as a reject; the run goes on.
+
+    ``resume_key`` (a fingerprint of everything that decides a clip: geometry, cut and filter
+    parameters) makes the run resumable: each decision is saved to ``<out_dir>/state/<clip_id>.json``
+    (atomically, after the clip's video), and a clip whose state has the same key, span and source
+    file (size, mtime) is taken from it without decoding. Missing sources and unexpected errors
+    (:data:`RETRIED_CODES`) are not saved, so a rerun tries them again.
     """
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -537,6 +604,19 @@ def curate_clips(
         reason: str | None = None
         try:
             path = cutter.locate(spec, video_dir)
+            state = _load_state(out, spec, path, resume_key) if resume_key is not None else None
+            if state is not None:
+                result.resumed += 1
+                if state["status"] == "kept":
+                    record = dict(state["record"])  # captions may have been edited in the CSV since
+                    record.update(caption_short=spec.caption, caption_long=spec.caption_long or spec.caption,
+                                  url=spec.url, source_path=str(path))
+                    result.records.append(record)
+                else:
+                    rej = dict(state["reject"], path=str(path))
+                    result.drops[rej["reason"].split(":", 1)[0]] += 1
+                    result.rejects.append(rej)
+                continue
             plan = _timed(result, "probe", cutter.plan, spec, path)
             for f in header:
                 r = _timed(result, f.name, f.evaluate, plan)
@@ -544,6 +624,7 @@ def curate_clips(
                 reason = reason or r.reason
             if reason is None:
                 clip = _timed(result, "cut", cutter.cut, plan)
+                result.cut += 1
                 for f in framed:
                     if reason is not None and not evaluate_all:
                         break
@@ -559,11 +640,14 @@ def curate_clips(
             code = reason.split(":", 1)[0]
             result.drops[code] += 1
             logger.info("dropped clip %s (%s): %s", spec.clip_id, path, reason)
-            result.rejects.append({"clip_id": spec.clip_id, "path": str(path), "reason": reason, **scores})
+            rej = {"clip_id": spec.clip_id, "path": str(path), "reason": reason, **scores}
+            result.rejects.append(rej)
+            if resume_key is not None and code not in RETRIED_CODES and Path(path).is_file():
+                _save_state(out, spec, Path(path), resume_key, "dropped", rej)
             continue
         rel = f"videos/{spec.clip_id}.mp4"
         _timed(result, "write", cutter.write, clip, out / rel)
-        result.records.append({
+        record = {
             "clip_id": spec.clip_id, "video_path": rel, "num_frames": int(clip.frames.shape[0]), "fps": clip.fps,
             "height": int(clip.frames.shape[1]), "width": int(clip.frames.shape[2]),
             "caption_short": spec.caption, "caption_long": spec.caption_long or spec.caption,
@@ -571,7 +655,10 @@ def curate_clips(
             "start_s": spec.start_s, "end_s": spec.end_s,
             "window_start_s": float(clip.frame_times[0]), "window_end_s": float(clip.frame_times[-1]),
             **scores,
-        })
+        }
+        result.records.append(record)
+        if resume_key is not None:
+            _save_state(out, spec, Path(path), resume_key, "kept", record, out / rel)
     logger.info("curated %d clips, dropped %d (%s)", len(result.records), len(result.rejects),
                 ", ".join(f"{k} {v}" for k, v in result.drops.most_common()) or "none")
     return result
@@ -579,6 +666,7 @@ def curate_clips(
 
 __all__ = [
     "QUALITY_SCORER_CLASSES",
+    "RETRIED_CODES",
     "ClassicalQualityScorer",
     "ClipFilter",
     "ContentCutDetector",

@@ -38,7 +38,7 @@ from great_expectations.data_context.types.base import (
 
 from udpdiff.io.atomic import write_text
 from udpdiff.io.dense import DenseMapError, load_depth, load_ids
-from udpdiff.io.manifest import MANIFEST_COLUMNS, SOURCES, SPLITS, resolve
+from udpdiff.io.manifest import MANIFEST_COLUMNS, SOURCES, SPLITS, is_extra_column, resolve
 from udpdiff.io.video import VideoReadError, probe_video
 
 logger = logging.getLogger(__name__)
@@ -158,9 +158,11 @@ def _build_suite(
     def add(expectation: Any) -> None:
         suite.add_expectation(expectation)
 
+    # optional curation_* columns (filter scores, provenance) are allowed; any other extra is not
+    extras = sorted(c for c in columns if is_extra_column(c))
     add(
         expect.ExpectTableColumnsToMatchSet(
-            column_set=[*MANIFEST_COLUMNS, *DERIVED_COLUMNS], exact_match=True
+            column_set=[*MANIFEST_COLUMNS, *extras, *DERIVED_COLUMNS], exact_match=True
         )
     )
     add(expect.ExpectTableRowCountToBeBetween(min_value=1))
@@ -171,6 +173,9 @@ def _build_suite(
             continue
         add(expect.ExpectColumnValuesToNotBeNull(column=name))
         add(expect.ExpectColumnValuesToBeInTypeList(column=name, type_list=_PY_TYPES[kind]))
+
+    for name in extras:  # numbers (NaN = not measured) or strings
+        add(expect.ExpectColumnValuesToBeInTypeList(column=name, type_list=_PY_TYPES["float"] + _PY_TYPES["str"]))
 
     def has(*names: str) -> bool:
         return all(n in present for n in names)
@@ -323,6 +328,9 @@ def validate_manifest(
         # object dtype makes GX check the Python type of every value (so a stray int in a string
         # column is caught per row) instead of comparing pandas' string dtype name.
         if kind == "str" and name in data.columns:
+            data[name] = data[name].astype(object)
+    for name in data.columns:
+        if is_extra_column(name) and not pd.api.types.is_numeric_dtype(data[name]):
             data[name] = data[name].astype(object)
     for name, values in derived.items():
         data[name] = pd.Series(values, index=data.index, dtype=bool)

@@ -23,6 +23,11 @@ Columns (:data:`MANIFEST_COLUMNS`, name -> dtype):
 ``split``          str      ``"train"`` or ``"val"``
 =================  =======  ====================================================================
 
+Curated clips may carry more columns, each named ``curation_<name>`` (:data:`EXTRA_PREFIX`): the
+filter scores and provenance of :mod:`udpdiff.data.filters` (``curation_quality``,
+``curation_motion``, ``curation_video_id``, ...). They are numbers (float64, NaN allowed) or strings,
+stored after the columns above in name order; no stage depends on them.
+
 Paths are relative to the folder holding ``manifest.parquet`` (so a dataset folder can move);
 turn them into real paths with :func:`resolve`.
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,6 +69,10 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "split": "str",
 }
 
+#: Prefix of the optional extra columns (filter scores, provenance); any other unknown column is an error.
+EXTRA_PREFIX = "curation_"
+_EXTRA_RE = re.compile(r"^curation_[a-z0-9_]+$")
+
 SOURCES = ("synthetic", "panda70m")
 SPLITS = ("train", "val")
 
@@ -74,15 +84,21 @@ class ManifestError(ValueError):
     """A manifest (or a frame meant to become one) violates the schema."""
 
 
+def is_extra_column(name: object) -> bool:
+    """Whether ``name`` is an allowed optional column (``curation_<lowercase name>``)."""
+    return isinstance(name, str) and bool(_EXTRA_RE.match(name))
+
+
 def _coerce(df: pd.DataFrame, where: str) -> pd.DataFrame:
     """Check columns and dtypes and return a copy with canonical column order and dtypes."""
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    extra = [c for c in df.columns if c not in MANIFEST_COLUMNS and not is_extra_column(c)]
     problems: list[str] = []
     if missing:
         problems.append(f"missing columns {missing}")
     if extra:
-        problems.append(f"unknown columns {extra} (the schema lives in udpdiff/io/manifest.py)")
+        problems.append(f"unknown columns {extra} (the schema lives in udpdiff/io/manifest.py; "
+                        f"optional columns must be named {EXTRA_PREFIX}<name>)")
     if problems:
         raise ManifestError(f"{where}: " + "; ".join(problems))
 
@@ -109,6 +125,18 @@ def _coerce(df: pd.DataFrame, where: str) -> pd.DataFrame:
             if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
                 raise ManifestError(f"{where}: column {name!r} must be numeric, got {col.dtype}")
             out[name] = col.astype(_STORAGE[kind])
+    for name in sorted(c for c in df.columns if is_extra_column(c)):
+        col = df[name].reset_index(drop=True)
+        if pd.api.types.is_bool_dtype(col):
+            raise ManifestError(f"{where}: extra column {name!r} must hold numbers or strings, got booleans")
+        if pd.api.types.is_numeric_dtype(col):
+            out[name] = col.astype("float64")
+        elif all(isinstance(v, str) for v in col.tolist()):
+            out[name] = col.astype("str")
+        else:
+            bad = [v for v in col.tolist() if not isinstance(v, str)][:3]
+            raise ManifestError(f"{where}: extra column {name!r} must be all numbers or all strings, "
+                                f"found e.g. {bad!r}")
     return out
 
 
