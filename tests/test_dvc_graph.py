@@ -20,8 +20,6 @@ from udpdiff.stages import STAGES
 REPO = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-# every stage's process loads these before the stage's module (flows/common.py: load)
-LOADED_BY_EVERY_STAGE = {"udpdiff/config.py", "udpdiff/paths.py", "udpdiff/tasks.py", "udpdiff/__init__.py"}
 # keys a stage reads only for another data source than the tiny profile's: the section is listed whole
 READ_ONLY_FOR_OTHER_SOURCES = {"data": {"profiles.${profile}.data"}}
 
@@ -82,6 +80,10 @@ def imported_files(module: str) -> set[str]:
             seen[candidate] = file
             todo.extend(i for i in _imports(file, candidate) if i.startswith("udpdiff"))
     return {str(f.relative_to(REPO)) for f in seen.values()}
+
+
+# every stage's process loads the params and paths (flows/common.py: load) before the stage's module
+LOADED_BY_EVERY_STAGE = imported_files("udpdiff.config") | imported_files("udpdiff.paths")
 
 
 def listed_code(stage: str) -> set[str]:
