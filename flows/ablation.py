@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,22 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
                   variants: list[str] | None = None, force: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     """Run the given tables' variants (all tables when none), each a DVC experiment; returns
     table -> variant -> final metrics."""
-    log = get_run_logger()
+    log = _run_logger()
     p, _ = load(profile)
     tables = [tables] if isinstance(tables, str) else tables
+    if not tables:  # every table that can run on this profile; the others are named, not run
+        tables = []
+        for table in p.ablations:
+            if any("profile" in v for v in p.ablations[table].variants.values()):
+                log.warning("%s compares profiles (its variants switch profile): run it by name", table)
+                continue
+            try:
+                plan(p, [table], None)
+                tables.append(table)
+            except ParamsError as err:
+                log.warning("%s is left out on profile %r: %s", table, p.profile, err)
+        if not tables:
+            raise ParamsError(f"no ablation of params.yaml can run on profile {p.profile!r}")
     todo = plan(p, tables, variants)
     env = dvc_env()
     _require_git_commit(env)
@@ -209,6 +223,14 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
             _mark_logged(parent.info.run_id, _ablation_key(p, table, variants_here, revs))
             log.info("%s:\n%s", spec.title, frame.drop(columns=["overrides"], errors="ignore").to_string(index=False))
     return results
+
+
+def _run_logger():
+    """The flow run's logger (its lines show in the Prefect UI), or this module's outside a run."""
+    try:
+        return get_run_logger()
+    except Exception:  # MissingContextError: called as a plain function (tests, notebooks)
+        return logging.getLogger(__name__)
 
 
 # -- "already logged" bookkeeping: rerunning an unchanged ablation adds no MLflow runs ------------------

@@ -63,6 +63,22 @@ def test_tiny_tables_pass_the_checks_and_the_rest_name_the_key_that_cannot_take_
         plan(p, ["tab5"], ["no-such-variant"])
 
 
+def test_all_tables_on_tiny_runs_the_ones_that_can_and_names_the_others(monkeypatch):
+    """`python -m flows ablation` (no table) on tiny: the tables whose overrides can take effect,
+    each other one named with its reason; no experiment is run here (dvc is stubbed)."""
+    import flows.ablation as fa
+
+    planned = []
+    monkeypatch.setattr(fa, "_require_git_commit", lambda env: None)
+    monkeypatch.setattr(fa, "existing_experiments", lambda env: (_ for _ in ()).throw(RuntimeError("stop")))
+    real_plan = fa.plan
+    monkeypatch.setattr(fa, "plan", lambda p, tables, variants: planned.append(tables) or real_plan(p, tables,
+                                                                                                   variants))
+    with pytest.raises(RuntimeError, match="stop"):
+        fa.ablation_flow.fn(None, "tiny")
+    assert planned[-1] == ["tab1", "tab2", "tab5", "tab6", "tab7"]
+
+
 def test_paper_profiles_accept_every_table():
     p = load_params(REPO / "params.yaml", profile="cogvideox-5b")
     assert len(plan(p, None, None)) == sum(len(a.variants) for a in p.ablations.values())
