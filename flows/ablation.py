@@ -142,6 +142,13 @@ def _require_git_commit(env: dict[str, str]) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"{REPO_ROOT}: DVC experiments branch off a git commit and this repository has none; "
                            "commit first (git add -A && git commit)")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock", "params.yaml", "outputs", "udpdiff",
+                            "flows", "infra"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    if dirty.stdout.strip():
+        logging.getLogger(__name__).warning(
+            "uncommitted changes (%s): the experiments start from the last commit, so they may rerun stages the "
+            "workspace already reproduced, or miss code changes; commit first (git add -A && git commit)",
+            ", ".join(line[3:] for line in dirty.stdout.splitlines()[:8]))
 
 
 @flow(name="udpdiff-ablation")

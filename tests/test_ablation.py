@@ -104,7 +104,9 @@ def test_an_ablation_runs_as_dvc_experiments_logs_a_table_and_reruns_nothing(rep
     params["ablations"]["tabci"] = {"title": "Tab CI — sampling steps",
                                     "variants": {"fewer-steps": {"sample.num_inference_steps": 10}, "base": {}}}
     (ws.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
-    ws.run("git", "commit", "-qam", "a CI ablation table")
+    # as a user would after `make repro`: commit the reproduced pipeline (dvc.lock, uncached metrics)
+    ws.run("git", "add", "-A")
+    ws.run("git", "commit", "-qm", "reproduced, and a CI ablation table")
     first = ws.run(sys.executable, "-m", "flows", "ablation", "tabci", activated=False, timeout=1200)
     log = first.stdout + first.stderr
     assert "Running stage 'sample'" in log and "Running stage 'train'" not in log, log[-3000:]
