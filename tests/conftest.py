@@ -60,6 +60,14 @@ class Workspace:
 
 def new_workspace(dest: Path) -> Workspace:
     shutil.copytree(REPO, dest, ignore=_ignore)
+    # what git tracks under the output folders comes with a clone (the uncached tables and metrics,
+    # DVC's .gitignore files): copy exactly those, so the copy meets what a clone meets
+    tracked = subprocess.run(["git", "ls-files", "-z", "--", "data", "models", "outputs"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60).stdout.split("\0")
+    for rel in filter(None, tracked):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
     bare_path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != VENV_BIN)
     env = {**os.environ, "PREFECT_HOME": str(dest / ".prefect"), "PYTHONUNBUFFERED": "1", "PATH": bare_path,
            "GIT_AUTHOR_NAME": "udpdiff-test", "GIT_AUTHOR_EMAIL": "test@udpdiff.invalid",
