@@ -99,10 +99,11 @@ def test_from_scratch_builds_the_profiles_architecture():
 def test_an_ablation_runs_as_dvc_experiments_logs_a_table_and_reruns_nothing(repro_workspace, tmp_path):
     ws = repro_workspace.copy(tmp_path / "ws")
     params = yaml.safe_load((ws.path / "params.yaml").read_text())
-    # a cheap table for CI (sampling steps touch sample → evaluate → report only); the paper's
-    # tables run the same code with retraining variants
-    params["ablations"]["tabci"] = {"title": "Tab CI — sampling steps",
-                                    "variants": {"fewer-steps": {"sample.num_inference_steps": 10}, "base": {}}}
+    # a cheap table for CI (the number of samples touches sample → evaluate → report only; the
+    # sampling steps would retrain too: the training previews use them); the paper's tables run
+    # the same code with retraining variants
+    params["ablations"]["tabci"] = {"title": "Tab CI — samples per task",
+                                    "variants": {"fewer-samples": {"sample.num_samples": 2}, "base": {}}}
     (ws.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     # as a user would after `make repro`: commit the reproduced pipeline (dvc.lock, uncached metrics)
     ws.run("git", "add", "-A")
@@ -113,26 +114,26 @@ def test_an_ablation_runs_as_dvc_experiments_logs_a_table_and_reruns_nothing(rep
 
     shown = json.loads(ws.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
     exps = {r["name"]: r["data"] for b in shown for e in (b.get("experiments") or []) for r in e["revs"]}
-    assert {"tabci-fewer-steps", "tabci-base"} <= set(exps)
-    steps = {n: exps[n]["params"]["params.yaml"]["data"]["profiles"]["tiny"]["sample"]["num_inference_steps"]
-             for n in ("tabci-fewer-steps", "tabci-base")}
-    assert steps == {"tabci-fewer-steps": 10, "tabci-base": 25}
-    for name in ("tabci-fewer-steps", "tabci-base"):
+    assert {"tabci-fewer-samples", "tabci-base"} <= set(exps)
+    samples = {n: exps[n]["params"]["params.yaml"]["data"]["profiles"]["tiny"]["sample"]["num_samples"]
+               for n in ("tabci-fewer-samples", "tabci-base")}
+    assert samples == {"tabci-fewer-samples": 2, "tabci-base": 4}
+    for name in ("tabci-fewer-samples", "tabci-base"):
         ev = exps[name]["metrics"]["outputs/tiny/evaluation/metrics.json"]["data"]["metrics"]
         assert 0 < ev["depth"]["motion_smoothness_flow"] <= 1
 
     db = sqlite3.connect(ws.path / "mlruns.db")
-    parent_id, = db.execute("SELECT run_uuid FROM runs WHERE name='Tab CI — sampling steps'").fetchone()
+    parent_id, = db.execute("SELECT run_uuid FROM runs WHERE name='Tab CI — samples per task'").fetchone()
     children = dict(db.execute("SELECT r.name, r.run_uuid FROM runs r JOIN tags t ON t.run_uuid=r.run_uuid "
                                "WHERE t.key='mlflow.parentRunId' AND t.value=?", (parent_id,)))
-    assert set(children) == {"fewer-steps", "base"}
-    params_of = dict(db.execute("SELECT key, value FROM params WHERE run_uuid=?", (children["fewer-steps"],)))
-    assert params_of["sample.num_inference_steps"] == "10"
+    assert set(children) == {"fewer-samples", "base"}
+    params_of = dict(db.execute("SELECT key, value FROM params WHERE run_uuid=?", (children["fewer-samples"],)))
+    assert params_of["sample.num_samples"] == "2"
     metric_keys = {k for k, in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (children["base"],))}
     assert "depth/motion_smoothness_flow" in metric_keys
     # the variant's stage runs nest under the variant run (grandchildren of the table's run)
     grandchildren = {n for n, in db.execute("SELECT r.name FROM runs r JOIN tags t ON t.run_uuid=r.run_uuid WHERE "
-                                           "t.key='mlflow.parentRunId' AND t.value=?", (children["fewer-steps"],))}
+                                           "t.key='mlflow.parentRunId' AND t.value=?", (children["fewer-samples"],))}
     assert {"sample", "evaluate", "report"} <= grandchildren
     assert (ws.path / "outputs" / "tiny" / "ablations" / "tabci.md").read_text().count("\n|") >= 3
 

@@ -17,6 +17,14 @@ import av
 import pytest
 
 STAGES = ["data", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"]
+# a clone has none of these stages' outputs (cached by DVC, not in git), so they always run; evaluate
+# and report write uncached tables that git holds, and when the clone's upstream outputs come out
+# byte-identical to the committed run's, DVC finds those up to date and skips them
+ALWAYS_RUN = STAGES[:7]
+
+
+def _ran(first) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in first.stdout]
 
 
 def _frames(path: Path) -> int:
@@ -35,8 +43,9 @@ def repro(repro_workspace):
 @pytest.mark.slow
 def test_every_stage_ran_and_the_second_repro_does_nothing(repro):
     work, first, second = repro
-    for stage in STAGES:
-        assert f"Running stage '{stage}'" in first.stdout
+    assert _ran(first)[:7] == ALWAYS_RUN, first.stdout[-3000:]
+    for stage in STAGES[7:]:
+        assert f"Running stage '{stage}'" in first.stdout or f"Stage '{stage}' didn't change" in first.stdout
     assert "Running stage" not in second.stdout
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=work, capture_output=True, text=True,
                             timeout=120)
@@ -100,12 +109,13 @@ def test_every_stage_logged_an_mlflow_run(repro):
     work, _, _ = repro
     db = sqlite3.connect(work / "mlruns.db")
     runs = dict(db.execute("SELECT name, status FROM runs"))
-    assert set(STAGES) <= set(runs), runs
-    assert all(runs[name] == "FINISHED" for name in STAGES)
+    ran = _ran(repro[1])
+    assert set(ran) <= set(runs), runs
+    assert all(runs[name] == "FINISHED" for name in ran)
     # one parent run for the `make repro`, every stage run nested under it
     parents = {name: parent for name, parent in db.execute(
         "SELECT r.name, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key='mlflow.parentRunId'")}
-    assert {parents.get(s) for s in STAGES} == {parents.get("data")} != {None}
+    assert {parents.get(s) for s in ran} == {parents.get("data")} != {None}
     parent_name, parent_status = db.execute("SELECT name, status FROM runs WHERE run_uuid=?",
                                             (parents["data"],)).fetchone()
     assert parent_name in ("make repro", "dvc repro") and parent_status == "FINISHED"  # "make repro" under make
@@ -116,8 +126,9 @@ def test_every_stage_logged_an_mlflow_run(repro):
     assert params["train.lr"] == "0.001" and params["profile"] == "tiny"
     artifacts = list((work / "mlartifacts").rglob("*.gif")) + list((work / "mlartifacts").rglob("*.mp4"))
     assert artifacts, "sample galleries and previews are logged as MLflow artifacts"
-    for table in ("tables.md", "tables.html", "report.html"):
-        assert list((work / "mlartifacts").rglob(table)), f"{table} is an MLflow artifact"
+    for table, stage in (("tables.md", "evaluate"), ("tables.html", "evaluate"), ("report.html", "report")):
+        if stage in ran:  # (a stage DVC skipped logged nothing)
+            assert list((work / "mlartifacts").rglob(table)), f"{table} is an MLflow artifact"
     for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_memory_gb"):
         assert db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid=? AND key=?", (train_id, key)).fetchone()[0]
     # the train run holds its preview grids, its checkpoints and the diffusers export
