@@ -134,7 +134,7 @@ def test_an_ablation_runs_as_dvc_experiments_logs_a_table_and_reruns_nothing(rep
     # the variant's stage runs nest under the variant run (grandchildren of the table's run)
     grandchildren = {n for n, in db.execute("SELECT r.name FROM runs r JOIN tags t ON t.run_uuid=r.run_uuid WHERE "
                                            "t.key='mlflow.parentRunId' AND t.value=?", (children["fewer-samples"],))}
-    assert {"sample", "evaluate", "report"} <= grandchildren
+    assert {"sample · fewer-samples", "evaluate · fewer-samples", "report · fewer-samples"} <= grandchildren
     assert (ws.path / "outputs" / "tiny" / "ablations" / "tabci.md").read_text().count("\n|") >= 3
 
     runs_before = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
