@@ -337,17 +337,25 @@ def ingest_panda70m(
             logger.error("rejected clip %s (%s): %s", cand.clip_id, path, rej.reason)
             rejects.append({"clip_id": cand.clip_id, "path": str(path), "reason": rej.reason})
 
+    manifest, rejects_path = _write_outputs(rows, rejects, out, val_fraction, seed, csv_path)
+    logger.info("ingested %d clips, rejected %d (see %s)", len(rows), len(rejects), rejects_path)
+    return manifest, rejects_path
+
+
+def _write_outputs(rows: list[dict], rejects: list[dict], out: Path, val_fraction: float, seed: int,
+                   source) -> tuple[Path, Path]:
+    """The manifest (with its train/val split) and rejects.csv (its fixed columns first, then any
+    scores the rejects carry) of a curation run."""
     manifest_df = pd.DataFrame(rows) if rows else empty_manifest()
     if rows:
         manifest_df["split"] = assign_splits(manifest_df["clip_id"].tolist(), val_fraction, seed)
     else:
-        logger.warning("%s: no clip survived curation", csv_path)
+        logger.warning("%s: no clip survived curation", source)
     manifest = write_manifest(manifest_df, out / MANIFEST_NAME)
     rejects_path = out / "rejects.csv"
-    write_text(
-        rejects_path, pd.DataFrame(rejects, columns=list(REJECT_COLUMNS)).to_csv(index=False)
-    )
-    logger.info("ingested %d clips, rejected %d (see %s)", len(rows), len(rejects), rejects_path)
+    rej_df = pd.DataFrame(rejects)
+    extra = sorted(c for c in rej_df.columns if c not in REJECT_COLUMNS)
+    write_text(rejects_path, rej_df.reindex(columns=[*REJECT_COLUMNS, *extra]).to_csv(index=False))
     return manifest, rejects_path
 
 
@@ -445,17 +453,7 @@ def ingest_curated(
         row.update(curation_columns(rec))
         rows.append(row)
 
-    manifest_df = pd.DataFrame(rows) if rows else empty_manifest()
-    if rows:
-        manifest_df["split"] = assign_splits(manifest_df["clip_id"].tolist(), val_fraction, seed)
-    else:
-        logger.warning("%s: no clip survived curation", clip_dir)
-    manifest = write_manifest(manifest_df, out / MANIFEST_NAME)
-    rejects_path = out / "rejects.csv"
-    rej_df = pd.DataFrame(all_rejects)
-    extra = sorted(c for c in rej_df.columns if c not in REJECT_COLUMNS)
-    rej_df = rej_df.reindex(columns=[*REJECT_COLUMNS, *extra])
-    write_text(rejects_path, rej_df.to_csv(index=False))
+    manifest, rejects_path = _write_outputs(rows, all_rejects, out, val_fraction, seed, clip_dir)
     logger.info("published %d curated clips, rejected %d in all (see %s)", len(rows), len(all_rejects), rejects_path)
     counts = {"annotated": annotated, "failed": failed,
               **{f"annotated_{k}": a.calls for k, a in counting.items()}}
