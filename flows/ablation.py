@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -224,8 +223,7 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
                 overrides_of[name] = dict(overrides)
                 results.setdefault(table, {})[name] = metrics
             frame = ablation_frame(rows, overrides_of)
-            out_dir = REPO_ROOT / "outputs" / p.profile / "ablations"
-            log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
+            log_ablation_table(parent.info.run_id, spec.title, frame, REPO_ROOT / "outputs" / p.profile / "ablations")
             # the experiments this table now stands on: an unchanged rerun finds this key and does nothing
             _mark_logged(parent.info.run_id, _ablation_key(p, table, variants_here, revs))
             log.info("%s:\n%s", spec.title, frame.drop(columns=["overrides"], errors="ignore").to_string(index=False))
@@ -263,7 +261,3 @@ def _mark_logged(run_id: str, key: str) -> None:
     import mlflow
 
     mlflow.MlflowClient().set_tag(run_id, _KEY_TAG, key)
-
-
-def ablation_outputs(p: Params) -> Path:
-    return REPO_ROOT / "outputs" / p.profile / "ablations"

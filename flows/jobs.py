@@ -29,6 +29,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.dvc import DvcResult, dvc_command, dvc_env, run_dvc, status_clean
+from flows.subflows import PARENT_ENV
 
 # job -> `dvc repro` targets ([] = every stage of dvc.yaml); None = not a DVC job (sweep: the ablations)
 JOBS: dict[str, list[str] | None] = {
@@ -38,7 +39,7 @@ JOBS: dict[str, list[str] | None] = {
     "evaluate": ["report"],    # + sample, evaluate and report (everything, as report needs it all)
     "sweep": None,             # paper ablations (flows/ablation.py); parameter `ablation` picks the table
 }
-PARENT_FLOW_RUN_ENV = "UDPDIFF_PREFECT_PARENT_FLOW_RUN_ID"  # read by flows/subflows.py in each stage
+PARENT_FLOW_RUN_ENV = PARENT_ENV  # the job's flow run id, read by flows/subflows.py in each stage
 # a wall-clock limit for one `dvc repro` of a job (a 40k-step training takes days); 0 = none
 TIMEOUT_ENV = "UDPDIFF_DVC_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import REPO_ROOT, load
+from flows.subflows import PARENT_ENV
 from flows.tracking import log_result, log_step_artifact, log_step_metrics, stage_run
 from udpdiff.stages import STAGES
 from udpdiff.stages.common import StepResult, write_json
@@ -68,7 +69,7 @@ def launch_training(p) -> dict[str, float]:
     # the launcher's own `python` must be this environment's
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # rank 0 re-enters this flow: it must not show up as a second `train` subflow of the job
-    env.pop("UDPDIFF_PREFECT_PARENT_FLOW_RUN_ID", None)
+    env.pop(PARENT_ENV, None)
     code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
     if code != 0:
         raise RuntimeError(f"training under {p.train_launcher!r} failed with exit code {code}; see its log above")
