@@ -70,6 +70,9 @@ class MetricModelUnavailable(RuntimeError):
             f"{metric_name}: model weights unavailable at {self.path_or_id!r}. {hint}"
         )
 
+    def __reduce__(self):  # picklable with its fields: it crosses process boundaries (Dask workers)
+        return type(self), (self.metric_name, self.path_or_id, self.hint)
+
 
 # --------------------------------------------------------------------------------------------
 # VBench frame-consistency maths
