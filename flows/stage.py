@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import REPO_ROOT, load
+from flows.curation import shard_mapper
 from flows.subflows import PARENT_ENV
 from flows.tracking import log_result, log_step_artifact, log_step_metrics, stage_run
 from udpdiff.stages import STAGES
@@ -41,6 +42,8 @@ def stage_flow(stage: str, profile: str | None = None) -> dict[str, float]:
     kwargs = {"log_fn": log_step_metrics} if stage in STREAMS_METRICS else {}
     if stage == "train":
         kwargs["artifact_fn"] = log_step_artifact
+    if stage == "data" and (map_shards := shard_mapper(p)) is not None:
+        kwargs["map_shards"] = map_shards  # curation shards on Dask workers (flows/curation.py)
     with stage_run(stage, p) as run:
         try:
             result = task(run_fn, name=stage, cache_policy=NO_CACHE)(p, paths, **kwargs)

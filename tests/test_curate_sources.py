@@ -265,3 +265,48 @@ def test_manifest_extra_columns_are_namespaced(tmp_path: Path, sources) -> None:
     with pytest.raises(ManifestError, match="all numbers or all strings"):
         write_manifest(df.assign(curation_mixed=[1.0, "x"]), manifest)
     assert probe_video(resolve(manifest, back["video_path"][0])).num_frames == T
+
+
+@pytest.mark.slow
+def test_shards_run_as_prefect_tasks_on_a_local_dask_cluster(sources, tmp_path: Path) -> None:
+    """runner.type: dask — the data stage's shards run as Prefect task runs on the workers of a Dask
+    cluster this test starts; the dataset equals the in-process run's, a rerun resumes, and a shard
+    that cannot run (missing weights) fails the stage naming the file."""
+    from distributed import Client, LocalCluster
+
+    import udpdiff.stages.data as data_stage
+    from flows.curation import shard_mapper
+    from udpdiff.paths import ProjectPaths
+
+    csv, src = sources
+    local = _params(tmp_path, csv, src)
+    cur = local.active.data.panda70m.curation.model_dump()
+    local_paths = ProjectPaths(tmp_path / "local", "tiny")
+    expected = data_stage.run(local, local_paths).metrics
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        dask = local.with_overrides({"data.panda70m.curation": {
+            **cur, "runner": {"type": "dask", "address": cluster.scheduler_address, "shard_size": 1}}})
+        paths = ProjectPaths(tmp_path / "dask", "tiny")
+        m = data_stage.run(dask, paths, map_shards=shard_mapper(dask)).metrics
+        assert m["shards"] == 5 and m["cut"] == 3 and m["resumed"] == 0
+        assert {k: v for k, v in m.items() if k != "shards"} == {k: v for k, v in expected.items() if k != "shards"}
+        pd.testing.assert_frame_equal(read_manifest(paths.manifest), read_manifest(local_paths.manifest))
+        for row in read_manifest(paths.manifest).itertuples():
+            assert np.array_equal(read_video(resolve(paths.manifest, row.video_path)),
+                                  read_video(resolve(local_paths.manifest, row.video_path)))
+        # the shards ran as Prefect tasks on the cluster's workers, in both of its processes
+        def shard_tasks(dask_worker) -> int:
+            return len({str(entry[0]) for entry in dask_worker.state.log if "curate_shard_task" in str(entry[0])})
+
+        per_worker = client.run(shard_tasks)
+        assert sum(per_worker.values()) == 5 and all(n > 0 for n in per_worker.values()), per_worker
+
+        again = data_stage.run(dask, paths, map_shards=shard_mapper(dask)).metrics
+        assert again["cut"] == 0 and again["resumed"] == 4 and again["clips"] == m["clips"]
+
+        broken = dask.with_overrides({"data.panda70m.segmentation_annotator": {
+            "type": "sam2", "path": str(tmp_path / "no-sam2")}})
+        with pytest.raises(Exception, match="no-sam2"):
+            data_stage.run(broken, ProjectPaths(tmp_path / "broken", "tiny"), map_shards=shard_mapper(broken))

@@ -72,6 +72,11 @@ class ProjectPaths:
         return self.outputs / "metrics"
 
     @property
+    def dataset_figure(self) -> Path:
+        """The data stage's picture of the dataset: entities per clip (paper Fig 6), caption lengths (Fig 7)."""
+        return self.outputs / "dataset" / "dataset.png"
+
+    @property
     def evaluation(self) -> Path:
         """metrics.json (DVC metrics), per-video scores, the paper's tables (md, html)."""
         return self.outputs / "evaluation"

@@ -275,6 +275,39 @@ def plot_grouped_bars(
     return _save_png(fig, path)
 
 
+def plot_histograms(
+    path: str | os.PathLike,
+    panels: Mapping[str, Mapping[str, ArrayLike | Sequence[float]]],
+    xlabels: Mapping[str, str] | None = None,
+    integer: Sequence[str] = (),
+) -> Path:
+    """Side-by-side histograms to a PNG: one panel per entry of ``panels`` (its title), one outlined
+    histogram per named series in it, with the series' mean in the legend. Panels named in
+    ``integer`` get one bin per integer value (counts such as entities per clip). Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5 * max(len(panels), 1), 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    for i, (title, series) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, max(len(panels), 1), i + 1)
+        values = {name: _numpy(v).astype(np.float64).reshape(-1) for name, v in series.items()}
+        values = {name: v[np.isfinite(v)] for name, v in values.items()}
+        everything = np.concatenate([v for v in values.values() if v.size] or [np.zeros(1)])
+        lo, hi = float(everything.min()), float(everything.max())
+        bins = np.arange(np.floor(lo) - 0.5, np.ceil(hi) + 1.5) if title in integer else np.linspace(lo, hi + 1e-9, 21)
+        for name, v in values.items():
+            if v.size:
+                ax.hist(v, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (mean {v.mean():.1f})")
+        ax.set_title(title)
+        ax.set_xlabel((xlabels or {}).get(title, ""))
+        ax.set_ylabel("clips")
+        ax.grid(True, alpha=0.3)
+        if values:
+            ax.legend(loc="best", fontsize="small")
+    return _save_png(fig, path)
+
+
 def _cell(value: Any, floatfmt: str) -> str:
     if value is None:
         return ""

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,9 @@ class _Candidate:
     caption_long: str
 
 
-class _RejectError(Exception):
+class ClipReject(Exception):
+    """A clip that cannot go into the dataset; ``reason`` starts with a short code (``bad_seg: ...``)."""
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -164,28 +166,41 @@ def _dense_check(kind: str, path: Path, expected: tuple[int, int, int]) -> np.nd
     try:
         array = loader(path)
     except DenseMapError as exc:
-        raise _RejectError(f"bad_{kind}: {exc}") from exc
+        raise ClipReject(f"bad_{kind}: {exc}") from exc
     if array.shape != expected:
-        raise _RejectError(
+        raise ClipReject(
             f"{kind}_mismatch: {path} has shape {array.shape} (T, H, W) but the video has "
             f"{expected}"
         )
     return array
 
 
-def _annotate(kind: str, annotator: Callable[[np.ndarray], np.ndarray], video: np.ndarray, src: Path,
-              expected: tuple[int, int, int]) -> np.ndarray:
-    """Run ``annotator`` on the clip; its output must be a valid map of the clip's (T, H, W)."""
-    out = np.asarray(annotator(video))
+def annotate_clip(kind: str, annotator: Callable[[np.ndarray], np.ndarray], video: np.ndarray, src: Path,
+                  expected: tuple[int, int, int]) -> np.ndarray:
+    """Run ``annotator`` on the clip; its output must be a valid map of the clip's (T, H, W).
+
+    A clip the annotator fails on becomes a :class:`ClipReject` (``annotator_error``), so one bad
+    clip never stops a run. Errors loading the model (missing weights: ``MetricModelUnavailable``,
+    ``OSError``; a missing package: ``ImportError``) and ``MemoryError`` still propagate: no
+    silently unlabelled dataset."""
+    from udpdiff.evaluation.consistency import MetricModelUnavailable
+
+    try:
+        out = np.asarray(annotator(video))
+    except (MetricModelUnavailable, OSError, ImportError, MemoryError):
+        raise
+    except Exception as exc:
+        raise ClipReject(f"annotator_error: the {kind} annotator failed on {src} "
+                         f"({exc.__class__.__name__}: {exc})") from exc
     if out.shape != expected:
-        raise _RejectError(f"{kind}_mismatch: the {kind} annotator returned {out.shape} for {src} ({expected})")
+        raise ClipReject(f"{kind}_mismatch: the {kind} annotator returned {out.shape} for {src} ({expected})")
     if kind == "seg":
         if not np.issubdtype(out.dtype, np.integer) or (out < 0).any():
-            raise _RejectError(f"bad_seg: the annotator returned {out.dtype} ids with negatives for {src}")
+            raise ClipReject(f"bad_seg: the annotator returned {out.dtype} ids with negatives for {src}")
         return out.astype(np.int32, copy=False)
     out = out.astype(np.float32, copy=False)
     if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
-        raise _RejectError(f"bad_depth: the annotator returned values outside [0, 1] (or NaN) for {src}")
+        raise ClipReject(f"bad_depth: the annotator returned values outside [0, 1] (or NaN) for {src}")
     return out
 
 
@@ -194,53 +209,55 @@ def _ingest_one(
     video_dir: Path,
     out: Path,
     min_frames: int,
-    seg_dir: Path | None,
-    depth_dir: Path | None,
+    seg_dirs: Sequence[Path],
+    depth_dirs: Sequence[Path],
     require_dense: bool,
     annotators: Mapping[str, Callable[[np.ndarray], np.ndarray]],
 ) -> dict:
     if not _CLIP_ID_RE.match(cand.clip_id):
-        raise _RejectError(f"bad_clip_id: {cand.clip_id!r} is not usable as a file name")
+        raise ClipReject(f"bad_clip_id: {cand.clip_id!r} is not usable as a file name")
     short = cand.caption_short.strip()
     if not short:
-        raise _RejectError("empty_caption: the CSV caption is empty")
+        raise ClipReject("empty_caption: the CSV caption is empty")
     long_ = cand.caption_long.strip() or short
     src = video_dir / f"{cand.clip_id}.mp4"
     if not src.exists():
-        raise _RejectError(f"missing_video: {src} does not exist")
+        raise ClipReject(f"missing_video: {src} does not exist")
     try:
         info = probe_video(src)
         # Full decode: the only count that cannot be fooled by a header (curation runs once).
         decodable = count_decodable_frames(src)
     except VideoReadError as exc:
-        raise _RejectError(f"unreadable: {exc}") from exc
+        raise ClipReject(f"unreadable: {exc}") from exc
     n = min(info.num_frames, decodable)
     if n < min_frames:
-        raise _RejectError(f"too_short: {n} frames < min_frames={min_frames}")
+        raise ClipReject(f"too_short: {n} frames < min_frames={min_frames}")
     if info.height % 2 or info.width % 2:
         logger.info("%s: odd frame size %dx%d", src, info.height, info.width)
     try:
         motion, aesthetic = _measure(src, n, info.height, info.width)
     except VideoReadError as exc:
-        raise _RejectError(f"unreadable: {exc}") from exc
+        raise ClipReject(f"unreadable: {exc}") from exc
 
     expected = (n, info.height, info.width)
     seg_rel = depth_rel = ""
     num_entities = 0
     dense: dict[str, np.ndarray] = {}
     video: np.ndarray | None = None
-    for kind, folder in (("seg", seg_dir), ("depth", depth_dir)):
-        path = folder / f"{cand.clip_id}.npz" if folder is not None else None
+    for kind, folders in (("seg", seg_dirs), ("depth", depth_dirs)):
+        # the first folder holding the clip's map wins (precomputed maps before curation's labels)
+        candidates = [folder / f"{cand.clip_id}.npz" for folder in folders]
+        path = next((c for c in candidates if c.exists()), candidates[0] if candidates else None)
         if path is not None and path.exists():
             dense[kind] = _dense_check(kind, path, expected)
         elif kind in annotators:
             # no precomputed map: the configured annotator labels the clip (paper §3: SAM2 / DepthCrafter)
             if video is None:
                 video = read_video(src, indices=list(range(n)))
-            dense[kind] = _annotate(kind, annotators[kind], video, src, expected)
+            dense[kind] = annotate_clip(kind, annotators[kind], video, src, expected)
         elif path is not None:
             if require_dense:
-                raise _RejectError(f"missing_{kind}: {path} does not exist")
+                raise ClipReject(f"missing_{kind}: {path} does not exist")
             logger.info("%s: no %s map at %s", cand.clip_id, kind, path)
 
     _link_or_copy(src, out / "videos" / f"{cand.clip_id}.mp4")
@@ -302,8 +319,6 @@ def ingest_panda70m(
     if unknown:
         raise ValueError(f"annotators: unknown kinds {sorted(unknown)}; use 'seg' and/or 'depth'")
     csv_path, video_dir, out = Path(csv_path), Path(video_dir), Path(out_dir)
-    seg_p = Path(seg_dir) if seg_dir is not None else None
-    depth_p = Path(depth_dir) if depth_dir is not None else None
     if min_frames < 1:
         raise ValueError(f"min_frames must be >= 1, got {min_frames}")
     if not video_dir.is_dir():
@@ -328,12 +343,13 @@ def ingest_panda70m(
         path = video_dir / f"{cand.clip_id}.mp4"
         try:
             if cand.clip_id in seen:
-                raise _RejectError(f"duplicate: clip id {cand.clip_id!r} appears more than once")
+                raise ClipReject(f"duplicate: clip id {cand.clip_id!r} appears more than once")
             seen.add(cand.clip_id)
             rows.append(
-                _ingest_one(cand, video_dir, out, min_frames, seg_p, depth_p, require_dense, annotators)
+                _ingest_one(cand, video_dir, out, min_frames, _dirs(seg_dir), _dirs(depth_dir), require_dense,
+                            annotators)
             )
-        except _RejectError as rej:
+        except ClipReject as rej:
             logger.error("rejected clip %s (%s): %s", cand.clip_id, path, rej.reason)
             rejects.append({"clip_id": cand.clip_id, "path": str(path), "reason": rej.reason})
 
@@ -379,27 +395,12 @@ def curation_columns(record: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
-class _CountingAnnotator:
-    """Counts the clips an annotator labels; a clip it fails on becomes a reject
-    (``annotator_error``) instead of stopping the run. Errors loading the model (missing weights:
-    ``MetricModelUnavailable``, ``OSError``; a missing package: ``ImportError``) still stop it: no
-    silently unlabelled dataset."""
-
-    def __init__(self, kind: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.kind, self.fn, self.calls = kind, fn, 0
-
-    def __call__(self, video: np.ndarray) -> np.ndarray:
-        from udpdiff.evaluation.consistency import MetricModelUnavailable
-
-        try:
-            out = self.fn(video)
-        except (MetricModelUnavailable, OSError, ImportError, MemoryError):
-            raise
-        except Exception as exc:
-            raise _RejectError(f"annotator_error: the {self.kind} annotator failed "
-                               f"({exc.__class__.__name__}: {exc})") from exc
-        self.calls += 1
-        return out
+def _dirs(folders: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    if folders is None:
+        return []
+    if isinstance(folders, str | os.PathLike):
+        return [Path(folders)]
+    return [Path(f) for f in folders if f is not None]
 
 
 def ingest_curated(
@@ -408,56 +409,45 @@ def ingest_curated(
     out_dir: str | os.PathLike,
     min_frames: int,
     rejects: list[dict] | None = None,
-    seg_dir: str | os.PathLike | None = None,
-    depth_dir: str | os.PathLike | None = None,
+    seg_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    depth_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     require_dense: bool = False,
     val_fraction: float = 0.0,
     seed: int = 0,
-    annotators: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> tuple[Path, Path, dict[str, int]]:
-    """Label and publish clips cut by :func:`udpdiff.data.filters.curate_clips`.
+    """Publish clips cut by :func:`udpdiff.data.filters.curate_clips` (and labelled by
+    :mod:`udpdiff.data.shards`).
 
-    ``records`` are its kept clips (``<clip_dir>/<clip_id>.mp4``), ``rejects`` everything dropped
-    before (they go to ``rejects.csv`` as they are, scores included). Each clip goes through the
-    same checks, map loading / annotation and linking as :func:`ingest_panda70m`; its filter scores
+    ``records`` are the kept clips (``<clip_dir>/<clip_id>.mp4``), ``rejects`` everything dropped
+    before (they go to ``rejects.csv`` as they are, scores included). ``seg_dir`` / ``depth_dir``
+    are one folder or a list searched in order (precomputed maps, then curation's labels). Each
+    clip goes through the same checks and linking as :func:`ingest_panda70m`; its filter scores
     and provenance become ``curation_*`` manifest columns. Returns ``(manifest, rejects_path,
-    counts)`` with ``counts = {"annotated": clips labelled by an annotator, "annotated_seg": ...,
-    "annotated_depth": ..., "failed": clips rejected here}``.
+    counts)`` with ``counts = {"failed": clips rejected here}``.
     """
-    annotators = dict(annotators or {})
-    unknown = set(annotators) - {"seg", "depth"}
-    if unknown:
-        raise ValueError(f"annotators: unknown kinds {sorted(unknown)}; use 'seg' and/or 'depth'")
-    counting = {kind: _CountingAnnotator(kind, fn) for kind, fn in annotators.items()}
     clip_dir, out = Path(clip_dir), Path(out_dir)
-    seg_p = Path(seg_dir) if seg_dir is not None else None
-    depth_p = Path(depth_dir) if depth_dir is not None else None
     for sub in ("videos", "seg", "depth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     all_rejects = list(rejects or [])
     rows: list[dict] = []
-    annotated = failed = 0
-    for rec in tqdm(records, desc="labelling clips", unit="clip", disable=None):
+    failed = 0
+    for rec in tqdm(records, desc="publishing clips", unit="clip", disable=None):
         cand = _Candidate(str(rec["clip_id"]), str(rec.get("caption_short", "")), str(rec.get("caption_long", "")))
-        before = {k: a.calls for k, a in counting.items()}
         try:
-            row = _ingest_one(cand, clip_dir, out, min_frames, seg_p, depth_p, require_dense, counting)
-        except _RejectError as rej:
+            row = _ingest_one(cand, clip_dir, out, min_frames, _dirs(seg_dir), _dirs(depth_dir), require_dense, {})
+        except ClipReject as rej:
             failed += 1
             path = clip_dir / f"{cand.clip_id}.mp4"
             logger.error("rejected clip %s (%s): %s", cand.clip_id, path, rej.reason)
             all_rejects.append({"clip_id": cand.clip_id, "path": str(path), "reason": rej.reason})
             continue
-        if any(a.calls > before[k] for k, a in counting.items()):
-            annotated += 1
         row.update(curation_columns(rec))
         rows.append(row)
 
     manifest, rejects_path = _write_outputs(rows, all_rejects, out, val_fraction, seed, clip_dir)
     logger.info("published %d curated clips, rejected %d in all (see %s)", len(rows), len(all_rejects), rejects_path)
-    counts = {"annotated": annotated, "failed": failed,
-              **{f"annotated_{k}": a.calls for k, a in counting.items()}}
-    return manifest, rejects_path, counts
+    return manifest, rejects_path, {"failed": failed}
 
 
-__all__ = ["REJECT_COLUMNS", "curation_columns", "ingest_curated", "ingest_panda70m", "motion_score_from_frames"]
+__all__ = ["REJECT_COLUMNS", "ClipReject", "annotate_clip", "curation_columns", "ingest_curated", "ingest_panda70m",
+           "motion_score_from_frames"]

@@ -195,6 +195,38 @@ class RecaptionParams(_Strict):
         return value
 
 
+class RunnerParams(_Strict):
+    """How the per-clip work is spread (:mod:`udpdiff.data.shards`, ``flows/curation.py``). It changes
+    how fast a dataset is made, never which: shards are merged in selection order.
+
+    ``local``: shards run one after another in the stage's process. ``dask``: each shard is a Prefect
+    task on a Dask cluster (prefect-dask): a ``LocalCluster`` of ``workers`` processes started for
+    the run, or the scheduler at ``address`` (``dask scheduler`` / ``dask worker`` started elsewhere,
+    e.g. one worker per GPU with ``--resources GPU=1``)."""
+
+    type: Literal["local", "dask"] = "local"
+    #: clips per shard: the unit of scheduling and of retries (a shard's finished clips are kept)
+    shard_size: int = Field(64, gt=0)
+    #: a failed shard (a worker lost, an out-of-memory) is retried this often; a clip's own error is
+    #: a reject, never a shard failure
+    retries: int = Field(2, ge=0)
+    #: dask: scheduler address (tcp://host:8786); null = a LocalCluster for this run
+    address: str | None = None
+    #: dask LocalCluster: worker processes (null: one per GPU when ``gpus_per_worker`` > 0 and GPUs
+    #: exist, else half the CPU cores), threads each
+    workers: int | None = Field(None, gt=0)
+    threads_per_worker: int = Field(1, gt=0)
+    #: dask: GPUs each worker owns (a Dask resource; LocalCluster worker i uses GPU i mod count); shards
+    #: that load models ask for one, so at most one model-running shard per GPU. 0 = CPU only.
+    gpus_per_worker: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _address_is_dask(self) -> RunnerParams:
+        if self.type == "local" and self.address is not None:
+            raise ValueError("runner.address is a Dask scheduler: set runner.type: dask to use it")
+        return self
+
+
 class CurationParams(_Strict):
     """Everything curation adds to ``data``: where the Panda-70M sources are, cutting and filtering.
 
@@ -205,6 +237,8 @@ class CurationParams(_Strict):
         <csv>                           Panda-70M CSV: videoID, url, timestamp, caption[, caption_long]
         <cut_dir>/videos/<clip>.mp4     the cut clips (kept ones), <clip> = <videoID>_<k:05d>
         <cut_dir>/state/<clip>.json     one decision per clip: a rerun skips what is decided
+        <cut_dir>/captions/<clip>.json  long captions, keyed by the captioner's parameters
+        <cut_dir>/labels/<kind>-<key>/<clip>.npz   annotator labels, keyed by annotator + post-processing
 
     ``cut_dir`` lives outside the stage's output on purpose: DVC clears a stage's outputs before
     it runs, and cutting 300K clips should survive an interrupted run.
@@ -219,6 +253,8 @@ class CurationParams(_Strict):
     seg_postprocess: SegPostprocessParams | None = SegPostprocessParams()
     #: long captions from a video-language model; null = keep the CSV's (or the short caption)
     recaption: RecaptionParams | None = None
+    #: where the per-clip work runs (in the stage's process, or Dask workers)
+    runner: RunnerParams = RunnerParams()
 
 
 __all__ = [
@@ -231,6 +267,7 @@ __all__ = [
     "QualityFilterParams",
     "QualityWeights",
     "RecaptionParams",
+    "RunnerParams",
     "SceneCutParams",
     "SegPostprocessParams",
     "SourceFilterParams",

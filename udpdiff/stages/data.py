@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from udpdiff.devices import default_device
 from udpdiff.io.manifest import read_manifest
@@ -17,7 +18,8 @@ from udpdiff.stages.common import (
 )
 
 if TYPE_CHECKING:
-    from udpdiff.config import DataParams, Panda70MSource, Params
+    from udpdiff.config import Panda70MSource, Params
+    from udpdiff.data.shards import ShardResult
     from udpdiff.paths import ProjectPaths
 
 logger = logging.getLogger(__name__)
@@ -30,35 +32,28 @@ def synthesize(p: Params, paths: ProjectPaths) -> StepResult:
     manifest = synthesize_dataset(paths.clips, num_clips=d.num_clips, num_frames=d.num_frames, height=d.height,
                                   width=d.width, fps=d.fps, seed=p.seed, val_fraction=d.val_fraction)
     df = read_manifest(manifest)
-    return StepResult(metrics=_dataset_stats(df), artifacts=[manifest])
+    return StepResult(metrics=_dataset_stats(df), artifacts=[manifest, dataset_figure(df, paths)])
 
 
 def _annotators(src: Panda70MSource) -> dict:
-    from udpdiff.annotators import LazyAnnotator
+    from udpdiff.data.shards import load_annotators
 
     # loaded when a clip first lacks a map; missing weights then stop the stage (no silently unlabelled data)
-    device = default_device()
-    return {kind: LazyAnnotator(ref, device) for kind, ref in
-            (("seg", src.segmentation_annotator), ("depth", src.depth_annotator)) if ref is not None}
+    return load_annotators(src, default_device())
 
 
-def curation_fingerprint(d: DataParams) -> str:
-    """What decides a cut clip and its filter verdict: the clip geometry, ``cut`` and ``filters``
-    (not the paths, not the subset size: growing ``num_clips`` reuses every clip cut before)."""
-    cur = d.panda70m.curation
-    assert cur is not None
-    spec = {"num_frames": d.num_frames, "fps": d.fps, "height": d.height, "width": d.width,
-            "cut": cur.cut.model_dump(mode="json"), "filters": cur.filters.model_dump(mode="json")}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+#: ``map_shards(fn, shards) -> results``: runs ``fn(shard)`` on every shard and returns the results in
+#: the shards' order. By default they run here, one after another; flows/curation.py maps them over
+#: Dask workers as Prefect tasks (and passes each worker's ``device=``).
+ShardMap = Callable[[Callable[..., "ShardResult"], list], list]
 
 
-def curate_sources(p: Params, paths: ProjectPaths) -> StepResult:
-    """Panda-70M source videos -> cut, filtered, labelled clips (``data.panda70m.curation``)."""
-    from udpdiff.data.captioner import build_captioner, caption_stats, recaption_clips
+def curate_sources(p: Params, paths: ProjectPaths, map_shards: ShardMap | None = None) -> StepResult:
+    """Panda-70M source videos -> cut, filtered, captioned, labelled clips (``data.panda70m.curation``)."""
+    from udpdiff.data.captioner import caption_stats
     from udpdiff.data.curate import ingest_curated
-    from udpdiff.data.cut import ClipCutter, read_panda_csv, select_clips
-    from udpdiff.data.filters import build_filters, curate_clips
-    from udpdiff.data.postprocess import PostprocessedSegmenter
+    from udpdiff.data.cut import read_panda_csv, select_clips
+    from udpdiff.data.shards import curate_shard, label_dirs, merge_shards, split_shards
 
     d = p.active.data
     src = d.panda70m
@@ -73,43 +68,48 @@ def curate_sources(p: Params, paths: ProjectPaths) -> StepResult:
         raise FileNotFoundError(f"data.panda70m.curation.source_dir {source_dir} is not a directory")
     specs, bad_rows = read_panda_csv(csv)
     selected = select_clips(specs, d.num_clips, cur.cut.seed)
-    cutter = ClipCutter.from_params(cur.cut, d.num_frames, d.fps, d.height, d.width)
-    result = curate_clips(selected, source_dir, cut_dir, cutter, build_filters(cur.filters),
-                          resume_key=curation_fingerprint(d))
-    records, caption_rejects, caption_counts = result.records, [], {}
-    if cur.recaption is not None:  # paper §3: long captions by Video-LLaVA
-        recap = cur.recaption
-        captions = recaption_clips(records, cut_dir / "videos", cut_dir / "captions", recap,
-                                   lambda: build_captioner(recap, default_device()))
-        records, caption_rejects = captions.records, captions.rejects
-        caption_counts = {"recaptioned": float(captions.captioned), "captions_cached": float(captions.cached)}
-    annotators = _annotators(src)
-    if cur.seg_postprocess is not None and "seg" in annotators:  # paper §3.1: holes and empty area
-        annotators["seg"] = PostprocessedSegmenter(annotators["seg"], cur.seg_postprocess)
-    manifest, rejects, counts = ingest_curated(
-        records, cut_dir / "videos", paths.clips, min_frames=d.num_frames,
-        rejects=[*bad_rows, *result.rejects, *caption_rejects], seg_dir=_under(root, src.seg_dir),
-        depth_dir=_under(root, src.depth_dir), val_fraction=d.val_fraction, seed=p.seed, annotators=annotators)
+    shards = split_shards(selected, cur.runner.shard_size)
+    logger.info("curating %d clips in %d shards of up to %d", len(selected), len(shards), cur.runner.shard_size)
+    annotators = _annotators(src)  # lazy: nothing loads here unless a local shard needs a label
+    if map_shards is None:
+        results = [curate_shard(p, root, shard, annotators=annotators)
+                   for shard in tqdm(shards, desc="curation shards", unit="shard", disable=None)]
+    else:
+        results = map_shards(partial(curate_shard, p, root), shards)
+    result = merge_shards(results)
+
+    folders = label_dirs(cut_dir, src, annotators)
+    manifest, rejects, _ = ingest_curated(
+        result.records, cut_dir / "videos", paths.clips, min_frames=d.num_frames,
+        rejects=[*bad_rows, *result.rejects],
+        seg_dir=[f for f in (_under(root, src.seg_dir), folders.get("seg")) if f is not None],
+        depth_dir=[f for f in (_under(root, src.depth_dir), folders.get("depth")) if f is not None],
+        val_fraction=d.val_fraction, seed=p.seed)
     df = read_manifest(manifest)
     stats = _dataset_stats(df)
     rej = pd.read_csv(rejects)
     codes = rej["reason"].astype(str).str.split(":", n=1).str[0] if len(rej) else pd.Series([], dtype=str)
+    c = result.counts
     stats.update({
         "clips_in": float(len(selected)),
+        "shards": float(len(shards)),
         "csv_bad_rows": float(len(bad_rows)),
-        "cut": float(result.cut),
-        "resumed": float(result.resumed),
+        "cut": float(c["cut"]),
+        "resumed": float(c["resumed"]),
         "rejected_clips": float(len(rej)),
-        "annotated": float(counts["annotated"]),
+        "annotated": float(c["annotated"]),
+        "labels_cached": float(c["labels_cached"]),
         # failures: a clip that could not be processed, as opposed to one a filter rejected
-        "failed": float(sum(1 for c in codes if c not in FILTER_CODES)),
+        "failed": float(sum(1 for code in codes if code not in FILTER_CODES)),
     })
+    stats.update({f"annotated_{kind}": float(c[f"annotated_{kind}"]) for kind in folders})
     stats.update({f"dropped_{code}": float(n) for code, n in sorted(codes.value_counts().items())})
-    stats.update(caption_counts)
+    if cur.recaption is not None:
+        stats.update(recaptioned=float(c["recaptioned"]), captions_cached=float(c["captions_cached"]))
     # caption lengths in words (paper Fig 7: Panda-70M's captions against the long ones)
     stats.update(caption_stats(df["caption_short"], "caption_short"))
     stats.update(caption_stats(df["caption_long"], "caption_long"))
-    return StepResult(metrics=stats, artifacts=[manifest, Path(rejects)])
+    return StepResult(metrics=stats, artifacts=[manifest, Path(rejects), dataset_figure(df, paths)])
 
 
 #: reject codes that are a verdict on the clip (its length, resolution, content), not a failure
@@ -121,12 +121,12 @@ def _under(root: Path, path: str | None) -> Path | None:
     return None if path is None else root / path
 
 
-def curate(p: Params, paths: ProjectPaths) -> StepResult:
+def curate(p: Params, paths: ProjectPaths, map_shards: ShardMap | None = None) -> StepResult:
     from udpdiff.data.curate import ingest_panda70m
 
     src = p.active.data.panda70m
     if src.curation is not None:
-        return curate_sources(p, paths)
+        return curate_sources(p, paths, map_shards)
     if not (src.csv and src.video_dir):
         raise ValueError("data.panda70m.csv and data.panda70m.video_dir must be set for source: panda70m")
     annotators = _annotators(src)
@@ -137,7 +137,18 @@ def curate(p: Params, paths: ProjectPaths) -> StepResult:
     df = read_manifest(manifest)
     stats = _dataset_stats(df)
     stats["rejected_clips"] = float(len(pd.read_csv(rejects))) if Path(rejects).stat().st_size else 0.0
-    return StepResult(metrics=stats, artifacts=[manifest, Path(rejects)])
+    return StepResult(metrics=stats, artifacts=[manifest, Path(rejects), dataset_figure(df, paths)])
+
+
+def dataset_figure(df: pd.DataFrame, paths: ProjectPaths) -> Path:
+    """Entities per clip (paper Fig 6) and caption lengths in words, short against long (Fig 7)."""
+    from udpdiff.viz import plot_histograms
+
+    words = {name: df[f"caption_{name}"].astype(str).str.split().str.len().to_numpy() for name in ("short", "long")}
+    return plot_histograms(paths.dataset_figure, {
+        "entities per clip": {"clips": df["num_entities"].to_numpy()},
+        "caption length": {"short (source)": words["short"], "long": words["long"]},
+    }, xlabels={"entities per clip": "entities", "caption length": "words"}, integer=["entities per clip"])
 
 
 def _dataset_stats(df: pd.DataFrame) -> dict[str, float]:
@@ -150,6 +161,8 @@ def _dataset_stats(df: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def run(p: Params, paths: ProjectPaths) -> StepResult:
-    """The dataset stage follows the profile's source."""
-    return synthesize(p, paths) if p.active.data.source == "synthetic" else curate(p, paths)
+def run(p: Params, paths: ProjectPaths, map_shards: ShardMap | None = None) -> StepResult:
+    """The dataset stage follows the profile's source. ``map_shards``: see :data:`ShardMap`."""
+    if p.active.data.source == "synthetic":
+        return synthesize(p, paths)
+    return curate(p, paths, map_shards)
