@@ -90,3 +90,26 @@ def repro_workspace(tmp_path_factory) -> Workspace:
     ws = new_workspace(tmp_path_factory.mktemp("e2e") / "udpdiff")
     ws.first_repro = ws.run(sys.executable, "-m", "flows", "repro", activated=False)
     return ws
+
+
+@pytest.fixture(scope="session")
+def tiny_mask2former_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Mask2Former (tiny Swin backbone, 8 queries, 5 classes) and its image
+    processor config, saved hub-shaped (config.json, weights, preprocessor_config.json) for
+    ``from_pretrained(path, local_files_only=True)``. Inputs: shortest edge 64, longest 128, sides
+    rounded up to multiples of 32."""
+    import torch
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+
+    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    # the pixel decoder's GroupNorm(32, ...) needs widths that are multiples of 32
+    config = Mask2FormerConfig(backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=32, num_queries=8, num_labels=5)
+    path = tmp_path_factory.mktemp("tiny-mask2former")
+    torch.manual_seed(0)
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(path)
+    Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(path)
+    return path

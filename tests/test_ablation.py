@@ -48,6 +48,14 @@ def test_every_paper_table_has_an_ablation():
     assert p.ablations["tab5"].title == "Tab 5 — task conditioning"
     # Tab 6 compares colormaps in the single-task segmentation setting, as the paper does
     assert all(v["train.tasks"] == ["segmentation"] for v in p.ablations["tab6"].variants.values())
+    # Tab 9 labels every clip anew with SAM2, prompted by point grids or by the first-frame entity model
+    tab9 = p.ablations["tab9"].variants
+    assert list(tab9) == ["grid-8x8", "grid-12x12", "entity-model"]
+    assert all(v["data.panda70m.seg_dir"] is None for v in tab9.values())
+    annotators = {name: load_params(REPO / "params.yaml", profile="cogvideox-5b").with_overrides(v)
+                  .active.data.panda70m.segmentation_annotator for name, v in tab9.items()}
+    assert [annotators[n].options.get("points_per_side") for n in tab9] == [8, 12, None]
+    assert [annotators[n].entities is not None for n in tab9] == [False, False, True]
 
 
 def test_tiny_tables_pass_the_checks_and_the_rest_name_the_key_that_cannot_take_effect():

@@ -307,3 +307,127 @@ def test_image_model_shares_video_weights(permissive_annotator):
     a = image_model.mask_decoder.iou_prediction_head.proj_out.weight
     b = video_model.mask_decoder.iou_prediction_head.proj_out.weight
     assert a.data_ptr() == b.data_ptr()
+
+
+# --------------------------------------------------------------------------------------------
+# First-frame entity model (paper §3.1: EntitySeg's map prompts SAM2)
+# --------------------------------------------------------------------------------------------
+
+
+class StubEntityModel:
+    """Returns a fixed first-frame entity map and records the frames it was given."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids, self.frames = ids, []
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        self.frames.append(frame.copy())
+        return self.ids
+
+
+def _blocky_entities(h, w, values=(1, 2, 3)):
+    ids = np.zeros((h, w), np.int32)
+    ids[:30, :40] = values[0]
+    ids[30:, 40:] = values[1]
+    ids[5:20, 50:70] = values[2]
+    return ids
+
+
+def _with_entity_model(annotator, entity_model):
+    return Sam2VideoAnnotator(model=annotator.model, entity_model=entity_model, device="cpu")
+
+
+def test_entity_model_map_is_what_sam2_propagates(permissive_annotator):
+    video = _video(t=4, h=61, w=79)
+    known = _blocky_entities(61, 79)
+    stub = StubEntityModel(known)
+    annotator = _with_entity_model(permissive_annotator, stub)
+    annotator._grid_entities = lambda *args: pytest.fail("the point grid was used")
+    ids = annotator(video)
+    # The entity model saw frame 0, once, and its map was propagated exactly as an explicit prompt is.
+    assert len(stub.frames) == 1 and np.array_equal(stub.frames[0], video[0])
+    np.testing.assert_array_equal(ids, permissive_annotator(video, first_frame_ids=known))
+    # Frame 0's entities are the entity map's (through SAM2's low-resolution round trip).
+    assert set(np.unique(ids[0]).tolist()) == {0, 1, 2, 3}
+    assert (ids[0] == known).mean() > 0.97
+    np.testing.assert_array_equal(annotator.first_frame_entities(video[0]), known)
+
+
+def test_entity_model_ids_are_compacted_and_explicit_ids_win(permissive_annotator):
+    video = _video(t=3, h=61, w=79)
+    sparse = _blocky_entities(61, 79, values=(4, 9, 2))
+    stub = StubEntityModel(sparse)
+    annotator = _with_entity_model(permissive_annotator, stub)
+    ids = annotator(video)
+    # Like the grid path, the entity model's entities come out numbered 1..K, their order kept.
+    explicit = permissive_annotator(video, first_frame_ids=sparse)
+    lut = np.zeros(10, np.int32)
+    lut[[2, 4, 9]] = [1, 2, 3]
+    np.testing.assert_array_equal(ids, lut[explicit])
+    # Explicit first-frame ids are tracked as given; the entity model is not asked.
+    stub.frames.clear()
+    np.testing.assert_array_equal(annotator(video, first_frame_ids=sparse), explicit)
+    assert stub.frames == []
+    # A malformed entity map is refused like a malformed explicit one.
+    with pytest.raises(ValueError, match="entity model's first-frame map is malformed: .*shape"):
+        _with_entity_model(permissive_annotator, StubEntityModel(np.zeros((10, 10), np.int32)))(video)
+
+
+def test_tiny_mask2former_prompts_sam2(permissive_annotator, tiny_mask2former_dir):
+    from udpdiff.annotators.entities import EntitySegmenter
+
+    segmenter = EntitySegmenter(tiny_mask2former_dir, device="cpu", score_threshold=0.0, overlap_threshold=0.0,
+                                min_area_fraction=0.01, max_entities=3)
+    annotator = _with_entity_model(permissive_annotator, segmenter)
+    video = _video(t=3, h=61, w=79)
+    first = segmenter(video[0])
+    assert first.shape == (61, 79) and 1 <= first.max() <= 3
+    np.testing.assert_array_equal(annotator.first_frame_entities(video[0]), first)
+    ids = annotator(video)
+    assert ids.dtype == np.int32 and ids.shape == video.shape[:3]
+    positive = np.unique(ids[ids > 0])
+    np.testing.assert_array_equal(positive, np.arange(1, positive.size + 1))
+    assert positive.size <= first.max()
+    # The real entity model's map is propagated exactly as the same map given explicitly.
+    explicit = permissive_annotator(video, first_frame_ids=first)
+    present = np.unique(explicit[explicit > 0])
+    lut = np.zeros(int(first.max()) + 1, np.int32)
+    lut[present] = np.arange(1, present.size + 1)
+    np.testing.assert_array_equal(ids, lut[explicit])
+
+
+def test_build_annotator_with_entity_model(tiny_sam2_dir, tiny_mask2former_dir):
+    from pydantic import ValidationError
+
+    from udpdiff.annotators import build_annotator
+    from udpdiff.annotators.entities import EntitySegmenter
+    from udpdiff.config import AnnotatorParams
+
+    entities = {"type": "mask2former", "path": str(tiny_mask2former_dir),
+                "options": {"score_threshold": 0.0, "overlap_threshold": 0.0, "max_entities": 2, "dtype": "float32"}}
+    ref = AnnotatorParams(type="sam2", path=str(tiny_sam2_dir), entities=entities)
+    annotator = build_annotator(ref, "cpu")
+    assert isinstance(annotator, Sam2VideoAnnotator) and isinstance(annotator.entity_model, EntitySegmenter)
+    seg = annotator.entity_model
+    assert (seg.model_type, seg.max_entities, seg.score_threshold, seg.device.type) == ("mask2former", 2, 0.0, "cpu")
+    video = _video(t=2)
+    ids = annotator(video)
+    assert ids.shape == video.shape[:3] and ids.max() <= 2
+    assert np.array_equal(annotator.first_frame_entities(video[0]), seg(video[0]))
+    # Without `entities`, SAM2 keeps its point grid.
+    assert build_annotator(AnnotatorParams(type="sam2", path=str(tiny_sam2_dir)), "cpu").entity_model is None
+
+    # Bad combinations fail clearly: at validation ...
+    with pytest.raises(ValidationError, match="prompts SAM2: the type must be sam2, not 'depthcrafter'"):
+        AnnotatorParams(type="depthcrafter", path="x", entities=entities)
+    with pytest.raises(ValidationError, match=r"options \['points_per_side'\] shape SAM2's point-grid prompts"):
+        AnnotatorParams(type="sam2", path="x", options={"points_per_side": 12, "dtype": "bfloat16"}, entities=entities)
+    with pytest.raises(ValidationError, match="entities.type"):
+        AnnotatorParams(type="sam2", path="x", entities=entities | {"type": "oneformer"})
+    # ... or when built: the wrong model family, an option EntitySegmenter does not take.
+    with pytest.raises(ValueError, match="'mask2former' model, not 'eomt'"):
+        build_annotator(AnnotatorParams(type="sam2", path=str(tiny_sam2_dir), entities=entities | {"type": "eomt"}),
+                        "cpu")
+    with pytest.raises(ValueError, match=r"entity model mask2former .* bad options .*points_per_side"):
+        build_annotator(AnnotatorParams(type="sam2", path=str(tiny_sam2_dir),
+                                        entities=entities | {"options": {"points_per_side": 8}}), "cpu")

@@ -26,6 +26,10 @@ def test_large_profiles_carry_the_paper_settings():
         assert a.train.lr == 1e-5 and a.train.micro_batch_size == 1 and a.train.steps == 40000
         assert a.train.long_caption_prob == 0.8 and a.sample.num_inference_steps == 50
         assert a.scheduler.type == scheduler and a.transformer.channel_expansion == "duplicate"
+        # §3.1: SAM2 propagates a first-frame entity model's map (Mask2Former standing in for EntitySeg)
+        seg = a.data.panda70m.segmentation_annotator
+        assert seg.type == "sam2" and seg.entities is not None and seg.entities.type == "mask2former"
+        assert seg.entities.path == "facebook/mask2former-swin-large-coco-panoptic"
 
 
 def _write(tmp_path: Path, mutate) -> Path:
@@ -46,6 +50,13 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: r.update(profile="nope"), "profile 'nope' is not defined"),
         (lambda r: r["profiles"]["tiny"]["train"].update(lrr=1), r"lrr.*Extra inputs"),
         (lambda r: r["profiles"]["tiny"]["train"].update(task_conditioning="none"), "single-task"),
+        (lambda r: r["profiles"]["cogvideox-2b"]["evaluate"]["depth_annotator"].update(
+            entities={"type": "mask2former", "path": "m"}),
+         r"profiles\.cogvideox-2b\.evaluate\.depth_annotator: .*entities .* the type must be sam2"),
+        (lambda r: r["profiles"]["cogvideox-5b"]["data"]["panda70m"]["segmentation_annotator"].update(
+            options={"points_per_side": 12}), r"\['points_per_side'\] shape SAM2's point-grid prompts"),
+        (lambda r: r["profiles"]["cogvideox-5b"]["data"]["panda70m"]["segmentation_annotator"]["entities"].update(
+            type="cropformer"), r"segmentation_annotator\.entities\.type"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):

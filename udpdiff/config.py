@@ -100,6 +100,21 @@ def _assign_keys(model: _Strict, prefix: str = "") -> None:
                     _assign_keys(v, f"{prefix}{name}.{k}.")
 
 
+class EntityModelParams(_Strict):
+    """SAM2's first-frame entity model (paper §3.1: EntitySeg's entity map is SAM2's prompt): a
+    universal segmentation model used class-agnostically (``udpdiff.annotators.entities``)."""
+
+    type: Literal["mask2former", "eomt"]
+    path: str                                 # local folder or hub id of the checkpoint
+    # keyword arguments of EntitySegmenter, e.g. {score_threshold: 0.8, max_entities: 16, dtype: bfloat16}
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+# Sam2VideoAnnotator options that only shape its point-grid prompts, which an entity model replaces
+SAM2_GRID_OPTIONS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+                     "stability_score_offset", "nms_iou_thresh", "min_area_fraction", "max_entities")
+
+
 class AnnotatorParams(_Strict):
     """A dense annotator model: labels curated clips, or gives the pseudo ground truth of generated videos (Tab 3)."""
 
@@ -108,6 +123,21 @@ class AnnotatorParams(_Strict):
     svd_path: str | None = None               # DepthCrafter only: its Stable Video Diffusion base
     # keyword arguments of the annotator class, e.g. {dtype: bfloat16, max_entities: 16, points_per_side: 12}
     options: dict[str, Any] = Field(default_factory=dict)
+    # SAM2 only: frame 0's entities come from this model instead of SAM2's point grid (null: the grid)
+    entities: EntityModelParams | None = None
+
+    @model_validator(mode="after")
+    def _entities_prompt_sam2(self) -> AnnotatorParams:
+        if self.entities is None:
+            return self
+        if self.type != "sam2":
+            raise ValueError(f"entities (a first-frame entity model) prompts SAM2: the type must be sam2, "
+                             f"not {self.type!r}")
+        grid = [k for k in SAM2_GRID_OPTIONS if k in self.options]
+        if grid:
+            raise ValueError(f"options {grid} shape SAM2's point-grid prompts, which entities replaces: remove them "
+                             "(entities.options has the entity model's own min_area_fraction and max_entities)")
+        return self
 
 
 DEPTH_ANNOTATORS = ("depthcrafter", "depth-anything-v2")

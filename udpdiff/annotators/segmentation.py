@@ -3,9 +3,10 @@
 This is the paper's dataset-construction procedure (section 3.1, "Entity Segmentation") and the
 annotator behind the "agreement with the segmentation annotator run on the generated RGB" metric:
 
-1. **First-frame entities.** Either given by the caller (``first_frame_ids``, e.g. EntitySeg
-   CropFormer's entity map: the paper's prompt) or found automatically with SAM2 prompted by a
-   regular point grid (the ``8x8`` / ``12x12`` baselines of the paper's Tab. 9): every grid point
+1. **First-frame entities.** Given by the caller (``first_frame_ids``), or segmented by a
+   first-frame entity model (``entity_model``, e.g. :class:`udpdiff.annotators.entities.EntitySegmenter`:
+   the paper's EntitySeg prompt), or found automatically with SAM2 prompted by a regular point
+   grid (the ``8x8`` / ``12x12`` baselines of the paper's Tab. 9): every grid point
    prompts one mask (the best of SAM2's three by predicted IoU), masks with a low predicted IoU or
    stability score are dropped, near-duplicates are removed by mask-IoU NMS, tiny masks are dropped
    and the survivors are painted into one id map (ids ``1..K`` by decreasing area).
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
+# uint8 (H, W, 3) first frame -> integer (H, W) entity ids, 0 = background (e.g. EntitySegmenter)
+FirstFrameSegmenter = Callable[[np.ndarray], np.ndarray]
 
 __all__ = [
     "SegmentationAnnotator",
@@ -274,6 +277,10 @@ class Sam2VideoAnnotator:
             ``processor`` is given).
         image_model: optional ``Sam2Model`` for the point-grid step; default: one sharing the
             video model's weights (no second copy in memory).
+        entity_model: optional first-frame segmenter, uint8 ``(H, W, 3)`` -> integer ``(H, W)`` ids
+            (e.g. :class:`udpdiff.annotators.entities.EntitySegmenter`, the paper's EntitySeg step).
+            When set, frame 0's entities come from it instead of the point grid, and the grid options
+            below are unused.
         points_per_side: grid size of the automatic first-frame prompts (paper Tab. 9: 8 or 12).
         points_per_batch: grid points decoded per forward pass of the mask decoder.
         pred_iou_thresh: drop grid masks whose predicted IoU is below this.
@@ -283,7 +290,8 @@ class Sam2VideoAnnotator:
         min_area_fraction: grid entities smaller than this fraction of the frame are dropped
             (the paper's post-processing removes such fragments).
         max_entities: at most this many (largest) grid entities are tracked. These grid options
-            do not touch explicit ``first_frame_ids``, which are tracked as given.
+            do not touch explicit ``first_frame_ids`` or the entity model's map, which are tracked
+            as given (the entity model has its own ``min_area_fraction`` and ``max_entities``).
         mask_threshold: logit threshold of SAM2's masks (0 = probability 0.5).
         device: where the models run; default: the given model's device, else CUDA when available.
         dtype: model/session dtype (e.g. ``torch.bfloat16`` on GPU); default: the model's.
@@ -303,6 +311,7 @@ class Sam2VideoAnnotator:
         processor: Sam2VideoProcessor | None = None,
         load_processor: bool = False,
         image_model: Sam2Model | None = None,
+        entity_model: FirstFrameSegmenter | None = None,
         points_per_side: int = 8,
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.8,
@@ -361,6 +370,7 @@ class Sam2VideoAnnotator:
             if (size["height"], size["width"]) != (self.image_size, self.image_size):
                 raise ValueError(f"processor size {size} does not match the model's image_size {self.image_size}")
         self._image_model = image_model.to(self.device, dtype=self.dtype).eval() if image_model is not None else None
+        self.entity_model = entity_model
 
         self.points_per_side = int(points_per_side)
         self.points_per_batch = int(points_per_batch)
@@ -379,15 +389,15 @@ class Sam2VideoAnnotator:
 
         ``first_frame_ids``: optional integer ``(H, W)`` entity map of frame 0 (e.g. EntitySeg's);
         its positive ids are tracked and kept as they are (so the output's ids are a subset of
-        them). Without it, the entities are found with the point grid and numbered ``1..K``
-        (contiguous, by decreasing first-frame area).
+        them). Without it, frame 0 is segmented by the entity model if there is one, else with the
+        point grid, and the entities are numbered ``1..K`` (contiguous, by decreasing first-frame area).
         """
         _check_video(video)
         h, w = video.shape[1:3]
         pixel_values = self._preprocess(video)
         automatic = first_frame_ids is None
         if automatic:
-            first_frame_ids = self._grid_entities(pixel_values[0], h, w)
+            first_frame_ids = self._first_frame_entities(video[0], pixel_values[0])
         else:
             first_frame_ids = self._check_first_frame_ids(first_frame_ids, h, w)
 
@@ -399,13 +409,30 @@ class Sam2VideoAnnotator:
         return ids
 
     def first_frame_entities(self, frame: np.ndarray) -> np.ndarray:
-        """Step 1 alone: int32 ``(H, W)`` entity ids of one uint8 ``(H, W, 3)`` frame from the point grid."""
+        """Step 1 alone: int32 ``(H, W)`` entity ids of one uint8 ``(H, W, 3)`` frame, from the entity
+        model if there is one, else from the point grid."""
         if not isinstance(frame, np.ndarray) or frame.ndim != 3:
             raise ValueError(f"expected one uint8 (H, W, 3) frame, got {getattr(frame, 'shape', type(frame))}")
         _check_video(frame[None])
-        return self._grid_entities(self._preprocess(frame[None])[0], *frame.shape[:2])
+        if self.entity_model is not None:
+            return self._first_frame_entities(frame, None)
+        return self._first_frame_entities(frame, self._preprocess(frame[None])[0])
 
     # ---- steps -----------------------------------------------------------------------------
+
+    def _first_frame_entities(self, frame: np.ndarray, pixel_values: torch.Tensor | None) -> np.ndarray:
+        """Step 1: the entity model's map of ``frame`` if there is one, else the point grid's on its
+        preprocessed ``pixel_values``."""
+        h, w = frame.shape[:2]
+        if self.entity_model is None:
+            return self._grid_entities(pixel_values, h, w)
+        raw = self.entity_model(frame)
+        try:
+            ids = self._check_first_frame_ids(raw, h, w)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"the entity model's first-frame map is malformed: {err}") from err
+        logger.info("first-frame entity model: %d entities", int(np.count_nonzero(np.unique(ids))))
+        return ids
 
     def _min_area(self, h: int, w: int) -> int:
         return int(np.ceil(self.min_area_fraction * h * w))
