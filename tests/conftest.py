@@ -113,3 +113,144 @@ def tiny_mask2former_dir(tmp_path_factory) -> Path:
     Mask2FormerForUniversalSegmentation(config).save_pretrained(path)
     Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny random models of the real classes, saved hub-shaped (config, weights, processor) so that
+# from_pretrained(path, local_files_only=True) loads them as it would a downloaded checkpoint
+# --------------------------------------------------------------------------------------------
+
+SAM2_TINY_SIZE = 128  # model input size of the tiny SAM2
+
+
+def _tiny_sam2_video_config():
+    from transformers import (
+        Sam2HieraDetConfig,
+        Sam2VideoConfig,
+        Sam2VideoMaskDecoderConfig,
+        Sam2VideoPromptEncoderConfig,
+        Sam2VisionConfig,
+    )
+
+    s = SAM2_TINY_SIZE
+    # Constraints of transformers' SAM2 video code (5.x): the memory-attention cross-attention
+    # expects 64 memory channels (kv_in_dim is hard-coded), the object-pointer split needs
+    # fpn_hidden_size to be a multiple > 1 of those 64 channels, the mask downsampler must match
+    # the memory encoder width, and a global-attention Hiera block cannot start a stage.
+    backbone = Sam2HieraDetConfig(hidden_size=8, image_size=[s, s], blocks_per_stage=[1, 1, 2, 1],
+                                  embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=[1, 1, 1, 1],
+                                  window_size_per_stage=[4, 4, 4, 4], global_attention_blocks=[3])
+    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
+                              backbone_feature_sizes=[[s // 4, s // 4], [s // 8, s // 8], [s // 16, s // 16]],
+                              fpn_hidden_size=128)
+    return Sam2VideoConfig(
+        vision_config=vision,
+        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=128, image_size=s, mask_input_channels=8),
+        mask_decoder_config=Sam2VideoMaskDecoderConfig(hidden_size=128, mlp_dim=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, iou_head_hidden_dim=16),
+        image_size=s, num_maskmem=3, memory_attention_hidden_size=128, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=32, memory_attention_rope_feat_sizes=[s // 16, s // 16],
+        memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
+        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=32, max_object_pointers_in_encoder=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2_dir(tmp_path_factory) -> Path:
+    """A tiny random ``Sam2VideoModel`` (input 128 px) in a folder."""
+    import torch
+    from transformers import Sam2VideoModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-sam2-video")
+    Sam2VideoModel(_tiny_sam2_video_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_anything_dir(tmp_path_factory) -> Path:
+    """A tiny random Depth Anything (DINOv2 backbone, 4 layers of 32) with DA-V2's processor settings at
+    70 px instead of 518 px, in a folder."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    from udpdiff.annotators.depth import DEPTH_ANYTHING_V2_PROCESSOR_SETTINGS
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                            image_size=70, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+                                 fusion_hidden_size=16, head_hidden_size=8, patch_size=14)
+    path = tmp_path_factory.mktemp("tiny-depth-anything")
+    DepthAnythingForDepthEstimation(config).eval().save_pretrained(path)
+    small = {**DEPTH_ANYTHING_V2_PROCESSOR_SETTINGS, "size": {"height": 70, "width": 70}}
+    DPTImageProcessor(**small).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_video_llava_dir(tmp_path_factory) -> Path:
+    """A tiny random ``VideoLlavaForConditionalGeneration`` with a character-level tokenizer and its image
+    processor (28 px), in a folder, as the real -hf checkpoints are laid out."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+    )
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+    words = special + [chr(c) for c in range(32, 127)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", additional_special_tokens=["<image>", "<video>"])
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=3,
+                       bos_token_id=1, eos_token_id=2)
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=4, video_token_index=5,
+                              vision_feature_layer=-1)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-video-llava")
+    VideoLlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    VideoLlavaImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Videos with content a real encoder and the curation filters can work on
+# --------------------------------------------------------------------------------------------
+
+
+def _texture(rng, h: int, w: int, tint: tuple[float, float, float]):
+    """Procedural texture: smooth blobs plus fine detail, tinted; float (h, w, 3) in [0, 255]."""
+    import cv2
+    import numpy as np
+
+    coarse = cv2.resize(rng.random((h // 16, w // 16), np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    fine = cv2.GaussianBlur(rng.random((h, w), np.float32), (0, 0), 1.0)
+    base = np.clip(0.65 * coarse + 0.7 * (fine - 0.5) + 0.2, 0, 1)
+    return np.clip(base[..., None] * np.asarray(tint, np.float32)[None, None] * 255, 0, 255)
+
+
+def _panning_video(seed: int, n: int, h: int, w: int, dx: int = 2, tint=(1.0, 0.8, 0.6)):
+    """A textured canvas panned ``dx`` pixels per frame: (n, h, w, 3) uint8."""
+    import numpy as np
+
+    canvas = _texture(np.random.default_rng(seed), h, w + dx * n, tint)
+    return np.stack([canvas[:, i * dx : i * dx + w] for i in range(n)]).astype(np.uint8)
+
+
+@pytest.fixture
+def panning_video():
+    """``panning_video(seed, n, h, w, dx=2, tint=...)``: a textured canvas panned ``dx`` px per frame."""
+    return _panning_video

@@ -24,13 +24,10 @@ from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
-    DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
-    Dinov2Config,
 )
 
 from udpdiff.annotators.depth import (
-    DEPTH_ANYTHING_V2_PROCESSOR_SETTINGS,
     DepthAnnotator,
     DepthAnythingV2Annotator,
     DepthCrafterAnnotator,
@@ -123,29 +120,6 @@ def tiny_depthcrafter_parts(seed: int = 0) -> dict[str, object]:
     )
 
 
-def tiny_depth_anything(seed: int = 0) -> DepthAnythingForDepthEstimation:
-    torch.manual_seed(seed)
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=37,
-        image_size=70,
-        patch_size=14,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    cfg = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-        patch_size=14,
-    )
-    return DepthAnythingForDepthEstimation(cfg).eval()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _single_thread() -> Iterator[None]:
     # The models are tiny: one intra-op thread is as fast, and it avoids the OpenMP spin-wait
@@ -185,20 +159,21 @@ def dc_dirs(tmp_path_factory: pytest.TempPathFactory, dc_pipeline: DepthCrafterP
 
 
 @pytest.fixture(scope="module")
-def da_model() -> DepthAnythingForDepthEstimation:
-    return tiny_depth_anything()
+def da_model(tiny_depth_anything_dir: Path) -> DepthAnythingForDepthEstimation:
+    return DepthAnythingForDepthEstimation.from_pretrained(tiny_depth_anything_dir).eval()
 
 
 @pytest.fixture(scope="module")
-def da_annotator(da_model: DepthAnythingForDepthEstimation) -> DepthAnythingV2Annotator:
-    return DepthAnythingV2Annotator(model=da_model, processor=_small_da_processor(), device="cpu", batch_size=4)
+def da_annotator(da_model: DepthAnythingForDepthEstimation, small_da_processor) -> DepthAnythingV2Annotator:
+    return DepthAnythingV2Annotator(model=da_model, processor=small_da_processor, device="cpu", batch_size=4)
 
 
-def _small_da_processor() -> object:
+@pytest.fixture(scope="module")
+def small_da_processor(tiny_depth_anything_dir: Path) -> object:
     from transformers import DPTImageProcessor
 
-    # Same settings as DA-V2 but 70 px instead of 518 px, to keep most tests fast.
-    return DPTImageProcessor(**{**DEPTH_ANYTHING_V2_PROCESSOR_SETTINGS, "size": {"height": 70, "width": 70}})
+    # DA-V2's settings at 70 px instead of 518 px (tests/conftest.py), to keep most tests fast
+    return DPTImageProcessor.from_pretrained(tiny_depth_anything_dir)
 
 
 def assert_normalised_depth(d: np.ndarray, shape: tuple[int, int, int]) -> None:
@@ -396,13 +371,13 @@ def test_depthcrafter_rejects_bad_settings(dc_pipeline: DepthCrafterPipeline) ->
 
 
 def test_depth_anything_output_contract_and_batching_invariance(
-    da_model: DepthAnythingForDepthEstimation, da_annotator: DepthAnythingV2Annotator
+    da_model: DepthAnythingForDepthEstimation, da_annotator: DepthAnythingV2Annotator, small_da_processor
 ) -> None:
     video = textured_video()
     d4 = da_annotator(video)
     assert_normalised_depth(d4, (T, H, W))
     assert da_annotator.name == "depth_anything_v2"
-    one = DepthAnythingV2Annotator(model=da_model, processor=_small_da_processor(), device="cpu", batch_size=1)
+    one = DepthAnythingV2Annotator(model=da_model, processor=small_da_processor, device="cpu", batch_size=1)
     np.testing.assert_allclose(one(video), d4, atol=1e-5)
 
 
@@ -420,12 +395,12 @@ def test_depth_anything_matches_transformers_postprocessing(
 
 
 def test_depth_anything_loads_from_folder_and_falls_back_to_known_processor(
-    tmp_path: Path, da_model: DepthAnythingForDepthEstimation, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, da_model: DepthAnythingForDepthEstimation, caplog: pytest.LogCaptureFixture, small_da_processor
 ) -> None:
     bare, full = tmp_path / "bare", tmp_path / "full"
     da_model.save_pretrained(bare)  # config.json + model.safetensors, no preprocessor_config.json
     da_model.save_pretrained(full)
-    _small_da_processor().save_pretrained(full)
+    small_da_processor.save_pretrained(full)
 
     with_proc = DepthAnythingV2Annotator(full, device="cpu")
     assert with_proc.processor.size["height"] == 70  # read from the checkpoint's preprocessor_config.json

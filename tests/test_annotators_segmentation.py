@@ -145,66 +145,6 @@ def test_missing_weights_raise_helpful_error(tmp_path):
 # Tiny random SAM2 video model, round-tripped through save_pretrained / the annotator's loader
 # --------------------------------------------------------------------------------------------
 
-S = 128  # model input size of the tiny config
-
-
-def _tiny_sam2_video_config():
-    from transformers import (
-        Sam2HieraDetConfig,
-        Sam2VideoConfig,
-        Sam2VideoMaskDecoderConfig,
-        Sam2VideoPromptEncoderConfig,
-        Sam2VisionConfig,
-    )
-
-    # Constraints of transformers' SAM2 video code (5.x): the memory-attention cross-attention
-    # expects 64 memory channels (kv_in_dim is hard-coded), the object-pointer split needs
-    # fpn_hidden_size to be a multiple > 1 of those 64 channels, the mask downsampler must match
-    # the memory encoder width, and a global-attention Hiera block cannot start a stage.
-    backbone = Sam2HieraDetConfig(
-        hidden_size=8,
-        image_size=[S, S],
-        blocks_per_stage=[1, 1, 2, 1],
-        embed_dim_per_stage=[8, 16, 32, 64],
-        num_attention_heads_per_stage=[1, 1, 1, 1],
-        window_size_per_stage=[4, 4, 4, 4],
-        global_attention_blocks=[3],
-    )
-    vision = Sam2VisionConfig(
-        backbone_config=backbone,
-        backbone_channel_list=[64, 32, 16, 8],
-        backbone_feature_sizes=[[S // 4, S // 4], [S // 8, S // 8], [S // 16, S // 16]],
-        fpn_hidden_size=128,
-    )
-    return Sam2VideoConfig(
-        vision_config=vision,
-        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=128, image_size=S, mask_input_channels=8),
-        mask_decoder_config=Sam2VideoMaskDecoderConfig(
-            hidden_size=128, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=16
-        ),
-        image_size=S,
-        num_maskmem=3,
-        memory_attention_hidden_size=128,
-        memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=32,
-        memory_attention_rope_feat_sizes=[S // 16, S // 16],
-        memory_encoder_hidden_size=128,
-        memory_encoder_output_channels=64,
-        mask_downsampler_embed_dim=128,
-        memory_fuser_embed_dim=128,
-        memory_fuser_intermediate_dim=32,
-        max_object_pointers_in_encoder=4,
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_sam2_dir(tmp_path_factory):
-    from transformers import Sam2VideoModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-sam2-video")
-    Sam2VideoModel(_tiny_sam2_video_config()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

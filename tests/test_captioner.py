@@ -7,50 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from udpdiff.data.captioner import VideoLlavaCaptioner, caption_stats, recaption_clips
 from udpdiff.data.curation_params import RecaptionParams
 from udpdiff.evaluation.consistency import MetricModelUnavailable
 from udpdiff.io.video import write_video
 
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
-
-
-def save_tiny_video_llava(folder: Path, seed: int = 0) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        PreTrainedTokenizerFast,
-        VideoLlavaConfig,
-        VideoLlavaForConditionalGeneration,
-        VideoLlavaImageProcessor,
-    )
-
-    words = SPECIAL + [chr(c) for c in range(32, 127)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", additional_special_tokens=["<image>", "<video>"])
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=3,
-                       bos_token_id=1, eos_token_id=2)
-    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=4, video_token_index=5,
-                              vision_feature_layer=-1)
-    torch.manual_seed(seed)
-    VideoLlavaForConditionalGeneration(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    VideoLlavaImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
-def tiny_video_llava(tmp_path_factory) -> Path:
-    return save_tiny_video_llava(tmp_path_factory.mktemp("video-llava"))
+def tiny_video_llava(tiny_video_llava_dir: Path) -> Path:
+    return tiny_video_llava_dir
 
 
 def _video(seed: int, t: int = 9, h: int = 32, w: int = 48) -> np.ndarray:

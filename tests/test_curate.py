@@ -185,12 +185,12 @@ def test_annotators_label_clips_without_maps(panda: tuple[Path, Path], tmp_path:
         ingest_panda70m(csv, videos, tmp_path / "out3", min_frames=8, annotators={"ids": segment})
 
 
-def test_curate_stage_loads_annotators_only_when_a_clip_needs_one(panda: tuple[Path, Path], tmp_path: Path) -> None:
+def test_curate_stage_loads_annotators_only_when_a_clip_needs_one(panda: tuple[Path, Path], tmp_path: Path,
+                                                                  tiny_depth_anything_dir: Path) -> None:
     """The curate stage with params naming real annotator classes (tiny Depth Anything V2 from a local
     folder), and a SAM2 path that does not exist: it is never loaded because every clip has ids."""
     import yaml
 
-    from tests.test_annotators_depth import _small_da_processor, tiny_depth_anything
     from udpdiff.config import load_params
     from udpdiff.paths import ProjectPaths
     from udpdiff.stages.data import curate
@@ -199,13 +199,11 @@ def test_curate_stage_loads_annotators_only_when_a_clip_needs_one(panda: tuple[P
     seg = tmp_path / "seg"
     for i in range(3):
         save_ids(seg / f"good{i}.npz", np.ones((12, H, W), np.int32))
-    tiny_depth_anything().save_pretrained(tmp_path / "da-v2")
-    _small_da_processor().save_pretrained(tmp_path / "da-v2")
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["profiles"]["tiny"]["data"].update(source="panda70m", num_frames=9, height=H, width=W, panda70m={
         "csv": str(csv), "video_dir": str(videos), "seg_dir": str(seg),
         "segmentation_annotator": {"type": "sam2", "path": str(tmp_path / "no-sam2-here")},
-        "depth_annotator": {"type": "depth-anything-v2", "path": str(tmp_path / "da-v2")}})
+        "depth_annotator": {"type": "depth-anything-v2", "path": str(tiny_depth_anything_dir)}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     p = load_params(tmp_path / "params.yaml")
     paths = ProjectPaths(tmp_path, "tiny")

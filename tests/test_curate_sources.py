@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.test_curation_steps import _moving
 from udpdiff.data.cut import ClipCutter
 from udpdiff.data.validation import validate_manifest
 from udpdiff.io.dense import load_depth, load_ids, save_ids
@@ -34,16 +33,16 @@ def _encode(path: Path, frames: np.ndarray, fps: int = SRC_FPS) -> None:
 
 
 @pytest.fixture
-def sources(tmp_path: Path) -> tuple[Path, Path]:
+def sources(tmp_path: Path, panning_video) -> tuple[Path, Path]:
     """3 source videos + a CSV: ``pan`` (two 1.5 s clips, slow pan), ``frozen`` (one clip, a still
     frame), ``broken`` (a truncated file) and ``ghost`` (listed, never downloaded)."""
     src = tmp_path / "sources"
     src.mkdir()
     n = 3 * SRC_FPS
-    _encode(src / "pan.mp4", _moving(0, n, SRC_H, SRC_W, dx=1))
-    still = _moving(1, 1, SRC_H, SRC_W, tint=(0.6, 0.9, 1.0))
+    _encode(src / "pan.mp4", panning_video(0, n, SRC_H, SRC_W, dx=1))
+    still = panning_video(1, 1, SRC_H, SRC_W, tint=(0.6, 0.9, 1.0))
     _encode(src / "frozen.mp4", np.repeat(still, n, axis=0))
-    _encode(src / "broken.mp4", _moving(2, n, SRC_H, SRC_W))
+    _encode(src / "broken.mp4", panning_video(2, n, SRC_H, SRC_W))
     data = (src / "broken.mp4").read_bytes()
     (src / "broken.mp4").write_bytes(data[: len(data) // 3])
     rows = [
@@ -72,8 +71,7 @@ def _params(tmp_path: Path, csv: Path, src: Path, **panda70m: object):
     return load_params(tmp_path / "params.yaml")
 
 
-def test_curate_sources_end_to_end_and_resume(sources, tmp_path: Path, monkeypatch) -> None:
-    from tests.test_annotators_depth import _small_da_processor, tiny_depth_anything
+def test_curate_sources_end_to_end_and_resume(sources, tmp_path: Path, monkeypatch, tiny_depth_anything_dir) -> None:
     from udpdiff.paths import ProjectPaths
     from udpdiff.stages.data import run
 
@@ -84,10 +82,8 @@ def test_curate_sources_end_to_end_and_resume(sources, tmp_path: Path, monkeypat
     given[:, 4:20, 8:30] = 3
     for cid in ("pan_00000", "pan_00001"):
         save_ids(seg / f"{cid}.npz", given)
-    tiny_depth_anything().save_pretrained(tmp_path / "da-v2")
-    _small_da_processor().save_pretrained(tmp_path / "da-v2")
     p = _params(tmp_path, csv, src, seg_dir=str(seg),
-                depth_annotator={"type": "depth-anything-v2", "path": str(tmp_path / "da-v2")})
+                depth_annotator={"type": "depth-anything-v2", "path": str(tiny_depth_anything_dir)})
     paths = ProjectPaths(root, "tiny")
 
     cuts: list[str] = []
@@ -144,7 +140,7 @@ def test_curate_sources_end_to_end_and_resume(sources, tmp_path: Path, monkeypat
 
     # other filter thresholds: a different key, so the clips are decided (and cut) again
     p2 = _params(tmp_path, csv, src, seg_dir=str(seg),
-                 depth_annotator={"type": "depth-anything-v2", "path": str(tmp_path / "da-v2")})
+                 depth_annotator={"type": "depth-anything-v2", "path": str(tiny_depth_anything_dir)})
     p2 = p2.with_overrides({"data.panda70m.curation": {**p2.active.data.panda70m.curation.model_dump(),
                                                         "filters": {"motion": None, "quality": None}}})
     assert run(p2, paths).metrics["cut"] == 3
@@ -182,15 +178,14 @@ def test_sam2_ids_are_post_processed(sources, tmp_path: Path, monkeypatch) -> No
             assert (ids[:, 10:12, 10:12] == 0).all() and (df["num_entities"] == 3).all()
 
 
-def test_long_captions_come_from_video_llava(sources, tmp_path: Path, monkeypatch) -> None:
+def test_long_captions_come_from_video_llava(sources, tmp_path: Path, monkeypatch, tiny_video_llava_dir) -> None:
     """curation.recaption: the kept clips get a Video-LLaVA caption_long (tiny random model from a
     folder), cached across runs; the stage logs caption lengths (paper Fig 7)."""
     import udpdiff.stages.data as data_stage
-    from tests.test_captioner import save_tiny_video_llava
     from udpdiff.paths import ProjectPaths
 
     csv, src = sources
-    model = save_tiny_video_llava(tmp_path / "video-llava")
+    model = tiny_video_llava_dir
     p = _params(tmp_path, csv, src)
     cur = p.active.data.panda70m.curation.model_dump()
     p = p.with_overrides({"data.panda70m.curation": {**cur, "recaption": {

@@ -59,20 +59,6 @@ def _index_video(path: Path, n: int = 60, h: int = 48, w: int = 64) -> None:
         container.mux(stream.encode())
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, tint: tuple[float, float, float]) -> np.ndarray:
-    """Procedural texture: smooth blobs plus fine detail, tinted; float (h, w, 3) in [0, 255]."""
-    coarse = cv2.resize(rng.random((h // 16, w // 16), np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-    fine = cv2.GaussianBlur(rng.random((h, w), np.float32), (0, 0), 1.0)
-    base = np.clip(0.65 * coarse + 0.7 * (fine - 0.5) + 0.2, 0, 1)
-    return np.clip(base[..., None] * np.asarray(tint, np.float32)[None, None] * 255, 0, 255)
-
-
-def _moving(seed: int, n: int, h: int, w: int, dx: int = 2, tint=(1.0, 0.8, 0.6)) -> np.ndarray:
-    """A textured canvas panned ``dx`` pixels per frame: (n, h, w, 3) uint8."""
-    canvas = _texture(np.random.default_rng(seed), h, w + dx * n, tint)
-    return np.stack([canvas[:, i * dx : i * dx + w] for i in range(n)]).astype(np.uint8)
-
-
 def _clip_of(cutter: ClipCutter, path: Path, start: float, end: float, cid: str = "v_00000"):
     spec = ClipSpec(cid, path.stem, start, end, "a caption")
     return cutter.cut(cutter.plan(spec, path))
@@ -181,10 +167,10 @@ def test_short_and_out_of_range_clips_are_rejected_with_the_file(tmp_path: Path)
         cutter.locate(ClipSpec("nope_00000", "nope", 0, 1, "c"), tmp_path)
 
 
-def test_corrupt_sources_do_not_stop_the_run_and_drops_are_counted(tmp_path: Path) -> None:
+def test_corrupt_sources_do_not_stop_the_run_and_drops_are_counted(tmp_path: Path, panning_video) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
-    write_video(raw / "good.mp4", _moving(0, 36, 64, 96), fps=SRC_FPS)
+    write_video(raw / "good.mp4", panning_video(0, 36, 64, 96), fps=SRC_FPS)
     data = (raw / "good.mp4").read_bytes()
     (raw / "trunc.mp4").write_bytes(data[: len(data) // 2])
     (raw / "junk.mp4").write_bytes(b"not a video at all" * 100)
@@ -210,9 +196,9 @@ def test_corrupt_sources_do_not_stop_the_run_and_drops_are_counted(tmp_path: Pat
 # --------------------------------------------------------------------------------------------
 
 
-def test_classical_quality_ranks_a_degraded_copy_below_the_original(tmp_path: Path) -> None:
+def test_classical_quality_ranks_a_degraded_copy_below_the_original(tmp_path: Path, panning_video) -> None:
     orig = tmp_path / "orig.mp4"
-    write_video(orig, _moving(3, 24, 144, 192), fps=SRC_FPS)
+    write_video(orig, panning_video(3, 24, 144, 192), fps=SRC_FPS)
     decoded = read_video(orig)
     blurred = np.stack([cv2.GaussianBlur(f, (0, 0), 2.0) for f in decoded])
     bad = tmp_path / "bad.mp4"
@@ -245,11 +231,11 @@ def test_quality_scorer_is_an_interface() -> None:
         QualityScorer()  # type: ignore[abstract]
 
 
-def test_motion_filter_drops_a_frozen_clip_and_keeps_a_moving_one(tmp_path: Path) -> None:
-    moving = _moving(1, 36, 64, 96, dx=2)
+def test_motion_filter_drops_a_frozen_clip_and_keeps_a_moving_one(tmp_path: Path, panning_video) -> None:
+    moving = panning_video(1, 36, 64, 96, dx=2)
     write_video(tmp_path / "moving.mp4", moving, fps=SRC_FPS)
     write_video(tmp_path / "frozen.mp4", np.repeat(moving[:1], 36, axis=0), fps=SRC_FPS)
-    write_video(tmp_path / "wild.mp4", _moving(2, 36, 64, 96, dx=6), fps=SRC_FPS)
+    write_video(tmp_path / "wild.mp4", panning_video(2, 36, 64, 96, dx=6), fps=SRC_FPS)
     cutter = ClipCutter(num_frames=9, fps=8, height=64, width=96)
     filt = MotionFilter.from_params(MotionFilterParams())
     res = {name: filt.evaluate(_clip_of(cutter, tmp_path / f"{name}.mp4", 0.0, 1.5))
@@ -262,11 +248,11 @@ def test_motion_filter_drops_a_frozen_clip_and_keeps_a_moving_one(tmp_path: Path
 
 
 @pytest.mark.parametrize("detector", [ContentCutDetector, HistogramCutDetector])
-def test_a_scene_cut_is_detected(tmp_path: Path, detector) -> None:
-    a = _moving(4, 18, 64, 96, tint=(1.0, 0.8, 0.6))
-    b = _moving(5, 18, 64, 96, tint=(0.3, 0.6, 1.0))
+def test_a_scene_cut_is_detected(tmp_path: Path, detector, panning_video) -> None:
+    a = panning_video(4, 18, 64, 96, tint=(1.0, 0.8, 0.6))
+    b = panning_video(5, 18, 64, 96, tint=(0.3, 0.6, 1.0))
     write_video(tmp_path / "cut.mp4", np.concatenate([a, b]), fps=SRC_FPS)
-    write_video(tmp_path / "one.mp4", _moving(4, 36, 64, 96), fps=SRC_FPS)
+    write_video(tmp_path / "one.mp4", panning_video(4, 36, 64, 96), fps=SRC_FPS)
     cutter = ClipCutter(num_frames=9, fps=8, height=64, width=96, window="start")
     filt = SceneCutFilter(detector())
     cut = filt.evaluate(_clip_of(cutter, tmp_path / "cut.mp4", 0.0, 1.5))

@@ -246,21 +246,12 @@ def test_sample_resumes_an_interrupted_run_and_times_the_stock_baseline(tiny_pro
     assert not any(paths.samples.parent.glob(".partial-*"))
 
 
-def test_annotators_from_local_folders_run_through_the_evaluate_step(tmp_path):
+def test_annotators_from_local_folders_run_through_the_evaluate_step(tmp_path, tiny_depth_anything_dir, tiny_sam2_dir):
     """The pseudo-GT protocol end to end with the real annotator classes (tiny random weights, loaded
     from folders like the hub repos). The baseline *is* the annotator here, so it agrees perfectly."""
-    from transformers import Sam2VideoModel
-
-    from tests.test_annotators_depth import _small_da_processor, tiny_depth_anything
-    from tests.test_annotators_segmentation import _tiny_sam2_video_config
-
-    tiny_depth_anything().save_pretrained(tmp_path / "da-v2")
-    _small_da_processor().save_pretrained(tmp_path / "da-v2")
-    torch.manual_seed(0)
-    Sam2VideoModel(_tiny_sam2_video_config()).save_pretrained(tmp_path / "sam2")
-    da = {"type": "depth-anything-v2", "path": str(tmp_path / "da-v2")}
+    da = {"type": "depth-anything-v2", "path": str(tiny_depth_anything_dir)}
     p = _params(tmp_path, {"depth_annotator": da, "depth_baseline": da,
-                           "segmentation_annotator": {"type": "sam2", "path": str(tmp_path / "sam2")}})
+                           "segmentation_annotator": {"type": "sam2", "path": str(tiny_sam2_dir)}})
     paths = ProjectPaths(tmp_path, "tiny")
     _perfect_samples(paths)
     m = evaluate.run(p, paths).metrics
@@ -272,7 +263,7 @@ def test_annotators_from_local_folders_run_through_the_evaluate_step(tmp_path):
     assert not any(n.startswith(("depth_annotator", "segmentation_annotator")) for n in ev["notes"])
     md = (paths.evaluation / "tables.md").read_text()
     assert "Depth of generated videos vs pseudo ground truth (paper Tab 3)" in md
-    assert f"| depth-anything-v2 ({tmp_path / 'da-v2'}) | 1.0000 | 0.0000 |" in md
+    assert f"| depth-anything-v2 ({tiny_depth_anything_dir}) | 1.0000 | 0.0000 |" in md
 
 
 def test_depth_alignment_per_video_or_per_frame():
@@ -299,16 +290,13 @@ def test_clips_longer_than_num_frames_are_scored_on_their_first_frames(tmp_path)
     assert m["real/num_frames"] == 9
 
 
-def test_annotator_options_reach_the_class_and_bad_ones_are_named(tmp_path):
-    from tests.test_annotators_depth import _small_da_processor, tiny_depth_anything
+def test_annotator_options_reach_the_class_and_bad_ones_are_named(tmp_path, tiny_depth_anything_dir):
     from udpdiff.annotators import build_annotator
     from udpdiff.config import AnnotatorParams
 
-    tiny_depth_anything().save_pretrained(tmp_path / "da-v2")
-    _small_da_processor().save_pretrained(tmp_path / "da-v2")
-    ref = AnnotatorParams(type="depth-anything-v2", path=str(tmp_path / "da-v2"), options={"batch_size": 2})
+    ref = AnnotatorParams(type="depth-anything-v2", path=str(tiny_depth_anything_dir), options={"batch_size": 2})
     assert build_annotator(ref, "cpu").batch_size == 2
-    bad = AnnotatorParams(type="depth-anything-v2", path=str(tmp_path / "da-v2"), options={"points_per_side": 8})
+    bad = AnnotatorParams(type="depth-anything-v2", path=str(tiny_depth_anything_dir), options={"points_per_side": 8})
     with pytest.raises(ValueError, match="points_per_side"):
         build_annotator(bad, "cpu")
     with pytest.raises(ValueError, match="dtype must be one of"):
