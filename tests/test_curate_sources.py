@@ -263,10 +263,15 @@ def test_manifest_extra_columns_are_namespaced(tmp_path: Path, sources) -> None:
 
 
 @pytest.mark.slow
-def test_shards_run_as_prefect_tasks_on_a_local_dask_cluster(sources, tmp_path: Path) -> None:
-    """runner.type: dask — the data stage's shards run as Prefect task runs on the workers of a Dask
-    cluster this test starts; the dataset equals the in-process run's, a rerun resumes, and a shard
-    that cannot run (missing weights) fails the stage naming the file."""
+def test_shards_run_as_prefect_tasks_on_a_local_dask_cluster(sources, tmp_path: Path, tiny_sam2_dir: Path,
+                                                             tiny_mask2former_dir: Path, tiny_depth_anything_dir: Path,
+                                                             tiny_video_llava_dir: Path) -> None:
+    """runner.type: dask — the whole curation (cut, filters, Video-LLaVA captions, Mask2Former entities
+    propagated by SAM2 and post-processed, Depth Anything V2; tiny random models of the real classes
+    loaded from folders by the workers) runs as Prefect task runs on the workers of a Dask cluster this
+    test starts. The dataset equals the in-process run's, passes the data contract, a rerun resumes
+    without recomputing anything, and a shard that cannot run (missing weights) fails the stage naming
+    the path."""
     from distributed import Client, LocalCluster
 
     import udpdiff.stages.data as data_stage
@@ -274,10 +279,17 @@ def test_shards_run_as_prefect_tasks_on_a_local_dask_cluster(sources, tmp_path: 
     from udpdiff.paths import ProjectPaths
 
     csv, src = sources
-    local = _params(tmp_path, csv, src)
+    local = _params(tmp_path, csv, src,
+                    segmentation_annotator={"type": "sam2", "path": str(tiny_sam2_dir), "entities": {
+                        "type": "mask2former", "path": str(tiny_mask2former_dir), "options": {"score_threshold": 0.0}}},
+                    depth_annotator={"type": "depth-anything-v2", "path": str(tiny_depth_anything_dir)})
+    cur = local.active.data.panda70m.curation.model_dump()
+    local = local.with_overrides({"data.panda70m.curation": {**cur, "recaption": {
+        "path": str(tiny_video_llava_dir), "num_frames": 4, "max_new_tokens": 6, "dtype": "float32"}}})
     cur = local.active.data.panda70m.curation.model_dump()
     local_paths = ProjectPaths(tmp_path / "local", "tiny")
     expected = data_stage.run(local, local_paths).metrics
+    assert expected["recaptioned"] == 2 and expected["annotated_seg"] == 2 and expected["annotated_depth"] == 2
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
@@ -291,15 +303,24 @@ def test_shards_run_as_prefect_tasks_on_a_local_dask_cluster(sources, tmp_path: 
         for row in read_manifest(paths.manifest).itertuples():
             assert np.array_equal(read_video(resolve(paths.manifest, row.video_path)),
                                   read_video(resolve(local_paths.manifest, row.video_path)))
+            assert np.array_equal(load_ids(resolve(paths.manifest, row.seg_path)),
+                                  load_ids(resolve(local_paths.manifest, row.seg_path)))
+            np.testing.assert_allclose(load_depth(resolve(paths.manifest, row.depth_path)),
+                                       load_depth(resolve(local_paths.manifest, row.depth_path)), atol=1e-5)
+        contract = validate_manifest(paths.manifest, T, (H, W), tmp_path / "report.json", require_dense=True)
+        assert contract.success, contract.failures
         # the shards ran as Prefect tasks on the cluster's workers, in both of its processes
         def shard_tasks(dask_worker) -> int:
-            return len({str(entry[0]) for entry in dask_worker.state.log if "curate_shard_task" in str(entry[0])})
+            # keys this worker computed (a key stolen from a busy worker is in both logs, "memory" in one)
+            return len({str(e[0]) for e in dask_worker.state.log
+                        if "curate_shard_task" in str(e[0]) and len(e) > 2 and e[2] == "memory"})
 
         per_worker = client.run(shard_tasks)
         assert sum(per_worker.values()) == 5 and all(n > 0 for n in per_worker.values()), per_worker
 
         again = data_stage.run(dask, paths, map_shards=shard_mapper(dask)).metrics
         assert again["cut"] == 0 and again["resumed"] == 4 and again["clips"] == m["clips"]
+        assert again["annotated"] == 0 and again["labels_cached"] == 4 and again["captions_cached"] == 2
 
         broken = dask.with_overrides({"data.panda70m.segmentation_annotator": {
             "type": "sam2", "path": str(tmp_path / "no-sam2")}})

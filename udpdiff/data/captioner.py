@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from udpdiff.data.curation_params import RecaptionParams
 from udpdiff.devices import default_device
@@ -173,7 +174,7 @@ def recaption_clips(records: Iterable[dict], clip_dir: str | os.PathLike, cache_
     key = captioner_fingerprint(params)
     model: Captioner | None = None
     result = RecaptionResult()
-    for rec in records:
+    for rec in tqdm(list(records), desc="re-captioning", unit="clip", disable=None):
         rec = dict(rec)
         cid = str(rec["clip_id"])
         has_long = bool(rec.get("caption_long")) and rec.get("caption_long") != rec.get("caption_short")

@@ -61,6 +61,7 @@ from typing import ClassVar
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
 
 from udpdiff.data.curate import motion_score_from_frames
 from udpdiff.data.curation_params import (
@@ -598,7 +599,7 @@ def curate_clips(
     result = CurationResult()
     header = [f for f in filters if not f.needs_frames]
     framed = [f for f in filters if f.needs_frames]
-    for spec in specs:
+    for spec in tqdm(specs, desc="cutting + filtering", unit="clip", disable=None):
         scores: dict[str, float] = {}
         path: Path | str = Path(video_dir) / spec.video_id
         reason: str | None = None
