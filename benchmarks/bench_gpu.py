@@ -21,6 +21,14 @@ Sections (``--sections``, any subset, in this order):
   process's GPUs. 5B ZeRO-2 needs two GPUs (fp32 master weights + Adam alone are 67 GB): launched
   with ``torchrun --nproc_per_node 2`` it runs; on one GPU it is recorded as not run, and a 5B
   fwd+bwd without optimizer (the reference figure's setting) is measured instead.
+* ``step_fast``, ``sample_fast``, ``train_fast`` — the fast path (``udpdiff.acceleration``, what
+  training and sampling use on CUDA by default) against ours eager, same weights and inputs:
+  ``step_fast`` times the step with Inductor-compiled blocks (alternating with eager), the first
+  compiled call (the compile) on its own, and the output's distance from eager's and from an fp32
+  forward of the same weights; ``sample_fast`` runs the whole sample eager (two VAE decodes one at
+  a time) and fast (compiled blocks + one batched decode of the video and the colormap) and
+  compares their final latents, frames and depth; ``train_fast`` runs the ZeRO-2 training step
+  eager then compiled and compares the loss of every step. ``--compile-mode`` picks the mode.
 
 Models have random weights and are built directly on the GPU in bf16; each is freed before the
 next. FLOPs are counted analytically from the config (see ``forward_flops``). The JSON is written
@@ -28,6 +36,7 @@ after every section, so a run stopped by a time limit keeps what it measured.
 
     python benchmarks/bench_gpu.py --out benchmarks/results/gpu-h100.json
     python benchmarks/bench_gpu.py --sections gemm,step --archs 5b --out /tmp/x.json
+    python benchmarks/bench_gpu.py --sections gemm,step_fast:5b,sample_fast:5b --out /tmp/fast.json
     python benchmarks/bench_gpu.py --smoke --out /tmp/smoke.json        # tiny, CPU ok, seconds
     python benchmarks/bench_gpu.py --merge a.json b.json --out all.json # combine runs' sections
 """
@@ -35,8 +44,10 @@ after every section, so a run stopped by a time limit keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
+import functools
 import gc
 import json
 import logging
@@ -45,7 +56,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +71,7 @@ from benchmarks.common import machine_info as common_machine_info  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 
-SECTIONS = ("gemm", "step", "sample", "train")
+SECTIONS = ("gemm", "step", "step_fast", "sample", "sample_fast", "train", "train_fast")
 
 # Published CogVideoX 1.0 transformer configs (THUDM/CogVideoX-{2b,5b}/transformer/config.json).
 COMMON = dict(attention_head_dim=64, time_embed_dim=512, text_embed_dim=4096, patch_size=2, max_text_seq_length=226,
@@ -119,6 +130,14 @@ class Bench:
         self.size = SMOKE_SIZE if args.smoke else FULL_SIZE
         self.t_start = time.perf_counter()
         self.result: dict[str, Any] = {}
+        # archs whose compiled block this process holds (torch._dynamo.reset() forgets them)
+        self.compiled_archs: set[str] = set()
+        if args.smoke and not cuda:
+            # a CPU smoke run checks the code paths, not Inductor's C++ code generation (tens of
+            # seconds per compile on a small CPU): the same graph capture, run by aot_eager
+            from udpdiff import acceleration
+
+            acceleration.BACKEND = "aot_eager"
 
     # -- time and memory -----------------------------------------------------------------------
     def sync(self) -> None:
@@ -386,6 +405,113 @@ def run_step(bench: Bench, arch: str) -> None:
                 100 * (res["stock"]["mfu"] or 0), 100 * (res["ours"]["mfu"] or 0))
 
 
+def acceleration_backend() -> str:
+    from udpdiff import acceleration
+
+    return acceleration.BACKEND
+
+
+def run_step_fast(bench: Bench, arch: str) -> None:
+    """Ours, one denoising step, eager against compiled blocks (``udpdiff.acceleration``: diffusers'
+    regional compilation, fullgraph), same weights (a copy) and inputs, timed alternately. The
+    first compiled call is timed on its own (compile + one step, after ``torch._dynamo.reset()``;
+    Inductor's disk cache is cold only on a fresh machine: recorded). Both outputs are compared
+    with each other and with an fp32 forward of the same bf16 weights, so "lossless" reads as:
+    compiled is as far from fp32 as eager is."""
+    from udpdiff.acceleration import accelerate
+    from udpdiff.config import AccelerationParams
+
+    a = bench.args
+    torch._dynamo.reset()
+    bench.compiled_archs = {arch}
+    cache = inductor_cache_state()
+    logger.info("step_fast %s: building ours (eager, fp32 reference, compiled copy); Inductor cache %s", arch, cache)
+    eager = build_transformer(bench, arch, ours=True).eval()
+    size = param_bytes(eager)
+    tc = token_counts(bench.archs[arch]["transformer"], bench.size)
+    rotary = rotary_tables(bench, eager, tc["latent_frames"])
+    inputs = step_inputs(bench, arch, model_channels(eager), batch=2, seed=7)
+    extra = {"task_id": torch.tensor([1])}
+
+    def forward(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+        kw = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.no_grad():
+            return model(**kw, image_rotary_emb=rotary, return_dict=False, **extra)[0]
+
+    reference, reference_note = None, "skipped (--no-fp32-reference)"
+    if not a.no_fp32_reference:
+        try:
+            with full_fp32():
+                wide = copy.deepcopy(eager).float()
+                reference = forward(wide, torch.float32).float()
+            reference_note = "the bf16 weights run in fp32 (TF32 off)"
+        except torch.cuda.OutOfMemoryError as exc:  # the comparison with eager still stands
+            reference_note = f"not measured: out of memory ({str(exc)[:200]})"
+        wide = None
+        bench.free()
+    eager_out = forward(eager)
+    fast = copy.deepcopy(eager)
+    done = accelerate(fast, AccelerationParams(compile_blocks=True, compile_mode=a.compile_mode), bench.device)
+    bench.sync()
+    t0 = time.perf_counter()
+    fast_out = forward(fast)
+    bench.sync()
+    first_call_s = time.perf_counter() - t0
+    logger.info("step_fast %s: first compiled call %.1f s (compile + one step)", arch, first_call_s)
+    recompute = forward(fast)
+    models = {"eager": eager, "compiled": fast}
+    res = interleaved(bench, {n: functools.partial(forward, m) for n, m in models.items()},
+                      {"eager": size, "compiled": size}, a.step_warmup, a.step_iters)
+    cfg = bench.archs[arch]["transformer"]
+    fl = forward_flops(cfg, bench.size, model_channels(eager), model_channels(eager), batch=2)["total"]
+    for name in models:
+        res[name].update(flops=fl, **mfu(bench, fl, res[name]["median_s"]))
+    paired = paired_overhead_pct(res["eager"], res["compiled"])
+    entry = {
+        "config": cfg, "batch": 2, "tokens": tc, "eager": res["eager"], "compiled": res["compiled"],
+        "speedup": res["eager"]["median_s"] / res["compiled"]["median_s"],
+        "saving_pct": 100 * (1 - res["compiled"]["median_s"] / res["eager"]["median_s"]),
+        "paired_saving_pct": None if paired is None else -paired,
+        "first_call_s": first_call_s, "compile_s_estimate": first_call_s - res["compiled"]["median_s"],
+        "compile": {"backend": acceleration_backend(), "mode": done.compile_mode, "fullgraph": True,
+                    "blocks": type(eager.transformer_blocks[0]).__name__, "dynamo_reset": True,
+                    "inductor_cache_at_start": cache},
+        "compiled_vs_eager": tensor_differences(fast_out, eager_out),
+        "compiled_rerun_identical": bool(torch.equal(fast_out, recompute)),
+        "vs_fp32": None if reference is None else {"eager": tensor_differences(eager_out, reference),
+                                                   "compiled": tensor_differences(fast_out, reference)},
+        "fp32_reference": reference_note,
+        "warmup": a.step_warmup, "iters": a.step_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
+    }
+    bench.result.setdefault("step_fast", {})[arch] = entry
+    d = entry["compiled_vs_eager"]
+    logger.info("step_fast %s: eager %.4f s, compiled %.4f s (-%.1f%%); compiled vs eager max |d| %.3g, rel L2 %.2e",
+                arch, res["eager"]["median_s"], res["compiled"]["median_s"], entry["saving_pct"], d["max_abs"],
+                d["rel_l2"])
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """fp32 matrix products and convolutions without TF32 (cuDNN allows it by default)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def inductor_cache_state() -> str:
+    """Whether Inductor's on-disk cache already held compiled code when this section started."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        folder = Path(cache_dir())
+    except Exception as exc:  # a private API: its absence must not stop a benchmark
+        return f"unknown ({type(exc).__name__})"
+    return f"{'warm' if folder.is_dir() and any(folder.iterdir()) else 'cold'} ({folder})"
+
+
 # --------------------------------------------------------------------------------------------
 # sample
 # --------------------------------------------------------------------------------------------
@@ -410,21 +536,113 @@ def build_vae(bench: Bench, arch: str):
     return vae
 
 
-def sample_steps(bench: Bench, arch: str, decode_estimate_s: float) -> tuple[int, str]:
-    """Steps to time for this arch: ``--sample-steps`` unless the time budget cannot hold them."""
+def sample_steps(bench: Bench, arch: str, decode_estimate_s: float, section: str = "sample") -> tuple[int, str]:
+    """Steps to time for this arch: ``--sample-steps`` unless the time budget cannot hold them
+    (two samples per section: stock and ours, or ours eager and fast)."""
     a = bench.args
     steps = a.sample_steps
     if a.budget_s is None:
         return steps, "as asked"
-    step = bench.result.get("step", {}).get(arch)
-    per_step = (step["stock"]["median_s"] + step["ours"]["median_s"]) if step else None
+    step_section, names = ("step", ("stock", "ours")) if section == "sample" else ("step_fast", ("eager", "compiled"))
+    step = bench.result.get(step_section, {}).get(arch)
+    per_step = sum(step[n]["median_s"] for n in names) if step else None
     if per_step is None:
         return steps, "as asked (no step timing to budget with)"
     left = a.budget_s - bench.elapsed() - 3 * decode_estimate_s - 45
+    if section == "sample_fast":  # its untimed 2-step compile warm-up (the compile itself mostly cached)
+        left -= 2 * per_step + 30
     fit = int(left // (per_step * 1.05))
     if fit >= steps:
         return steps, "as asked"
     return max(3, fit), f"reduced from {steps} to fit --budget-s={a.budget_s:.0f} (time left {left:.0f} s)"
+
+
+class SampleTimer:
+    """Instruments pipelines for a timed sample: precomputed prompt embeddings stand in for T5-XXL
+    (excluded from the timing), every VAE decode is timed (and the videos it decodes counted), the
+    end of denoising is marked, and the final latents can be kept for comparisons."""
+
+    def __init__(self, bench: Bench, arch: str, steps: int):
+        cfg = bench.archs[arch]["transformer"]
+        g = torch.Generator(device=bench.device).manual_seed(11)
+        text = torch.randn((2, cfg["max_text_seq_length"], cfg["text_embed_dim"]), generator=g, device=bench.device,
+                           dtype=bench.dtype)
+        self.bench, self.arch, self.steps = bench, arch, steps
+        self.prompt_embeds, self.negative_embeds = text[1:], text[:1]
+        self.decodes: list[tuple[float, int]] = []  # (seconds, videos) per decode_latents call
+        self.marks: dict[str, float] = {}
+        self.latents: torch.Tensor | None = None
+
+    def instrument(self, pipe) -> None:
+        pipe.set_progress_bar_config(disable=True)
+        pipe.encode_prompt = lambda *args, **kwargs: (self.prompt_embeds, self.negative_embeds)
+        inner = pipe.decode_latents
+
+        def decode(latents, inner=inner):
+            self.bench.sync()
+            t0 = time.perf_counter()
+            out = inner(latents)
+            self.bench.sync()
+            self.decodes.append((time.perf_counter() - t0, int(latents.shape[0])))
+            return out
+
+        pipe.decode_latents = decode
+
+    def on_step(self, pipe, i, t, tensors):
+        if (i + 1) % 10 == 0 or i + 1 == self.steps:
+            logger.info("  step %d/%d", i + 1, self.steps)
+        if i + 1 == self.steps:
+            self.bench.sync()
+            self.marks["denoised"] = time.perf_counter()
+            if "latents" in tensors:
+                self.latents = tensors["latents"].detach().float().clone()
+        return {}
+
+    def warm_vae(self, pipe, batch: int = 1) -> float:
+        """One VAE decode of 3 latent frames at full resolution (every tile shape and the
+        frame-batch path), untimed in the rows; the transformer is warmed by other sections."""
+        tc = token_counts(self.bench.archs[self.arch]["transformer"], self.bench.size)
+        with torch.no_grad():
+            warm = torch.randn((batch, min(3, tc["latent_frames"]), 16, tc["latent_height"], tc["latent_width"]),
+                               device=self.bench.device, dtype=self.bench.dtype)
+            seconds = self.bench.timed(lambda: pipe.decode_latents(warm))
+        self.decodes.clear()
+        return seconds
+
+    def run(self, pipe, name: str, other_bytes: int, keep_latents: bool = False, **call_kwargs) -> tuple[dict, Any]:
+        """One timed sample: total, denoising, VAE decode and the rest (to numpy, Pixelplanes)."""
+        bench, size, steps = self.bench, self.bench.size, self.steps
+        kwargs = dict(num_frames=size["frames"], height=size["height"], width=size["width"], guidance_scale=6.0,
+                      num_inference_steps=steps, callback_on_step_end=self.on_step,
+                      generator=torch.Generator(device=bench.device).manual_seed(0), **call_kwargs)
+        if keep_latents:
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        bench.free()
+        bench.reset_peak()
+        self.decodes.clear()
+        self.marks.clear()
+        self.latents = None
+        logger.info("sample %s %s: %d steps + decode", self.arch, name, steps)
+        bench.sync()
+        t0 = time.perf_counter()
+        result = pipe("benchmark prompt", **kwargs)
+        bench.sync()
+        total = time.perf_counter() - t0
+        peak = bench.peak_bytes()
+        denoise = self.marks["denoised"] - t0
+        decode = sum(s for s, _ in self.decodes)
+        row = {"steps": steps, "total_s": total, "denoise_s": denoise, "denoise_per_step_s": denoise / steps,
+               "vae_decode_s": decode, "vae_decodes": sum(n for _, n in self.decodes),
+               "vae_decode_calls": len(self.decodes), "post_s": total - denoise - decode,
+               "peak_gib": gib(None if peak is None else peak - other_bytes)}
+        target = bench.args.sample_steps
+        if steps != target:
+            row["scaled_total_s"] = row["total_s"] + (target / steps - 1) * denoise
+            row["scaled_denoise_s"] = denoise * target / steps
+        logger.info("sample %s %s: total %.1f s = denoise %.1f + VAE decode %.1f (%d calls, %d videos) + post %.1f; "
+                    "peak %s GiB", self.arch, name, total, denoise, decode, len(self.decodes), row["vae_decodes"],
+                    row["post_s"], f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-")
+        return row, result
 
 
 def run_sample(bench: Bench, arch: str) -> None:
@@ -433,8 +651,6 @@ def run_sample(bench: Bench, arch: str) -> None:
     from udpdiff.pipeline import UDPDiffPipeline
 
     a = bench.args
-    size = bench.size
-    cfg = bench.archs[arch]["transformer"]
     prior = [e for e in bench.result.get("sample", {}).values() if isinstance(e, dict) and "stock" in e]
     decode_est = prior[-1]["stock"]["vae_decode_s"] if prior else a.decode_guess_s
     steps, why = sample_steps(bench, arch, decode_est)
@@ -444,100 +660,138 @@ def run_sample(bench: Bench, arch: str) -> None:
     transformers = {"stock": build_transformer(bench, arch, ours=False).eval(),
                     "ours": build_transformer(bench, arch, ours=True).eval()}
     sizes = {k: param_bytes(m) for k, m in transformers.items()}
-    g = torch.Generator(device=bench.device).manual_seed(11)
-    text = torch.randn((2, cfg["max_text_seq_length"], cfg["text_embed_dim"]), generator=g, device=bench.device,
-                       dtype=bench.dtype)
-    prompt_embeds, negative_embeds = text[1:], text[:1]
-
     pipes = {
         "stock": CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformers["stock"],
                                    scheduler=build_scheduler(bench, arch)),
         "ours": UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformers["ours"],
                                 scheduler=build_scheduler(bench, arch)),
     }
-    marks: dict[str, float] = {}
-    decode_times: list[float] = []
-
+    timer = SampleTimer(bench, arch, steps)
     for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-        # precomputed embeddings stand in for T5-XXL (excluded from the timing)
-        pipe.encode_prompt = lambda *args, **kwargs: (prompt_embeds, negative_embeds)
-        inner = pipe.decode_latents
+        timer.instrument(pipe)
+    t_warm = timer.warm_vae(pipes["stock"])
+    logger.info("sample %s: VAE warm-up decode (3 latent frames) %.2f s", arch, t_warm)
 
-        def decode(latents, inner=inner):
-            bench.sync()
-            t0 = time.perf_counter()
-            out = inner(latents)
-            bench.sync()
-            decode_times.append(time.perf_counter() - t0)
-            return out
-
-        pipe.decode_latents = decode
-
-    def on_step(pipe, i, t, tensors):
-        if (i + 1) % 10 == 0 or i + 1 == steps:
-            logger.info("  step %d/%d", i + 1, steps)
-        if i + 1 == steps:
-            bench.sync()
-            marks["denoised"] = time.perf_counter()
-        return {}
-
-    # warm-up: one VAE decode of 3 latent frames at full resolution (every tile shape and the
-    # frame-batch path); the transformer's kernels were warmed by the step section when it ran
-    tc = token_counts(cfg, size)
-    with torch.no_grad():
-        warm = torch.randn((1, min(3, tc["latent_frames"]), 16, tc["latent_height"], tc["latent_width"]),
-                           device=bench.device, dtype=bench.dtype)
-        t_warm = bench.timed(lambda: pipes["stock"].decode_latents(warm))
-    decode_times.clear()
-    logger.info("sample %s: VAE warm-up decode (%d latent frames) %.2f s", arch, warm.shape[1], t_warm)
-
-    kwargs = dict(num_frames=size["frames"], height=size["height"], width=size["width"], guidance_scale=6.0,
-                  num_inference_steps=steps, callback_on_step_end=on_step)
     out: dict[str, Any] = {}
     for name, pipe in pipes.items():
-        generator = torch.Generator(device=bench.device).manual_seed(0)
-        call_kwargs = dict(kwargs, generator=generator)
-        if name == "stock":
-            call_kwargs["output_type"] = "np"
-        else:
-            call_kwargs["task"] = "depth"
-        bench.free()
-        bench.reset_peak()
-        decode_times.clear()
-        marks.clear()
-        logger.info("sample %s %s: %d steps + decode", arch, name, steps)
-        bench.sync()
-        t0 = time.perf_counter()
-        result = pipe("benchmark prompt", **call_kwargs)
-        bench.sync()
-        total = time.perf_counter() - t0
-        peak = bench.peak_bytes()
-        other = sizes["ours" if name == "stock" else "stock"]
-        denoise = marks["denoised"] - t0
-        decode = sum(decode_times)
-        row = {"steps": steps, "total_s": total, "denoise_s": denoise, "denoise_per_step_s": denoise / steps,
-               "vae_decode_s": decode, "vae_decodes": len(decode_times), "post_s": total - denoise - decode,
-               "peak_gib": gib(None if peak is None else peak - other)}
-        if steps != a.sample_steps:
-            row["scaled_total_s"] = row["total_s"] + (a.sample_steps / steps - 1) * denoise
-            row["scaled_denoise_s"] = denoise * a.sample_steps / steps
-        out[name] = row
-        logger.info("sample %s %s: total %.1f s = denoise %.1f + VAE decode %.1f (%d) + post %.1f; peak %s GiB",
-                    arch, name, total, denoise, decode, len(decode_times), row["post_s"],
-                    f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-")
+        # stock decodes one latent; ours the RGB and the dense half, one video at a time here: the
+        # VAE's slicing is on (the eager reference; sample_fast measures the batched decode)
+        extra = {"output_type": "np"} if name == "stock" else {"task": "depth"}
+        out[name], result = timer.run(pipe, name, sizes["ours" if name == "stock" else "stock"], **extra)
         del result
     entry = {
         "steps": steps, "steps_note": why, "target_steps": a.sample_steps,
         "scheduler": type(pipes["stock"].scheduler).__name__, "guidance_scale": 6.0,
-        "size": size, "vae": "AutoencoderKLCogVideoX, CogVideoX config, random weights, bf16, tiling+slicing",
+        "size": bench.size, "vae": "AutoencoderKLCogVideoX, CogVideoX config, random weights, bf16, tiling+slicing",
         "vae_warmup_s": t_warm, "stock": out["stock"], "ours": out["ours"],
         "denoise_overhead_pct": 100 * (out["ours"]["denoise_s"] / out["stock"]["denoise_s"] - 1),
         "note": "text encoding (T5-XXL) excluded: random precomputed prompt embeddings; stock decodes one latent "
-                "(output_type=np), ours decodes the RGB and the dense half (two VAE decodes) and Pixelplanes-decodes "
-                "the depth colormap on the GPU (in post_s); one run each, after warm-up",
+                "(output_type=np), ours decodes the RGB and the dense half (two VAE decodes: one call, sliced by the "
+                "VAE into one video at a time) and Pixelplanes-decodes the depth colormap on the GPU (in post_s); "
+                "one run each, after warm-up",
     }
     bench.result.setdefault("sample", {})[arch] = entry
+
+
+def frame_differences(a: Any, b: Any) -> dict[str, float]:
+    """uint8 videos (or float maps) of two runs: max and mean absolute difference, and the share of
+    values more than 8 levels apart (uint8) or 0.05 (float maps)."""
+    import numpy as np
+
+    x, y = np.asarray(a), np.asarray(b)
+    integer = np.issubdtype(x.dtype, np.integer)
+    d = np.abs(x.astype(np.float64) - y.astype(np.float64))
+    if not integer and np.issubdtype(x.dtype, np.floating):
+        return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "share_over_0.05": float((d > 0.05).mean())}
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "share_over_8": float((d > 8).mean())}
+
+
+def tensor_differences(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How far ``out`` is from ``ref``: max and mean absolute difference, relative L2 error, and
+    the reference's scale (max |ref|) to read them against."""
+    o, r = out.detach().float(), ref.detach().float()
+    d = (o - r).abs()
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
+            "rel_l2": float((o - r).norm() / r.norm().clamp_min(1e-30)), "ref_max_abs": float(r.abs().max())}
+
+
+def run_sample_fast(bench: Bench, arch: str) -> None:
+    """Ours, the whole sample, eager (blocks eager, two VAE decodes one at a time: the old path)
+    and fast (compiled blocks + the video and the colormap in one batched VAE call), same seed:
+    times, and how far the fast sample's final latents, frames and depth are from eager's."""
+    from diffusers import CogVideoXPipeline
+
+    from udpdiff.acceleration import accelerate_pipeline
+    from udpdiff.config import AccelerationParams
+    from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.tasks import task_id
+
+    a = bench.args
+    cache = inductor_cache_state()
+    prior = [e for e in bench.result.get("sample", {}).values() if isinstance(e, dict) and "stock" in e]
+    decode_est = prior[-1]["stock"]["vae_decode_s"] if prior else a.decode_guess_s
+    steps, why = sample_steps(bench, arch, decode_est, section="sample_fast")
+    logger.info("sample_fast %s: %d steps (%s)", arch, steps, why)
+
+    vae = build_vae(bench, arch)  # tiling + slicing; the fast path turns slicing off (batched decode)
+    transformer = build_transformer(bench, arch, ours=True).eval()
+    pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                           scheduler=build_scheduler(bench, arch))
+    timer = SampleTimer(bench, arch, steps)
+    timer.instrument(pipe)
+    t_warm = {"sequential": timer.warm_vae(pipe), "batched": None}
+    vae.disable_slicing()
+    t_warm["batched"] = timer.warm_vae(pipe, batch=2)
+    vae.enable_slicing()
+    logger.info("sample_fast %s: VAE warm-up decodes %s", arch, t_warm)
+
+    rows, results, latents = {}, {}, {}
+    rows["eager"], results["eager"] = timer.run(pipe, "eager", 0, keep_latents=True, task="depth")
+    latents["eager"] = timer.latents
+
+    settings = AccelerationParams(compile_blocks=True, compile_mode=a.compile_mode, vae_decode="batched")
+    compiled_before = arch in bench.compiled_archs
+    bench.compiled_archs.add(arch)
+    done = accelerate_pipeline(pipe, settings)
+    # compile (or reuse this process's compiled block) on two denoising steps through the
+    # pipeline's own loop: the same call signature, so the timed sample below compiles nothing
+    bench.sync()
+    t0 = time.perf_counter()
+    with transformer.task_context(task_id("depth")):
+        CogVideoXPipeline.__call__(pipe, "benchmark prompt", num_frames=bench.size["frames"],
+                                   height=bench.size["height"], width=bench.size["width"], guidance_scale=6.0,
+                                   num_inference_steps=2, output_type="latent",
+                                   generator=torch.Generator(device=bench.device).manual_seed(0))
+    bench.sync()
+    warmup_s = time.perf_counter() - t0
+    rows["fast"], results["fast"] = timer.run(pipe, "fast", 0, keep_latents=True, task="depth")
+    latents["fast"] = timer.latents
+    rows["fast"]["compile_warmup_s"] = warmup_s
+    rows["fast"]["compile_s_estimate"] = warmup_s - 2 * rows["fast"]["denoise_per_step_s"]
+    entry = {
+        "steps": steps, "steps_note": why, "target_steps": a.sample_steps,
+        "scheduler": type(pipe.scheduler).__name__, "guidance_scale": 6.0, "size": bench.size,
+        "eager": {**rows["eager"], "decode": "sequential (VAE slicing: one video at a time)", "blocks": "eager"},
+        "fast": {**rows["fast"], "decode": "batched (one VAE call, tiling on)",
+                 "blocks": f"compiled ({acceleration_backend()}, mode {done.compile_mode})"},
+        "speedup_total": rows["eager"]["total_s"] / rows["fast"]["total_s"],
+        "speedup_denoise": rows["eager"]["denoise_s"] / rows["fast"]["denoise_s"],
+        "vae_warmup_s": t_warm,
+        "compile_cache": "warm: step_fast compiled the same block earlier in this process" if compiled_before else
+                         f"this section's own compile; Inductor cache at start: {cache}",
+        "vs_eager": {"latents": tensor_differences(latents["fast"], latents["eager"]),
+                     "videos": frame_differences(results["fast"].videos, results["eager"].videos),
+                     "colormaps": frame_differences(results["fast"].colormaps, results["eager"].colormaps),
+                     "depth": frame_differences(results["fast"].dense, results["eager"].dense)},
+        "note": "ours only, same seed and weights; eager = eager blocks + two VAE decodes one at a time (tiling + "
+                "slicing); fast = compiled blocks + one batched decode (tiling, no slicing); compile_warmup_s = an "
+                "untimed 2-step denoise before the fast sample (compile + 2 steps); text encoding excluded",
+    }
+    bench.result.setdefault("sample_fast", {})[arch] = entry
+    v = entry["vs_eager"]
+    logger.info("sample_fast %s: eager %.1f s, fast %.1f s (x%.3f); latents rel L2 %.2e, videos max |d| %.0f "
+                "mean %.3f", arch, rows["eager"]["total_s"], rows["fast"]["total_s"], entry["speedup_total"],
+                v["latents"]["rel_l2"], v["videos"]["max_abs"], v["videos"]["mean_abs"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,17 +837,26 @@ def train_batch(bench: Bench, arch: str, channels: int, seed: int) -> dict[str, 
     }
 
 
-def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], world: int) -> dict[str, Any]:
-    """Build, wrap in a DeepSpeed engine, time; everything is freed when this returns."""
+def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], world: int,
+              compiled: bool = False) -> dict[str, Any]:
+    """Build, wrap in a DeepSpeed engine, time; everything is freed when this returns. ``name`` is
+    stock or ours; ``compiled``: ours with compiled blocks (``udpdiff.acceleration``, as training
+    applies it: after gradient checkpointing, before DeepSpeed)."""
     import deepspeed
 
     a = bench.args
     cfg = bench.archs[arch]["transformer"]
     tc = token_counts(cfg, bench.size)
-    logger.info("train %s %s: ZeRO-2 on %d GPU(s), building", arch, name, world)
+    logger.info("train %s %s%s: ZeRO-2 on %d GPU(s), building", arch, name, " (compiled blocks)" if compiled else "",
+                world)
     model = build_transformer(bench, arch, ours=name == "ours")
     model.enable_gradient_checkpointing()
     model.train()
+    if compiled:
+        from udpdiff.acceleration import accelerate
+        from udpdiff.config import AccelerationParams
+
+        accelerate(model, AccelerationParams(compile_blocks=True, compile_mode=a.compile_mode), bench.device)
     ch = model_channels(model)
     params = n_params(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
@@ -611,9 +874,14 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
         engine.step()
         losses.append(loss.detach())
 
+    warmup_times = []
     for i in range(a.train_warmup):
         logger.info("  warm-up %d/%d", i + 1, a.train_warmup)
+        bench.sync()
+        t0 = time.perf_counter()
         step()
+        bench.sync()
+        warmup_times.append(time.perf_counter() - t0)
     bench.sync()
     bench.reset_peak()
     times = []
@@ -638,6 +906,7 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
         "reserved_peak_gib": gib(torch.cuda.max_memory_reserved(bench.device)) if bench.cuda else None,
         "loss_first_last": [loss_values[0], loss_values[-1]],
         "loss_finite": all(math.isfinite(x) for x in loss_values),
+        "losses": loss_values, "warmup_times_s": warmup_times,
     }
     logger.info("train %s %s: %.3f s/step, %.0f tokens/s/GPU, MFU %s, peak %s GiB", arch, name, med,
                 row["tokens_per_s_per_gpu"], _pct(row["mfu_3x"]), _f(row["peak_gib"], "{:.1f}"))
@@ -737,6 +1006,52 @@ def run_train(bench: Bench, arch: str) -> None:
     run_train_zero2(bench, arch)
 
 
+def run_train_fast(bench: Bench, arch: str) -> None:
+    """Ours under ZeRO-2 (as ``train``: micro batch 1, gradient checkpointing, bf16, torch AdamW),
+    eager blocks then compiled ones, same initial weights and batch: seconds per step, the
+    compile (the first step's excess over the median), and the loss of every step side by side
+    (step 1 compares forwards of equal weights; later steps include the updates' drift)."""
+    import torch.distributed as dist
+
+    a = bench.args
+    if arch == "5b" and bench.world < 2:
+        reason = (f"5B ZeRO-2 needs 2 GPUs (see train); this run has {bench.world} process(es)"
+                  + (" (smoke run)" if bench.smoke else ""))
+        bench.result.setdefault("train_fast", {})["5b_zero2_2gpu"] = {"status": "not run", "reason": reason}
+        logger.info("train_fast 5b: not run (%s)", reason)
+        return
+    init_distributed(bench)
+    world = dist.get_world_size()
+    ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16)
+    torch._dynamo.reset()  # training compiles its own graphs (forward, backward); time them cold
+    bench.compiled_archs.clear()
+    cache = inductor_cache_state()
+    rows: dict[str, Any] = {}
+    for path, compiled in (("eager", False), ("compiled", True)):
+        rows[path] = zero2_one(bench, arch, "ours", ds_config, world, compiled=compiled)
+        bench.free()
+    eager, fast = rows["eager"]["losses"], rows["compiled"]["losses"]
+    rel = [abs(f - e) / abs(e) for e, f in zip(eager, fast, strict=True)]
+    key = f"{arch}_zero2_{world}gpu"
+    bench.result.setdefault("train_fast", {})[key] = {
+        "arch": arch, "gpus": world, "deepspeed_config": ds_config, "optimizer": "torch.optim.AdamW (client)",
+        "gradient_checkpointing": True, "micro_batch": 1, "loss": "v-prediction MSE (fp32)",
+        "eager": rows["eager"], "compiled": rows["compiled"],
+        "speedup": rows["eager"]["median_s"] / rows["compiled"]["median_s"],
+        "saving_pct": 100 * (1 - rows["compiled"]["median_s"] / rows["eager"]["median_s"]),
+        "compile_s_estimate": rows["compiled"]["warmup_times_s"][0] - rows["compiled"]["median_s"],
+        "compile": {"backend": acceleration_backend(), "mode": a.compile_mode, "fullgraph": True,
+                    "dynamo_reset": True, "inductor_cache_at_start": cache},
+        "loss_rel_diff": {"first_step": rel[0], "max": max(rel), "last": rel[-1], "per_step": rel,
+                          "steps": len(rel)},
+        "warmup": a.train_warmup, "iters": a.train_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
+        "order": "sequential (eager, then compiled): both with optimizer states do not fit at once on 80 GB",
+    }
+    logger.info("train_fast %s: eager %.3f s, compiled %.3f s (-%.1f%%); loss rel diff first %.2e max %.2e", arch,
+                rows["eager"]["median_s"], rows["compiled"]["median_s"],
+                bench.result["train_fast"][key]["saving_pct"], rel[0], max(rel))
+
+
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
@@ -832,6 +1147,84 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["", "ZeRO-2 rows: DeepSpeed with infra/deepspeed/zero2.json (auto fields: micro batch 1, no "
                       "accumulation, clipping 1.0, bf16), torch AdamW; fwd_bwd rows: no optimizer. Tokens = video "
                       "tokens (17550/sample).", ""]
+    if "step_fast" in r:
+        lines += ["## Fast path: denoising step, ours, eager vs compiled blocks (CFG batch 2, no_grad)", "",
+                  "| arch | blocks | s/step (median) | saving | MFU | first call s (compile + step) | peak GiB |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for arch, e in r["step_fast"].items():
+            for name in ("eager", "compiled"):
+                x = e[name]
+                saving = "" if name == "eager" else (
+                    _f(e["saving_pct"], "{:.1f}%") + (f" (paired {e['paired_saving_pct']:.1f}%)"
+                                                      if e.get("paired_saving_pct") is not None else ""))
+                first = "" if name == "eager" else _f(e["first_call_s"], "{:.1f}")
+                lines.append(f"| {arch} | {name} | {_f(x['median_s'], '{:.4f}')} | {saving} | {_pct(x['mfu'])} | "
+                             f"{first} | {_f(x['peak_gib'], '{:.1f}')} |")
+        lines += ["", "| arch | compiled vs eager: max abs · rel L2 (of max abs ref) | vs fp32, eager: rel L2 | "
+                      "vs fp32, compiled: rel L2 | compile |", "|---|---|---:|---:|---|"]
+        for arch, e in r["step_fast"].items():
+            d, f32 = e["compiled_vs_eager"], e.get("vs_fp32") or {}
+            c = e["compile"]
+            lines.append(f"| {arch} | {d['max_abs']:.3g} · {d['rel_l2']:.2e} (of {d['ref_max_abs']:.3g}) | "
+                         f"{_f((f32.get('eager') or {}).get('rel_l2'), '{:.2e}')} | "
+                         f"{_f((f32.get('compiled') or {}).get('rel_l2'), '{:.2e}')} | {c['backend']}, mode "
+                         f"{c['mode']}, fullgraph; Inductor cache at start: {c['inductor_cache_at_start']} |")
+        lines += ["", "Same weights (a copy) and inputs; eager and compiled timed alternately. The fp32 columns run "
+                      "the same bf16 weights in fp32: compiled is lossless when its distance from fp32 matches "
+                      "eager's. First call = compile after torch._dynamo.reset() + one step.", ""]
+    if "sample_fast" in r:
+        lines += ["## Fast path: full sample, ours, eager vs compiled blocks + batched VAE decode", "",
+                  "| arch | path | steps | total s | denoise s | per step s | VAE decode s (calls, videos) | post s | "
+                  "peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for arch, e in r["sample_fast"].items():
+            if "eager" not in e:
+                continue
+            for name in ("eager", "fast"):
+                x = e[name]
+                lines.append(f"| {arch} ({e['scheduler']}) | {name}: {x['blocks']}, {x['decode']} | {x['steps']} | "
+                             f"{_f(x['total_s'], '{:.1f}')} | {_f(x['denoise_s'], '{:.1f}')} | "
+                             f"{_f(x['denoise_per_step_s'], '{:.3f}')} | {_f(x['vae_decode_s'], '{:.1f}')} "
+                             f"({x['vae_decode_calls']}, {x['vae_decodes']}) | {_f(x['post_s'], '{:.1f}')} | "
+                             f"{_f(x['peak_gib'], '{:.1f}')} |")
+            scaled = [f"{n} ≈ {e[n]['scaled_total_s']:.1f} s" for n in ("eager", "fast") if "scaled_total_s" in e[n]]
+            if scaled:
+                lines.append(f"| {arch} | scaled to {e['target_steps']} steps | | {'; '.join(scaled)} | | | | | |")
+        lines += ["", "| arch | speed-up total · denoise | compile warm-up s | latents vs eager: rel L2 · max abs | "
+                      "videos: max · mean abs (uint8) | colormaps: max · mean | depth: mean abs |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for arch, e in r["sample_fast"].items():
+            if "eager" not in e:
+                continue
+            v = e["vs_eager"]
+            lines.append(f"| {arch} | x{e['speedup_total']:.3f} · x{e['speedup_denoise']:.3f} | "
+                         f"{_f(e['fast'].get('compile_warmup_s'), '{:.1f}')} | "
+                         f"{v['latents']['rel_l2']:.2e} · {v['latents']['max_abs']:.3g} | "
+                         f"{v['videos']['max_abs']:.0f} · {v['videos']['mean_abs']:.3f} | "
+                         f"{v['colormaps']['max_abs']:.0f} · {v['colormaps']['mean_abs']:.3f} | "
+                         f"{v['depth']['mean_abs']:.4f} |")
+        notes = {e["note"] for e in r["sample_fast"].values() if "note" in e}
+        caches = [f"{a}: {e['compile_cache']}" for a, e in r["sample_fast"].items() if "compile_cache" in e]
+        lines += ["", *sorted(notes), "Compile: " + "; ".join(caches) + ".", ""]
+    if "train_fast" in r:
+        lines += ["## Fast path: training step, ours, eager vs compiled blocks (ZeRO-2, micro batch 1, gradient "
+                  "checkpointing, bf16)", "",
+                  "| setting | blocks | s/step | saving | tokens/s/GPU | MFU (3x fwd) | peak GiB | first step s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for key, e in r["train_fast"].items():
+            if "eager" not in e:
+                lines.append(f"| {key} | {e.get('status', '')}: {e.get('reason', '')} | | | | | | |")
+                continue
+            for name in ("eager", "compiled"):
+                x = e[name]
+                saving = _f(e["saving_pct"], "{:.1f}%") if name == "compiled" else ""
+                lines.append(f"| {key} | {name} | {_f(x['median_s'])} | {saving} | "
+                             f"{_f(x['tokens_per_s_per_gpu'], '{:.0f}')} | {_pct(x['mfu_3x'])} | "
+                             f"{_f(x['peak_gib'], '{:.1f}')} | {_f(x['warmup_times_s'][0], '{:.1f}')} |")
+            d = e["loss_rel_diff"]
+            lines.append(f"| {key} | loss, compiled vs eager (relative) | first step {d['first_step']:.1e}, max "
+                         f"{d['max']:.1e}, last {d['last']:.1e} over {d['steps']} steps | | | | | |")
+        lines += ["", "Same initial weights and batch; eager then compiled in one process. First step = the compile "
+                      "of the forward, backward and recomputation graphs + one step.", ""]
     for note in r.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
@@ -860,7 +1253,7 @@ def merge(paths: list[Path], notes: list[str] | None = None) -> dict[str, Any]:
                                "gemm": r.get("gemm")})
         if r.get("gemm") and "gemm" not in merged:
             merged["gemm"] = r["gemm"]  # the first run's; each section's MFU uses its own run's ceiling
-        for section in ("step", "sample", "train"):
+        for section in SECTIONS[1:]:
             for key, value in r.get(section, {}).items():
                 merged.setdefault(section, {})[key] = value
         merged.setdefault("notes", [])
@@ -875,7 +1268,8 @@ def merge(paths: list[Path], notes: list[str] | None = None) -> dict[str, Any]:
 
 def parse_sections(text: str, archs: list[str]) -> dict[str, list[str]]:
     """``gemm,step,sample:5b,train:2b+5b`` -> {section: archs}; a section without ``:`` takes
-    ``--archs``. Sections always run in the order gemm, step, sample, train."""
+    ``--archs``. Sections always run in the order of ``SECTIONS`` (gemm, step, step_fast, sample,
+    sample_fast, train, train_fast)."""
     plan: dict[str, list[str]] = {}
     for token in filter(None, text.split(",")):
         name, _, which = token.partition(":")
@@ -903,6 +1297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-guess-s", type=float, default=25.0, help="VAE decode estimate before one is measured")
     p.add_argument("--train-warmup", type=int, default=3)
     p.add_argument("--train-iters", type=int, default=8)
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the *_fast sections' blocks (params.yaml acceleration.compile_mode)")
+    p.add_argument("--no-fp32-reference", action="store_true",
+                   help="step_fast: skip the fp32 forward that eager and compiled bf16 outputs are measured against")
     p.add_argument("--budget-s", type=float, default=None,
                    help="whole-run time budget; sample steps are reduced (and scaled, marked) to fit it")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine result JSONs into --out; no runs")
@@ -930,8 +1328,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = parse_sections(args.sections, archs)
     sections = list(plan)
     bench = Bench(args)
-    if bench.world > 1 and set(sections) - {"gemm", "train"}:
-        raise SystemExit("a multi-process launch runs only --sections gemm,train")
+    if bench.world > 1 and set(sections) - {"gemm", "train", "train_fast"}:
+        raise SystemExit("a multi-process launch runs only --sections gemm,train,train_fast")
     for noisy in ("diffusers", "deepspeed", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     bench.result.update({
@@ -943,16 +1341,19 @@ def main(argv: list[str] | None = None) -> int:
                      "iterations": {k: getattr(args, k) for k in ("gemm_warmup", "gemm_iters", "step_warmup",
                                                                   "step_iters", "sample_steps", "train_warmup",
                                                                   "train_iters")},
-                     "budget_s": args.budget_s},
-        "notes": ["random weights; models built on the device and cast to bf16; eager PyTorch (no torch.compile), "
-                  "diffusers' default attention processor (SDPA)"],
+                     "budget_s": args.budget_s, "compile_mode": args.compile_mode,
+                     "compile_backend": acceleration_backend()},
+        "notes": ["random weights; models built on the device and cast to bf16; eager PyTorch (no torch.compile) "
+                  "except the *_fast sections' compiled blocks; diffusers' default attention processor (SDPA)"],
     })
     logger.info("device %s, sections %s, archs %s", bench.device, sections, archs)
-    runners: dict[str, Callable[[Bench, str], None]] = {"step": run_step, "sample": run_sample, "train": run_train}
+    runners: dict[str, Callable[[Bench, str], None]] = {
+        "step": run_step, "step_fast": run_step_fast, "sample": run_sample, "sample_fast": run_sample_fast,
+        "train": run_train, "train_fast": run_train_fast}
     if "gemm" in sections:  # every rank measures its own GPU; rank 0 writes
         run_gemm(bench)
         bench.save()
-    for section in ("step", "sample", "train"):
+    for section in SECTIONS[1:]:
         for arch in plan.get(section, []):
             logger.info("== %s %s (t=%.0f s)", section, arch, bench.elapsed())
             try:

@@ -35,8 +35,11 @@ def _positive(x) -> bool:
 def smoke(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    # every section; the fast path's step and sample for 5B alone (rotary, the larger case: the CPU
+    # tests cover both), so the fast sections add seconds, not tens of seconds, to CI
+    sections = "gemm,step,sample,train,step_fast:5b,sample_fast:5b,train_fast:2b+5b"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", sections, "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), out
 
@@ -80,6 +83,39 @@ def test_smoke_run_measures_every_section_for_stock_and_ours(smoke):
     assert "SMOKE RUN" in table and "ours (32 ch)" in table and "stock (16 ch)" in table
 
 
+def test_smoke_run_measures_the_fast_path_against_eager(smoke):
+    """step_fast / sample_fast / train_fast: ours eager against ours with compiled blocks (aot_eager on
+    the CPU: the same graph capture, no code generation) and the batched decode; fp32 here, so
+    the compiled outputs equal eager's and the decodes differ by at most a rounding level."""
+    r, out = smoke
+    assert r["settings"]["compile_backend"] == "aot_eager"
+    for arch in ("5b",):
+        step = r["step_fast"][arch]
+        for name in ("eager", "compiled"):
+            for key in ("median_s", "tflops", "mfu"):
+                assert _positive(step[name][key]), (arch, name, key)
+        assert _positive(step["first_call_s"]) and step["compile"]["fullgraph"] and step["compiled_rerun_identical"]
+        assert step["compiled_vs_eager"]["max_abs"] <= 1e-5 and step["vs_fp32"]["compiled"]["rel_l2"] <= 1e-5
+
+        sample = r["sample_fast"][arch]
+        for name in ("eager", "fast"):
+            row = sample[name]
+            assert _positive(row["total_s"]) and _positive(row["vae_decode_s"]), (arch, name)
+            assert (row["vae_decode_calls"], row["vae_decodes"]) == (1, 2)  # one call for video + colormap
+        assert sample["eager"]["decode"].startswith("sequential") and sample["fast"]["decode"].startswith("batched")
+        assert sample["fast"]["blocks"].startswith("compiled") and _positive(sample["fast"]["compile_warmup_s"])
+        diff = sample["vs_eager"]
+        assert diff["latents"]["rel_l2"] <= 1e-5
+        assert diff["videos"]["max_abs"] <= 1 and diff["colormaps"]["max_abs"] <= 1
+
+    train = r["train_fast"]["2b_zero2_1gpu"]
+    assert len(train["eager"]["losses"]) == len(train["compiled"]["losses"]) == train["loss_rel_diff"]["steps"] > 1
+    assert train["loss_rel_diff"]["max"] <= 1e-5 and _positive(train["compiled"]["median_s"])
+    assert r["train_fast"]["5b_zero2_2gpu"]["status"] == "not run"
+    table = out.with_suffix(".md").read_text()
+    assert "Fast path: denoising step" in table and "Fast path: full sample" in table and "Fast path: training" in table
+
+
 def test_flop_count_matches_the_reference_figures():
     """5B, CFG batch 2 at 49x480x720: 1.85 s/step is quoted as about 48% MFU (against ~750 TFLOP/s)."""
     b = _module()
@@ -96,6 +132,9 @@ def test_section_plan_and_merge(tmp_path):
     b = _module()
     plan = b.parse_sections("train:2b+5b,gemm,sample:2b", ["5b", "2b"])
     assert plan == {"gemm": ["5b", "2b"], "sample": ["2b"], "train": ["2b", "5b"]}
+    plan = b.parse_sections("train_fast:2b,gemm,sample_fast:5b,step_fast:5b", ["5b", "2b"])
+    assert list(plan.items()) == [("gemm", ["5b", "2b"]), ("step_fast", ["5b"]), ("sample_fast", ["5b"]),
+                                  ("train_fast", ["2b"])]
     with pytest.raises(SystemExit):
         b.parse_sections("steps", ["2b"])
     one = {"date": "d1", "settings": {"plan": {"step": ["5b"]}}, "gemm": {"ceiling_tflops": 700.0, "shapes": [],

@@ -32,6 +32,18 @@ def test_large_profiles_carry_the_paper_settings():
         assert seg.entities.path == "facebook/mask2former-swin-large-coco-panoptic"
 
 
+@pytest.mark.parametrize("profile", ["tiny", "cogvideox-2b", "cogvideox-5b"])
+def test_every_profile_takes_the_fast_path_where_it_pays(profile):
+    """``auto`` compiles the blocks on CUDA and leaves the CPU (the tiny profile, CI) eager; the
+    video and colormap are decoded in one VAE call. YAML's true/false are the other choices."""
+    acc = load_params(REPO / "params.yaml", profile=profile).active.acceleration
+    assert (acc.compile_blocks, acc.compile_mode, acc.vae_decode) == ("auto", "default", "batched")
+    from udpdiff.config import AccelerationParams
+
+    assert AccelerationParams.model_validate(yaml.safe_load("compile_blocks: false")).compile_blocks is False
+    assert AccelerationParams.model_validate(yaml.safe_load("compile_blocks: true")).compile_blocks is True
+
+
 def _write(tmp_path: Path, mutate) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     mutate(raw)
@@ -57,6 +69,10 @@ def _write(tmp_path: Path, mutate) -> Path:
             options={"points_per_side": 12}), r"\['points_per_side'\] shape SAM2's point-grid prompts"),
         (lambda r: r["profiles"]["cogvideox-5b"]["data"]["panda70m"]["segmentation_annotator"]["entities"].update(
             type="cropformer"), r"segmentation_annotator\.entities\.type"),
+        (lambda r: r["profiles"]["cogvideox-5b"]["acceleration"].update(compile_blocks="sometimes"),
+         r"profiles\.cogvideox-5b\.acceleration\.compile_blocks"),
+        (lambda r: r["profiles"]["tiny"]["acceleration"].update(compile_mode="reduce-overhead"),
+         r"profiles\.tiny\.acceleration\.compile_mode"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):

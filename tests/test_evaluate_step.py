@@ -241,6 +241,8 @@ def test_sample_resumes_an_interrupted_run_and_times_the_stock_baseline(tiny_pro
     assert not any(paths.samples.rglob("*.txt")) and not (paths.samples / "runtime.json").exists()
     assert set(runtime) == {"stock", "segmentation", "depth"}
     assert all(r["seconds_per_sample"] > 0 for r in runtime.values())
+    # acceleration.compile_blocks: auto leaves the CPU path eager, for ours and the baseline alike
+    assert result.metrics["compiled_blocks"] == 0.0 and all(r["compiled_blocks"] == 0.0 for r in runtime.values())
     assert result.metrics["runtime/stock/seconds_per_step"] == pytest.approx(
         runtime["stock"]["seconds_per_sample"] / 2)
     assert not any(paths.samples.parent.glob(".partial-*"))

@@ -16,6 +16,8 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from udpdiff import viz
+    from udpdiff.acceleration import accelerate_pipeline
+    from udpdiff.config import AccelerationParams
     from udpdiff.devices import default_device
     from udpdiff.pipeline import UDPDiffPipeline
     from udpdiff.stages.common import dense_picture
@@ -31,6 +33,8 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     task = (args.task or "depth") if pipe.dense else None
     pipe.to(default_device())
+    compile_blocks = {"true": True, "false": False}.get(args.compile_blocks, args.compile_blocks)
+    accelerate_pipeline(pipe, AccelerationParams(compile_blocks=compile_blocks, vae_decode=args.vae_decode))
     generator = torch.Generator().manual_seed(args.seed)
     num_frames = args.num_frames or pipe.transformer.config.sample_frames
     out = pipe(args.prompt, task=task, num_frames=num_frames, height=args.height, width=args.width,
@@ -70,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--guidance-scale", type=float, default=6.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fps", type=float, default=8)
+    g.add_argument("--compile-blocks", choices=["auto", "true", "false"], default="auto",
+                   help="torch.compile each transformer block (auto: on CUDA; the first sample pays the compile)")
+    g.add_argument("--vae-decode", choices=["batched", "sequential"], default="batched",
+                   help="video and colormap in one VAE call, or one at a time (less memory)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":

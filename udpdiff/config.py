@@ -301,6 +301,26 @@ class SampleParams(_Strict):
     runtime_trials: int = Field(1, ge=0)      # timed runs of ours and the stock architecture (Tab 4)
 
 
+class AccelerationParams(_Strict):
+    """How the transformer runs, not what it computes: every setting here is lossless up to
+    floating-point rounding (bf16 tolerance), so none enters a checkpoint's fingerprint and a run
+    resumes across a change. One section because training, sampling, ``udpdiff generate`` and the
+    GPU benchmark all apply it through ``udpdiff.acceleration``.
+
+    ``compile_blocks``: ``torch.compile`` each transformer block (regional compilation, diffusers'
+    ``compile_repeated_blocks``: one compile, reused by every block, paid once per process and
+    cached on disk by Inductor). ``auto`` = on when the model runs on CUDA, off on the CPU, where
+    the tiny profile's seconds-long runs would spend longer compiling than computing.
+    ``vae_decode``: ``batched`` decodes the video and the colormap in one VAE call; ``sequential``
+    decodes one video at a time (diffusers' VAE slicing: the memory of the old two decodes)."""
+
+    compile_blocks: bool | Literal["auto"] = "auto"
+    # torch.compile's mode for the blocks; CUDA graphs (reduce-overhead) are left out: they belong
+    # around the whole step, not around each of 42 blocks that share one compiled graph
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    vae_decode: Literal["batched", "sequential"] = "batched"
+
+
 class EvaluateParams(_Strict):
     """Metric models (local paths or hub ids; ``null`` = that metric is not computed) and streaming.
 
@@ -339,6 +359,7 @@ class ProfileParams(_Strict):
     scheduler: SchedulerParams = SchedulerParams()
     train: TrainParams = TrainParams()
     sample: SampleParams = SampleParams()
+    acceleration: AccelerationParams = AccelerationParams()
     evaluate: EvaluateParams = EvaluateParams()
 
 

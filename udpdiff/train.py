@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from udpdiff.acceleration import accelerate
 from udpdiff.config import Params, unrecorded
 from udpdiff.extensions_lock import before_deepspeed_build
 from udpdiff.io.atomic import write_text
@@ -397,6 +398,12 @@ def train(
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    # compiled blocks (on CUDA by default): before DeepSpeed wraps the model, in place, so the state
+    # dict and its checkpoints keep their keys; not in run_fingerprint (a run resumes across a change)
+    acceleration = accelerate(transformer, p.active.acceleration, device, sharded_parameters=zero == 3)
+    if rank == 0:
+        logger.info("transformer blocks: %s", "compiled" if acceleration.compiled_blocks else
+                    f"eager ({acceleration.reason})")
 
     warmup = max(t.warmup_steps, 1)
 

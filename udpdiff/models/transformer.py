@@ -37,6 +37,11 @@ class UDPDiffTransformer3DModel(CogVideoXTransformer3DModel):
     """CogVideoX transformer with ``num_tasks`` learned task embeddings (0 = no task embedding:
     single-task models, the RGB-only baseline and the text-prompt ablation)."""
 
+    # diffusers' regional compilation (``compile_repeated_blocks``, used by udpdiff.acceleration):
+    # the blocks are compiled, one graph shared by all of them; the task embedding (a hook on
+    # ``time_embedding``) and the patch embedding / output head stay eager around them
+    _repeated_blocks = ["CogVideoXBlock"]
+
     @register_to_config
     def __init__(
         self,

@@ -82,12 +82,16 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
 
     from tqdm.auto import tqdm
 
+    from udpdiff.acceleration import accelerate_pipeline
     from udpdiff.pipeline import UDPDiffPipeline
 
     s, d, te = p.active.sample, p.active.data, p.active.text_encoder
     device, dtype = inference_device(p)
     pipe = UDPDiffPipeline.from_pretrained(paths.pipeline, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    # compiled blocks (on CUDA by default) and the batched video + colormap decode; the first sample
+    # pays the compile, which its timing (seconds_per_sample is a median) absorbs
+    acceleration = accelerate_pipeline(pipe, p.active.acceleration)
     df = read_manifest(paths.manifest)
     rows = df[df.split == s.split].head(s.num_samples)
     if rows.empty:
@@ -146,7 +150,8 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     (work / "fingerprint.txt").unlink()
     replace_dir(work, paths.samples)
     metrics = {"seconds_per_sample": float(np.median(seconds)),
-               "seconds_per_step": float(np.median(seconds)) / s.num_inference_steps}
+               "seconds_per_step": float(np.median(seconds)) / s.num_inference_steps,
+               "compiled_blocks": float(acceleration.compiled_blocks)}
     metrics.update({f"runtime/{k}/{m}": v for k, r in runtime.items() for m, v in r.items()})
     return StepResult(metrics=metrics, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
 
@@ -170,10 +175,12 @@ def _write_gallery(work: Path, name: str, entries: list[dict], d) -> None:
 def stock_pipeline(p: Params, pipe):
     """diffusers' stock ``CogVideoXPipeline`` with the stock 16-channel transformer, sharing our
     VAE, T5 and scheduler: the baseline of Tab 4. With ``transformer.pretrained`` that is the real
-    CogVideoX; otherwise the profile's config randomly initialised (a timing baseline only)."""
+    CogVideoX; otherwise the profile's config randomly initialised (a timing baseline only). Its
+    blocks are compiled when ours are (``acceleration``), so Tab 4 compares like with like."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from udpdiff.models.transformer import LATENT_CHANNELS
+    from udpdiff.acceleration import accelerate
+    from udpdiff.models.transformer import LATENT_CHANNELS, UDPDiffTransformer3DModel
 
     spec = p.active.transformer
     dtype, device = pipe.transformer.dtype, pipe.transformer.device
@@ -184,6 +191,9 @@ def stock_pipeline(p: Params, pipe):
         config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_") and k != "num_tasks"}
         config.update(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS)
         stock = CogVideoXTransformer3DModel.from_config(config).to(dtype)
+    # diffusers 0.42's CogVideoX declares no repeated blocks; they are the same CogVideoXBlock as ours
+    stock._repeated_blocks = UDPDiffTransformer3DModel._repeated_blocks
+    accelerate(stock, p.active.acceleration, device)
     out = CogVideoXPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
                             transformer=stock.to(device), scheduler=pipe.scheduler)
     out.set_progress_bar_config(disable=True)
@@ -193,6 +203,7 @@ def stock_pipeline(p: Params, pipe):
 def measure_runtime(p: Params, pipe, prompt: str, names: list[str]) -> dict[str, dict[str, float]]:
     """Tab 4: median seconds per sample and per denoising step of the stock architecture and of ours
     (per sample set), same prompt, seed, size and steps. Each is run once untimed first (warm-up)."""
+    from udpdiff.acceleration import compiled_blocks
     from udpdiff.evaluation.runtime import time_calls
 
     s, d, te = p.active.sample, p.active.data, p.active.text_encoder
@@ -205,4 +216,6 @@ def measure_runtime(p: Params, pipe, prompt: str, names: list[str]) -> dict[str,
         task = None if name == RGB_ONLY else name
         runs[name] = functools.partial(pipe, prompt, task=task, generator=torch.Generator().manual_seed(p.seed),
                                        segmentation_tolerance=p.active.pixelplanes.decode_tolerance, **call)
-    return {k: time_calls(fn, s.runtime_trials, steps=s.num_inference_steps) for k, fn in runs.items()}
+    compiled = {"stock": compiled_blocks(stock.transformer), **dict.fromkeys(names, compiled_blocks(pipe.transformer))}
+    return {k: {**time_calls(fn, s.runtime_trials, steps=s.num_inference_steps), "compiled_blocks": float(compiled[k])}
+            for k, fn in runs.items()}

@@ -1,0 +1,101 @@
+"""The fast path: how the transformer and the VAE run, never what they compute.
+
+One place applies params.yaml's ``acceleration`` section, so training, the sample stage,
+``udpdiff generate`` and the GPU benchmark cannot drift apart:
+
+* **compiled blocks**: ``torch.compile`` on each ``CogVideoXBlock`` through diffusers' own regional
+  compilation (``ModelMixin.compile_repeated_blocks``, driven by the transformer's
+  ``_repeated_blocks``). Every block shares one compiled graph (parameters are graph inputs), so
+  a 42-block 5B model compiles one block, once per process; Inductor's on-disk cache makes the
+  next process's compile a cache hit. ``nn.Module.compile`` swaps the block's call in place: the
+  state dict keeps its keys (checkpoints and exports are unchanged), the task-embedding hook on
+  ``time_embedding`` stays outside the compiled region, and diffusers' gradient checkpointing
+  (``_gradient_checkpointing_func(block, ...)`` calls ``block.__call__``) checkpoints the compiled
+  block.
+* **batched VAE decode**: ``UDPDiffPipeline`` decodes the RGB and the dense half in one VAE call;
+  ``vae_decode: sequential`` turns on diffusers' VAE slicing, which decodes one video at a time
+  (the memory of two separate decodes, the same frames).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from udpdiff.config import AccelerationParams
+
+logger = logging.getLogger(__name__)
+
+# torch.compile's backend for the blocks. Tests swap in "aot_eager": the same graph capture
+# (fullgraph, AOTAutograd for the backward) without Inductor's C++/Triton code generation.
+BACKEND = "inductor"
+
+
+class AccelerationError(ValueError):
+    """An acceleration setting this model or run cannot honour (asked for explicitly)."""
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """What ``accelerate`` did (logged, and recorded beside timings)."""
+
+    compiled_blocks: bool
+    compile_mode: str | None = None
+    reason: str = ""
+
+
+def wants_compiled_blocks(setting: bool | str, device: torch.device | str) -> bool:
+    """``compile_blocks`` resolved for ``device``: ``auto`` is on for CUDA only."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(setting)
+
+
+def compiled_blocks(transformer: torch.nn.Module) -> bool:
+    """Whether any of the transformer's repeated blocks runs compiled (``nn.Module.compile``)."""
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    return any(type(m).__name__ in names and getattr(m, "_compiled_call_impl", None) is not None
+               for m in transformer.modules())
+
+
+def accelerate(transformer: torch.nn.Module, settings: AccelerationParams, device: torch.device | str, *,
+               sharded_parameters: bool = False) -> Acceleration:
+    """Apply ``settings`` to ``transformer`` in place (before it is wrapped by DeepSpeed or used by
+    a pipeline); returns what was done.
+
+    ``sharded_parameters``: the blocks' weights are gathered by hooks around each module (ZeRO-3).
+    Those hooks run inside the block's call, so a compiled block would have to trace DeepSpeed's
+    collectives: ``auto`` then stays eager, and an explicit ``true`` is refused.
+    """
+    # both keys are read whatever the outcome: they are the stage's inputs either way (dvc.yaml)
+    setting, mode = settings.compile_blocks, settings.compile_mode
+    if not wants_compiled_blocks(setting, device):
+        why = "off on the CPU (auto)" if setting == "auto" else "compile_blocks: false"
+        return Acceleration(compiled_blocks=False, reason=why)
+    if sharded_parameters:
+        if setting == "auto":
+            return Acceleration(compiled_blocks=False, reason="ZeRO-3 gathers each block's weights in hooks (auto)")
+        raise AccelerationError("acceleration.compile_blocks: true cannot compile blocks whose weights ZeRO-3 "
+                                "gathers in hooks around them; use auto or false with ZeRO-3")
+    if not getattr(transformer, "_repeated_blocks", None):
+        raise AccelerationError(f"{type(transformer).__name__} declares no _repeated_blocks to compile")
+    if compiled_blocks(transformer):
+        return Acceleration(compiled_blocks=True, compile_mode=mode, reason="already compiled")
+    transformer.compile_repeated_blocks(fullgraph=True, mode=None if mode == "default" else mode, backend=BACKEND)
+    logger.info("compiled %s's %s blocks (torch.compile, fullgraph, mode %s): the first forward compiles",
+                type(transformer).__name__, "/".join(transformer._repeated_blocks), mode)
+    return Acceleration(compiled_blocks=True, compile_mode=mode)
+
+
+def accelerate_pipeline(pipe, settings: AccelerationParams) -> Acceleration:
+    """``accelerate`` for a pipeline's transformer (on the pipeline's device), and its VAE decode:
+    batched (one call for the video and the colormap) or sequential (VAE slicing)."""
+    if settings.vae_decode == "sequential":
+        pipe.vae.enable_slicing()
+    else:
+        pipe.vae.disable_slicing()
+    return accelerate(pipe.transformer, settings, pipe.transformer.device)
