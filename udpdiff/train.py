@@ -446,6 +446,7 @@ def train(
     end = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
     bar = tqdm(range(start, end), desc="train", initial=start, total=t.steps, leave=False, disable=not is_main)
     tick = time.perf_counter()
+    model_dtype = next(engine.module.parameters()).dtype
     for step in bar:
         sums = {"loss": 0.0, "loss_rgb": 0.0, **({"loss_dense": 0.0} if dense else {})}
         per_task: dict[str, list[float]] = {}
@@ -453,7 +454,9 @@ def train(
             batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod, rank, world)
             batch = {k: v.to(device) for k, v in batch.items()}
             kwargs = {"task_id": batch["task_ids"]} if num_tasks else {}
-            pred = engine(hidden_states=batch["noisy"], encoder_hidden_states=batch["text"],
+            # DeepSpeed casts the weights to bf16/fp16, not the inputs: the latents and text come as fp32
+            pred = engine(hidden_states=batch["noisy"].to(model_dtype),
+                          encoder_hidden_states=batch["text"].to(model_dtype),
                           timestep=batch["timesteps"], image_rotary_emb=rotary, return_dict=False, **kwargs)[0]
             err = (pred.float() - batch["v_target"]).pow(2)
             loss = err.mean()
