@@ -752,6 +752,10 @@ def run_sample_fast(bench: Bench, arch: str) -> None:
     settings = AccelerationParams(compile_blocks=True, compile_mode=a.compile_mode, vae_decode="batched")
     compiled_before = arch in bench.compiled_archs
     bench.compiled_archs.add(arch)
+    if a.attention == "fa3":  # FlashAttention-3 forward in every attention layer (udpdiff.attention)
+        from udpdiff.attention import use_flash_attention3
+
+        use_flash_attention3(transformer)
     done = accelerate_pipeline(pipe, settings)
     # compile (or reuse this process's compiled block) on two denoising steps through the
     # pipeline's own loop: the same call signature, so the timed sample below compiles nothing
@@ -1297,6 +1301,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-guess-s", type=float, default=25.0, help="VAE decode estimate before one is measured")
     p.add_argument("--train-warmup", type=int, default=3)
     p.add_argument("--train-iters", type=int, default=8)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "fa3"],
+                   help="sample_fast: the fast path's attention (fa3: udpdiff.attention, needs fa3-fwd and sm90)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the *_fast sections' blocks (params.yaml acceleration.compile_mode)")
     p.add_argument("--no-fp32-reference", action="store_true",
@@ -1341,7 +1347,7 @@ def main(argv: list[str] | None = None) -> int:
                      "iterations": {k: getattr(args, k) for k in ("gemm_warmup", "gemm_iters", "step_warmup",
                                                                   "step_iters", "sample_steps", "train_warmup",
                                                                   "train_iters")},
-                     "budget_s": args.budget_s, "compile_mode": args.compile_mode,
+                     "budget_s": args.budget_s, "compile_mode": args.compile_mode, "attention": args.attention,
                      "compile_backend": acceleration_backend()},
         "notes": ["random weights; models built on the device and cast to bf16; eager PyTorch (no torch.compile) "
                   "except the *_fast sections' compiled blocks; diffusers' default attention processor (SDPA)"],

@@ -46,6 +46,7 @@ class Acceleration:
     compiled_blocks: bool
     compile_mode: str | None = None
     reason: str = ""
+    attention: str = "sdpa"
 
 
 def wants_compiled_blocks(setting: bool | str, device: torch.device | str) -> bool:
@@ -92,10 +93,29 @@ def accelerate(transformer: torch.nn.Module, settings: AccelerationParams, devic
 
 
 def accelerate_pipeline(pipe, settings: AccelerationParams) -> Acceleration:
-    """``accelerate`` for a pipeline's transformer (on the pipeline's device), and its VAE decode:
-    batched (one call for the video and the colormap) or sequential (VAE slicing)."""
+    """``accelerate`` for a pipeline's transformer (on the pipeline's device), its attention kernel
+    (:func:`use_attention`) and its VAE decode: batched (one call for the video and the colormap)
+    or sequential (VAE slicing)."""
     if settings.vae_decode == "sequential":
         pipe.vae.enable_slicing()
     else:
         pipe.vae.disable_slicing()
-    return accelerate(pipe.transformer, settings, pipe.transformer.device)
+    kernel = use_attention(pipe.transformer, settings)
+    done = accelerate(pipe.transformer, settings, pipe.transformer.device)
+    return Acceleration(done.compiled_blocks, done.compile_mode, done.reason, attention=kernel)
+
+
+def use_attention(transformer: torch.nn.Module, settings: AccelerationParams) -> str:
+    """Give an inference transformer the attention kernel ``settings.attention`` asks for; returns
+    the kernel used (``fa3`` or ``sdpa``). ``auto`` picks FA3 where it can run."""
+    from udpdiff.attention import flash_attention3_available, use_flash_attention3
+
+    wanted = settings.attention
+    if wanted == "sdpa" or (wanted == "auto" and not flash_attention3_available()):
+        return "sdpa"
+    if not flash_attention3_available():
+        raise AccelerationError("acceleration.attention: fa3 needs a Hopper (sm90) GPU and the fa3-fwd wheel "
+                                "(pip install fa3-fwd); use auto or sdpa")
+    use_flash_attention3(transformer)
+    logger.info("attention: FlashAttention-3 forward (udpdiff.attention)")
+    return "fa3"

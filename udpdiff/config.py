@@ -319,6 +319,9 @@ class AccelerationParams(_Strict):
     # around the whole step, not around each of 42 blocks that share one compiled graph
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     vae_decode: Literal["batched", "sequential"] = "batched"
+    # sampling's attention kernel: FlashAttention-3's forward (udpdiff.attention; the optional fa3-fwd
+    # wheel, Hopper GPUs) or PyTorch's SDPA; auto = FA3 where it can run. Training always uses SDPA
+    attention: Literal["auto", "sdpa", "fa3"] = "auto"
 
 
 class EvaluateParams(_Strict):

@@ -151,7 +151,8 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     replace_dir(work, paths.samples)
     metrics = {"seconds_per_sample": float(np.median(seconds)),
                "seconds_per_step": float(np.median(seconds)) / s.num_inference_steps,
-               "compiled_blocks": float(acceleration.compiled_blocks)}
+               "compiled_blocks": float(acceleration.compiled_blocks),
+               "attention_fa3": float(acceleration.attention == "fa3")}
     metrics.update({f"runtime/{k}/{m}": v for k, r in runtime.items() for m, v in r.items()})
     return StepResult(metrics=metrics, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
 
@@ -179,7 +180,7 @@ def stock_pipeline(p: Params, pipe):
     blocks are compiled when ours are (``acceleration``), so Tab 4 compares like with like."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from udpdiff.acceleration import accelerate
+    from udpdiff.acceleration import accelerate, use_attention
     from udpdiff.models.transformer import LATENT_CHANNELS, UDPDiffTransformer3DModel
 
     spec = p.active.transformer
@@ -193,6 +194,7 @@ def stock_pipeline(p: Params, pipe):
         stock = CogVideoXTransformer3DModel.from_config(config).to(dtype)
     # diffusers 0.42's CogVideoX declares no repeated blocks; they are the same CogVideoXBlock as ours
     stock._repeated_blocks = UDPDiffTransformer3DModel._repeated_blocks
+    use_attention(stock, p.active.acceleration)  # the same kernels as ours: Tab 4 compares like with like
     accelerate(stock, p.active.acceleration, device)
     out = CogVideoXPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
                             transformer=stock.to(device), scheduler=pipe.scheduler)
