@@ -69,14 +69,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("rotary", [False, True])
-def test_compiled_blocks_step_equals_eager_in_bf16_on_gpu(rotary):
-    """One denoising step (CFG batch 2, real head size 64) with Inductor-compiled blocks against
-    eager, same weights and inputs: equal within bf16 rounding."""
+def _step_model_and_inputs(rotary: bool):
+    """A 3-block model with CogVideoX's head size (64) in bf16 on CUDA, and one CFG-batch-2 step's inputs."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-    from udpdiff.acceleration import accelerate, compiled_blocks
-    from udpdiff.config import AccelerationParams
     from udpdiff.models.transformer import UDPDiffTransformer3DModel
 
     torch._dynamo.reset()
@@ -93,6 +89,17 @@ def test_compiled_blocks_step_equals_eager_in_bf16_on_gpu(rotary):
     t = torch.tensor([999, 10], device="cuda")
     kw = {"image_rotary_emb": get_3d_rotary_pos_embed(64, ((0, 0), (8, 8)), (8, 8), 3, device="cuda")} if rotary \
         else {}
+    return model, (x, text, t), kw
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_compiled_blocks_step_equals_eager_in_bf16_on_gpu(rotary):
+    """One denoising step (CFG batch 2, real head size 64) with Inductor-compiled blocks against
+    eager, same weights and inputs: equal within bf16 rounding."""
+    from udpdiff.acceleration import accelerate, compiled_blocks
+    from udpdiff.config import AccelerationParams
+
+    model, (x, text, t), kw = _step_model_and_inputs(rotary)
     with torch.no_grad():
         ref = model(x, text, t, task_id=1, **kw).sample
         assert accelerate(model, AccelerationParams(), "cuda").compiled_blocks  # auto: on for CUDA
@@ -107,29 +114,15 @@ def test_compiled_blocks_step_equals_eager_in_bf16_on_gpu(rotary):
 def test_flash_attention3_step_equals_sdpa_in_bf16_on_gpu(compile_blocks):
     """One rotary denoising step with FA3's forward kernel in every attention layer (udpdiff.attention)
     against SDPA, eager and with compiled blocks: equal within bf16 rounding, and FA3 really ran."""
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
     from udpdiff.acceleration import accelerate, use_attention
     from udpdiff.attention import FlashAttention3CogVideoXProcessor, flash_attention3_available
     from udpdiff.config import AccelerationParams
-    from udpdiff.models.transformer import UDPDiffTransformer3DModel
 
     if not flash_attention3_available():
         pytest.skip("needs the fa3-fwd wheel and a Hopper GPU")
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = UDPDiffTransformer3DModel(num_attention_heads=4, attention_head_dim=64, time_embed_dim=64,
-                                      text_embed_dim=64, num_layers=3, sample_width=16, sample_height=16,
-                                      sample_frames=9, patch_size=2, max_text_seq_length=16,
-                                      use_rotary_positional_embeddings=True, num_tasks=2)
-    model = model.to("cuda", torch.bfloat16).eval()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 3, 32, 16, 16, generator=g, device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(2, 16, 64, generator=g, device="cuda", dtype=torch.bfloat16)
-    t = torch.tensor([999, 10], device="cuda")
-    rotary = get_3d_rotary_pos_embed(64, ((0, 0), (8, 8)), (8, 8), 3, device="cuda")
+    model, (x, text, t), kw = _step_model_and_inputs(rotary=True)
     with torch.no_grad():
-        ref = model(x, text, t, task_id=1, image_rotary_emb=rotary).sample
+        ref = model(x, text, t, task_id=1, **kw).sample
         assert use_attention(model, AccelerationParams(attention="auto")) == "fa3"
         assert all(isinstance(p, FlashAttention3CogVideoXProcessor) for p in model.attn_processors.values())
         if compile_blocks:
@@ -138,7 +131,7 @@ def test_flash_attention3_step_equals_sdpa_in_bf16_on_gpu(compile_blocks):
         mode = next(iter(model.attn_processors.values())).mode
         real = mode.flash_attn_func
         mode.flash_attn_func = lambda *a, **k: calls.append(1) or real(*a, **k)
-        out = model(x, text, t, task_id=1, image_rotary_emb=rotary).sample
+        out = model(x, text, t, task_id=1, **kw).sample
     assert calls, "FA3 was not called"
     assert _rel(out, ref) < 2e-2, _rel(out, ref)
 
