@@ -145,19 +145,5 @@ def postprocess_ids(ids: np.ndarray, params: SegPostprocessParams) -> np.ndarray
     return out[0] if ids.ndim == 2 else out
 
 
-class PostprocessedSegmenter:
-    """A segmentation annotator (``video -> ids``) whose output goes through :func:`postprocess_ids`."""
-
-    def __init__(self, annotator, params: SegPostprocessParams) -> None:
-        self.annotator, self.params = annotator, params
-        self.name = getattr(annotator, "name", type(annotator).__name__)
-
-    def __call__(self, video: np.ndarray) -> np.ndarray:
-        ids = np.asarray(self.annotator(video))
-        if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
-            return ids  # not an id video: the curation check rejects it with its own message
-        return postprocess_ids(ids, self.params)
-
-
-__all__ = ["PostprocessedSegmenter", "assign_unclaimed", "drop_small_regions", "fill_holes", "postprocess_frame",
+__all__ = ["assign_unclaimed", "drop_small_regions", "fill_holes", "postprocess_frame",
            "postprocess_ids"]
