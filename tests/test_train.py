@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -122,6 +123,19 @@ def test_training_reduces_the_loss(tmp_path):
     last = sum(h["loss"] for h in result.history[-5:]) / 5
     assert last < first * 0.9, (first, last)
     assert {"loss_dense_segmentation", "loss_dense_depth"} & set().union(*result.history)
+
+
+def test_a_single_process_run_leaves_no_master_port_behind(tmp_path, monkeypatch):
+    """Its process group's store keeps the port: a subprocess inheriting MASTER_PORT would fail with
+    EADDRINUSE (it did, in CI, for the benchmark smoke run after an in-process training test)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    p = _params(tmp_path, steps=1, checkpoint_every=1)
+    _run(p, _latents(tmp_path), tmp_path / "ck")
+    assert dist.is_initialized() and "MASTER_PORT" not in os.environ
 
 
 def test_bf16_training_runs_and_learns(tmp_path):

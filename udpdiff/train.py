@@ -76,8 +76,16 @@ def init_distributed(device: torch.device) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    finally:
+        if own_port:
+            # the store is bound now; a process started later from this one (a test's subprocess, a
+            # launcher) must pick its own port, not inherit this one while it is still in use
+            os.environ.pop("MASTER_PORT", None)
 
 
 class DeepSpeedConfigError(ValueError):
