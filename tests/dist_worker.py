@@ -41,4 +41,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # leaving with the group alive lets DeepSpeed's CPU shared-memory comm threads abort the
+        # process at exit ("terminate called without an active exception"), failing a finished rank
+        if dist.is_initialized():
+            dist.destroy_process_group()
