@@ -5,6 +5,7 @@
     python -m flows run train              # the `udpdiff` flow's job: brings its DVC target up to date
     python -m flows ablation tab5          # a paper ablation (params.yaml `ablations`) as DVC experiments
     torchrun --nproc_per_node 8 -m flows stage train   # train on 8 GPUs (params.yaml train_launcher)
+    torchrun --nproc_per_node 8 -m flows stage sample  # sample on 8 GPUs (params.yaml inference_launcher)
 """
 
 from __future__ import annotations
@@ -78,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage" and int(os.environ.get("RANK", 0)) != 0:
             # a worker rank under torchrun/deepspeed: the same step, without a flow or MLflow run
             # of its own (rank 0 runs those and logs for all ranks)
-            if args.stage != "train":
-                print(f"error: only the train stage runs under a multi-process launcher, not {args.stage!r}",
-                      file=sys.stderr)
-                return 2
-            from flows.common import load
-            from udpdiff.stages import train
+            from flows.common import LAUNCHERS, load
 
-            train.run(*load(args.profile))
+            if args.stage not in LAUNCHERS:
+                print(f"error: only the {', '.join(LAUNCHERS)} stages run under a multi-process launcher, "
+                      f"not {args.stage!r}", file=sys.stderr)
+                return 2
+            import importlib
+
+            importlib.import_module(f"udpdiff.stages.{args.stage}").run(*load(args.profile))
         elif args.command == "stage":
             from flows.stage import stage_flow
             from flows.subflows import run_stage_flow

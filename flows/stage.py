@@ -17,10 +17,11 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import REPO_ROOT, load
+from flows.common import REPO_ROOT, load, stage_launcher
 from flows.curation import shard_mapper
 from flows.subflows import PARENT_ENV
 from flows.tracking import log_result, log_step_artifact, log_step_metrics, stage_run
+from udpdiff.distributed import launched
 from udpdiff.stages import STAGES
 from udpdiff.stages.common import StepResult, write_json
 
@@ -36,8 +37,8 @@ def stage_flow(stage: str, profile: str | None = None) -> dict[str, float]:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {list(STAGES)}")
     p, paths = load(profile)
-    if stage == "train" and not under_launcher() and p.train_launcher.split() != ["python", "-m"]:
-        return launch_training(p)
+    if not launched() and (launcher := stage_launcher(p, stage)) is not None:
+        return launch_stage(p, stage, launcher)
     run_fn = importlib.import_module(f"udpdiff.stages.{stage}").run
     kwargs = {"log_fn": log_step_metrics} if stage in STREAMS_METRICS else {}
     if stage == "train":
@@ -59,22 +60,18 @@ def stage_flow(stage: str, profile: str | None = None) -> dict[str, float]:
     return result.metrics
 
 
-def under_launcher() -> bool:
-    """True in a process started by torchrun/deepspeed (they set the rank variables)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def launch_training(p) -> dict[str, float]:
-    """Run the train stage under ``train_launcher`` (several GPUs or nodes). Its rank 0 runs this
-    same flow (a flow run and MLflow run of its own); the other ranks run the bare step."""
-    cmd = [*shlex.split(p.train_launcher), "flows", "stage", "train", "--profile", p.profile]
-    logger.info("launching training: %s", " ".join(cmd))
+def launch_stage(p, stage: str, launcher: str) -> dict[str, float]:
+    """Run ``stage`` under its launcher (``train_launcher``, ``inference_launcher``: several GPUs or
+    nodes). Its rank 0 runs this same flow (a flow run and MLflow run of its own); the other ranks
+    run the bare step (flows/__main__.py)."""
+    cmd = [*shlex.split(launcher), "flows", "stage", stage, "--profile", p.profile]
+    logger.info("launching %s: %s", stage, " ".join(cmd))
     # the launcher's own `python` must be this environment's
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # rank 0 re-enters this flow: it must not show up as a second `train` subflow of the job
+    # rank 0 re-enters this flow: it must not show up as a second subflow of the job
     env.pop(PARENT_ENV, None)
     code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
     if code != 0:
-        raise RuntimeError(f"training under {p.train_launcher!r} failed with exit code {code}; see its log above")
+        raise RuntimeError(f"{stage} under {launcher!r} failed with exit code {code}; see its log above")
     _, paths = load(p.profile)
-    return json.loads((paths.metrics / "train.json").read_text())
+    return json.loads((paths.metrics / f"{stage}.json").read_text())

@@ -254,3 +254,115 @@ def _panning_video(seed: int, n: int, h: int, w: int, dx: int = 2, tint=(1.0, 0.
 def panning_video():
     """``panning_video(seed, n, h, w, dx=2, tint=...)``: a textured canvas panned ``dx`` px per frame."""
     return _panning_video
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny project to sample and evaluate, and several ranks to run a stage on (torchrun, gloo)
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def torchrun():
+    """``torchrun(script, *args, nproc=2)``: ``script`` on ``nproc`` ranks of one host (a free port,
+    one thread per rank); the completed process, its output shown when it fails."""
+
+    def run(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+        import signal
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        # a session of its own: a run past its time is killed with its ranks, none left behind
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(cmd)} ran past {timeout} s:\n{out[-4000:]}\n{err[-6000:]}")
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}\n{err[-6000:]}"
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return run
+
+
+def _save_fake_i3d(path: Path) -> None:
+    """A TorchScript stand-in with the StyleGAN-V I3D signature (3 features per video)."""
+    import torch
+
+    class Detector(torch.nn.Module):
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:
+            return torch.stack([x.mean((1, 2, 3, 4)), x.amax((1, 2, 3, 4)), x.std((1, 2, 3, 4))], 1)
+
+    torch.jit.script(Detector()).save(str(path))
+
+
+def _save_tiny_pipeline(path: Path) -> None:
+    """A tiny random UDPDiffPipeline (2 tasks, task embedding; 32x32x9 video) saved like the train stage's."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    from udpdiff.models.scheduler import build_scheduler
+    from udpdiff.models.text import build_text_encoder
+    from udpdiff.models.transformer import UDPDiffTransformer3DModel
+    from udpdiff.pipeline import UDPDiffPipeline
+
+    tokenizer, encoder = build_text_encoder({"config": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2,
+                                                        "d_kv": 16}}, seed=0)
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                 latent_channels=16, layers_per_block=1, norm_num_groups=4)
+    transformer = UDPDiffTransformer3DModel(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32,
+                                            text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8,
+                                            sample_frames=9, patch_size=2, max_text_seq_length=16, num_tasks=2)
+    UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
+                    scheduler=build_scheduler({"type": "ddim"}), task_conditioning="embedding").save_pretrained(path)
+
+
+@pytest.fixture
+def inference_project(tmp_path):
+    """``(params, paths)`` of a project under ``tmp_path`` ready for the sample and evaluate stages:
+    params.yaml (the tiny profile at 32x32, 3 prompts per task, 2 denoising steps, no runtime trials,
+    evaluation chunks of 2 with tiny random DINO and CLIP and an I3D stand-in), 6 synthetic clips (3 in
+    the val split) and a tiny random trained pipeline."""
+    import torch
+    import yaml
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
+
+    from udpdiff.config import load_params
+    from udpdiff.data.synthetic import synthesize_dataset
+    from udpdiff.paths import ProjectPaths
+
+    models = tmp_path / "metric-models"
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=224, patch_size=16), add_pooling_layer=False).save_pretrained(models / "dino")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=224, patch_size=32,
+                                                   projection_dim=16)).save_pretrained(models / "clip")
+    _save_fake_i3d(models / "i3d.pt")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    tiny = raw["profiles"]["tiny"]
+    tiny["data"].update(height=32, width=32)
+    tiny["text_encoder"].update(max_length=16)
+    tiny["sample"].update(num_samples=3, num_inference_steps=2, runtime_trials=0, gallery_size=2)
+    tiny["evaluate"].update(batch_size=2, dino=str(models / "dino"), clip=str(models / "clip"),
+                            i3d=str(models / "i3d.pt"))
+    raw["profile"] = "tiny"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = load_params(tmp_path / "params.yaml")
+    paths = ProjectPaths(tmp_path, "tiny")
+    synthesize_dataset(paths.clips, num_clips=6, num_frames=9, height=32, width=32, fps=8, seed=3, val_fraction=0.5)
+    _save_tiny_pipeline(paths.pipeline)
+    return p, paths

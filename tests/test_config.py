@@ -73,6 +73,9 @@ def _write(tmp_path: Path, mutate) -> Path:
          r"profiles\.cogvideox-5b\.acceleration\.compile_blocks"),
         (lambda r: r["profiles"]["tiny"]["acceleration"].update(compile_mode="reduce-overhead"),
          r"profiles\.tiny\.acceleration\.compile_mode"),
+        (lambda r: r.update(inference_launcher="torchrun --nproc_per_node 8"),
+         r"inference_launcher: .*run-a-module flag"),
+        (lambda r: r.update(train_launcher="deepspeed --module 'unclosed"), r"train_launcher: .*not a command line"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,41 +79,48 @@ def test_broken_data_contract_fails_the_stage_and_logs_the_report(tmp_path):
     assert list((tmp_path / "mlartifacts").rglob("report.json"))
 
 
-def test_train_stage_starts_under_the_configured_launcher(tmp_path, monkeypatch):
-    """With ``train_launcher`` set, the train stage runs itself under that launcher (whose rank 0
-    does the flow and MLflow work) and returns the metrics rank 0 wrote."""
+@pytest.mark.parametrize(("stage", "key"), [("train", "train_launcher"), ("sample", "inference_launcher"),
+                                            ("evaluate", "inference_launcher")])
+def test_stages_start_under_the_configured_launcher(tmp_path, monkeypatch, stage, key):
+    """With ``train_launcher`` (train) or ``inference_launcher`` (sample, evaluate) set, the stage runs
+    itself under that launcher (whose rank 0 does the flow and MLflow work) and returns the metrics
+    rank 0 wrote; ``python -m`` and the other stages run in the flow's own process."""
     import json
 
     import flows.stage as fp
+    from flows.common import stage_launcher
     from udpdiff.config import load_params
 
-    p = load_params(REPO / "params.yaml").model_copy(update={"train_launcher": "torchrun --nproc_per_node 2 -m"})
+    plain = load_params(REPO / "params.yaml")
+    assert all(stage_launcher(plain, s) is None for s in ("train", "sample", "evaluate", "report"))
+    p = plain.model_copy(update={key: "torchrun --nproc_per_node 2 -m"})
+    assert stage_launcher(p, stage) == "torchrun --nproc_per_node 2 -m" and stage_launcher(p, "report") is None
     calls = []
 
     class Paths:
         metrics = tmp_path
 
-    (tmp_path / "train.json").write_text(json.dumps({"final_loss": 0.25}))
+    (tmp_path / f"{stage}.json").write_text(json.dumps({"final_loss": 0.25}))
     monkeypatch.setattr(fp, "load", lambda profile: (p, Paths))
     monkeypatch.setattr(fp.subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
-    assert fp.launch_training(p) == {"final_loss": 0.25}
+    monkeypatch.delenv("RANK", raising=False)
+    assert fp.stage_flow.fn(stage) == {"final_loss": 0.25}  # the flow's body: launches, runs nothing itself
     (cmd, env), = calls
-    assert cmd == ["torchrun", "--nproc_per_node", "2", "-m", "flows", "stage", "train", "--profile", "tiny"]
+    assert cmd == ["torchrun", "--nproc_per_node", "2", "-m", "flows", "stage", stage, "--profile", "tiny"]
     assert env["PATH"].startswith(str(Path(sys.executable).parent))
     monkeypatch.setattr(fp.subprocess, "call", lambda cmd, **kw: 3)
-    import pytest
-
     with pytest.raises(RuntimeError, match="exit code 3"):
-        fp.launch_training(p)
+        fp.launch_stage(p, stage, stage_launcher(p, stage))
 
 
-def test_worker_ranks_run_only_the_train_stage():
+def test_worker_ranks_run_only_the_launched_stages():
     import os
 
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
-    proc = subprocess.run([sys.executable, "-m", "flows", "stage", "sample"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "flows", "stage", "report"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "only the train stage runs under a multi-process launcher" in proc.stderr
+    assert proc.returncode == 2
+    assert "only the train, sample, evaluate stages run under a multi-process launcher" in proc.stderr
 
 
 def test_a_stage_outside_the_venv_says_how_to_activate_it():

@@ -7,6 +7,7 @@ Validation happens once, at load, so a bad value fails with the key path and the
 from __future__ import annotations
 
 import contextlib
+import shlex
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -394,10 +395,26 @@ class Params(_Strict):
     # what starts the train stage: "python -m" (one process), or a multi-process launcher ending in
     # its module flag, e.g. "torchrun --nproc_per_node 8 -m" or "deepspeed --num_gpus 8 --module"
     train_launcher: str = "python -m"
+    # what starts the sample and evaluate stages, alike: their samples and videos are shared out over
+    # the ranks (rank k % world), and the outputs are a one-process run's whatever the rank count
+    inference_launcher: str = "python -m"
     mlflow: MlflowParams = MlflowParams()
     profiles: dict[str, ProfileParams]
     # the paper's ablations, one entry per table: `python -m flows ablation tab5`
     ablations: dict[str, AblationParams] = {}
+
+    @field_validator("train_launcher", "inference_launcher")
+    @classmethod
+    def _launcher(cls, v: str) -> str:
+        try:
+            words = shlex.split(v)
+        except ValueError as err:
+            raise ValueError(f"not a command line ({err})") from None
+        if len(words) < 2 or words[-1] not in ("-m", "--module"):
+            raise ValueError(f"{v!r} must be a command ending in its run-a-module flag ('python -m', "
+                             "'torchrun --nproc_per_node 8 -m', 'deepspeed --num_gpus 8 --module'): "
+                             "`flows stage <name>` is appended to it")
+        return v
 
     @field_validator("profiles")
     @classmethod

@@ -222,13 +222,23 @@ class FeatureAccumulator:
         self.features: list[np.ndarray] = []
         self.frames: int | None = None
 
-    def add(self, videos: np.ndarray, what: str = "videos") -> None:
+    def add(self, videos: np.ndarray, what: str = "videos") -> np.ndarray:
+        """Add the I3D features of a chunk of ``(B, T, H, W, 3)`` videos; returns them."""
         v = clip_frames(videos, self.num_frames, what)
-        if self.frames is not None and v.shape[1] != self.frames:
-            raise ValueError(f"{what}: {v.shape[1]} frames, earlier videos of this set had {self.frames}; "
+        self._check_frames(int(v.shape[1]), what)
+        return self.add_features(self.i3d(v).cpu().numpy(), int(v.shape[1]), what)
+
+    def add_features(self, features: np.ndarray, frames: int, what: str = "videos") -> np.ndarray:
+        """Add features computed elsewhere (by another rank) from videos of ``frames`` frames."""
+        self._check_frames(frames, what)
+        self.frames = int(frames)
+        self.features.append(features)
+        return features
+
+    def _check_frames(self, frames: int, what: str) -> None:
+        if self.frames is not None and frames != self.frames:
+            raise ValueError(f"{what}: {frames} frames, earlier videos of this set had {self.frames}; "
                              "FVD needs one frame count (set evaluate.fvd_frames)")
-        self.frames = int(v.shape[1])
-        self.features.append(self.i3d(v).cpu().numpy())
 
     def statistics(self) -> FVDStatistics:
         feats = np.concatenate(self.features) if self.features else np.empty((0, 0))

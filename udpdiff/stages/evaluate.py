@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from udpdiff import viz
+from udpdiff.distributed import Ranks, inference_ranks
 from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
@@ -40,11 +41,20 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     - dense predictions of generated videos against the annotators' pseudo ground truth (Tab 3,
       ``pseudo_*`` / ``baseline_*``) when annotators are configured.
 
+    Under a launcher (``inference_launcher``) the chunks are shared out: chunk ``k`` of the fixed
+    order (every set's chunks, then the real clips') is scored on rank ``k % world``, exactly as one
+    process would batch it, and rank 0 gathers the per-video rows and I3D features and writes
+    everything, so the outputs are those of a one-process run.
+
     Writes ``outputs/<profile>/evaluation/{metrics.json, per_video.csv, tables.md, tables.html}``."""
+    with inference_ranks() as ranks:
+        return _run(p, paths, ranks)
+
+
+def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
     from tqdm.auto import tqdm
 
-    from udpdiff.evaluation import tables
-    from udpdiff.evaluation.fvd import FeatureAccumulator, fvd
+    from udpdiff.evaluation.fvd import FeatureAccumulator
     from udpdiff.evaluation.runner import build_metric_suite
 
     e = p.active.evaluate
@@ -54,51 +64,66 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     manifest = read_manifest(paths.manifest)
     df = manifest.set_index("clip_id")
     suite = build_metric_suite(e, where=f"profiles.{p.profile}.evaluate")
-    reference = fvd_reference(p, paths, suite.i3d, manifest) if suite.i3d is not None else None
+    reference = fvd_reference(p, paths, suite.i3d, manifest, ranks) if suite.i3d is not None else None
+    names = sample_sets(p)
+    real_ids = list(dict.fromkeys(x["clip_id"] for x in index))
+    # the work: every set's chunks, then the real clips' (the real clips the prompts came from: the
+    # ceiling to compare against); a chunk is one batch, whichever rank scores it
+    jobs = [(name, chunk) for name in names for chunk in _chunks([x for x in index if x["task"] == name],
+                                                                   e.batch_size)]
+    jobs += [(None, chunk) for chunk in _chunks(real_ids, e.batch_size)]
+    bar = tqdm(total=sum(ranks.owns(k) for k in range(len(jobs))), unit="chunk", disable=not ranks.is_main,
+               desc="evaluate" if ranks.world == 1 else f"evaluate (rank {ranks.rank}/{ranks.world})")
+
+    def score(job: tuple[str | None, list]) -> dict:
+        name, chunk = job
+        if name is None:
+            out = _score_real(p, paths, df, suite, chunk)
+        else:
+            i3d = FeatureAccumulator(suite.i3d, e.fvd_frames) if reference is not None else None
+            out = _score_samples(paths, df, suite, name, chunk, i3d)
+        bar.update()
+        return out
+
+    done = ranks.map(score, jobs)  # on rank 0; None on the others
+    bar.close()
+    result = _publish(p, paths, suite, reference, names, jobs, done) if done is not None else StepResult()
+    ranks.barrier()  # every rank returns once rank 0 has written the results
+    return result
+
+
+def _publish(p: Params, paths: ProjectPaths, suite, reference, names: list[str], jobs: list[tuple[str | None, list]],
+             done: list[dict]) -> StepResult:
+    """Rank 0, every chunk scored: the scores per set (FVD from the gathered I3D features), the real
+    clips' row, and the files."""
+    from udpdiff.evaluation import tables
+    from udpdiff.evaluation.fvd import FeatureAccumulator, fvd
+
+    e = p.active.evaluate
     per_video: list[dict] = []
     results: dict[str, dict[str, float]] = {}
-    for name in sample_sets(p):
-        task = None if name == RGB_ONLY else name
-        entries = [x for x in index if x["task"] == name]
-        features = FeatureAccumulator(suite.i3d, e.fvd_frames) if reference is not None else None
-        rows: list[dict] = []
-        for chunk in tqdm(_chunks(entries, e.batch_size), desc=f"evaluate {name}", unit="chunk",
-                          total=-(-len(entries) // e.batch_size)):
-            arrays = [_load_sample(paths.samples / x["npz"], task) for x in chunk]
-            videos = _stack([a["video"] for a in arrays], paths.samples / chunk[0]["npz"])
-            scores = suite.score_videos(videos)
-            if task is not None:
-                scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
-                for x, a in zip(chunk, arrays, strict=True):
-                    for k, v in _ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
-                                                     paths.manifest, suite.depth_per_frame).items():
-                        scores.setdefault(k, []).append(v)
-            if features is not None:
-                features.add(videos, what=f"{paths.samples / name}")
-            rows += [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
-                     for j, x in enumerate(chunk)]
+    for name in names:
+        parts = [r for (n, _), r in zip(jobs, done, strict=True) if n == name]
+        rows = [row for r in parts for row in r["rows"]]
         per_video += rows
         results[name] = _means(rows)
         results[name]["num_videos"] = float(len(rows))
-        results[name]["num_frames"] = float(videos.shape[1]) if entries else 0.0
-        if features is not None:
+        results[name]["num_frames"] = float(parts[-1]["frames"]) if parts else 0.0
+        if reference is not None:
+            features = FeatureAccumulator(suite.i3d, e.fvd_frames)
+            for r in parts:
+                features.add_features(r["features"], r["feature_frames"], what=f"{paths.samples / name}")
             results[name].update(fvd(reference, features.statistics()))
-    # the same scores on the real clips the prompts came from: the ceiling to compare against
-    real_ids = list(dict.fromkeys(x["clip_id"] for x in index))
-    real_rows = []
-    for chunk in _chunks(real_ids, e.batch_size):
-        videos = np.stack([read_clip(p, paths, df.loc[c].video_path) for c in chunk])
-        scores = suite.score_videos(videos)
-        real_rows += [{"set": "real", "clip_id": c, **{k: v[j] for k, v in scores.items()}}
-                      for j, c in enumerate(chunk)]
+    real = [r for (n, _), r in zip(jobs, done, strict=True) if n is None]
+    real_rows = [row for r in real for row in r["rows"]]
     results["real"] = {**_means(real_rows), "num_videos": float(len(real_rows)),
-                       "num_frames": float(videos.shape[1]) if real_rows else 0.0}
+                       "num_frames": float(real[-1]["frames"]) if real_rows else 0.0}
     notes = suite.notes
     out = paths.evaluation
     write_json(out / "metrics.json", {"metrics": results, "models": suite.names, "notes": notes})
     with atomic_path(out / "per_video.csv") as tmp:
         pd.DataFrame(per_video + real_rows).to_csv(tmp, index=False)
-    tabs = tables.all_tables(results, sample_sets(p), suite.names)
+    tabs = tables.all_tables(results, names, suite.names)
     title = f"UDPDiff evaluation — profile `{p.profile}`"
     write_text(out / "tables.md", tables.markdown_document(title, tabs, notes))
     write_text(out / "tables.html", tables.html_document(title, tabs, notes))
@@ -106,6 +131,35 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     flat = {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
     return StepResult(metrics=flat, artifacts=[out / f for f in ("metrics.json", "per_video.csv", "tables.md",
                                                                  "tables.html", "scores.png")], info={"notes": notes})
+
+
+def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chunk: list[dict],
+                   features) -> dict:
+    """One chunk of sample set ``name``: its per-video rows, its frame count and, with I3D (``features``,
+    an empty accumulator), its I3D features."""
+    task = None if name == RGB_ONLY else name
+    arrays = [_load_sample(paths.samples / x["npz"], task) for x in chunk]
+    videos = _stack([a["video"] for a in arrays], paths.samples / chunk[0]["npz"])
+    scores = suite.score_videos(videos)
+    if task is not None:
+        scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
+        for x, a in zip(chunk, arrays, strict=True):
+            for k, v in _ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
+                                             paths.manifest, suite.depth_per_frame).items():
+                scores.setdefault(k, []).append(v)
+    out = {"rows": [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
+                    for j, x in enumerate(chunk)], "frames": int(videos.shape[1])}
+    if features is not None:
+        out.update(features=features.add(videos, what=f"{paths.samples / name}"), feature_frames=features.frames)
+    return out
+
+
+def _score_real(p: Params, paths: ProjectPaths, df: pd.DataFrame, suite, chunk: list[str]) -> dict:
+    """One chunk of the real clips the prompts came from: their per-video rows and frame count."""
+    videos = np.stack([read_clip(p, paths, df.loc[c].video_path) for c in chunk])
+    scores = suite.score_videos(videos)
+    return {"rows": [{"set": "real", "clip_id": c, **{k: v[j] for k, v in scores.items()}}
+                     for j, c in enumerate(chunk)], "frames": int(videos.shape[1])}
 
 
 def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
@@ -168,14 +222,17 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def fvd_reference(p: Params, paths: ProjectPaths, i3d, manifest: pd.DataFrame | None = None):
+def fvd_reference(p: Params, paths: ProjectPaths, i3d, manifest: pd.DataFrame | None = None,
+                  ranks: Ranks | None = None):
     """I3D statistics of the real clips of ``sample.split`` (capped at ``evaluate.fvd_reference_videos``),
     cached under ``data/<profile>/fvd_reference``: computed once per split, clip set, frame count and
-    I3D file, reused by every later evaluation and sweep variant."""
+    I3D file, reused by every later evaluation and sweep variant. Under several ``ranks`` the chunks
+    are shared out like the samples' and rank 0 writes the cache; every rank gets the statistics."""
     import hashlib
 
     from udpdiff.evaluation.fvd import FeatureAccumulator, FVDStatistics
 
+    ranks = ranks or Ranks()
     e, split = p.active.evaluate, p.active.sample.split
     df = read_manifest(paths.manifest) if manifest is None else manifest
     clips = df[df.split == split].sort_values("clip_id")
@@ -188,15 +245,36 @@ def fvd_reference(p: Params, paths: ProjectPaths, i3d, manifest: pd.DataFrame | 
                       "frames": [len(frames), e.fvd_frames], "i3d": [str(i3d_file.resolve()), i3d_file.stat().st_size]})
     digest = hashlib.sha256(key.encode()).hexdigest()
     cache = paths.fvd_reference / f"{split}-{digest[:16]}.npz"
+    # every rank reads the cache before any rank can write it (rank 0 writes after gathering from all)
     stats = FVDStatistics.load(cache, digest)
     if stats is not None:
-        logger.info("FVD reference: %s (%d videos, %d frames, cached)", cache, stats.num_videos, stats.num_frames)
+        if ranks.is_main:
+            logger.info("FVD reference: %s (%d videos, %d frames, cached)", cache, stats.num_videos,
+                        stats.num_frames)
         return stats
-    acc = FeatureAccumulator(i3d, e.fvd_frames)
-    for chunk in _chunks(files, e.batch_size):
-        acc.add(np.stack([read_video(f, indices=frames) for f in chunk]), what=str(chunk[0].parent))
-    stats = acc.statistics()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    stats.save(cache, digest)
-    logger.info("FVD reference: %s (%d videos, %d frames, computed)", cache, stats.num_videos, stats.num_frames)
-    return stats
+
+    def features(chunk: list[Path]) -> tuple[np.ndarray, int]:
+        acc = FeatureAccumulator(i3d, e.fvd_frames)
+        return acc.add(np.stack([read_video(f, indices=frames) for f in chunk]), what=str(chunk[0].parent)), acc.frames
+
+    parts = ranks.map(features, list(_chunks(files, e.batch_size)))
+    if parts is not None:
+        acc = FeatureAccumulator(i3d, e.fvd_frames)
+        for feats, n in parts:
+            acc.add_features(feats, n, what=str(paths.clips))
+        stats = acc.statistics()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(cache, digest)
+        logger.info("FVD reference: %s (%d videos, %d frames, computed)", cache, stats.num_videos, stats.num_frames)
+    # the other ranks need no reference (rank 0 alone computes FVD); they get it anyway, for one code path
+    return _broadcast_from_main(ranks, stats)
+
+
+def _broadcast_from_main(ranks: Ranks, obj):
+    if ranks.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

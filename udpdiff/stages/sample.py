@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from udpdiff import viz
+from udpdiff.distributed import Ranks, inference_ranks, local_device
 from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.io.manifest import read_manifest
 from udpdiff.stages.common import (
@@ -46,26 +47,35 @@ def _sample_fingerprint(p: Params, paths: ProjectPaths, names: list[str]) -> str
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _resumable_work_dir(final: Path, fingerprint: str) -> Path:
+def _resumable_work_dir(final: Path, fingerprint: str, ranks: Ranks | None = None) -> Path:
     """A work folder beside ``final`` that survives an interrupted run: reused when the fingerprint
-    matches (finished samples are kept), emptied otherwise."""
+    matches (finished samples are kept), emptied otherwise. Under several ranks rank 0 decides and
+    the others use what it left (the folder must be on a filesystem every rank sees)."""
+    ranks = ranks or Ranks()
     work = final.with_name(f".partial-{final.name}")
     stamp = work / "fingerprint.txt"
-    if stamp.exists() and stamp.read_text().strip() == fingerprint:
-        logger.info("%s: resuming an interrupted run (finished samples are kept)", work)
-        return work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    write_text(stamp, fingerprint + "\n")
+    if ranks.is_main:
+        if stamp.exists() and stamp.read_text().strip() == fingerprint:
+            logger.info("%s: resuming an interrupted run (finished samples are kept)", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            write_text(stamp, fingerprint + "\n")
+    ranks.barrier()
+    if not ranks.is_main and not (stamp.exists() and stamp.read_text().strip() == fingerprint):
+        raise RuntimeError(f"rank {ranks.rank}: {stamp} is missing or from another run; every rank must see "
+                           "rank 0's work folder (a filesystem shared by all nodes)")
     return work
 
 
 def inference_device(p: Params) -> tuple[torch.device, torch.dtype]:
-    """Sampling runs on the GPU when there is one, in the training precision (fp32 on the CPU)."""
+    """Sampling runs on the GPU when there is one (this rank's under a launcher), in the training
+    precision (fp32 on the CPU)."""
     precision = p.active.train.precision
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), torch.float32
-    return torch.device("cuda"), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    device = local_device()
+    if device.type == "cpu":
+        return device, torch.float32
+    return device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 TIMINGS = ".timings"  # seconds per finished sample, kept in the work folder for a resumed run
@@ -78,8 +88,17 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
 
     Samples are written one by one (1,024 of them never sit in memory) into a work folder that an
     interrupted run resumes; the finished set replaces ``outputs/<profile>/samples`` at the end.
-    ``sample.runtime_trials`` also times ours against the stock CogVideoX architecture (Tab 4)."""
+    ``sample.runtime_trials`` also times ours against the stock CogVideoX architecture (Tab 4).
 
+    Under a launcher (``inference_launcher``) every rank loads the pipeline on its own GPU and makes
+    the samples ``k`` with ``k % world == rank`` of the fixed (set, prompt) order, with the seed a
+    one-process run gives them; rank 0 then writes the index, gallery, timings and metrics. A run
+    resumes on any number of ranks: a finished sample is skipped whichever rank made it."""
+    with inference_ranks() as ranks:
+        return _run(p, paths, ranks)
+
+
+def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
     from tqdm.auto import tqdm
 
     from udpdiff.acceleration import accelerate_pipeline
@@ -96,58 +115,77 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     rows = df[df.split == s.split].head(s.num_samples)
     if rows.empty:
         raise ValueError(f"{paths.manifest}: no clips in split {s.split!r} to take prompts from")
-    if len(rows) < s.num_samples:
+    if len(rows) < s.num_samples and ranks.is_main:
         logger.warning("sample.num_samples=%d but split %r has %d clips: sampling %d", s.num_samples, s.split,
                        len(rows), len(rows))
     names = sample_sets(p)
-    work = _resumable_work_dir(paths.samples, _sample_fingerprint(p, paths, names))
+    work = _resumable_work_dir(paths.samples, _sample_fingerprint(p, paths, names), ranks)
     call = dict(num_frames=d.num_frames, height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
                 guidance_scale=s.guidance_scale, max_sequence_length=te.max_length,
                 segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
-    index, seconds = [], []
-    bar = tqdm(total=len(names) * len(rows), desc="sample", unit="video")
-    for name in names:
+    # the work items in their fixed order: set after set, prompt after prompt; seed p.seed + i
+    items = [({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
+               "npz": f"{name}/{row.clip_id}.npz", "mp4": f"{name}/{row.clip_id}.mp4"}, row)
+             for name in names for i, row in enumerate(rows.itertuples())]
+    index = [entry for entry, _ in items]
+    mine = [item for k, item in enumerate(items) if ranks.owns(k)]
+    desc = "sample" if ranks.world == 1 else f"sample (rank {ranks.rank}/{ranks.world})"
+    for entry, row in tqdm(mine, desc=desc, unit="video", disable=not ranks.is_main):
+        name = entry["task"]
         task = None if name == RGB_ONLY else name
-        for i, row in enumerate(rows.itertuples()):
-            stem = work / name / row.clip_id
-            index.append({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
-                          "npz": f"{name}/{row.clip_id}.npz", "mp4": f"{name}/{row.clip_id}.mp4"})
-            bar.update()
-            timing = work / TIMINGS / name / f"{row.clip_id}.txt"
-            if Path(f"{stem}.npz").exists() and Path(f"{stem}.mp4").exists() and timing.exists():
-                seconds.append(float(timing.read_text()))
-                continue
-            start = time.perf_counter()
-            out = pipe(row.caption_long, task=task, generator=torch.Generator().manual_seed(p.seed + i), **call)
-            seconds.append(time.perf_counter() - start)
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {"video": out.videos[0]}
-            if task is not None:
-                real = read_clip(p, paths, row.video_path)  # one clip at a time
-                cond = pipe(row.caption_long, task=task, video=real,
-                            generator=torch.Generator().manual_seed(p.seed + i),
-                            **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
-                arrays.update(colormap=out.colormaps[0], dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
-                              conditioned_dense=cond.dense[0])
-            # the mp4 is written last: an npz without its mp4 is an interrupted sample and is redone
-            with atomic_path(f"{stem}.npz") as tmp:
-                np.savez_compressed(tmp, **arrays)
-            if task is None:
-                viz.write_side_by_side(f"{stem}.mp4", [out.videos[0]], labels=["generated (RGB only)"], fps=d.fps)
-            else:
-                viz.write_side_by_side(f"{stem}.mp4",
-                                       [out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])],
-                                       labels=["generated", f"{task} colormap", "decoded"], fps=d.fps)
-            write_text(timing, f"{seconds[-1]!r}\n")
+        stem = work / name / row.clip_id
+        timing = _timing_file(work, entry)
+        if Path(f"{stem}.npz").exists() and Path(f"{stem}.mp4").exists() and timing.exists():
+            continue
+        start = time.perf_counter()
+        out = pipe(row.caption_long, task=task, generator=torch.Generator().manual_seed(entry["seed"]), **call)
+        seconds = time.perf_counter() - start
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"video": out.videos[0]}
+        if task is not None:
+            real = read_clip(p, paths, row.video_path)  # one clip at a time
+            cond = pipe(row.caption_long, task=task, video=real,
+                        generator=torch.Generator().manual_seed(entry["seed"]),
+                        **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
+            arrays.update(colormap=out.colormaps[0], dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
+                          conditioned_dense=cond.dense[0])
+        # the mp4 is written last: an npz without its mp4 is an interrupted sample and is redone
+        with atomic_path(f"{stem}.npz") as tmp:
+            np.savez_compressed(tmp, **arrays)
+        if task is None:
+            viz.write_side_by_side(f"{stem}.mp4", [out.videos[0]], labels=["generated (RGB only)"], fps=d.fps)
+        else:
+            viz.write_side_by_side(f"{stem}.mp4",
+                                   [out.videos[0], out.colormaps[0], dense_picture(task, out.dense[0])],
+                                   labels=["generated", f"{task} colormap", "decoded"], fps=d.fps)
+        write_text(timing, f"{seconds!r}\n")
+    ranks.barrier()  # every sample is written (by whichever rank owned it)
+    result = _publish(p, paths, work, names, index, pipe, acceleration) if ranks.is_main else StepResult()
+    ranks.barrier()  # and every rank returns once rank 0 has put them in place
+    return result
+
+
+def _publish(p: Params, paths: ProjectPaths, work: Path, names: list[str], index: list[dict], pipe,
+             acceleration) -> StepResult:
+    """Rank 0, every sample written: galleries, runtime (Tab 4), the index; the work folder replaces
+    ``outputs/<profile>/samples``."""
+    s, d = p.active.sample, p.active.data
+    missing = [e["npz"] for e in index if not _timing_file(work, e).exists()]
+    if missing:
+        raise RuntimeError(f"{work}: {len(missing)} samples missing after every rank finished ({missing[:3]}…); "
+                           "on several nodes the work folder must be on a filesystem all of them share")
+    seconds = [float(_timing_file(work, e).read_text()) for e in index]
+    for name in names:
         _write_gallery(work, name, [e for e in index if e["task"] == name][: s.gallery_size], d)
-    bar.close()
-    runtime = measure_runtime(p, pipe, rows.iloc[0].caption_long, names) if s.runtime_trials else {}
+    runtime = measure_runtime(p, pipe, index[0]["prompt"], names) if s.runtime_trials else {}  # the first prompt
     write_json(work / "index.json", index)
     # timings differ run to run: they go to the stage's metrics, never into the samples folder that
     # the evaluate stage depends on (equal samples must be equal bytes, or DVC re-evaluates for nothing)
     write_json(paths.metrics / "runtime.json", runtime)
     shutil.rmtree(work / TIMINGS)
     (work / "fingerprint.txt").unlink()
+    for stray in [f for f in work.rglob(".*") if f.is_file()]:
+        stray.unlink()  # the temporary file of a write a killed rank left half done
     replace_dir(work, paths.samples)
     metrics = {"seconds_per_sample": float(np.median(seconds)),
                "seconds_per_step": float(np.median(seconds)) / s.num_inference_steps,
@@ -155,6 +193,11 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
                "attention_fa3": float(acceleration.attention == "fa3")}
     metrics.update({f"runtime/{k}/{m}": v for k, r in runtime.items() for m, v in r.items()})
     return StepResult(metrics=metrics, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
+
+
+def _timing_file(work: Path, entry: dict) -> Path:
+    """Written last for a finished sample: its seconds (and the mark that it is done)."""
+    return work / TIMINGS / entry["task"] / f"{entry['clip_id']}.txt"
 
 
 def _write_gallery(work: Path, name: str, entries: list[dict], d) -> None:
