@@ -107,7 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Every rank of a launched stage leaves its process group before exiting: a rank that exits with
+    it alive can be aborted by DeepSpeed's CPU comm threads ("terminate called without an active
+    exception", failing a finished run), and NCCL warns about leaked resources."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just to find nothing to do
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -92,6 +92,13 @@ class Ranks:
         return [merged[k] for k in range(len(items))]
 
 
+def _destroy_if_initialized() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the stage's entry point may have left the group already
+        dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def inference_ranks() -> Iterator[Ranks]:
     """The ranks of this stage run: ``Ranks(0, 1)`` for one process; under a launcher with several
@@ -112,7 +119,7 @@ def inference_ranks() -> Iterator[Ranks]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())
     dist.init_process_group("gloo", timeout=TIMEOUT)  # env:// : MASTER_ADDR/PORT, RANK, WORLD_SIZE from the launcher
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_destroy_if_initialized)
     ranks = Ranks(dist.get_rank(), dist.get_world_size())
     logger.info("rank %d of %d (device %s)", ranks.rank, ranks.world, local_device())
     yield ranks
