@@ -125,17 +125,25 @@ def test_training_reduces_the_loss(tmp_path):
     assert {"loss_dense_segmentation", "loss_dense_depth"} & set().union(*result.history)
 
 
-def test_a_single_process_run_leaves_no_master_port_behind(tmp_path, monkeypatch):
-    """Its process group's store keeps the port: a subprocess inheriting MASTER_PORT would fail with
-    EADDRINUSE (it did, in CI, for the benchmark smoke run after an in-process training test)."""
+def test_a_single_process_run_leaves_no_master_port_behind(monkeypatch):
+    """The one-rank group's store keeps the port it picked: a subprocess inheriting MASTER_PORT would
+    fail with EADDRINUSE (it did, in CI, for the benchmark smoke run after an in-process training
+    test). The init itself sees the port; the environment does not keep it. (DeepSpeed's init is
+    faked: a real second group in this process would clash with the one other tests keep.)"""
+    import deepspeed
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from udpdiff.train import init_distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(port=os.environ.get("MASTER_PORT")))
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    p = _params(tmp_path, steps=1, checkpoint_every=1)
-    _run(p, _latents(tmp_path), tmp_path / "ck")
-    assert dist.is_initialized() and "MASTER_PORT" not in os.environ
+    init_distributed(torch.device("cpu"))
+    assert seen["port"] and int(seen["port"]) > 0 and "MASTER_PORT" not in os.environ
+    monkeypatch.setenv("MASTER_PORT", "29999")  # a launcher's port stays as the launcher set it
+    init_distributed(torch.device("cpu"))
+    assert seen["port"] == "29999" and os.environ["MASTER_PORT"] == "29999"
 
 
 def test_bf16_training_runs_and_learns(tmp_path):
