@@ -307,8 +307,9 @@ def _save_fake_i3d(path: Path) -> None:
     torch.jit.script(Detector()).save(str(path))
 
 
-def _save_tiny_pipeline(path: Path) -> None:
-    """A tiny random UDPDiffPipeline (2 tasks, task embedding; 32x32x9 video) saved like the train stage's."""
+def _build_tiny_pipeline(conditioning: str = "embedding"):
+    """A tiny random UDPDiffPipeline (2 tasks with the task embedding unless ``conditioning`` says
+    otherwise; 9 frames, latent 8x8 = 32x32 video), built as the train stage saves it."""
     import torch
     from diffusers import AutoencoderKLCogVideoX
 
@@ -325,9 +326,20 @@ def _save_tiny_pipeline(path: Path) -> None:
                                  latent_channels=16, layers_per_block=1, norm_num_groups=4)
     transformer = UDPDiffTransformer3DModel(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32,
                                             text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8,
-                                            sample_frames=9, patch_size=2, max_text_seq_length=16, num_tasks=2)
-    UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
-                    scheduler=build_scheduler({"type": "ddim"}), task_conditioning="embedding").save_pretrained(path)
+                                            sample_frames=9, patch_size=2, max_text_seq_length=16,
+                                            num_tasks=2 if conditioning == "embedding" else 0)
+    return UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
+                           scheduler=build_scheduler({"type": "ddim"}), task_conditioning=conditioning)
+
+
+def _save_tiny_pipeline(path: Path) -> None:
+    _build_tiny_pipeline().save_pretrained(path)
+
+
+@pytest.fixture
+def tiny_pipeline():
+    """``tiny_pipeline(conditioning="embedding")``: a fresh tiny random UDPDiffPipeline (same weights each call)."""
+    return _build_tiny_pipeline
 
 
 @pytest.fixture

@@ -121,14 +121,13 @@ def test_acceleration_settings_do_not_change_the_checkpoint_fingerprint(tmp_path
 
 
 # -- the batched VAE decode ----------------------------------------------------------------------------
-def test_batched_decode_equals_two_decodes():
+def test_batched_decode_equals_two_decodes(tiny_pipeline):
     """One VAE call for both halves. The VAE treats samples independently, but the CPU's
     convolution kernels round differently per batch size: equal to float tolerance (measured
     2.4e-6), so uint8 frames differ by at most one level; VAE slicing (``sequential``) is the old
     two decodes exactly."""
-    from tests.test_models import _tiny_pipeline
 
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     latents = torch.randn(1, 3, 32, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         separate = [pipe._decode(latents[:, :, :16]), pipe._decode(latents[:, :, 16:])]
@@ -146,15 +145,14 @@ def test_batched_decode_equals_two_decodes():
         assert np.array_equal(got, want)
 
 
-def test_pipeline_with_the_fast_path_equals_eager():
+def test_pipeline_with_the_fast_path_equals_eager(tiny_pipeline):
     """A whole sample: compiled blocks + batched decode against eager + sequential decodes."""
-    from tests.test_models import _tiny_pipeline
 
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=3, guidance_scale=2.0, max_sequence_length=16)
     outs = {}
     for name, settings in (("eager", AccelerationParams(compile_blocks=False, vae_decode="sequential")),
                            ("fast", AccelerationParams(compile_blocks=True, vae_decode="batched"))):
-        pipe = _tiny_pipeline()
+        pipe = tiny_pipeline()
         pipe.set_progress_bar_config(disable=True)
         torch.nn.init.normal_(pipe.transformer.task_embedding.weight)
         assert accelerate_pipeline(pipe, settings).compiled_blocks == (name == "fast")
@@ -187,11 +185,10 @@ def test_training_with_compiled_blocks_matches_eager_and_resumes_exactly(tmp_pat
     assert [h["loss"] for h in resumed.history] == pytest.approx(losses, rel=1e-5, abs=1e-7)
 
 
-def test_generate_cli_takes_the_acceleration_switches(tmp_path, monkeypatch):
-    from tests.test_models import _tiny_pipeline
+def test_generate_cli_takes_the_acceleration_switches(tmp_path, monkeypatch, tiny_pipeline):
     from udpdiff import cli
 
-    _tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    tiny_pipeline().save_pretrained(tmp_path / "pipeline")
     seen = []
     real = acceleration.accelerate
 

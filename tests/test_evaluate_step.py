@@ -196,14 +196,13 @@ def test_bad_sample_file_names_the_file(tmp_path):
 
 
 @pytest.fixture
-def tiny_project(tmp_path):
-    from tests.test_models import _tiny_pipeline
+def tiny_project(tmp_path, tiny_pipeline):
 
     p = _params(tmp_path, data={"height": 32, "width": 32}, text_encoder={"max_length": 16},
                 sample={"num_samples": 2, "num_inference_steps": 2, "runtime_trials": 1, "gallery_size": 1})
     paths = ProjectPaths(tmp_path, "tiny")
     synthesize_dataset(paths.clips, num_clips=4, num_frames=9, height=32, width=32, fps=8, seed=3, val_fraction=0.5)
-    _tiny_pipeline().save_pretrained(paths.pipeline)
+    tiny_pipeline().save_pretrained(paths.pipeline)
     return p, paths
 
 

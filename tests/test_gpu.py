@@ -36,10 +36,9 @@ def test_duplicate_preserving_matches_stock_in_bf16_on_gpu():
     assert rel(out[:, :, :16]) < 2e-2 and rel(out[:, :, 16:]) < 2e-2
 
 
-def test_pipeline_runs_on_gpu():
-    from tests.test_models import _tiny_pipeline
+def test_pipeline_runs_on_gpu(tiny_pipeline):
 
-    pipe = _tiny_pipeline().to("cuda")
+    pipe = tiny_pipeline().to("cuda")
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a red sphere", task="segmentation", num_frames=9, height=32, width=32, num_inference_steps=2,
                guidance_scale=2.0, generator=torch.Generator(device="cuda").manual_seed(0), max_sequence_length=16)
@@ -136,11 +135,10 @@ def test_flash_attention3_step_equals_sdpa_in_bf16_on_gpu(compile_blocks):
     assert _rel(out, ref) < 2e-2, _rel(out, ref)
 
 
-def test_fast_sample_equals_eager_on_gpu():
+def test_fast_sample_equals_eager_on_gpu(tiny_pipeline):
     """A short bf16 sample: compiled blocks + one batched VAE decode against eager blocks + two
     sequential decodes, same seed: the final latents and the decoded frames agree within bf16
     rounding (carried through the denoising steps)."""
-    from tests.test_models import _tiny_pipeline
     from udpdiff.acceleration import accelerate_pipeline
     from udpdiff.config import AccelerationParams
 
@@ -148,7 +146,7 @@ def test_fast_sample_equals_eager_on_gpu():
     outs, latents = {}, {}
     for name, settings in (("eager", AccelerationParams(compile_blocks=False, vae_decode="sequential")),
                            ("fast", AccelerationParams(compile_blocks="auto", vae_decode="batched"))):
-        pipe = _tiny_pipeline()
+        pipe = tiny_pipeline()
         torch.nn.init.normal_(pipe.transformer.task_embedding.weight, std=0.5)
         pipe = pipe.to("cuda", torch.bfloat16)
         pipe.set_progress_bar_config(disable=True)
@@ -169,10 +167,9 @@ def test_fast_sample_equals_eager_on_gpu():
     assert np.abs(outs["fast"].dense - outs["eager"].dense).mean() < 0.02
 
 
-def test_batched_decode_equals_two_decodes_on_gpu():
-    from tests.test_models import _tiny_pipeline
+def test_batched_decode_equals_two_decodes_on_gpu(tiny_pipeline):
 
-    pipe = _tiny_pipeline().to("cuda", torch.bfloat16)
+    pipe = tiny_pipeline().to("cuda", torch.bfloat16)
     latents = torch.randn(1, 3, 32, 8, 8, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda",
                           dtype=torch.bfloat16)
     with torch.no_grad():

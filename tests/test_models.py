@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-from udpdiff.models.scheduler import build_scheduler
-from udpdiff.models.text import build_text_encoder
 from udpdiff.models.transformer import UDPDiffTransformer3DModel, from_cogvideox, load_transformer
 from udpdiff.pipeline import UDPDiffPipeline
 
@@ -117,21 +115,9 @@ def test_rejects_non_16_channel_stock():
         from_cogvideox(CogVideoXTransformer3DModel(**{**TINY, "in_channels": 8, "out_channels": 8}))
 
 
-def _tiny_pipeline(conditioning: str = "embedding") -> UDPDiffPipeline:
-    tokenizer, encoder = build_text_encoder({"config": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2,
-                                                        "d_kv": 16}}, seed=0)
-    torch.manual_seed(0)
-    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
-                                 up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
-                                 latent_channels=16, layers_per_block=1, norm_num_groups=4)
-    transformer = UDPDiffTransformer3DModel(**TINY, num_tasks=2 if conditioning == "embedding" else 0)
-    return UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
-                           scheduler=build_scheduler({"type": "ddim"}), task_conditioning=conditioning)
-
-
 @pytest.mark.parametrize("task", ["depth", "segmentation"])
-def test_pipeline_returns_video_colormap_and_decoded_dense(task):
-    pipe = _tiny_pipeline()
+def test_pipeline_returns_video_colormap_and_decoded_dense(task, tiny_pipeline):
+    pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a red sphere", task=task, num_frames=9, height=32, width=32, num_inference_steps=2,
                guidance_scale=2.0, generator=torch.Generator().manual_seed(0), max_sequence_length=16)
@@ -144,8 +130,8 @@ def test_pipeline_returns_video_colormap_and_decoded_dense(task):
         assert np.issubdtype(out.dense.dtype, np.integer)
 
 
-def test_pipeline_is_deterministic_and_task_dependent():
-    pipe = _tiny_pipeline()
+def test_pipeline_is_deterministic_and_task_dependent(tiny_pipeline):
+    pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     torch.nn.init.normal_(pipe.transformer.task_embedding.weight, std=5.0)
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16)
@@ -156,8 +142,8 @@ def test_pipeline_is_deterministic_and_task_dependent():
     assert not np.array_equal(a.colormaps, c.colormaps)
 
 
-def test_pipeline_video_conditioning_keeps_the_given_video(tmp_path):
-    pipe = _tiny_pipeline()
+def test_pipeline_video_conditioning_keeps_the_given_video(tmp_path, tiny_pipeline):
+    pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     video = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
     out = pipe("a cube", task="depth", video=video, num_inference_steps=3, guidance_scale=1.0,
@@ -170,8 +156,8 @@ def test_pipeline_video_conditioning_keeps_the_given_video(tmp_path):
     assert np.abs(out.videos[0].astype(int) - rec.astype(int)).max() <= 1
 
 
-def test_pipeline_save_and_load_round_trip(tmp_path):
-    pipe = _tiny_pipeline("text-prompt")
+def test_pipeline_save_and_load_round_trip(tmp_path, tiny_pipeline):
+    pipe = tiny_pipeline("text-prompt")
     pipe.save_pretrained(tmp_path)
     loaded = UDPDiffPipeline.from_pretrained(tmp_path)
     assert loaded.config.task_conditioning == "text-prompt"
@@ -197,18 +183,18 @@ def test_rgb_only_baseline_is_the_stock_model():
     assert fresh.config.in_channels == 16 and fresh.config.num_tasks == 0
 
 
-def _rgb_only_pipeline() -> UDPDiffPipeline:
-    dense = _tiny_pipeline("none")
+def _rgb_only_pipeline(tiny_pipeline) -> UDPDiffPipeline:
+    dense = tiny_pipeline("none")
     torch.manual_seed(0)
     transformer = UDPDiffTransformer3DModel(**TINY, in_channels=16, out_channels=16, num_tasks=0).eval()
     return UDPDiffPipeline(tokenizer=dense.tokenizer, text_encoder=dense.text_encoder, vae=dense.vae,
                            transformer=transformer, scheduler=dense.scheduler, task_conditioning="none")
 
 
-def test_rgb_only_pipeline_generates_what_stock_cogvideox_generates():
+def test_rgb_only_pipeline_generates_what_stock_cogvideox_generates(tiny_pipeline):
     from diffusers import CogVideoXPipeline
 
-    pipe = _rgb_only_pipeline()
+    pipe = _rgb_only_pipeline(tiny_pipeline)
     pipe.set_progress_bar_config(disable=True)
     call = dict(num_frames=9, height=32, width=32, num_inference_steps=3, guidance_scale=2.0, max_sequence_length=16)
     out = pipe("a red sphere", task=None, generator=torch.Generator().manual_seed(0), **call)
@@ -220,11 +206,12 @@ def test_rgb_only_pipeline_generates_what_stock_cogvideox_generates():
     assert np.abs(out.videos[0].astype(int) - np.round(ref * 255).astype(int)).max() <= 1
 
 
-def test_rgb_only_and_dense_pipelines_reject_the_wrong_task():
+def test_rgb_only_and_dense_pipelines_reject_the_wrong_task(tiny_pipeline):
     with pytest.raises(ValueError, match="RGB-only"):
-        _rgb_only_pipeline()("a red sphere", task="depth", num_frames=9, height=32, width=32, num_inference_steps=1)
+        _rgb_only_pipeline(tiny_pipeline)("a red sphere", task="depth", num_frames=9, height=32, width=32,
+                                          num_inference_steps=1)
     with pytest.raises(ValueError, match="task is required"):
-        _tiny_pipeline()("a red sphere", task=None, num_frames=9, height=32, width=32, num_inference_steps=1)
+        tiny_pipeline()("a red sphere", task=None, num_frames=9, height=32, width=32, num_inference_steps=1)
     with pytest.raises(ValueError, match="task_conditioning='none'"):
         UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, task_conditioning="embedding",
                         transformer=UDPDiffTransformer3DModel(**TINY, in_channels=16, out_channels=16, num_tasks=0))
