@@ -842,28 +842,29 @@ def train_batch(bench: Bench, arch: str, channels: int, seed: int) -> dict[str, 
 
 
 def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], world: int,
-              compiled: bool = False) -> dict[str, Any]:
+              compiled: bool = False, checkpointing: bool | str = "full", fused: bool = False) -> dict[str, Any]:
     """Build, wrap in a DeepSpeed engine, time; everything is freed when this returns. ``name`` is
-    stock or ours; ``compiled``: ours with compiled blocks (``udpdiff.acceleration``, as training
-    applies it: after gradient checkpointing, before DeepSpeed)."""
+    stock or ours; ``compiled``: ours with compiled blocks; ``checkpointing``: full, selective or
+    off; ``fused``: fused AdamW. All three as training applies them (``udpdiff.acceleration``:
+    checkpointing, then compiled blocks, then DeepSpeed)."""
     import deepspeed
+
+    from udpdiff.acceleration import accelerate, adamw, checkpoint_activations
+    from udpdiff.config import AccelerationParams
 
     a = bench.args
     cfg = bench.archs[arch]["transformer"]
     tc = token_counts(cfg, bench.size)
-    logger.info("train %s %s%s: ZeRO-2 on %d GPU(s), building", arch, name, " (compiled blocks)" if compiled else "",
-                world)
+    logger.info("train %s %s (%s blocks, %s checkpointing, %s AdamW): ZeRO-2 on %d GPU(s), building", arch, name,
+                "compiled" if compiled else "eager", checkpointing, "fused" if fused else "foreach", world)
     model = build_transformer(bench, arch, ours=name == "ours")
-    model.enable_gradient_checkpointing()
+    checkpoint_activations(model, checkpointing)
     model.train()
     if compiled:
-        from udpdiff.acceleration import accelerate
-        from udpdiff.config import AccelerationParams
-
         accelerate(model, AccelerationParams(compile_blocks=True, compile_mode=a.compile_mode), bench.device)
     ch = model_channels(model)
     params = n_params(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
+    optimizer = adamw(model.parameters(), bench.device, fused=fused, lr=1e-5, weight_decay=1e-4)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
     batch = train_batch(bench, arch, ch, seed=3 + bench.rank)
     rotary = rotary_tables(bench, model, tc["latent_frames"])
@@ -1010,11 +1011,21 @@ def run_train(bench: Bench, arch: str) -> None:
     run_train_zero2(bench, arch)
 
 
+# the training variants of train_fast: (compiled blocks, activation checkpointing, fused AdamW)
+TRAIN_VARIANTS = {
+    "eager": (False, "full", False),        # the eager baseline: diffusers' full checkpointing, foreach AdamW
+    "compiled": (True, "full", False),      # + compiled blocks
+    "fast": (True, "selective", True),      # + selective checkpointing + fused AdamW (the CUDA default)
+    "fast-nockpt": (True, False, True),     # no checkpointing at all (memory permitting)
+}
+
+
 def run_train_fast(bench: Bench, arch: str) -> None:
-    """Ours under ZeRO-2 (as ``train``: micro batch 1, gradient checkpointing, bf16, torch AdamW),
-    eager blocks then compiled ones, same initial weights and batch: seconds per step, the
-    compile (the first step's excess over the median), and the loss of every step side by side
-    (step 1 compares forwards of equal weights; later steps include the updates' drift)."""
+    """Ours under ZeRO-2 (as ``train``: micro batch 1, bf16), one row per ``--train-variants``
+    entry (``TRAIN_VARIANTS``), same initial weights and batch: seconds per step, the compile (the
+    first step's excess over the median), peak memory and the loss of every step beside the eager
+    row's (step 1 compares forwards of equal weights; later steps include the updates' drift). The
+    JSON is written after each variant; a variant that runs out of memory is recorded as such."""
     import torch.distributed as dist
 
     a = bench.args
@@ -1029,31 +1040,38 @@ def run_train_fast(bench: Bench, arch: str) -> None:
     ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16)
     torch._dynamo.reset()  # training compiles its own graphs (forward, backward); time them cold
     bench.compiled_archs.clear()
-    cache = inductor_cache_state()
-    rows: dict[str, Any] = {}
-    for path, compiled in (("eager", False), ("compiled", True)):
-        rows[path] = zero2_one(bench, arch, "ours", ds_config, world, compiled=compiled)
-        bench.free()
-    eager, fast = rows["eager"]["losses"], rows["compiled"]["losses"]
-    rel = [abs(f - e) / abs(e) for e, f in zip(eager, fast, strict=True)]
     key = f"{arch}_zero2_{world}gpu"
-    bench.result.setdefault("train_fast", {})[key] = {
-        "arch": arch, "gpus": world, "deepspeed_config": ds_config, "optimizer": "torch.optim.AdamW (client)",
-        "gradient_checkpointing": True, "micro_batch": 1, "loss": "v-prediction MSE (fp32)",
-        "eager": rows["eager"], "compiled": rows["compiled"],
-        "speedup": rows["eager"]["median_s"] / rows["compiled"]["median_s"],
-        "saving_pct": 100 * (1 - rows["compiled"]["median_s"] / rows["eager"]["median_s"]),
-        "compile_s_estimate": rows["compiled"]["warmup_times_s"][0] - rows["compiled"]["median_s"],
+    entry = bench.result.setdefault("train_fast", {})[key] = {
+        "arch": arch, "gpus": world, "deepspeed_config": ds_config, "micro_batch": 1,
+        "loss": "v-prediction MSE (fp32)", "optimizer": "torch.optim.AdamW (client; foreach or fused)",
         "compile": {"backend": acceleration_backend(), "mode": a.compile_mode, "fullgraph": True,
-                    "dynamo_reset": True, "inductor_cache_at_start": cache},
-        "loss_rel_diff": {"first_step": rel[0], "max": max(rel), "last": rel[-1], "per_step": rel,
-                          "steps": len(rel)},
-        "warmup": a.train_warmup, "iters": a.train_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
-        "order": "sequential (eager, then compiled): both with optimizer states do not fit at once on 80 GB",
+                    "dynamo_reset": True, "inductor_cache_at_start": inductor_cache_state()},
+        "variants": {}, "warmup": a.train_warmup, "iters": a.train_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
+        "order": "sequential, in --train-variants order: two engines with optimizer states do not fit at once",
     }
-    logger.info("train_fast %s: eager %.3f s, compiled %.3f s (-%.1f%%); loss rel diff first %.2e max %.2e", arch,
-                rows["eager"]["median_s"], rows["compiled"]["median_s"],
-                bench.result["train_fast"][key]["saving_pct"], rel[0], max(rel))
+    for name in a.train_variants:
+        compiled, checkpointing, fused = TRAIN_VARIANTS[name]
+        setting = {"compiled_blocks": compiled, "checkpointing": checkpointing or "off", "fused_adamw": fused}
+        try:
+            row = zero2_one(bench, arch, "ours", ds_config, world, compiled=compiled, checkpointing=checkpointing,
+                            fused=fused)
+        except torch.OutOfMemoryError as exc:
+            logger.error("train_fast %s %s: out of memory", arch, name)
+            row = {"status": "failed", "reason": f"OOM: {exc}"[:300]}
+        bench.free()
+        row = entry["variants"][name] = {"setting": setting, **row}
+        eager = entry["variants"].get("eager")
+        if name != "eager" and eager and "median_s" in eager and "median_s" in row:
+            rel = [abs(f - e) / abs(e) for e, f in zip(eager["losses"], row["losses"], strict=True)]
+            row.update(speedup_vs_eager=eager["median_s"] / row["median_s"],
+                       saving_pct=100 * (1 - row["median_s"] / eager["median_s"]),
+                       loss_rel_diff={"first_step": rel[0], "max": max(rel), "last": rel[-1], "steps": len(rel)})
+        if compiled and "median_s" in row:
+            row["compile_s_estimate"] = row["warmup_times_s"][0] - row["median_s"]
+        bench.save()
+        if "median_s" in row:
+            logger.info("train_fast %s %s: %.3f s/step, MFU %s, peak %s GiB", arch, name, row["median_s"],
+                        _pct(row["mfu_3x"]), _f(row["peak_gib"], "{:.1f}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1210,25 +1228,35 @@ def render_markdown(r: dict[str, Any]) -> str:
         caches = [f"{a}: {e['compile_cache']}" for a, e in r["sample_fast"].items() if "compile_cache" in e]
         lines += ["", *sorted(notes), "Compile: " + "; ".join(caches) + ".", ""]
     if "train_fast" in r:
-        lines += ["## Fast path: training step, ours, eager vs compiled blocks (ZeRO-2, micro batch 1, gradient "
-                  "checkpointing, bf16)", "",
-                  "| setting | blocks | s/step | saving | tokens/s/GPU | MFU (3x fwd) | peak GiB | first step s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["## Fast path: training step, ours (ZeRO-2, micro batch 1, bf16)", "",
+                  "| setting | variant: blocks, checkpointing, AdamW | s/step | saving | tokens/s/GPU | MFU (3x fwd) | "
+                  "peak GiB | first step s | loss vs eager (rel.): first · max over steps |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for key, e in r["train_fast"].items():
-            if "eager" not in e:
-                lines.append(f"| {key} | {e.get('status', '')}: {e.get('reason', '')} | | | | | | |")
+            if "variants" not in e and "eager" not in e:
+                lines.append(f"| {key} | {e.get('status', '')}: {e.get('reason', '')} | | | | | | | |")
                 continue
-            for name in ("eager", "compiled"):
-                x = e[name]
-                saving = _f(e["saving_pct"], "{:.1f}%") if name == "compiled" else ""
-                lines.append(f"| {key} | {name} | {_f(x['median_s'])} | {saving} | "
+            variants = e.get("variants") or {  # results written before the variants existed
+                "eager": {"setting": {"compiled_blocks": False, "checkpointing": "full", "fused_adamw": False},
+                          **e["eager"]},
+                "compiled": {"setting": {"compiled_blocks": True, "checkpointing": "full", "fused_adamw": False},
+                             **e["compiled"], "saving_pct": e["saving_pct"], "loss_rel_diff": e["loss_rel_diff"]}}
+            for name, x in variants.items():
+                st = x["setting"]
+                what = (f"{name}: {'compiled' if st['compiled_blocks'] else 'eager'}, {st['checkpointing']}, "
+                        f"{'fused' if st['fused_adamw'] else 'foreach'}")
+                if "median_s" not in x:
+                    lines.append(f"| {key} | {what} | {x.get('status', '')}: {x.get('reason', '')[:80]} | | | | | | |")
+                    continue
+                d = x.get("loss_rel_diff")
+                loss = f"{d['first_step']:.1e} · {d['max']:.1e} ({d['steps']} steps)" if d else ""
+                lines.append(f"| {key} | {what} | {_f(x['median_s'])} | {_f(x.get('saving_pct'), '{:.1f}%')} | "
                              f"{_f(x['tokens_per_s_per_gpu'], '{:.0f}')} | {_pct(x['mfu_3x'])} | "
-                             f"{_f(x['peak_gib'], '{:.1f}')} | {_f(x['warmup_times_s'][0], '{:.1f}')} |")
-            d = e["loss_rel_diff"]
-            lines.append(f"| {key} | loss, compiled vs eager (relative) | first step {d['first_step']:.1e}, max "
-                         f"{d['max']:.1e}, last {d['last']:.1e} over {d['steps']} steps | | | | | |")
-        lines += ["", "Same initial weights and batch; eager then compiled in one process. First step = the compile "
-                      "of the forward, backward and recomputation graphs + one step.", ""]
+                             f"{_f(x['peak_gib'], '{:.1f}')} | {_f(x['warmup_times_s'][0], '{:.1f}')} | {loss} |")
+        lines += ["", "Same initial weights and batch; variants one after another in one process. First step = the "
+                      "compile of the forward, backward and recomputation graphs + one step. Checkpointing: full "
+                      "recomputes each block in the backward; selective keeps matmul and attention outputs "
+                      "(udpdiff.acceleration). MFU counts 3x the forward's FLOPs whatever is recomputed.", ""]
     for note in r.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
@@ -1301,6 +1329,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-guess-s", type=float, default=25.0, help="VAE decode estimate before one is measured")
     p.add_argument("--train-warmup", type=int, default=3)
     p.add_argument("--train-iters", type=int, default=8)
+    p.add_argument("--train-variants", type=lambda v: v.split(","), default=["eager", "compiled", "fast"],
+                   help=f"train_fast's rows, comma list of {list(TRAIN_VARIANTS)} (eager first: the others are "
+                        "compared with it)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "fa3"],
                    help="sample_fast: the fast path's attention (fa3: udpdiff.attention, needs fa3-fwd and sm90)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
@@ -1312,6 +1343,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine result JSONs into --out; no runs")
     p.add_argument("--note", action="append", default=[], help="with --merge: a note to add (repeatable)")
     args = p.parse_args(argv)
+    unknown = set(args.train_variants) - set(TRAIN_VARIANTS)
+    if unknown:
+        p.error(f"--train-variants: unknown {sorted(unknown)}; choose from {list(TRAIN_VARIANTS)}")
     if args.smoke:
         for name, value in (("gemm_warmup", 1), ("gemm_iters", 2), ("step_warmup", 1), ("step_iters", 2),
                             ("sample_steps", 2), ("train_warmup", 1), ("train_iters", 2)):

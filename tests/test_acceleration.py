@@ -97,6 +97,66 @@ def test_compiled_blocks_under_gradient_checkpointing_give_eager_gradients():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
 
 
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run inside it (here: during the backward pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(model) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    x, text, t = _inputs()
+    loss = model(x, text, t, task_id=torch.tensor([0, 1]), **_rotary(True)).sample.pow(2).mean()
+    with _OpCounter() as ops:
+        loss.backward()
+    return ops.counts, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_selective_checkpointing_recomputes_pointwise_work_not_matmuls():
+    """full re-runs every matmul of the blocks in the backward; selective re-runs none of them but
+    does recompute the pointwise work (GELU); all three give the same gradients."""
+    base = _model(rotary=True).train()
+    runs = {}
+    for mode in (False, "full", "selective"):
+        model = copy.deepcopy(base)
+        assert acceleration.checkpoint_activations(model, mode) == {False: "off"}.get(mode, mode)
+        runs[mode] = _backward_ops(model)
+    off, full, selective = (runs[m][0] for m in (False, "full", "selective"))
+    linears_in_blocks = sum(isinstance(m, torch.nn.Linear) for b in base.transformer_blocks for m in b.modules())
+    assert full["mm"] + full.get("addmm", 0) == off["mm"] + off.get("addmm", 0) + linears_in_blocks
+    assert selective["mm"] + selective.get("addmm", 0) == off["mm"] + off.get("addmm", 0)
+    assert off.get("gelu", 0) == 0 and selective["gelu"] == full["gelu"] == len(base.transformer_blocks)
+    for mode in ("full", "selective"):
+        for name, grad in runs[False][1].items():
+            torch.testing.assert_close(runs[mode][1][name], grad, msg=f"{mode}: {name}")
+    with pytest.raises(AccelerationError, match="selective"):
+        acceleration.checkpoint_activations(base, "some")
+
+
+def test_compiled_blocks_under_selective_checkpointing_give_eager_gradients():
+    eager = _model(rotary=True).train()
+    fast = copy.deepcopy(eager)
+    acceleration.checkpoint_activations(fast, "selective")
+    accelerate(fast, ON, "cpu")
+    _, ref = _backward_ops(eager)
+    _, got = _backward_ops(fast)
+    for name, grad in ref.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+
+
+def test_adamw_is_fused_on_cuda_only():
+    p = [torch.nn.Parameter(torch.ones(3))]
+    assert not acceleration.adamw(p, "cpu", lr=1e-3).defaults["fused"]
+    if torch.cuda.is_available():
+        assert acceleration.adamw([torch.nn.Parameter(torch.ones(3, device="cuda"))], "cuda").defaults["fused"]
+
+
 def test_auto_is_eager_on_the_cpu_and_zero3_is_never_compiled():
     model = _model()
     assert not accelerate(model, AccelerationParams(), "cpu").compiled_blocks
@@ -165,13 +225,14 @@ def test_pipeline_with_the_fast_path_equals_eager(tiny_pipeline):
 
 @pytest.mark.slow
 def test_training_with_compiled_blocks_matches_eager_and_resumes_exactly(tmp_path):
-    """DeepSpeed ZeRO-2 (CPU, gloo) with gradient checkpointing: compiled blocks train the same model
-    as eager ones, and a run interrupted and resumed with compiled blocks replays its losses."""
+    """DeepSpeed ZeRO-2 (CPU, gloo): compiled blocks with selective checkpointing train the same model
+    as eager ones with full checkpointing, and a run interrupted and resumed on the fast path replays
+    its losses."""
     from tests.test_train import _latents, _params, _run
     from udpdiff.train import latest_checkpoint, run_fingerprint
 
     eager = _params(tmp_path, gradient_checkpointing=True)
-    fast = eager.with_overrides({"acceleration.compile_blocks": True})
+    fast = eager.with_overrides({"acceleration.compile_blocks": True, "train.gradient_checkpointing": "selective"})
     latents = _latents(tmp_path)
     _, ref = _run(eager, latents, tmp_path / "eager")
     model, full = _run(fast, latents, tmp_path / "fast")

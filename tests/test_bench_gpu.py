@@ -38,7 +38,8 @@ def smoke(tmp_path_factory) -> tuple[dict, Path]:
     # every section; the fast path's step and sample for 5B alone (rotary, the larger case: the CPU
     # tests cover both), so the fast sections add seconds, not tens of seconds, to CI
     sections = "gemm,step,sample,train,step_fast:5b,sample_fast:5b,train_fast:2b+5b"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", sections, "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", sections, "--out", str(out),
+                           "--train-variants", "eager,compiled,fast,fast-nockpt"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), out
@@ -108,9 +109,13 @@ def test_smoke_run_measures_the_fast_path_against_eager(smoke):
         assert diff["latents"]["rel_l2"] <= 1e-5
         assert diff["videos"]["max_abs"] <= 1 and diff["colormaps"]["max_abs"] <= 1
 
-    train = r["train_fast"]["2b_zero2_1gpu"]
-    assert len(train["eager"]["losses"]) == len(train["compiled"]["losses"]) == train["loss_rel_diff"]["steps"] > 1
-    assert train["loss_rel_diff"]["max"] <= 1e-5 and _positive(train["compiled"]["median_s"])
+    train = r["train_fast"]["2b_zero2_1gpu"]["variants"]
+    assert list(train) == ["eager", "compiled", "fast", "fast-nockpt"]
+    assert train["fast"]["setting"] == {"compiled_blocks": True, "checkpointing": "selective", "fused_adamw": True}
+    for name in ("compiled", "fast", "fast-nockpt"):  # fp32: every variant computes eager's losses
+        row = train[name]
+        assert len(row["losses"]) == len(train["eager"]["losses"]) == row["loss_rel_diff"]["steps"] > 1
+        assert row["loss_rel_diff"]["max"] <= 1e-5 and _positive(row["median_s"]), name
     assert r["train_fast"]["5b_zero2_2gpu"]["status"] == "not run"
     table = out.with_suffix(".md").read_text()
     assert "Fast path: denoising step" in table and "Fast path: full sample" in table and "Fast path: training" in table

@@ -267,7 +267,10 @@ class TrainParams(_Strict):
     # here (micro batch, accumulation, clipping, precision). ZeRO stage and offload live in it.
     deepspeed_config: str = "infra/deepspeed/zero2.json"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_checkpointing: bool = False
+    # activation checkpointing: true/full recomputes each block in the backward (least memory);
+    # selective keeps matmul and attention outputs and recomputes only pointwise work (a backward
+    # of ~2 forwards instead of 3, more memory); false keeps everything (udpdiff.acceleration)
+    gradient_checkpointing: bool | Literal["full", "selective"] = False
     # cached: read the latents stage's VAE posteriors and T5 embeddings; online: encode each clip
     # when a batch needs it (no pre-encoding pass; the same batches, slower steps)
     latents: Literal["cached", "online"] = "cached"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udpdiff.acceleration import accelerate
+from udpdiff.acceleration import accelerate, adamw, checkpoint_activations
 from udpdiff.config import Params, unrecorded
 from udpdiff.extensions_lock import before_deepspeed_build
 from udpdiff.io.atomic import write_text
@@ -403,15 +403,14 @@ def train(
     num_tasks = max(task_id(x) for x in t.tasks) + 1 if t.task_conditioning == "embedding" else 0
     dense = bool(t.tasks)
     transformer = load_transformer(p.active.transformer.model_dump(), num_tasks=num_tasks, seed=p.seed, dense=dense)
-    if t.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    checkpointing = checkpoint_activations(transformer, t.gradient_checkpointing)
     transformer.train()
     # compiled blocks (on CUDA by default): before DeepSpeed wraps the model, in place, so the state
     # dict and its checkpoints keep their keys; not in run_fingerprint (a run resumes across a change)
     acceleration = accelerate(transformer, p.active.acceleration, device, sharded_parameters=zero == 3)
     if rank == 0:
-        logger.info("transformer blocks: %s", "compiled" if acceleration.compiled_blocks else
-                    f"eager ({acceleration.reason})")
+        logger.info("transformer blocks: %s; activation checkpointing: %s", "compiled" if acceleration.compiled_blocks
+                    else f"eager ({acceleration.reason})", checkpointing)
 
     warmup = max(t.warmup_steps, 1)
 
@@ -419,8 +418,9 @@ def train(
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     # AdamW, built by DeepSpeed when the config names it (its CPU Adam for ZeRO-Offload), else here
+    # (fused on CUDA)
     optimizer = None if "optimizer" in ds_config else \
-        torch.optim.AdamW(transformer.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        adamw(transformer.parameters(), device, lr=t.lr, weight_decay=t.weight_decay)
     engine, _, _, lr_schedule = deepspeed.initialize(model=transformer, model_parameters=transformer.parameters(),
                                                      optimizer=optimizer, lr_scheduler=linear_warmup,
                                                      config=ds_config)
