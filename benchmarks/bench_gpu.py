@@ -28,7 +28,11 @@ Sections (``--sections``, any subset, in this order):
   forward of the same weights; ``sample_fast`` runs the whole sample eager (two VAE decodes one at
   a time) and fast (compiled blocks + one batched decode of the video and the colormap) and
   compares their final latents, frames and depth; ``train_fast`` runs the ZeRO-2 training step
-  eager then compiled and compares the loss of every step. ``--compile-mode`` picks the mode.
+  as ``--train-variants`` (eager; compiled blocks; + selective checkpointing and fused AdamW; no
+  checkpointing) and compares the loss of every step with eager's. ``--compile-mode`` picks the mode.
+* ``sample_parallel`` — under ``torchrun --nproc_per_node N``: one fast-path sample with its CFG
+  batch split over the N GPUs (``udpdiff.parallel``), then the same sample on one GPU; times and
+  the difference between the two.
 
 Models have random weights and are built directly on the GPU in bf16; each is freed before the
 next. FLOPs are counted analytically from the config (see ``forward_flops``). The JSON is written
@@ -71,7 +75,7 @@ from benchmarks.common import machine_info as common_machine_info  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 
-SECTIONS = ("gemm", "step", "step_fast", "sample", "sample_fast", "train", "train_fast")
+SECTIONS = ("gemm", "step", "step_fast", "sample", "sample_fast", "sample_parallel", "train", "train_fast")
 
 # Published CogVideoX 1.0 transformer configs (THUDM/CogVideoX-{2b,5b}/transformer/config.json).
 COMMON = dict(attention_head_dim=64, time_embed_dim=512, text_embed_dim=4096, patch_size=2, max_text_seq_length=226,
@@ -798,6 +802,82 @@ def run_sample_fast(bench: Bench, arch: str) -> None:
                 v["latents"]["rel_l2"], v["videos"]["max_abs"], v["videos"]["mean_abs"])
 
 
+def run_sample_parallel(bench: Bench, arch: str) -> None:
+    """Ours, fast path (compiled blocks, ``--attention``, batched decode), one sample split over this
+    launch's ranks (``udpdiff.parallel``: each rank its slice of every CFG batch and of the VAE
+    decode), then the same sample on rank 0 alone (the one-GPU reference; the other ranks wait):
+    times, and how far the split sample's latents and frames are from the one-GPU sample's."""
+    import torch.distributed as dist
+    from diffusers import CogVideoXPipeline
+
+    from udpdiff.acceleration import accelerate_pipeline
+    from udpdiff.config import AccelerationParams
+    from udpdiff.distributed import Ranks
+    from udpdiff.parallel import remove_cfg_split, split_cfg_batch
+    from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.tasks import task_id
+
+    a = bench.args
+    init_distributed(bench)
+    ranks = Ranks(dist.get_rank(), dist.get_world_size())
+    steps = a.sample_steps
+    transformer = build_transformer(bench, arch, ours=True).eval()
+    pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=build_vae(bench, arch), transformer=transformer,
+                           scheduler=build_scheduler(bench, arch))
+    timer = SampleTimer(bench, arch, steps)
+    timer.instrument(pipe)
+    done = accelerate_pipeline(pipe, AccelerationParams(compile_blocks=True, compile_mode=a.compile_mode,
+                                                        vae_decode="batched", attention=a.attention))
+
+    def warm(label: str) -> float:
+        """Two denoising steps through the pipeline's loop (compiles this batch size) + a VAE decode."""
+        bench.sync()
+        t0 = time.perf_counter()
+        with transformer.task_context(task_id("depth")):
+            CogVideoXPipeline.__call__(pipe, "benchmark prompt", num_frames=bench.size["frames"],
+                                       height=bench.size["height"], width=bench.size["width"], guidance_scale=6.0,
+                                       num_inference_steps=2, output_type="latent",
+                                       generator=torch.Generator(device=bench.device).manual_seed(0))
+        bench.sync()
+        seconds = time.perf_counter() - t0 + timer.warm_vae(pipe, batch=2)
+        logger.info("sample_parallel %s: %s warm-up %.1f s", arch, label, seconds)
+        return seconds
+
+    split = split_cfg_batch(pipe, ranks)
+    rows, results, latents = {}, {}, {}
+    warmups = {"split": warm("split")}
+    rows["split"], results["split"] = timer.run(pipe, f"split over {ranks.world} GPUs", 0, keep_latents=True,
+                                                task="depth")
+    latents["split"] = timer.latents
+    rows["split"]["calls_split"] = split.splits if split else 0  # transformer and VAE calls, warm-ups included
+    remove_cfg_split(pipe)
+    if ranks.is_main:  # the one-GPU reference, same weights, seed and compiled block (batch 2 compiles once)
+        warmups["one_gpu"] = warm("one GPU")
+        rows["one_gpu"], results["one_gpu"] = timer.run(pipe, "one GPU", 0, keep_latents=True, task="depth")
+        latents["one_gpu"] = timer.latents
+    ranks.barrier()
+    if not ranks.is_main:
+        return
+    key = f"{arch}_{ranks.world}gpu"
+    entry = bench.result.setdefault("sample_parallel", {})[key] = {
+        "arch": arch, "gpus": ranks.world, "steps": steps, "scheduler": type(pipe.scheduler).__name__,
+        "guidance_scale": 6.0, "size": bench.size, "attention": done.attention,
+        "blocks": f"compiled ({acceleration_backend()}, mode {done.compile_mode})", "warmup_s": warmups,
+        "split": rows["split"], "one_gpu": rows["one_gpu"],
+        "speedup": rows["one_gpu"]["total_s"] / rows["split"]["total_s"],
+        "vs_one_gpu": {"latents": tensor_differences(latents["split"], latents["one_gpu"]),
+                       "videos": frame_differences(results["split"].videos, results["one_gpu"].videos),
+                       "colormaps": frame_differences(results["split"].colormaps, results["one_gpu"].colormaps),
+                       "depth": frame_differences(results["split"].dense, results["one_gpu"].dense)},
+        "note": "CFG-parallel (udpdiff.parallel): each rank runs its half of every CFG-2 transformer batch and of "
+                "the batched VAE decode, all-gathered over NCCL; the one-GPU reference runs on rank 0 afterwards "
+                "with the same weights and seed; text encoding excluded",
+    }
+    logger.info("sample_parallel %s: %d GPUs %.1f s, one GPU %.1f s (x%.2f); latents rel L2 %.2e", arch, ranks.world,
+                rows["split"]["total_s"], rows["one_gpu"]["total_s"], entry["speedup"],
+                entry["vs_one_gpu"]["latents"]["rel_l2"])
+
+
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
@@ -1227,6 +1307,28 @@ def render_markdown(r: dict[str, Any]) -> str:
         notes = {e["note"] for e in r["sample_fast"].values() if "note" in e}
         caches = [f"{a}: {e['compile_cache']}" for a, e in r["sample_fast"].items() if "compile_cache" in e]
         lines += ["", *sorted(notes), "Compile: " + "; ".join(caches) + ".", ""]
+    if "sample_parallel" in r:
+        lines += ["## CFG-parallel: one sample over several GPUs (ours, fast path)", "",
+                  "| setting | GPUs | steps | total s | denoise s | per step s | VAE decode s | post s | "
+                  "peak GiB/GPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, e in r["sample_parallel"].items():
+            for name, gpus in (("one_gpu", 1), ("split", e["gpus"])):
+                x = e[name]
+                lines.append(f"| {key} ({e['attention']}) | {gpus} | {x['steps']} | {_f(x['total_s'], '{:.1f}')} | "
+                             f"{_f(x['denoise_s'], '{:.1f}')} | {_f(x['denoise_per_step_s'], '{:.3f}')} | "
+                             f"{_f(x['vae_decode_s'], '{:.1f}')} | {_f(x['post_s'], '{:.1f}')} | "
+                             f"{_f(x['peak_gib'], '{:.1f}')} |")
+        lines += ["", "| setting | speed-up | latents vs one GPU: rel L2 · max abs | videos: max · mean abs (uint8) | "
+                      "colormaps: max · mean | depth: mean abs |", "|---|---:|---:|---:|---:|---:|"]
+        for key, e in r["sample_parallel"].items():
+            v = e["vs_one_gpu"]
+            lines.append(f"| {key} | x{e['speedup']:.2f} | {v['latents']['rel_l2']:.2e} · "
+                         f"{v['latents']['max_abs']:.3g} | {v['videos']['max_abs']:.0f} · "
+                         f"{v['videos']['mean_abs']:.3f} | "
+                         f"{v['colormaps']['max_abs']:.0f} · {v['colormaps']['mean_abs']:.3f} | "
+                         f"{v['depth']['mean_abs']:.4f} |")
+        lines += ["", *sorted({e["note"] for e in r["sample_parallel"].values()}), ""]
     if "train_fast" in r:
         lines += ["## Fast path: training step, ours (ZeRO-2, micro batch 1, bf16)", "",
                   "| setting | variant: blocks, checkpointing, AdamW | s/step | saving | tokens/s/GPU | MFU (3x fwd) | "
@@ -1368,8 +1470,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = parse_sections(args.sections, archs)
     sections = list(plan)
     bench = Bench(args)
-    if bench.world > 1 and set(sections) - {"gemm", "train", "train_fast"}:
-        raise SystemExit("a multi-process launch runs only --sections gemm,train,train_fast")
+    if bench.world > 1 and set(sections) - {"gemm", "sample_parallel", "train", "train_fast"}:
+        raise SystemExit("a multi-process launch runs only --sections gemm,sample_parallel,train,train_fast")
     for noisy in ("diffusers", "deepspeed", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     bench.result.update({
@@ -1389,7 +1491,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("device %s, sections %s, archs %s", bench.device, sections, archs)
     runners: dict[str, Callable[[Bench, str], None]] = {
         "step": run_step, "step_fast": run_step_fast, "sample": run_sample, "sample_fast": run_sample_fast,
-        "train": run_train, "train_fast": run_train_fast}
+        "sample_parallel": run_sample_parallel, "train": run_train, "train_fast": run_train_fast}
     if "gemm" in sections:  # every rank measures its own GPU; rank 0 writes
         run_gemm(bench)
         bench.save()

@@ -155,3 +155,20 @@ def test_section_plan_and_merge(tmp_path):
     assert merged["step"]["5b"] == {"x": 1} and "2b_zero2_1gpu" in merged["train"]
     assert merged["gemm"]["ceiling_tflops"] == 700.0 and [x["gemm"]["ceiling_tflops"] for x in merged["runs"]] == [
         700.0, 710.0]
+
+
+@pytest.mark.slow
+def test_two_rank_smoke_run_splits_one_sample_and_matches_one_gpu(tmp_path, torchrun, monkeypatch):
+    """sample_parallel under torchrun (2 CPU ranks, gloo): every transformer call of the timed sample
+    is split, rank 0 writes the JSON, and the split sample equals the one-rank sample to fp32 rounding."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "parallel.json"
+    torchrun(SCRIPT, "--smoke", "--cpu", "--sections", "sample_parallel:5b", "--out", out)
+    e = json.loads(out.read_text())["sample_parallel"]["5b_2gpu"]
+    # the timed steps, the 2 warm-up steps, and the warm-up and timed VAE decodes
+    assert e["gpus"] == 2 and e["split"]["calls_split"] == e["steps"] + 2 + 2
+    assert _positive(e["split"]["total_s"]) and _positive(e["one_gpu"]["total_s"])
+    assert e["split"]["vae_decodes"] == 2 and e["vs_one_gpu"]["latents"]["rel_l2"] < 1e-4
+    assert e["vs_one_gpu"]["videos"]["max_abs"] <= 1
+    assert "CFG-parallel" in out.with_suffix(".md").read_text()

@@ -95,7 +95,10 @@ def accelerate(transformer: torch.nn.Module, settings: AccelerationParams, devic
         raise AccelerationError(f"{type(transformer).__name__} declares no _repeated_blocks to compile")
     if compiled_blocks(transformer):
         return Acceleration(compiled_blocks=True, compile_mode=mode, reason="already compiled")
-    transformer.compile_repeated_blocks(fullgraph=True, mode=None if mode == "default" else mode, backend=BACKEND)
+    # dynamic=False: a new batch size (CFG-parallel's half batch, a last smaller batch) compiles its
+    # own static graph instead of turning every later call into a slower symbolic-shape graph
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode,
+                                        backend=BACKEND)
     logger.info("compiled %s's %s blocks (torch.compile, fullgraph, mode %s): the first forward compiles",
                 type(transformer).__name__, "/".join(transformer._repeated_blocks), mode)
     return Acceleration(compiled_blocks=True, compile_mode=mode)

@@ -1,6 +1,10 @@
 """``udpdiff`` command line (library level: no Prefect, no MLflow).
 
     udpdiff generate --prompt "a red sphere rolls left" --task depth --pipeline models/tiny/pipeline
+
+Under a launcher (``torchrun --nproc_per_node 2 -m udpdiff.cli generate ...``) the ranks share
+one sample: each runs its slice of the classifier-free-guidance batch (``udpdiff.parallel``) and
+rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -12,6 +16,13 @@ from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from udpdiff.distributed import inference_ranks
+
+    with inference_ranks() as ranks:
+        return _generate_on(args, ranks)
+
+
+def _generate_on(args: argparse.Namespace, ranks) -> int:
     import numpy as np
     import torch
 
@@ -19,6 +30,7 @@ def _generate(args: argparse.Namespace) -> int:
     from udpdiff.acceleration import accelerate_pipeline
     from udpdiff.config import AccelerationParams
     from udpdiff.devices import default_device
+    from udpdiff.parallel import split_cfg_batch
     from udpdiff.pipeline import UDPDiffPipeline
     from udpdiff.stages.common import dense_picture
 
@@ -35,11 +47,17 @@ def _generate(args: argparse.Namespace) -> int:
     pipe.to(default_device())
     compile_blocks = {"true": True, "false": False}.get(args.compile_blocks, args.compile_blocks)
     accelerate_pipeline(pipe, AccelerationParams(compile_blocks=compile_blocks, vae_decode=args.vae_decode))
+    split = split_cfg_batch(pipe, ranks)
     generator = torch.Generator().manual_seed(args.seed)
     num_frames = args.num_frames or pipe.transformer.config.sample_frames
     out = pipe(args.prompt, task=task, num_frames=num_frames, height=args.height, width=args.width,
                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator,
                max_sequence_length=pipe.transformer.config.max_text_seq_length)
+    if split is not None and not split.splits:
+        logging.getLogger(__name__).warning("%d ranks computed the same sample whole: nothing to split "
+                                            "(guidance scale %s)", ranks.world, args.guidance_scale)
+    if not ranks.is_main:
+        return 0
     out_dir = Path(args.out)
     stem = out_dir / f"{task or 'rgb'}-seed{args.seed}"
     from udpdiff.io.atomic import atomic_path

@@ -174,6 +174,14 @@ class UDPDiffPipeline(CogVideoXPipeline):
         frames = self._decode(torch.cat([latents[:, :, :LATENT_CHANNELS], latents[:, :, LATENT_CHANNELS:]]))
         return frames[:batch], frames[batch:]
 
+    # set by udpdiff.parallel.split_cfg_batch: this rank decodes its slice of each VAE batch
+    batch_split = None
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.batch_split is None:
+            return super().decode_latents(latents)
+        return self.batch_split(super().decode_latents, latents)
+
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         # (B,F,C,h,w) latents -> uint8 frames, trimming any frames the 1.5 patching padded on
         return to_uint8(self.decode_latents(latents.to(self.vae.dtype)))
