@@ -33,6 +33,13 @@ Sections (``--sections``, any subset, in this order):
 * ``sample_parallel`` — under ``torchrun --nproc_per_node N``: one fast-path sample with its CFG
   batch split over the N GPUs (``udpdiff.parallel``), then the same sample on one GPU; times and
   the difference between the two.
+* ``approx`` — the opt-in approximate sampling modes (``acceleration.approximate``: float8 block
+  linears, the first-block / faster / pab step caches; ``--approx-modes``) against the lossless fast
+  path (compiled blocks, ``--attention``), ours, one GPU: per mode a whole sample of
+  ``--approx-steps`` steps with the same prompt embedding, seed and weights, its seconds per CFG-2
+  step and total, and its quality cost against the lossless sample: final-latent PSNR and relative
+  L2, and the decoded video's and colormap's uint8 differences. float8 rows where it cannot run
+  (CPU, pre-sm89, no torchao) are recorded as skipped with the reason.
 
 Models have random weights and are built directly on the GPU in bf16; each is freed before the
 next. FLOPs are counted analytically from the config (see ``forward_flops``). The JSON is written
@@ -41,6 +48,7 @@ after every section, so a run stopped by a time limit keeps what it measured.
     python benchmarks/bench_gpu.py --out benchmarks/results/gpu-h100.json
     python benchmarks/bench_gpu.py --sections gemm,step --archs 5b --out /tmp/x.json
     python benchmarks/bench_gpu.py --sections gemm,step_fast:5b,sample_fast:5b --out /tmp/fast.json
+    python benchmarks/bench_gpu.py --sections approx:5b --attention fa3 --approx-steps 30 --out /tmp/approx.json
     python benchmarks/bench_gpu.py --smoke --out /tmp/smoke.json        # tiny, CPU ok, seconds
     python benchmarks/bench_gpu.py --merge a.json b.json --out all.json # combine runs' sections
 """
@@ -75,7 +83,8 @@ from benchmarks.common import machine_info as common_machine_info  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 
-SECTIONS = ("gemm", "step", "step_fast", "sample", "sample_fast", "sample_parallel", "train", "train_fast")
+SECTIONS = ("gemm", "step", "step_fast", "sample", "sample_fast", "sample_parallel", "approx", "train", "train_fast")
+APPROX_MODES = ("float8", "first-block", "faster", "pab")
 
 # Published CogVideoX 1.0 transformer configs (THUDM/CogVideoX-{2b,5b}/transformer/config.json).
 COMMON = dict(attention_head_dim=64, time_embed_dim=512, text_embed_dim=4096, patch_size=2, max_text_seq_length=226,
@@ -192,7 +201,7 @@ def param_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-PACKAGES = ("torch", "diffusers", "deepspeed", "transformers", "numpy")
+PACKAGES = ("torch", "diffusers", "deepspeed", "transformers", "numpy", "torchao")
 
 
 def machine_info(bench: Bench) -> dict[str, Any]:
@@ -878,6 +887,128 @@ def run_sample_parallel(bench: Bench, arch: str) -> None:
                 entry["vs_one_gpu"]["latents"]["rel_l2"])
 
 
+def approx_settings(bench: Bench, mode: str):
+    """``acceleration`` for one row of the approx section: the lossless fast path (compiled blocks,
+    ``--attention``, batched decode) plus the mode; faster and pab keep the blocks eager (auto)."""
+    from udpdiff.config import AccelerationParams
+
+    a = bench.args
+    base = {"compile_blocks": True, "compile_mode": a.compile_mode, "vae_decode": "batched", "attention": a.attention}
+    approximate = {"float8": "rowwise"} if mode == "float8" else {} if mode == "lossless" else {"cache": {"type": mode}}
+    if mode in ("faster", "pab"):
+        base["compile_blocks"] = "auto"
+    return AccelerationParams.model_validate({**base, "approximate": approximate})
+
+
+@contextlib.contextmanager
+def first_block_decisions() -> Iterator[list[bool]]:
+    """The first-block cache's per-step decisions (True = the other blocks ran), as they are made."""
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    decide = FBCHeadBlockHook._should_compute_remaining_blocks
+    seen: list[bool] = []
+
+    def spy(self, residual):
+        seen.append(decide(self, residual))
+        return seen[-1]
+
+    FBCHeadBlockHook._should_compute_remaining_blocks = spy
+    try:
+        yield seen
+    finally:
+        FBCHeadBlockHook._should_compute_remaining_blocks = decide
+
+
+def latent_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR (dB) of ``out`` against ``ref``, the peak being the reference's value range."""
+    o, r = out.detach().float(), ref.detach().float()
+    mse = float((o - r).pow(2).mean())
+    peak = float(r.max() - r.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def approx_one(bench: Bench, arch: str, mode: str, vae, timer: SampleTimer) -> tuple[dict, Any, Any]:
+    """One mode: a fresh transformer (same seed, same weights), the fast path + the mode, an untimed
+    2-step warm-up when the blocks are compiled, then the timed sample."""
+    from diffusers import CogVideoXPipeline
+
+    from udpdiff.acceleration import AccelerationError, accelerate_pipeline
+    from udpdiff.pipeline import UDPDiffPipeline
+    from udpdiff.tasks import task_id
+
+    transformer = build_transformer(bench, arch, ours=True).eval()
+    pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                           scheduler=build_scheduler(bench, arch))
+    timer.instrument(pipe)
+    try:
+        done = accelerate_pipeline(pipe, approx_settings(bench, mode))
+    except AccelerationError as exc:
+        return {"status": "skipped", "reason": str(exc)}, None, None
+    warmup_s = None
+    if done.compiled_blocks:
+        bench.sync()
+        t0 = time.perf_counter()
+        with transformer.task_context(task_id("depth")):
+            CogVideoXPipeline.__call__(pipe, "benchmark prompt", num_frames=bench.size["frames"],
+                                       height=bench.size["height"], width=bench.size["width"], guidance_scale=6.0,
+                                       num_inference_steps=2, output_type="latent",
+                                       generator=torch.Generator(device=bench.device).manual_seed(0))
+        bench.sync()
+        warmup_s = time.perf_counter() - t0
+    with first_block_decisions() as decisions:
+        row, result = timer.run(pipe, mode, 0, keep_latents=True, task="depth")
+    row.update(status="measured", compile_warmup_s=warmup_s, attention=done.attention, float8=done.float8,
+               cache=done.cache, blocks="compiled" if done.compiled_blocks else f"eager ({done.reason})")
+    if mode == "first-block":
+        row["first_block_full_steps"] = sum(decisions)
+    return row, result, timer.latents
+
+
+def run_approx(bench: Bench, arch: str) -> None:
+    """The approximate modes against the lossless fast path, same prompt embedding, seed and weights:
+    speed per mode and its quality cost (latent PSNR / relative L2, decoded frames)."""
+    a = bench.args
+    modes = [m for m in a.approx_modes.split(",") if m]
+    unknown = set(modes) - set(APPROX_MODES)
+    if unknown:
+        raise SystemExit(f"--approx-modes: unknown {sorted(unknown)}; choose from {APPROX_MODES}")
+    steps = a.approx_steps or a.sample_steps
+    vae = build_vae(bench, arch)
+    timer = SampleTimer(bench, arch, steps)
+    entry: dict[str, Any] = {
+        "steps": steps, "target_steps": a.sample_steps,
+        "steps_note": "as asked" if steps == a.sample_steps else f"--approx-steps {steps} (not {a.sample_steps}): "
+                      f"totals are also scaled to {a.sample_steps} steps (scaled_total_s); quality is at {steps}",
+        "scheduler": None, "guidance_scale": 6.0, "size": bench.size, "attention": a.attention, "modes": {},
+        "note": "ours, random weights; every row a fresh transformer of the same seed (the same weights), the same "
+                "precomputed prompt embedding and seed; lossless = compiled blocks + --attention + batched decode; "
+                "float8 and first-block add to it (first-block compiles the blocks beneath its hooks); faster and pab "
+                "run eager blocks (their attention hooks cannot sit in a compiled block). Quality vs lossless: latent "
+                "PSNR (peak = the lossless latents' range) and relative L2 of the final latents, uint8 differences of "
+                "the decoded video and colormap. Random weights make the caches' skip decisions unrepresentative of "
+                "a trained model: the figures bound cost, not quality on real prompts",
+    }
+    bench.result.setdefault("approx", {})[arch] = entry
+    ref_row, ref, ref_latents = approx_one(bench, arch, "lossless", vae, timer)
+    entry["lossless"] = ref_row
+    entry["scheduler"] = build_scheduler(bench, arch).__class__.__name__
+    bench.free()
+    bench.save()
+    for mode in modes:
+        logger.info("approx %s: %s", arch, mode)
+        row, result, latents = approx_one(bench, arch, mode, vae, timer)
+        if result is not None:
+            row["vs_lossless"] = {
+                "latents": {**tensor_differences(latents, ref_latents), "psnr_db": latent_psnr(latents, ref_latents)},
+                "videos": frame_differences(result.videos, ref.videos),
+                "colormaps": frame_differences(result.colormaps, ref.colormaps)}
+            row["speedup_denoise"] = ref_row["denoise_s"] / row["denoise_s"]
+        entry["modes"][mode] = row
+        result = latents = None
+        bench.free()
+        bench.save()  # a run stopped by a time limit keeps every mode it measured
+
+
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
@@ -1329,6 +1460,27 @@ def render_markdown(r: dict[str, Any]) -> str:
                          f"{v['colormaps']['max_abs']:.0f} · {v['colormaps']['mean_abs']:.3f} | "
                          f"{v['depth']['mean_abs']:.4f} |")
         lines += ["", *sorted({e["note"] for e in r["sample_parallel"].values()}), ""]
+    if "approx" in r:
+        lines += ["## Approximate sampling modes against the lossless fast path (ours, same seed and weights)", "",
+                  "| arch | mode | blocks | steps | s/step | total s | total s scaled | latents vs lossless: PSNR dB · "
+                  "rel L2 | videos: max · mean abs | colormaps: max · mean abs |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for arch, e in r["approx"].items():
+            for name, x in [("lossless", e.get("lossless", {})), *e.get("modes", {}).items()]:
+                if x.get("status") != "measured":
+                    lines.append(f"| {arch} | {name} | {x.get('status', '?')}: {x.get('reason', '')} | | | | | | | |")
+                    continue
+                v = x.get("vs_lossless")
+                q = ("reference", "", "") if v is None else (
+                    f"{_f(v['latents']['psnr_db'], '{:.1f}')} · {v['latents']['rel_l2']:.2e}",
+                    f"{v['videos']['max_abs']:.0f} · {v['videos']['mean_abs']:.2f}",
+                    f"{v['colormaps']['max_abs']:.0f} · {v['colormaps']['mean_abs']:.2f}")
+                lines.append(f"| {arch} | {name} | {x['blocks']} | {x['steps']} | "
+                             f"{_f(x['denoise_per_step_s'])} | {_f(x['total_s'], '{:.1f}')} | "
+                             f"{_f(x.get('scaled_total_s'), '{:.1f}')} | {q[0]} | {q[1]} | {q[2]} |")
+        notes = {e["note"] for e in r["approx"].values() if "note" in e}
+        steps_notes = [f"{a}: {e['steps_note']}" for a, e in r["approx"].items() if "steps_note" in e]
+        lines += ["", *sorted(notes), "Steps: " + "; ".join(steps_notes) + ".", ""]
     if "train_fast" in r:
         lines += ["## Fast path: training step, ours (ZeRO-2, micro batch 1, bf16)", "",
                   "| setting | variant: blocks, checkpointing, AdamW | s/step | saving | tokens/s/GPU | MFU (3x fwd) | "
@@ -1435,9 +1587,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"train_fast's rows, comma list of {list(TRAIN_VARIANTS)} (eager first: the others are "
                         "compared with it)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "fa3"],
-                   help="sample_fast: the fast path's attention (fa3: udpdiff.attention, needs fa3-fwd and sm90)")
+                   help="sample_fast, approx: the fast path's attention (fa3: udpdiff.attention, needs fa3-fwd and "
+                        "sm90)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the *_fast sections' blocks (params.yaml acceleration.compile_mode)")
+    p.add_argument("--approx-modes", default=",".join(APPROX_MODES),
+                   help=f"approx: comma list of {APPROX_MODES}, each measured against the lossless fast path")
+    p.add_argument("--approx-steps", type=int, default=None,
+                   help="approx: denoising steps per sample (default --sample-steps; totals are scaled to it)")
     p.add_argument("--no-fp32-reference", action="store_true",
                    help="step_fast: skip the fp32 forward that eager and compiled bf16 outputs are measured against")
     p.add_argument("--budget-s", type=float, default=None,
@@ -1484,6 +1641,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "step_iters", "sample_steps", "train_warmup",
                                                                   "train_iters")},
                      "budget_s": args.budget_s, "compile_mode": args.compile_mode, "attention": args.attention,
+                     "approx_modes": args.approx_modes, "approx_steps": args.approx_steps,
                      "compile_backend": acceleration_backend()},
         "notes": ["random weights; models built on the device and cast to bf16; eager PyTorch (no torch.compile) "
                   "except the *_fast sections' compiled blocks; diffusers' default attention processor (SDPA)"],
@@ -1491,7 +1649,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("device %s, sections %s, archs %s", bench.device, sections, archs)
     runners: dict[str, Callable[[Bench, str], None]] = {
         "step": run_step, "step_fast": run_step_fast, "sample": run_sample, "sample_fast": run_sample_fast,
-        "sample_parallel": run_sample_parallel, "train": run_train, "train_fast": run_train_fast}
+        "sample_parallel": run_sample_parallel, "approx": run_approx, "train": run_train, "train_fast": run_train_fast}
     if "gemm" in sections:  # every rank measures its own GPU; rank 0 writes
         run_gemm(bench)
         bench.save()

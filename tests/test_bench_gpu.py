@@ -37,7 +37,7 @@ def smoke(tmp_path_factory) -> tuple[dict, Path]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     # every section; the fast path's step and sample for 5B alone (rotary, the larger case: the CPU
     # tests cover both), so the fast sections add seconds, not tens of seconds, to CI
-    sections = "gemm,step,sample,train,step_fast:5b,sample_fast:5b,train_fast:2b+5b"
+    sections = "gemm,step,sample,train,step_fast:5b,sample_fast:5b,approx:5b,train_fast:2b+5b"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", sections, "--out", str(out),
                            "--train-variants", "eager,compiled,fast,fast-nockpt"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -119,6 +119,26 @@ def test_smoke_run_measures_the_fast_path_against_eager(smoke):
     assert r["train_fast"]["5b_zero2_2gpu"]["status"] == "not run"
     table = out.with_suffix(".md").read_text()
     assert "Fast path: denoising step" in table and "Fast path: full sample" in table and "Fast path: training" in table
+
+
+def test_smoke_run_measures_the_approximate_modes_against_the_lossless_path(smoke):
+    """approx: every cache mode runs and is compared with the lossless fast path on the same seed;
+    float8 cannot run on the CPU and says why."""
+    r, out = smoke
+    e = r["approx"]["5b"]
+    assert e["lossless"]["status"] == "measured" and e["lossless"]["blocks"] == "compiled"
+    assert e["steps"] == 2 and e["steps_note"] == "as asked"
+    assert e["modes"]["float8"]["status"] == "skipped" and "CUDA" in e["modes"]["float8"]["reason"]
+    for mode in ("first-block", "faster", "pab"):
+        row = e["modes"][mode]
+        assert row["status"] == "measured" and row["cache"] == mode, mode
+        assert _positive(row["denoise_per_step_s"]) and _positive(row["total_s"]), mode
+        v = row["vs_lossless"]
+        assert set(v) == {"latents", "videos", "colormaps"} and v["latents"]["psnr_db"] > 0, mode
+        assert 0 <= v["videos"]["mean_abs"] <= v["videos"]["max_abs"] <= 255, mode
+    assert e["modes"]["first-block"]["blocks"] == "compiled"  # beneath its hooks
+    assert e["modes"]["pab"]["blocks"].startswith("eager")
+    assert "Approximate sampling modes" in out.with_suffix(".md").read_text()
 
 
 def test_flop_count_matches_the_reference_figures():

@@ -22,6 +22,26 @@ One place applies params.yaml's ``acceleration`` section, so training, the sampl
 * **batched VAE decode**: ``UDPDiffPipeline`` decodes the RGB and the dense half in one VAE call;
   ``vae_decode: sequential`` turns on diffusers' VAE slicing, which decodes one video at a time
   (the memory of two separate decodes, the same frames).
+
+Everything above is lossless. ``acceleration.approximate`` is not: opt-in approximate sampling,
+applied by :func:`accelerate_pipeline` only (sampling, ``udpdiff generate``, the benchmark; training
+never calls it, and :func:`check_inference` refuses a transformer in training mode):
+
+* **float8** (:func:`use_float8`): torchao's dynamic float8 (e4m3) activations and weights with one
+  scale per row, in the transformer blocks' ``nn.Linear`` layers only (``quantize_`` swaps their
+  weights for float8 tensors in place; the patch embedding, time embedding and output head stay
+  bf16). Applied before the blocks are compiled, so Inductor fuses the activation quantisation.
+  CUDA sm89+ (Ada, Hopper) with bf16 weights and the optional ``torchao`` extra.
+* **step caches** (:func:`use_cache`): diffusers' ``CacheMixin.enable_cache`` with First-Block
+  Cache, FasterCache or Pyramid Attention Broadcast. Their hooks keep state across the steps of
+  one sample; diffusers' CogVideoX loop runs each step in ``transformer.cache_context`` and resets
+  the hooks when the loop ends, and ``UDPDiffPipeline`` resets them again before each sample (a
+  sample interrupted half way leaves nothing behind). First-Block Cache's hooks wrap whole blocks
+  and decide per step, on the host, whether to skip: the blocks are then compiled *beneath* the
+  hooks (each block's ``forward``, the same one shared graph), never around them. FasterCache and
+  PAB hook each block's attention layer, inside the block, and branch on Python state per step: a
+  fullgraph-compiled block cannot hold them, so with them the blocks stay eager (``auto``) or the
+  combination is refused (``compile_blocks: true``).
 """
 
 from __future__ import annotations
@@ -35,7 +55,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 if TYPE_CHECKING:
-    from udpdiff.config import AccelerationParams
+    from udpdiff.config import AccelerationParams, ApproximateParams, CacheParams
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +76,8 @@ class Acceleration:
     compile_mode: str | None = None
     reason: str = ""
     attention: str = "sdpa"
+    float8: str = "none"  # approximate: float8 linears in the blocks (rowwise) or none
+    cache: str | None = None  # approximate: the diffusers step cache in use (first-block, faster, pab)
 
 
 def wants_compiled_blocks(setting: bool | str, device: torch.device | str) -> bool:
@@ -65,21 +87,32 @@ def wants_compiled_blocks(setting: bool | str, device: torch.device | str) -> bo
     return bool(setting)
 
 
-def compiled_blocks(transformer: torch.nn.Module) -> bool:
-    """Whether any of the transformer's repeated blocks runs compiled (``nn.Module.compile``)."""
+def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(transformer, "_repeated_blocks", None) or ())
-    return any(type(m).__name__ in names and getattr(m, "_compiled_call_impl", None) is not None
-               for m in transformer.modules())
+    return [m for m in transformer.modules() if type(m).__name__ in names]
+
+
+def compiled_blocks(transformer: torch.nn.Module) -> bool:
+    """Whether any of the transformer's repeated blocks runs compiled: around its call
+    (``nn.Module.compile``) or beneath its cache hooks (its ``forward``, :func:`_compile_forwards`)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None or getattr(m, "_udpdiff_compiled_forward", False)
+               for m in _repeated_blocks(transformer))
+
+
+# caches whose hooks sit inside each block (on its attention layer) and branch on Python state per step
+_CACHES_INSIDE_BLOCKS = ("faster", "pab")
 
 
 def accelerate(transformer: torch.nn.Module, settings: AccelerationParams, device: torch.device | str, *,
-               sharded_parameters: bool = False) -> Acceleration:
+               sharded_parameters: bool = False, cache: CacheParams | None = None) -> Acceleration:
     """Apply ``settings`` to ``transformer`` in place (before it is wrapped by DeepSpeed or used by
     a pipeline); returns what was done.
 
     ``sharded_parameters``: the blocks' weights are gathered by hooks around each module (ZeRO-3).
     Those hooks run inside the block's call, so a compiled block would have to trace DeepSpeed's
     collectives: ``auto`` then stays eager, and an explicit ``true`` is refused.
+    ``cache``: the step cache :func:`use_cache` will add (sampling only): first-block compiles the
+    blocks beneath its hooks; faster and pab keep them eager (``auto``) or are refused (``true``).
     """
     # both keys are read whatever the outcome: they are the stage's inputs either way (dvc.yaml)
     setting, mode = settings.compile_blocks, settings.compile_mode
@@ -91,17 +124,37 @@ def accelerate(transformer: torch.nn.Module, settings: AccelerationParams, devic
             return Acceleration(compiled_blocks=False, reason="ZeRO-3 gathers each block's weights in hooks (auto)")
         raise AccelerationError("acceleration.compile_blocks: true cannot compile blocks whose weights ZeRO-3 "
                                 "gathers in hooks around them; use auto or false with ZeRO-3")
+    if cache is not None and cache.type in _CACHES_INSIDE_BLOCKS:
+        if setting == "auto":
+            return Acceleration(compiled_blocks=False, reason=f"the {cache.type} cache hooks attention inside the "
+                                                              "blocks, which a compiled block cannot run (auto)")
+        raise AccelerationError(f"acceleration.approximate.cache: {cache.type} hooks each block's attention layer "
+                                "and branches on Python state every step, which a fullgraph-compiled block cannot "
+                                "run; use compile_blocks: auto or false with it (or the first-block cache)")
     if not getattr(transformer, "_repeated_blocks", None):
         raise AccelerationError(f"{type(transformer).__name__} declares no _repeated_blocks to compile")
     if compiled_blocks(transformer):
         return Acceleration(compiled_blocks=True, compile_mode=mode, reason="already compiled")
     # dynamic=False: a new batch size (CFG-parallel's half batch, a last smaller batch) compiles its
     # own static graph instead of turning every later call into a slower symbolic-shape graph
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode,
-                                        backend=BACKEND)
-    logger.info("compiled %s's %s blocks (torch.compile, fullgraph, mode %s): the first forward compiles",
-                type(transformer).__name__, "/".join(transformer._repeated_blocks), mode)
+    options = dict(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode, backend=BACKEND)
+    if cache is not None:  # first-block: its hooks wrap each block's forward, outside the graph
+        _compile_forwards(transformer, **options)
+    else:
+        transformer.compile_repeated_blocks(**options)
+    logger.info("compiled %s's %s blocks (torch.compile, fullgraph, mode %s%s): the first forward compiles",
+                type(transformer).__name__, "/".join(transformer._repeated_blocks), mode,
+                ", beneath the cache hooks" if cache is not None else "")
     return Acceleration(compiled_blocks=True, compile_mode=mode)
+
+
+def _compile_forwards(transformer: torch.nn.Module, **options) -> None:
+    """Regional compilation of each repeated block's ``forward`` rather than of its whole call: a
+    cache hook registered afterwards (diffusers' ``HookRegistry`` wraps ``forward``) runs eagerly and
+    calls the compiled forward. One code object, so every block shares the one compiled graph."""
+    for block in _repeated_blocks(transformer):
+        block.forward = torch.compile(block.forward, **options)
+        block._udpdiff_compiled_forward = True
 
 
 # ops whose outputs selective checkpointing keeps: the matmuls (nn.Linear dispatches to mm/addmm)
@@ -151,15 +204,113 @@ def adamw(parameters, device: torch.device | str, *, fused: bool | None = None, 
 
 def accelerate_pipeline(pipe, settings: AccelerationParams) -> Acceleration:
     """``accelerate`` for a pipeline's transformer (on the pipeline's device), its attention kernel
-    (:func:`use_attention`) and its VAE decode: batched (one call for the video and the colormap)
-    or sequential (VAE slicing)."""
+    (:func:`use_attention`), its VAE decode: batched (one call for the video and the colormap) or
+    sequential (VAE slicing), and the opt-in approximations of ``settings.approximate`` (float8
+    linears before the compile, a step cache after it)."""
     if settings.vae_decode == "sequential":
         pipe.vae.enable_slicing()
     else:
         pipe.vae.disable_slicing()
+    approx = settings.approximate
+    check_inference(pipe.transformer, approx)
     kernel = use_attention(pipe.transformer, settings)
-    done = accelerate(pipe.transformer, settings, pipe.transformer.device)
-    return Acceleration(done.compiled_blocks, done.compile_mode, done.reason, attention=kernel)
+    use_float8(pipe.transformer, approx.float8)
+    done = accelerate(pipe.transformer, settings, pipe.transformer.device, cache=approx.cache)
+    cache = use_cache(pipe, approx.cache)
+    return Acceleration(done.compiled_blocks, done.compile_mode, done.reason, attention=kernel, float8=approx.float8,
+                        cache=cache)
+
+
+# -- approximate sampling (acceleration.approximate): changes the outputs ---------------------------------
+def check_inference(transformer: torch.nn.Module, approx: ApproximateParams) -> None:
+    """Refuse approximations on a transformer in training mode: they are for sampling only (float8
+    here is inference quantisation, and diffusers' caches skip work across denoising steps)."""
+    if approx.active and transformer.training:
+        raise AccelerationError("acceleration.approximate (float8, cache) changes what the transformer computes and "
+                                "is for sampling only; this transformer is in training mode (training ignores the "
+                                "setting; for sampling call .eval() first)")
+
+
+def float8_unavailable(transformer: torch.nn.Module) -> str | None:
+    """Why float8 linears cannot run for ``transformer`` here (None: they can)."""
+    import importlib.util
+
+    device = next(transformer.parameters()).device
+    if device.type != "cuda":
+        return f"a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); the transformer is on {device.type}"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is sm{major}{minor}"
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao (pip install -e \".[float8]\")"
+    dtypes = {m.weight.dtype for m in _block_linears(transformer)}
+    if dtypes != {torch.bfloat16}:
+        return f"bf16 weights in the blocks' linear layers (rowwise scales); they are {sorted(map(str, dtypes))}"
+    return None
+
+
+def _block_linears(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for name, m in transformer.named_modules() if _is_block_linear(m, name)]
+
+
+def _is_block_linear(module: torch.nn.Module, name: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks.")
+
+
+def use_float8(transformer: torch.nn.Module, setting: str) -> None:
+    """``float8: rowwise``: torchao's float8 dynamic activation + weight quantisation, one scale
+    per row, on the blocks' linear layers, in place. Inductor's global settings are left alone
+    (``set_inductor_config=False``: torchao's would turn on coordinate-descent tuning for every
+    later compile in the process)."""
+    if setting == "none":
+        return
+    why = float8_unavailable(transformer)
+    if why is not None:
+        raise AccelerationError(f"acceleration.approximate.float8: {setting} needs {why}; use float8: none here")
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+              filter_fn=_is_block_linear)
+    logger.info("float8 (torchao, rowwise dynamic activation + weight) in %d block linear layers",
+                len(_block_linears(transformer)))
+
+
+def use_cache(pipe, cache: CacheParams | None) -> str | None:
+    """Enable ``cache`` (diffusers' ``CacheMixin.enable_cache``) on the pipeline's transformer, after
+    :func:`accelerate` (which compiled the blocks beneath first-block's hooks, or kept them eager
+    for faster and pab); returns its type, or None."""
+    if cache is None:
+        return None
+    transformer = pipe.transformer
+    if cache.type == "first-block" and any(getattr(m, "_compiled_call_impl", None) is not None
+                                           for m in _repeated_blocks(transformer)):
+        raise AccelerationError("acceleration.approximate.cache: first-block needs the blocks compiled beneath its "
+                                "hooks (accelerate(..., cache=...)), not around their call")
+    if transformer.is_cache_enabled:
+        transformer.disable_cache()
+    transformer.enable_cache(diffusers_cache_config(cache, lambda: pipe.current_timestep))
+    logger.info("step cache: %s (diffusers CacheMixin; changes the outputs)", cache)
+    return cache.type
+
+
+def diffusers_cache_config(cache: CacheParams, current_timestep):
+    """``cache`` as diffusers' config object; ``current_timestep`` returns the denoising loop's timestep."""
+    from diffusers.hooks import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    if cache.type == "first-block":
+        return FirstBlockCacheConfig(threshold=cache.threshold)
+    if cache.type == "pab":
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=cache.attention_skip_range,
+                                               spatial_attention_timestep_skip_range=cache.timesteps,
+                                               current_timestep_callback=current_timestep)
+    weight = cache.attention_weight
+    # CogVideoX's latents are (B, F, C, H, W): the frequency split runs over each frame's channels
+    return FasterCacheConfig(spatial_attention_block_skip_range=cache.attention_skip_range,
+                             spatial_attention_timestep_skip_range=cache.attention_timesteps,
+                             attention_weight_callback=lambda _: weight,
+                             unconditional_batch_skip_range=cache.uncond_skip_range,
+                             unconditional_batch_timestep_skip_range=cache.uncond_timesteps,
+                             tensor_format="BFCHW", current_timestep_callback=current_timestep)
 
 
 def use_attention(transformer: torch.nn.Module, settings: AccelerationParams) -> str:

@@ -46,7 +46,9 @@ def _generate_on(args: argparse.Namespace, ranks) -> int:
     task = (args.task or "depth") if pipe.dense else None
     pipe.to(default_device())
     compile_blocks = {"true": True, "false": False}.get(args.compile_blocks, args.compile_blocks)
-    accelerate_pipeline(pipe, AccelerationParams(compile_blocks=compile_blocks, vae_decode=args.vae_decode))
+    approximate = {"float8": args.float8, "cache": None if args.cache == "none" else {"type": args.cache}}
+    accelerate_pipeline(pipe, AccelerationParams.model_validate(
+        {"compile_blocks": compile_blocks, "vae_decode": args.vae_decode, "approximate": approximate}))
     split = split_cfg_batch(pipe, ranks)
     generator = torch.Generator().manual_seed(args.seed)
     num_frames = args.num_frames or pipe.transformer.config.sample_frames
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile each transformer block (auto: on CUDA; the first sample pays the compile)")
     g.add_argument("--vae-decode", choices=["batched", "sequential"], default="batched",
                    help="video and colormap in one VAE call, or one at a time (less memory)")
+    g.add_argument("--float8", choices=["none", "rowwise"], default="none",
+                   help="APPROXIMATE (changes the output): float8 linears in the blocks (torchao; CUDA sm89+)")
+    g.add_argument("--cache", choices=["none", "first-block", "faster", "pab"], default="none",
+                   help="APPROXIMATE (changes the output): a diffusers step cache, default knobs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":

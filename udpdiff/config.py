@@ -11,10 +11,19 @@ import shlex
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from udpdiff.data.curation_params import CurationParams
 from udpdiff.tasks import validate_tasks
@@ -305,10 +314,74 @@ class SampleParams(_Strict):
     runtime_trials: int = Field(1, ge=0)      # timed runs of ours and the stock architecture (Tab 4)
 
 
+def _timestep_range(v: tuple[int, int]) -> tuple[int, int]:
+    if not -1 <= v[0] < v[1] <= 1000:
+        raise ValueError(f"a timestep range (low, high) with -1 <= low < high <= 1000, got {list(v)}")
+    return v
+
+
+TimestepRange = Annotated[tuple[int, int], AfterValidator(_timestep_range)]
+
+
+class FirstBlockCacheParams(_Strict):
+    """diffusers' First-Block Cache: every step runs the first block; when its residual changed by
+    less than ``threshold`` (relative mean absolute difference) since the last full step, the other
+    blocks are skipped and their cached residual is added instead."""
+
+    type: Literal["first-block"]
+    threshold: float = Field(0.05, gt=0, lt=1)
+
+
+class FasterCacheParams(_Strict):
+    """diffusers' FasterCache: attention outputs reused (extrapolated) between recomputations every
+    ``attention_skip_range`` steps inside ``attention_timesteps``, and the unconditional CFG half
+    skipped (approximated from the conditional one in frequency space) except every
+    ``uncond_skip_range`` steps inside ``uncond_timesteps``. Needs CFG (guidance_scale > 1)."""
+
+    type: Literal["faster"]
+    attention_skip_range: int = Field(2, ge=2)
+    attention_timesteps: TimestepRange = (-1, 681)
+    attention_weight: float = Field(0.3, ge=0, le=1)  # diffusers' CogVideoX example
+    uncond_skip_range: int = Field(5, ge=2)
+    uncond_timesteps: TimestepRange = (-1, 641)
+
+
+class PyramidAttentionBroadcastParams(_Strict):
+    """diffusers' Pyramid Attention Broadcast: each block's attention output is recomputed every
+    ``attention_skip_range`` steps inside ``timesteps`` and broadcast (reused as is) in between."""
+
+    type: Literal["pab"]
+    attention_skip_range: int = Field(2, ge=2)
+    timesteps: TimestepRange = (100, 800)
+
+
+CacheParams = Annotated[FirstBlockCacheParams | FasterCacheParams | PyramidAttentionBroadcastParams,
+                        Field(discriminator="type")]
+
+
+class ApproximateParams(_Strict):
+    """Opt-in approximate sampling: these CHANGE the outputs (each mode's cost against the lossless
+    path is measured by ``benchmarks/bench_gpu.py --sections approx``). Sampling, ``udpdiff
+    generate`` and the GPU benchmark apply them (``udpdiff.acceleration.accelerate_pipeline``);
+    training ignores this sub-section (it is not a train-stage parameter) and
+    ``udpdiff.acceleration.approximate`` refuses a transformer in training mode.
+
+    ``float8``: ``rowwise`` = the transformer blocks' linear layers in float8 (torchao: dynamic
+    activation + weight float8 e4m3, one scale per row; CUDA sm89+ and bf16 weights, the optional
+    ``torchao`` extra). ``cache``: one of diffusers' step caches, or null."""
+
+    float8: Literal["none", "rowwise"] = "none"
+    cache: CacheParams | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.float8 != "none" or self.cache is not None
+
+
 class AccelerationParams(_Strict):
-    """How the transformer runs, not what it computes: every setting here is lossless up to
-    floating-point rounding (bf16 tolerance), so none enters a checkpoint's fingerprint and a run
-    resumes across a change. One section because training, sampling, ``udpdiff generate`` and the
+    """How the transformer runs, not what it computes: every setting here but ``approximate`` is
+    lossless up to floating-point rounding (bf16 tolerance), so none enters a checkpoint's
+    fingerprint and a run resumes across a change. One section because training, sampling, ``udpdiff generate`` and the
     GPU benchmark all apply it through ``udpdiff.acceleration``.
 
     ``compile_blocks``: ``torch.compile`` each transformer block (regional compilation, diffusers'
@@ -326,6 +399,8 @@ class AccelerationParams(_Strict):
     # sampling's attention kernel: FlashAttention-3's forward (udpdiff.attention; the optional fa3-fwd
     # wheel, Hopper GPUs) or PyTorch's SDPA; auto = FA3 where it can run. Training always uses SDPA
     attention: Literal["auto", "sdpa", "fa3"] = "auto"
+    # NOT lossless: opt-in approximations for sampling only (ApproximateParams); off by default
+    approximate: ApproximateParams = ApproximateParams()
 
 
 class EvaluateParams(_Strict):

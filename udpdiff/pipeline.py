@@ -87,6 +87,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
         if not self.dense and video is not None:
             raise ValueError("video= predicts dense maps; this pipeline is RGB-only")
         tid = task_id(task) if self.dense else None
+        self._fresh_cache(guidance_scale)
         conditioning = self.config.task_conditioning
         if prompt is None:  # precomputed ``prompt_embeds`` (the task already in them for text-prompt)
             if kwargs.get("prompt_embeds") is None:
@@ -135,6 +136,18 @@ class UDPDiffPipeline(CogVideoXPipeline):
         dense = np.stack([d.cpu().numpy() if isinstance(d, torch.Tensor) else d for d in decoded])
         self.maybe_free_model_hooks()
         return UDPDiffPipelineOutput(videos=videos, colormaps=colormaps, dense=dense, task=task)
+
+    def _fresh_cache(self, guidance_scale: float) -> None:
+        """A diffusers step cache (``acceleration.approximate.cache``) starts every sample empty:
+        diffusers' loop resets it when it ends, this also covers a sample interrupted half way."""
+        transformer = self.transformer
+        if not getattr(transformer, "is_cache_enabled", False):
+            return
+        from diffusers.hooks import FasterCacheConfig
+
+        if isinstance(transformer._cache_config, FasterCacheConfig) and guidance_scale <= 1:
+            raise ValueError("the faster cache approximates the unconditional CFG half: it needs guidance_scale > 1")
+        transformer._reset_stateful_cache()
 
     @property
     def dense(self) -> bool:

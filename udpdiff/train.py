@@ -178,6 +178,15 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "sam
                      "deepspeed_config", "latents"}
 
 
+def _ignore_approximate(p: Params, rank: int) -> None:
+    """``acceleration.approximate`` is for sampling only: training ignores it (it is no input of the
+    train stage, so it is read unrecorded) and says so when it is set."""
+    with unrecorded():
+        approx = p.active.acceleration.approximate
+        if approx.active and rank == 0:
+            logger.warning("acceleration.approximate (%s) is for sampling only: training ignores it", approx)
+
+
 def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 1) -> str:
     """Hash of the settings a checkpoint depends on (not the ones a resumed run may change).
 
@@ -408,6 +417,7 @@ def train(
     # compiled blocks (on CUDA by default): before DeepSpeed wraps the model, in place, so the state
     # dict and its checkpoints keep their keys; not in run_fingerprint (a run resumes across a change)
     acceleration = accelerate(transformer, p.active.acceleration, device, sharded_parameters=zero == 3)
+    _ignore_approximate(p, rank)
     if rank == 0:
         logger.info("transformer blocks: %s; activation checkpointing: %s", "compiled" if acceleration.compiled_blocks
                     else f"eager ({acceleration.reason})", checkpointing)

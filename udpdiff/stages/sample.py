@@ -223,7 +223,7 @@ def stock_pipeline(p: Params, pipe):
     blocks are compiled when ours are (``acceleration``), so Tab 4 compares like with like."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from udpdiff.acceleration import accelerate, use_attention
+    from udpdiff.acceleration import accelerate_pipeline
     from udpdiff.models.transformer import LATENT_CHANNELS, UDPDiffTransformer3DModel
 
     spec = p.active.transformer
@@ -237,10 +237,10 @@ def stock_pipeline(p: Params, pipe):
         stock = CogVideoXTransformer3DModel.from_config(config).to(dtype)
     # diffusers 0.42's CogVideoX declares no repeated blocks; they are the same CogVideoXBlock as ours
     stock._repeated_blocks = UDPDiffTransformer3DModel._repeated_blocks
-    use_attention(stock, p.active.acceleration)  # the same kernels as ours: Tab 4 compares like with like
-    accelerate(stock, p.active.acceleration, device)
     out = CogVideoXPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                            transformer=stock.to(device), scheduler=pipe.scheduler)
+                            transformer=stock.to(device).eval(), scheduler=pipe.scheduler)
+    # the same kernels, compile and approximations as ours: Tab 4 compares like with like
+    accelerate_pipeline(out, p.active.acceleration)
     out.set_progress_bar_config(disable=True)
     return out
 
