@@ -205,6 +205,15 @@ def test_batched_decode_equals_two_decodes(tiny_pipeline):
         assert np.array_equal(got, want)
 
 
+def test_vae_tiling_and_slicing_follow_the_settings(tiny_pipeline):
+    pipe = tiny_pipeline()
+    pipe.vae.enable_tiling()  # as a pipeline saved by someone else might come
+    accelerate_pipeline(pipe, AccelerationParams())
+    assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
+    accelerate_pipeline(pipe, AccelerationParams(vae_tiling=True, vae_decode="sequential"))
+    assert pipe.vae.use_tiling and pipe.vae.use_slicing
+
+
 def test_pipeline_with_the_fast_path_equals_eager(tiny_pipeline):
     """A whole sample: compiled blocks + batched decode against eager + sequential decodes."""
 

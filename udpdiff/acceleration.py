@@ -205,12 +205,16 @@ def adamw(parameters, device: torch.device | str, *, fused: bool | None = None, 
 def accelerate_pipeline(pipe, settings: AccelerationParams) -> Acceleration:
     """``accelerate`` for a pipeline's transformer (on the pipeline's device), its attention kernel
     (:func:`use_attention`), its VAE decode: batched (one call for the video and the colormap) or
-    sequential (VAE slicing), and the opt-in approximations of ``settings.approximate`` (float8
+    sequential (VAE slicing), whole frames or tiles, and the opt-in approximations of ``settings.approximate`` (float8
     linears before the compile, a step cache after it)."""
     if settings.vae_decode == "sequential":
         pipe.vae.enable_slicing()
     else:
         pipe.vae.disable_slicing()
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
     approx = settings.approximate
     check_inference(pipe.transformer, approx)
     kernel = use_attention(pipe.transformer, settings)

@@ -48,7 +48,8 @@ def _generate_on(args: argparse.Namespace, ranks) -> int:
     compile_blocks = {"true": True, "false": False}.get(args.compile_blocks, args.compile_blocks)
     approximate = {"float8": args.float8, "cache": None if args.cache == "none" else {"type": args.cache}}
     accelerate_pipeline(pipe, AccelerationParams.model_validate(
-        {"compile_blocks": compile_blocks, "vae_decode": args.vae_decode, "approximate": approximate}))
+        {"compile_blocks": compile_blocks, "vae_decode": args.vae_decode, "vae_tiling": args.vae_tiling,
+         "approximate": approximate}))
     split = split_cfg_batch(pipe, ranks)
     generator = torch.Generator().manual_seed(args.seed)
     num_frames = args.num_frames or pipe.transformer.config.sample_frames
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--fps", type=float, default=8)
     g.add_argument("--compile-blocks", choices=["auto", "true", "false"], default="auto",
                    help="torch.compile each transformer block (auto: on CUDA; the first sample pays the compile)")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="decode in blended spatial tiles (less memory for large frames, slower)")
     g.add_argument("--vae-decode", choices=["batched", "sequential"], default="batched",
                    help="video and colormap in one VAE call, or one at a time (less memory)")
     g.add_argument("--float8", choices=["none", "rowwise"], default="none",

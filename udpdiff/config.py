@@ -396,6 +396,9 @@ class AccelerationParams(_Strict):
     # around the whole step, not around each of 42 blocks that share one compiled graph
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     vae_decode: Literal["batched", "sequential"] = "batched"
+    # decode in overlapping spatial tiles, blended at the seams (diffusers' VAE tiling): less decode
+    # memory for large frames, more time, and seams that differ slightly from a whole-frame decode
+    vae_tiling: bool = False
     # sampling's attention kernel: FlashAttention-3's forward (udpdiff.attention; the optional fa3-fwd
     # wheel, Hopper GPUs) or PyTorch's SDPA; auto = FA3 where it can run. Training always uses SDPA
     attention: Literal["auto", "sdpa", "fa3"] = "auto"
