@@ -214,3 +214,17 @@ def test_the_train_stage_ignores_the_section_and_says_so(caplog):
         _ignore_approximate(p, rank=0)
     assert not reads
     assert "for sampling only: training ignores it" in caplog.text
+
+
+def test_float8_targets_the_blocks_token_wise_linears_only():
+    """Attention projections and feed-forward of every block; not the AdaLN modulation linears
+    (one timestep embedding per sample) and nothing outside the blocks."""
+    from udpdiff.acceleration import _block_linears
+    from udpdiff.models.transformer import UDPDiffTransformer3DModel
+
+    model = UDPDiffTransformer3DModel(num_layers=2, num_attention_heads=2, attention_head_dim=8, time_embed_dim=8,
+                                      text_embed_dim=8)
+    names = {n for n, m in model.named_modules() if any(m is b for b in _block_linears(model))}
+    per_block = {n.split(".", 2)[2] for n in names}
+    assert {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.2"} <= per_block
+    assert not any("norm" in n for n in per_block) and len(names) == 2 * len(per_block)

@@ -233,7 +233,7 @@ def test_float8_step_matches_bf16_within_tolerance_on_gpu(compile_blocks):
         out = model(x, text, t, task_id=1, **kw).sample
     quantised = {n for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "Float8" in type(m.weight).__name__}
-    assert quantised and all(n.startswith("transformer_blocks.") for n in quantised)
+    assert quantised and all(n.startswith("transformer_blocks.") and ".norm" not in n for n in quantised)
     assert "Float8" not in type(model.proj_out.weight).__name__
     assert torch.isfinite(out).all() and 0 < _rel(out, ref) < 0.1, _rel(out, ref)
 

@@ -258,7 +258,10 @@ def _block_linears(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _is_block_linear(module: torch.nn.Module, name: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks.")
+    """The blocks' token-wise linears: attention projections and feed-forward. Not the AdaLN
+    modulation linears under ``norm1``/``norm2``: they map one timestep embedding per sample (a
+    2-D matrix-vector product float8 cannot speed up, and one torchao has no eager kernel for)."""
+    return isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks.") and ".norm" not in name
 
 
 def use_float8(transformer: torch.nn.Module, setting: str) -> None:
