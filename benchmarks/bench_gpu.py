@@ -142,6 +142,9 @@ class Bench:
         self.vae_config = SMOKE_VAE if args.smoke else VAE_CONFIG
         self.size = SMOKE_SIZE if args.smoke else FULL_SIZE
         self.t_start = time.perf_counter()
+        if cuda and args.memory_cap_gib:  # behave like a smaller GPU (the memory study: 5B on one 80 GB GPU)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), self.device)
         self.result: dict[str, Any] = {}
         # archs whose compiled block this process holds (torch._dynamo.reset() forgets them)
         self.compiled_archs: set[str] = set()
@@ -1021,15 +1024,16 @@ def init_distributed(bench: Bench) -> None:
     init(torch.device(bench.device))
 
 
-def zero2_config(bf16: bool = True) -> dict[str, Any]:
-    """infra/deepspeed/zero2.json with its "auto" fields filled by the training code itself, from
-    the paper profile's settings (micro batch 1, no accumulation, clipping 1.0, lr 1e-5)."""
+def zero2_config(bf16: bool = True, path: Path | str = "infra/deepspeed/zero2.json") -> dict[str, Any]:
+    """A shipped DeepSpeed JSON (``--deepspeed-config``; infra/deepspeed/zero2.json by default) with
+    its "auto" fields filled by the training code itself, from the paper profile's settings (micro
+    batch 1, no accumulation, clipping 1.0, lr 1e-5)."""
     from udpdiff.config import load_params
     from udpdiff.train import load_deepspeed_config
 
     p = load_params(ROOT / "params.yaml", profile="cogvideox-2b")
     p = p.with_overrides({"train.precision": "bf16" if bf16 else "fp32"})
-    return load_deepspeed_config(ROOT / "infra" / "deepspeed" / "zero2.json", p)
+    return load_deepspeed_config(ROOT / path, p)
 
 
 def train_batch(bench: Bench, arch: str, channels: int, seed: int) -> dict[str, torch.Tensor]:
@@ -1067,7 +1071,8 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
     cfg = bench.archs[arch]["transformer"]
     tc = token_counts(cfg, bench.size)
     logger.info("train %s %s (%s blocks, %s checkpointing, %s AdamW): ZeRO-2 on %d GPU(s), building", arch, name,
-                "compiled" if compiled else "eager", checkpointing, "fused" if fused else "foreach", world)
+                "compiled" if compiled else "eager", checkpointing,
+                "DeepSpeed's" if "optimizer" in ds_config else "fused" if fused else "foreach", world)
     model = build_transformer(bench, arch, ours=name == "ours")
     checkpoint_activations(model, checkpointing)
     model.train()
@@ -1075,8 +1080,11 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
         accelerate(model, AccelerationParams(compile_blocks=True, compile_mode=a.compile_mode), bench.device)
     ch = model_channels(model)
     params = n_params(model)
-    optimizer = adamw(model.parameters(), bench.device, fused=fused, lr=1e-5, weight_decay=1e-4)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
+    # as training does: DeepSpeed builds the optimizer when the JSON names one (CPU Adam for ZeRO-Offload)
+    optimizer = None if "optimizer" in ds_config else \
+        adamw(model.parameters(), bench.device, fused=fused, lr=1e-5, weight_decay=1e-4)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
+                                           config=copy.deepcopy(ds_config))
     batch = train_batch(bench, arch, ch, seed=3 + bench.rank)
     rotary = rotary_tables(bench, model, tc["latent_frames"])
     extra = {"task_id": torch.tensor([1])} if name == "ours" else {}
@@ -1240,21 +1248,27 @@ def run_train_fast(bench: Bench, arch: str) -> None:
     import torch.distributed as dist
 
     a = bench.args
-    if arch == "5b" and bench.world < 2:
-        reason = (f"5B ZeRO-2 needs 2 GPUs (see train); this run has {bench.world} process(es)"
+    ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16, path=a.deepspeed_config)
+    offload = (ds_config["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
+    if arch == "5b" and bench.world < 2 and offload == "none":
+        reason = (f"5B ZeRO-2 needs 2 GPUs (see train) or an optimizer offload (--deepspeed-config "
+                  f"infra/deepspeed/zero2-offload.json); this run has {bench.world} process(es)"
                   + (" (smoke run)" if bench.smoke else ""))
         bench.result.setdefault("train_fast", {})["5b_zero2_2gpu"] = {"status": "not run", "reason": reason}
         logger.info("train_fast 5b: not run (%s)", reason)
         return
     init_distributed(bench)
     world = dist.get_world_size()
-    ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16)
     torch._dynamo.reset()  # training compiles its own graphs (forward, backward); time them cold
     bench.compiled_archs.clear()
-    key = f"{arch}_zero2_{world}gpu"
+    key = f"{arch}_zero2_{world}gpu" + ("" if offload == "none" else f"_offload-{offload}") + (
+        f"_cap{a.memory_cap_gib:g}gib" if a.memory_cap_gib else "")
     entry = bench.result.setdefault("train_fast", {})[key] = {
-        "arch": arch, "gpus": world, "deepspeed_config": ds_config, "micro_batch": 1,
-        "loss": "v-prediction MSE (fp32)", "optimizer": "torch.optim.AdamW (client; foreach or fused)",
+        "arch": arch, "gpus": world, "deepspeed_config": ds_config, "deepspeed_config_file": a.deepspeed_config,
+        "optimizer_offload": offload, "memory_cap_gib": a.memory_cap_gib, "micro_batch": 1,
+        "loss": "v-prediction MSE (fp32)",
+        "optimizer": "DeepSpeed's (from the JSON)" if "optimizer" in ds_config else
+                     "torch.optim.AdamW (client; foreach or fused)",
         "compile": {"backend": acceleration_backend(), "mode": a.compile_mode, "fullgraph": True,
                     "dynamo_reset": True, "inductor_cache_at_start": inductor_cache_state()},
         "variants": {}, "warmup": a.train_warmup, "iters": a.train_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
@@ -1262,7 +1276,10 @@ def run_train_fast(bench: Bench, arch: str) -> None:
     }
     for name in a.train_variants:
         compiled, checkpointing, fused = TRAIN_VARIANTS[name]
-        setting = {"compiled_blocks": compiled, "checkpointing": checkpointing or "off", "fused_adamw": fused}
+        by_deepspeed = "optimizer" in ds_config
+        setting = {"compiled_blocks": compiled, "checkpointing": checkpointing or "off",
+                   "fused_adamw": fused and not by_deepspeed,
+                   "optimizer": f"DeepSpeed AdamW (offload: {offload})" if by_deepspeed else "torch AdamW"}
         try:
             row = zero2_one(bench, arch, "ours", ds_config, world, compiled=compiled, checkpointing=checkpointing,
                             fused=fused)
@@ -1497,8 +1514,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                              **e["compiled"], "saving_pct": e["saving_pct"], "loss_rel_diff": e["loss_rel_diff"]}}
             for name, x in variants.items():
                 st = x["setting"]
-                what = (f"{name}: {'compiled' if st['compiled_blocks'] else 'eager'}, {st['checkpointing']}, "
-                        f"{'fused' if st['fused_adamw'] else 'foreach'}")
+                optimizer = st.get("optimizer", "")
+                if "DeepSpeed" not in optimizer:
+                    optimizer = "fused" if st["fused_adamw"] else "foreach"
+                what = f"{name}: {'compiled' if st['compiled_blocks'] else 'eager'}, {st['checkpointing']}, {optimizer}"
                 if "median_s" not in x:
                     lines.append(f"| {key} | {what} | {x.get('status', '')}: {x.get('reason', '')[:80]} | | | | | | |")
                     continue
@@ -1586,6 +1605,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-variants", type=lambda v: v.split(","), default=["eager", "compiled", "fast"],
                    help=f"train_fast's rows, comma list of {list(TRAIN_VARIANTS)} (eager first: the others are "
                         "compared with it)")
+    p.add_argument("--deepspeed-config", default="infra/deepspeed/zero2.json",
+                   help="train_fast: the shipped DeepSpeed JSON (zero2-offload.json: optimizer states on the CPU)")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="cap this process's GPU memory (torch's per-process fraction): a smaller GPU's budget")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "fa3"],
                    help="sample_fast, approx: the fast path's attention (fa3: udpdiff.attention, needs fa3-fwd and "
                         "sm90)")
