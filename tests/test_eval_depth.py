@@ -139,3 +139,73 @@ def test_torch_input_and_batch() -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         depth_metrics(np.zeros((1, 2, 2)), np.zeros((1, 2, 3)))
+
+
+# -- the depth-space protocol (DepthCrafter / Depth Anything) -------------------------------------
+def _reference_depth_space(pred, gt, z_near, z_far):
+    """The protocol written out with numpy's least squares: align in true disparity, invert, score."""
+    valid = gt > 0
+    true_disp = gt * (1 / z_near - 1 / z_far) + 1 / z_far
+    a = np.stack([pred[valid], np.ones(valid.sum())], axis=1)
+    (s, t), *_ = np.linalg.lstsq(a, true_disp[valid], rcond=None)
+    zp = 1 / np.maximum(s * pred[valid] + t, 1 / z_far)
+    zg = 1 / true_disp[valid]
+    ratio = np.maximum(zp / zg, zg / zp)
+    return {"delta1": (ratio < 1.25).mean(), "abs_rel": (np.abs(zp - zg) / zg).mean(),
+            "rmse": np.sqrt(((zp - zg) ** 2).mean())}
+
+
+def test_depth_space_metrics_match_the_protocol_written_out():
+    from udpdiff.data.synthetic import Z_FAR, Z_NEAR, disparity_from_z
+    from udpdiff.evaluation.depth import depth_space_metrics
+
+    rng = np.random.default_rng(0)
+    z = rng.uniform(1.2, 12.0, size=(3, 16, 20))
+    gt = disparity_from_z(z)
+    gt[:, :3] = 0.0  # sky rows: infinitely far, never scored
+    # a prediction that is wrong in a way no scale and shift can undo: depth warped and noisy
+    pred = disparity_from_z(z**1.15 * rng.lognormal(0, 0.1, z.shape))
+    got = depth_space_metrics(pred, gt, (Z_NEAR, Z_FAR))
+    want = _reference_depth_space(pred, gt, Z_NEAR, Z_FAR)
+    for key in ("delta1", "abs_rel", "rmse"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert got["n_valid"] == (gt > 0).sum() and 0.3 < got["delta1"] < 0.99
+    # the sky is not scored: whatever is predicted there changes nothing
+    pred_sky = pred.copy()
+    pred_sky[:, :3] = 5.0
+    assert depth_space_metrics(pred_sky, gt, (Z_NEAR, Z_FAR)) == got
+
+
+def test_depth_space_metrics_are_perfect_for_any_affine_disparity_and_read_in_depth():
+    from udpdiff.evaluation.depth import depth_space_metrics
+
+    rng = np.random.default_rng(1)
+    gt = rng.uniform(0.05, 1.0, size=(2, 8, 8))
+    perfect = depth_space_metrics(0.3 * gt + 0.1, gt, (1.0, 20.0))
+    assert perfect["delta1"] == 1.0 and perfect["abs_rel"] < 1e-12 and perfect["rmse"] < 1e-10
+    # a depth off by 30 % everywhere is an affine error in disparity: the alignment removes it,
+    # whereas a 30 % error in *depth* at half the pixels is not, and counts as wrong there
+    z = 1 / (gt * (1 - 1 / 20) + 1 / 20)
+    half = np.where(np.arange(8) < 4, 1.3, 1.0)[None, None, :]
+    warped = (1 / (z * half) - 1 / 20) / (1 - 1 / 20)
+    m = depth_space_metrics(warped, gt, (1.0, 20.0))
+    assert m["delta1"] < 1.0 and m["abs_rel"] > 0.01
+    with pytest.raises(ValueError, match="z_near"):
+        depth_space_metrics(gt, gt, (5.0, 1.0))
+
+
+def test_training_validation_scores_add_the_depth_space_protocol_for_exact_depth():
+    """Fig 8's validation scores: the paper's disparity scores always, depth-space ones when the data's
+    depth is exact (synthetic clips)."""
+    from udpdiff.data.synthetic import exact_depth_range
+    from udpdiff.stages.train import validation_scores
+
+    rng = np.random.default_rng(2)
+    gt = rng.uniform(0.05, 1.0, size=(4, 8, 8)).astype(np.float32)
+    video = rng.integers(0, 255, size=(4, 8, 8, 3), dtype=np.uint8)
+    warped = np.clip(gt**1.5, 0, 1)
+    plain = validation_scores("depth", video, [(warped, gt)])
+    exact = validation_scores("depth", video, [(warped, gt)], exact_depth_range("synthetic"))
+    assert "val/depth/gt_delta1_depth" not in plain and plain.items() <= exact.items()
+    assert 0 < exact["val/depth/gt_delta1_depth"] < 1 and exact["val/depth/gt_abs_rel_depth"] > 0
+    assert exact_depth_range("panda70m") is None

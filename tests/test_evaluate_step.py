@@ -90,6 +90,9 @@ def test_perfect_predictions_score_perfectly_and_configured_models_add_columns(t
 
     m = evaluate.run(p, paths).metrics
     assert m["depth/gt_delta1"] == pytest.approx(1.0) and m["depth/gt_rmse"] == pytest.approx(0.0, abs=1e-5)
+    # synthetic clips: depth is exact, so the depth-space protocol is scored too
+    assert m["depth/gt_delta1_depth"] == pytest.approx(1.0) and m["depth/gt_abs_rel_depth"] == pytest.approx(0, abs=1e-6)
+    assert "δ1, depth space" in (paths.evaluation / "tables.md").read_text()
     assert m["segmentation/gt_miou"] == pytest.approx(1.0)
     assert m["segmentation/gt_temporal_id_consistency"] == pytest.approx(1.0)
     for task in ("segmentation", "depth"):
@@ -269,7 +272,7 @@ def test_annotators_from_local_folders_run_through_the_evaluate_step(tmp_path, t
 
 def test_depth_alignment_per_video_or_per_frame():
     """A prediction whose scale flickers from frame to frame is perfect per frame, not per video."""
-    from udpdiff.evaluation.runner import depth_scores
+    from udpdiff.evaluation.depth import depth_scores
 
     gt = np.random.default_rng(1).uniform(0.1, 1.0, (4, 8, 8)).astype(np.float32)
     flicker = gt * np.array([1.0, 0.5, 2.0, 0.8], dtype=np.float32)[:, None, None] + 0.1

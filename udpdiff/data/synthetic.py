@@ -112,6 +112,13 @@ def disparity_from_z(z: np.ndarray | float) -> np.ndarray:
     return np.clip(d, 0.0, 1.0)
 
 
+def exact_depth_range(source: str) -> tuple[float, float] | None:
+    """The metric depth that normalised disparity 1 and 0 stand for in ``source``'s clips: exact and
+    scene-wide for the synthetic clips (``(Z_NEAR, Z_FAR)``); ``None`` for annotated video, whose
+    disparity is relative per clip. Depth-space scores (``depth_space_metrics``) need it."""
+    return (Z_NEAR, Z_FAR) if source == "synthetic" else None
+
+
 def z_from_disparity(d: np.ndarray | float) -> np.ndarray:
     """Inverse of :func:`disparity_from_z` (disparity 0 -> ``Z_FAR``)."""
     d = np.asarray(d, dtype=np.float64)

@@ -7,6 +7,12 @@ aligned to the ground truth with a least-squares scale and shift (the protocol o
 Depth Anything for affine-invariant disparity). All metrics are then computed in that same
 normalised-disparity space, which is the space the paper's RMSE values (~0.1) live in.
 
+:func:`depth_space_metrics` is the standard protocol for relative depth, as DepthCrafter and Depth
+Anything report it: the prediction is aligned in disparity to the ground truth's *true* disparity
+(1/z), converted to depth, and δ1 / AbsRel are computed in depth space. It needs the metric depth
+range that normalised disparity 1 and 0 stand for (exact for the synthetic clips), so its numbers
+can be read against the literature's.
+
 Everything is torch internally: numpy inputs are converted (and outputs converted back), torch
 inputs stay on their device. Leading dimensions beyond ``(T, H, W)`` are treated as a batch of
 videos for the alignment; metrics pool all valid pixels.
@@ -24,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 
-__all__ = ["ScaleShift", "align_scale_shift", "depth_metrics"]
+__all__ = ["ScaleShift", "align_scale_shift", "depth_metrics", "depth_scores", "depth_space_metrics"]
 
 
 class ScaleShift(NamedTuple):
@@ -201,3 +207,66 @@ def depth_metrics(
         "rmse": float(((pv - gv) ** 2).mean().sqrt()),
         "n_valid": n,
     }
+
+
+def depth_space_metrics(
+    pred: ArrayLike,
+    gt: ArrayLike,
+    depth_range: tuple[float, float],
+    mask: ArrayLike | None = None,
+    per_frame: bool = False,
+) -> dict[str, float | int]:
+    """δ1, AbsRel and RMSE in *depth* space, the relative-depth protocol of DepthCrafter and Depth
+    Anything.
+
+    ``gt`` is normalised disparity ``(1/z - 1/z_far) / (1/z_near - 1/z_far)`` with
+    ``depth_range = (z_near, z_far)``, so its true disparity ``1/z`` and depth ``z`` are exact.
+    The prediction (normalised disparity, affine-ambiguous) is least-squares aligned with a scale
+    and shift to ``1/z`` over the valid pixels, clamped to ``>= 1/z_far`` (the far end of the
+    range; an aligned disparity can undershoot it, even below 0) and inverted to depth. Pixels at
+    the far plane (``gt`` of 0: the sky, "infinitely" far) are not scored, nor any outside ``mask``.
+
+    Returns ``{"delta1", "abs_rel", "rmse", "n_valid"}``: the fraction of pixels with
+    ``max(z_p/z, z/z_p) < 1.25``, ``mean(|z_p - z| / z)`` and ``sqrt(mean((z_p - z)^2))`` in the
+    range's units, pooled over valid pixels; NaN with none."""
+    z_near, z_far = (float(v) for v in depth_range)
+    if not 0 < z_near < z_far:
+        raise ValueError(f"depth_range must be (z_near, z_far) with 0 < z_near < z_far, got {depth_range}")
+    _check_shapes(pred, gt)
+    p = _to_tensor(pred)
+    dtype = _work_dtype(p)
+    p = p.to(dtype)
+    g = _to_tensor(gt).to(device=p.device, dtype=dtype)
+    valid = _valid_mask(p, g, mask) & (g > 0)
+    gt_disparity = g * (1 / z_near - 1 / z_far) + 1 / z_far
+    dims = (-2, -1) if per_frame else (-3, -2, -1)
+    scale, shift = _fit(p, gt_disparity, valid, dims)
+    shape = (*scale.shape, *([1] * len(dims)))
+    aligned = (scale.reshape(shape) * p + shift.reshape(shape)).clamp_min(1 / z_far)
+    n = int(valid.sum())
+    if n == 0:
+        logger.warning("depth_space_metrics: no valid pixels; returning NaN metrics")
+        nan = float("nan")
+        return {"delta1": nan, "abs_rel": nan, "rmse": nan, "n_valid": 0}
+    zp, zg = 1 / aligned[valid], 1 / gt_disparity[valid]
+    ratio = torch.maximum(zp / zg, zg / zp)
+    return {
+        "delta1": float((ratio < 1.25).to(dtype).mean()),
+        "abs_rel": float(((zp - zg).abs() / zg).mean()),
+        "rmse": float(((zp - zg) ** 2).mean().sqrt()),
+        "n_valid": n,
+    }
+
+
+def depth_scores(pred: ArrayLike, gt: ArrayLike, per_frame: bool = False,
+                 depth_range: tuple[float, float] | None = None) -> dict[str, float]:
+    """δ1, AbsRel, RMSE of one video after least-squares scale-and-shift alignment (per video, or per
+    frame) in normalised disparity (the paper's protocol); with ``depth_range`` also δ1, AbsRel and
+    RMSE in depth space (``*_depth``: the protocol of DepthCrafter and Depth Anything)."""
+    # disparity 0 is "infinitely far" (sky): ratios are undefined there, so score where gt > 0
+    m = depth_metrics(pred, gt, mask=gt > 1e-3, per_frame=per_frame)
+    out = {k: m[k] for k in ("delta1", "abs_rel", "rmse")}
+    if depth_range is not None:
+        d = depth_space_metrics(pred, gt, depth_range, mask=gt > 1e-3, per_frame=per_frame)
+        out.update({f"{k}_depth": d[k] for k in ("delta1", "abs_rel", "rmse")})
+    return out

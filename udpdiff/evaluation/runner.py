@@ -29,7 +29,7 @@ from udpdiff.evaluation.consistency import (
     pixel_frame_consistency,
     subject_consistency,
 )
-from udpdiff.evaluation.depth import depth_metrics
+from udpdiff.evaluation.depth import depth_scores
 from udpdiff.evaluation.fvd import I3DFeatures
 from udpdiff.evaluation.motion import AMTInterpolator, FlowInterpolator, motion_smoothness
 from udpdiff.evaluation.segmentation import hungarian_miou
@@ -55,6 +55,8 @@ class MetricSuite:
     depth_baseline: Callable[[np.ndarray], np.ndarray] | None = None
     segmentation_annotator: Callable[[np.ndarray], np.ndarray] | None = None
     depth_per_frame: bool = False  # least-squares alignment per frame instead of per video
+    # (z_near, z_far) the data's normalised disparity stands for, when exact: adds depth-space scores
+    depth_range: tuple[float, float] | None = None
     names: dict[str, str] = field(default_factory=dict)  # which model produced which metric
     notes: list[str] = field(default_factory=list)
 
@@ -86,13 +88,6 @@ class MetricSuite:
                 pseudo = self.segmentation_annotator(video)
                 out.setdefault("pseudo_miou", []).append(float(hungarian_miou(pred, pseudo)["miou"]))
         return out
-
-
-def depth_scores(pred: np.ndarray, gt: np.ndarray, per_frame: bool = False) -> dict[str, float]:
-    """δ1, AbsRel, RMSE of one video after least-squares scale-and-shift alignment (per video, or per frame)."""
-    # disparity 0 is "infinitely far" (sky): ratios are undefined there, so score where gt > 0
-    m = depth_metrics(pred, gt, mask=gt > 1e-3, per_frame=per_frame)
-    return {k: m[k] for k in ("delta1", "abs_rel", "rmse")}
 
 
 def _try(notes: list[str], build: Callable[[], object]) -> object | None:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from udpdiff import viz
+from udpdiff.data.synthetic import exact_depth_range
 from udpdiff.distributed import Ranks, inference_ranks
 from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.io.dense import load_depth, load_ids
@@ -64,6 +65,7 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
     manifest = read_manifest(paths.manifest)
     df = manifest.set_index("clip_id")
     suite = build_metric_suite(e, where=f"profiles.{p.profile}.evaluate")
+    suite.depth_range = exact_depth_range(p.active.data.source)  # depth-space scores where depth is exact
     reference = fvd_reference(p, paths, suite.i3d, manifest, ranks) if suite.i3d is not None else None
     names = sample_sets(p)
     real_ids = list(dict.fromkeys(x["clip_id"] for x in index))
@@ -145,7 +147,7 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
         scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
         for x, a in zip(chunk, arrays, strict=True):
             for k, v in _ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
-                                             paths.manifest, suite.depth_per_frame).items():
+                                             paths.manifest, suite.depth_per_frame, suite.depth_range).items():
                 scores.setdefault(k, []).append(v)
     out = {"rows": [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
                     for j, x in enumerate(chunk)], "frames": int(videos.shape[1])}
@@ -167,7 +169,7 @@ def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
     from udpdiff.evaluation.tables import set_label
 
     keys = ["subject_consistency", "background_consistency", "motion_smoothness", "motion_smoothness_flow",
-            "pixel_frame_consistency", "gt_delta1", "pseudo_delta1", "gt_miou", "pseudo_miou",
+            "pixel_frame_consistency", "gt_delta1", "gt_delta1_depth", "pseudo_delta1", "gt_miou", "pseudo_miou",
             "gt_temporal_id_consistency"]
     shown = [k for k in keys if any(k in m for m in results.values())]
     order = sorted(results, key=lambda s: s != "real")  # the real clips' ceiling first
@@ -175,15 +177,16 @@ def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
                                  title="evaluation scores per sample set", ylabel="score (higher is better)")
 
 
-def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path,
-                         depth_per_frame: bool = False) -> dict[str, float]:
+def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path, depth_per_frame: bool = False,
+                         depth_range: tuple[float, float] | None = None) -> dict[str, float]:
     """The dense prediction *of* a real clip against that clip's ground truth (exact for synthetic data)."""
-    from udpdiff.evaluation.runner import depth_scores
+    from udpdiff.evaluation.depth import depth_scores
     from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
 
     t = prediction.shape[0]  # the clip's first t frames were predicted
     if task == "depth":
-        scores = depth_scores(prediction, load_depth(resolve(manifest, clip.depth_path))[:t], depth_per_frame)
+        scores = depth_scores(prediction, load_depth(resolve(manifest, clip.depth_path))[:t], depth_per_frame,
+                              depth_range)
         return {f"gt_{k}": v for k, v in scores.items()}
     gt = load_ids(resolve(manifest, clip.seg_path))[:t]
     return {"gt_miou": float(hungarian_miou(prediction, gt)["miou"]),

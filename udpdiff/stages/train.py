@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from udpdiff import viz
+from udpdiff.data.synthetic import exact_depth_range
 from udpdiff.io.atomic import atomic_path
 from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
@@ -143,13 +144,14 @@ def _validation_clip(p: Params, paths: ProjectPaths, row, text_fn) -> dict:
 VALIDATION_LOG = "validation.jsonl"  # beside the preview grids in the run's checkpoint folder
 
 
-def validation_scores(task: str | None, generated: np.ndarray, predictions: list[tuple[np.ndarray, np.ndarray]]
-                      ) -> dict[str, float]:
+def validation_scores(task: str | None, generated: np.ndarray, predictions: list[tuple[np.ndarray, np.ndarray]],
+                      depth_range: tuple[float, float] | None = None) -> dict[str, float]:
     """Scores needing no metric weights (paper Fig 8): the generated video's motion smoothness (the
     flow prior, MS†) and pixel consistency, and the dense prediction *of* real clips against their
-    ground truth (depth δ1 / AbsRel / RMSE after scale-and-shift, segmentation mIoU)."""
+    ground truth (depth δ1 / AbsRel / RMSE after scale-and-shift in disparity, and in depth space
+    where ``depth_range`` makes depth exact; segmentation mIoU)."""
     from udpdiff.evaluation.consistency import pixel_frame_consistency
-    from udpdiff.evaluation.depth import depth_metrics
+    from udpdiff.evaluation.depth import depth_scores
     from udpdiff.evaluation.motion import motion_smoothness_flow
     from udpdiff.evaluation.segmentation import hungarian_miou
 
@@ -159,8 +161,7 @@ def validation_scores(task: str | None, generated: np.ndarray, predictions: list
     rows = []
     for pred, gt in predictions:
         if task == "depth":
-            m = depth_metrics(pred, gt, mask=gt > 1e-3)
-            rows.append({"gt_delta1": m["delta1"], "gt_abs_rel": m["abs_rel"], "gt_rmse": m["rmse"]})
+            rows.append({f"gt_{k}": v for k, v in depth_scores(pred, gt, depth_range=depth_range).items()})
         elif task == "segmentation":
             rows.append({"gt_miou": float(hungarian_miou(pred, gt)["miou"])})
     for key in dict.fromkeys(k for r in rows for k in r):
@@ -201,7 +202,7 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
                 cond = pipe(None, task=task, video=clip["video"], prompt_embeds=clip["prompts"][key][None].to(
                     device, dtype), generator=torch.Generator(device).manual_seed(p.seed), **call)
                 predictions.append((cond.dense[0], clip["gt"][task]))
-        scores.update(validation_scores(task, out.videos[0], predictions))
+        scores.update(validation_scores(task, out.videos[0], predictions, exact_depth_range(d.source)))
         columns[0].append(out.videos[0])
         if task is not None:
             columns[1].append(out.colormaps[0])
