@@ -91,7 +91,8 @@ def test_perfect_predictions_score_perfectly_and_configured_models_add_columns(t
     m = evaluate.run(p, paths).metrics
     assert m["depth/gt_delta1"] == pytest.approx(1.0) and m["depth/gt_rmse"] == pytest.approx(0.0, abs=1e-5)
     # synthetic clips: depth is exact, so the depth-space protocol is scored too
-    assert m["depth/gt_delta1_depth"] == pytest.approx(1.0) and m["depth/gt_abs_rel_depth"] == pytest.approx(0, abs=1e-6)
+    assert m["depth/gt_delta1_depth"] == pytest.approx(1.0)
+    assert m["depth/gt_abs_rel_depth"] == pytest.approx(0, abs=1e-6)
     assert "δ1, depth space" in (paths.evaluation / "tables.md").read_text()
     assert m["segmentation/gt_miou"] == pytest.approx(1.0)
     assert m["segmentation/gt_temporal_id_consistency"] == pytest.approx(1.0)
