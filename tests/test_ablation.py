@@ -84,7 +84,17 @@ def test_all_tables_on_tiny_runs_the_ones_that_can_and_names_the_others(monkeypa
                                                                                                    variants))
     with pytest.raises(RuntimeError, match="stop"):
         fa.ablation_flow.fn(None, "tiny")
-    assert planned[-1] == ["tab1", "tab2", "tab5", "tab6", "tab7"]
+    assert planned[-1] == ["tab1", "tab2", "tab1-2", "tab5", "tab6", "tab7"]
+
+
+def test_the_small_scale_tabs_1_2_are_one_command_of_four_variants():
+    """Multi-task, single-task segmentation and depth, and RGB-only, at the same steps, prompts and
+    seeds: `python -m flows ablation tab1-2` on the `small` profile."""
+    p = load_params(REPO / "params.yaml", profile="small")
+    rows = plan(p, ["tab1-2"], None)
+    assert [name for _, name, _ in rows] == ["cogvideox", "udpdiff-segmentation", "udpdiff-depth",
+                                             "udpdiff-multi-task"]
+    assert not any(k.startswith(("train.steps", "seed", "sample.")) for _, _, o in rows for k in o)
 
 
 def test_paper_profiles_accept_every_table():

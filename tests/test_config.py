@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from udpdiff.config import ParamsError, load_params
@@ -92,3 +93,22 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("profile: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_the_small_profile_builds_the_sizes_its_comment_states():
+    """`small` (one GPU, minutes): a 100-300M CogVideoX-architecture transformer (issue 12's range),
+    and a VAE that turns 17x128x128 clips into the 5x32x32 latents the transformer is sized for."""
+    from udpdiff.models.transformer import load_transformer
+    from udpdiff.models.vae import build_vae
+
+    p = load_params(REPO / "params.yaml", profile="small")
+    a = p.active
+    with torch.device("meta"):
+        transformer = load_transformer(a.transformer.model_dump(), num_tasks=2, seed=0)
+    assert 100e6 < sum(x.numel() for x in transformer.parameters()) < 300e6
+    vae = build_vae(a.vae.model_dump(), seed=0)
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, a.data.num_frames, a.data.height, a.data.width)).latent_dist.mode()
+    cfg = a.transformer.config
+    assert tuple(z.shape[2:]) == ((cfg["sample_frames"] - 1) // 4 + 1, cfg["sample_height"], cfg["sample_width"])
+    assert cfg["text_embed_dim"] == a.text_encoder.config["d_model"] and a.data.source == "synthetic"
