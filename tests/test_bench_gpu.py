@@ -111,7 +111,8 @@ def test_smoke_run_measures_the_fast_path_against_eager(smoke):
 
     train = r["train_fast"]["2b_zero2_1gpu"]["variants"]
     assert list(train) == ["eager", "compiled", "fast", "fast-nockpt"]
-    assert train["fast"]["setting"] == {"compiled_blocks": True, "checkpointing": "selective", "fused_adamw": True}
+    assert train["fast"]["setting"] == {"compiled_blocks": True, "checkpointing": "selective", "fused_adamw": True,
+                                        "optimizer": "torch AdamW"}
     for name in ("compiled", "fast", "fast-nockpt"):  # fp32: every variant computes eager's losses
         row = train[name]
         assert len(row["losses"]) == len(train["eager"]["losses"]) == row["loss_rel_diff"]["steps"] > 1
