@@ -625,6 +625,25 @@ class SampleTimer:
         self.decodes.clear()
         return seconds
 
+    def warm_denoise(self, pipe) -> float:
+        """Two untimed denoising steps through the pipeline's own loop (the call signature of the
+        timed sample, so that one compiles nothing: this compiles, or reuses this process's
+        compiled block); their seconds."""
+        from diffusers import CogVideoXPipeline
+
+        from udpdiff.tasks import task_id
+
+        size, bench = self.bench.size, self.bench
+        generator = torch.Generator(device=bench.device).manual_seed(0)
+        bench.sync()
+        t0 = time.perf_counter()
+        with pipe.transformer.task_context(task_id("depth")):
+            CogVideoXPipeline.__call__(pipe, "benchmark prompt", num_frames=size["frames"], height=size["height"],
+                                       width=size["width"], guidance_scale=6.0, num_inference_steps=2,
+                                       output_type="latent", generator=generator)
+        bench.sync()
+        return time.perf_counter() - t0
+
     def run(self, pipe, name: str, other_bytes: int, keep_latents: bool = False, **call_kwargs) -> tuple[dict, Any]:
         """One timed sample: total, denoising, VAE decode and the rest (to numpy, Pixelplanes)."""
         bench, size, steps = self.bench, self.bench.size, self.steps
@@ -735,12 +754,10 @@ def run_sample_fast(bench: Bench, arch: str) -> None:
     """Ours, the whole sample, eager (blocks eager, two VAE decodes one at a time: the old path)
     and fast (compiled blocks + the video and the colormap in one batched VAE call), same seed:
     times, and how far the fast sample's final latents, frames and depth are from eager's."""
-    from diffusers import CogVideoXPipeline
 
     from udpdiff.acceleration import accelerate_pipeline
     from udpdiff.config import AccelerationParams
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.tasks import task_id
 
     a = bench.args
     cache = inductor_cache_state()
@@ -773,17 +790,7 @@ def run_sample_fast(bench: Bench, arch: str) -> None:
 
         use_flash_attention3(transformer)
     done = accelerate_pipeline(pipe, settings)
-    # compile (or reuse this process's compiled block) on two denoising steps through the
-    # pipeline's own loop: the same call signature, so the timed sample below compiles nothing
-    bench.sync()
-    t0 = time.perf_counter()
-    with transformer.task_context(task_id("depth")):
-        CogVideoXPipeline.__call__(pipe, "benchmark prompt", num_frames=bench.size["frames"],
-                                   height=bench.size["height"], width=bench.size["width"], guidance_scale=6.0,
-                                   num_inference_steps=2, output_type="latent",
-                                   generator=torch.Generator(device=bench.device).manual_seed(0))
-    bench.sync()
-    warmup_s = time.perf_counter() - t0
+    warmup_s = timer.warm_denoise(pipe)
     rows["fast"], results["fast"] = timer.run(pipe, "fast", 0, keep_latents=True, task="depth")
     latents["fast"] = timer.latents
     rows["fast"]["compile_warmup_s"] = warmup_s
@@ -820,14 +827,12 @@ def run_sample_parallel(bench: Bench, arch: str) -> None:
     decode), then the same sample on rank 0 alone (the one-GPU reference; the other ranks wait):
     times, and how far the split sample's latents and frames are from the one-GPU sample's."""
     import torch.distributed as dist
-    from diffusers import CogVideoXPipeline
 
     from udpdiff.acceleration import accelerate_pipeline
     from udpdiff.config import AccelerationParams
     from udpdiff.distributed import Ranks
     from udpdiff.parallel import remove_cfg_split, split_cfg_batch
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.tasks import task_id
 
     a = bench.args
     init_distributed(bench)
@@ -843,15 +848,7 @@ def run_sample_parallel(bench: Bench, arch: str) -> None:
 
     def warm(label: str) -> float:
         """Two denoising steps through the pipeline's loop (compiles this batch size) + a VAE decode."""
-        bench.sync()
-        t0 = time.perf_counter()
-        with transformer.task_context(task_id("depth")):
-            CogVideoXPipeline.__call__(pipe, "benchmark prompt", num_frames=bench.size["frames"],
-                                       height=bench.size["height"], width=bench.size["width"], guidance_scale=6.0,
-                                       num_inference_steps=2, output_type="latent",
-                                       generator=torch.Generator(device=bench.device).manual_seed(0))
-        bench.sync()
-        seconds = time.perf_counter() - t0 + timer.warm_vae(pipe, batch=2)
+        seconds = timer.warm_denoise(pipe) + timer.warm_vae(pipe, batch=2)
         logger.info("sample_parallel %s: %s warm-up %.1f s", arch, label, seconds)
         return seconds
 
@@ -933,11 +930,9 @@ def latent_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
 def approx_one(bench: Bench, arch: str, mode: str, vae, timer: SampleTimer) -> tuple[dict, Any, Any]:
     """One mode: a fresh transformer (same seed, same weights), the fast path + the mode, an untimed
     2-step warm-up when the blocks are compiled, then the timed sample."""
-    from diffusers import CogVideoXPipeline
 
     from udpdiff.acceleration import AccelerationError, accelerate_pipeline
     from udpdiff.pipeline import UDPDiffPipeline
-    from udpdiff.tasks import task_id
 
     transformer = build_transformer(bench, arch, ours=True).eval()
     pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
@@ -947,17 +942,7 @@ def approx_one(bench: Bench, arch: str, mode: str, vae, timer: SampleTimer) -> t
         done = accelerate_pipeline(pipe, approx_settings(bench, mode))
     except AccelerationError as exc:
         return {"status": "skipped", "reason": str(exc)}, None, None
-    warmup_s = None
-    if done.compiled_blocks:
-        bench.sync()
-        t0 = time.perf_counter()
-        with transformer.task_context(task_id("depth")):
-            CogVideoXPipeline.__call__(pipe, "benchmark prompt", num_frames=bench.size["frames"],
-                                       height=bench.size["height"], width=bench.size["width"], guidance_scale=6.0,
-                                       num_inference_steps=2, output_type="latent",
-                                       generator=torch.Generator(device=bench.device).manual_seed(0))
-        bench.sync()
-        warmup_s = time.perf_counter() - t0
+    warmup_s = timer.warm_denoise(pipe) if done.compiled_blocks else None
     with first_block_decisions() as decisions:
         row, result = timer.run(pipe, mode, 0, keep_latents=True, task="depth")
     row.update(status="measured", compile_warmup_s=warmup_s, attention=done.attention, float8=done.float8,

@@ -378,3 +378,18 @@ def inference_project(tmp_path):
     synthesize_dataset(paths.clips, num_clips=6, num_frames=9, height=32, width=32, fps=8, seed=3, val_fraction=0.5)
     _save_tiny_pipeline(paths.pipeline)
     return p, paths
+
+
+@pytest.fixture
+def graph_capture_only(monkeypatch):
+    """Compiled blocks (``udpdiff.acceleration``) through torch.compile's ``aot_eager`` backend: the
+    same graph capture as Inductor (fullgraph, AOTAutograd) without its C++ code generation, which
+    costs ~20 s per compile on two cores; dynamo's caches are cleared before and after."""
+    import torch
+
+    from udpdiff import acceleration
+
+    monkeypatch.setattr(acceleration, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

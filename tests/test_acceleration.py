@@ -26,12 +26,8 @@ TINY = dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32, tex
 ON = AccelerationParams(compile_blocks=True)
 
 
-@pytest.fixture(autouse=True)
-def _graph_capture_only(monkeypatch):
-    monkeypatch.setattr(acceleration, "BACKEND", "aot_eager")
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# compiled blocks through aot_eager: the same graph capture, no code generation (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("graph_capture_only")
 
 
 def _model(rotary: bool = False) -> UDPDiffTransformer3DModel:

@@ -14,7 +14,6 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from pydantic import ValidationError
 
-from udpdiff import acceleration
 from udpdiff.acceleration import AccelerationError, accelerate, accelerate_pipeline, compiled_blocks
 from udpdiff.config import AccelerationParams, ApproximateParams, load_params, recording_reads
 
@@ -26,12 +25,8 @@ CACHES = {"first-block": {"type": "first-block", "threshold": 0.5},
           "pab": {"type": "pab"}}
 
 
-@pytest.fixture(autouse=True)
-def _graph_capture_only(monkeypatch):
-    monkeypatch.setattr(acceleration, "BACKEND", "aot_eager")
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# compiled blocks through aot_eager: the same graph capture, no code generation (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("graph_capture_only")
 
 
 def _settings(cache: dict | None = None, float8: str = "none", **kw) -> AccelerationParams:
