@@ -80,3 +80,20 @@ def test_the_split_is_undone(tiny_pipeline):
     assert pipe.batch_split is None and pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
     after = pipe("a cube", generator=torch.Generator().manual_seed(0), **kw).videos
     np.testing.assert_array_equal(after, before)
+
+
+def test_fastercache_and_cfg_parallel_are_refused_together(tiny_pipeline):
+    """FasterCache approximates the unconditional half of the guidance batch from the whole batch,
+    which a rank holding half of it does not have."""
+    from udpdiff.acceleration import accelerate_pipeline
+    from udpdiff.config import AccelerationParams
+    from udpdiff.distributed import Ranks
+    from udpdiff.parallel import split_cfg_batch
+
+    pipe = tiny_pipeline()
+    accelerate_pipeline(pipe, AccelerationParams.model_validate({"approximate": {"cache": {"type": "faster"}}}))
+    with pytest.raises(ValueError, match="FasterCache"):
+        split_cfg_batch(pipe, Ranks(rank=0, world=2))
+    pipe = tiny_pipeline()
+    accelerate_pipeline(pipe, AccelerationParams.model_validate({"approximate": {"cache": {"type": "pab"}}}))
+    assert split_cfg_batch(pipe, Ranks(rank=0, world=2)) is not None  # PAB caches per call: each rank its own

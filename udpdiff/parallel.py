@@ -27,6 +27,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "udpdiff_batch_split"
+FASTER_CACHE_HOOK = "faster_cache_denoiser"  # diffusers.hooks.faster_cache's hook on the transformer
 # the transformer's per-sample inputs (CogVideoXTransformer3DModel.forward); everything else is shared
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "ofs", "task_id")
 
@@ -126,6 +127,11 @@ def split_cfg_batch(pipe, ranks) -> BatchSplit | None:
     prompt). Returns the split, or ``None`` for one rank."""
     if ranks.world <= 1:
         return None
+    registry = getattr(pipe.transformer, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(FASTER_CACHE_HOOK) is not None:
+        raise ValueError("CFG-parallel gives each rank half of the guidance batch, but FasterCache "
+                         "(acceleration.approximate.cache: faster) approximates the unconditional half from the "
+                         "whole batch: use one or the other")
     split = BatchSplit(ranks.rank, ranks.world, tensor_group(pipe.transformer.device))
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(BatchSplitHook(split), HOOK_NAME)
     pipe.batch_split = split
