@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_grad_enabled(False)
     result = {"benchmark": "rgb_reliance", "machine": machine_info(torch.device("cpu"), ["torch", "diffusers"]),
               **probe(args.pipeline, args.latents, args.clips, args.timesteps)}
     text = json.dumps(result, indent=2)

@@ -45,6 +45,7 @@ def test_a_model_blind_to_the_rgb_half_relies_on_it_not_at_all(probe, caches, tm
     out = tmp_path / "blind.json"
     assert probe.main(["--pipeline", str(tmp_path / "blind"), "--latents", str(caches), "--timesteps", "300,700",
                        "--out", str(out)]) == 0
+    assert torch.is_grad_enabled()  # main() leaves the process's autograd mode as it found it
     blind = json.loads(out.read_text())["tasks"]
     assert sorted(blind) == ["depth", "segmentation"] and sorted(blind["depth"]) == ["300", "700"]
     for rows in blind.values():
