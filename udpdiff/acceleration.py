@@ -204,9 +204,9 @@ def adamw(parameters, device: torch.device | str, *, fused: bool | None = None, 
 
 def accelerate_pipeline(pipe, settings: AccelerationParams) -> Acceleration:
     """``accelerate`` for a pipeline's transformer (on the pipeline's device), its attention kernel
-    (:func:`use_attention`), its VAE decode: batched (one call for the video and the colormap) or
-    sequential (VAE slicing), whole frames or tiles, and the opt-in approximations of ``settings.approximate`` (float8
-    linears before the compile, a step cache after it)."""
+    (:func:`use_attention`), its VAE decode (batched: one call for the video and the colormap, or
+    sequential: VAE slicing; whole frames or tiles) and the opt-in approximations of
+    ``settings.approximate`` (float8 linears before the compile, a step cache after it)."""
     if settings.vae_decode == "sequential":
         pipe.vae.enable_slicing()
     else:

@@ -364,9 +364,9 @@ class ApproximateParams(_Strict):
     path is measured by ``benchmarks/bench_gpu.py --sections approx``). Sampling, ``udpdiff
     generate`` and the GPU benchmark apply them (``udpdiff.acceleration.accelerate_pipeline``);
     training ignores this sub-section (it is not a train-stage parameter) and
-    ``udpdiff.acceleration.approximate`` refuses a transformer in training mode.
+    ``udpdiff.acceleration.check_inference`` refuses a transformer in training mode.
 
-    ``float8``: ``rowwise`` = the transformer blocks' linear layers in float8 (torchao: dynamic
+    ``float8``: ``rowwise`` = the blocks' token-wise linear layers in float8 (torchao: dynamic
     activation + weight float8 e4m3, one scale per row; CUDA sm89+ and bf16 weights, the optional
     ``torchao`` extra). ``cache``: one of diffusers' step caches, or null."""
 
@@ -379,9 +379,10 @@ class ApproximateParams(_Strict):
 
 
 class AccelerationParams(_Strict):
-    """How the transformer runs, not what it computes: every setting here but ``approximate`` is
-    lossless up to floating-point rounding (bf16 tolerance), so none enters a checkpoint's
-    fingerprint and a run resumes across a change. One section because training, sampling, ``udpdiff generate`` and the
+    """How the transformer and the VAE run, not what they compute: every setting here is lossless up
+    to floating-point rounding (bf16 tolerance) except ``approximate`` (opt-in, sampling only) and
+    ``vae_tiling`` (blended tile seams), and none enters a checkpoint's fingerprint, so a run
+    resumes across a change. One section because training, sampling, ``udpdiff generate`` and the
     GPU benchmark all apply it through ``udpdiff.acceleration``.
 
     ``compile_blocks``: ``torch.compile`` each transformer block (regional compilation, diffusers'
