@@ -750,6 +750,15 @@ def tensor_differences(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]
             "rel_l2": float((o - r).norm() / r.norm().clamp_min(1e-30)), "ref_max_abs": float(r.abs().max())}
 
 
+def sample_differences(out, ref, out_latents: torch.Tensor, ref_latents: torch.Tensor) -> dict[str, dict]:
+    """How far one sample (a ``UDPDiffPipelineOutput`` and its final latents) is from a reference
+    sample of the same seed: latents, decoded video, colormap and decoded depth."""
+    return {"latents": tensor_differences(out_latents, ref_latents),
+            "videos": frame_differences(out.videos, ref.videos),
+            "colormaps": frame_differences(out.colormaps, ref.colormaps),
+            "depth": frame_differences(out.dense, ref.dense)}
+
+
 def run_sample_fast(bench: Bench, arch: str) -> None:
     """Ours, the whole sample, eager (blocks eager, two VAE decodes one at a time: the old path)
     and fast (compiled blocks + the video and the colormap in one batched VAE call), same seed:
@@ -806,10 +815,7 @@ def run_sample_fast(bench: Bench, arch: str) -> None:
         "vae_warmup_s": t_warm,
         "compile_cache": "warm: step_fast compiled the same block earlier in this process" if compiled_before else
                          f"this section's own compile; Inductor cache at start: {cache}",
-        "vs_eager": {"latents": tensor_differences(latents["fast"], latents["eager"]),
-                     "videos": frame_differences(results["fast"].videos, results["eager"].videos),
-                     "colormaps": frame_differences(results["fast"].colormaps, results["eager"].colormaps),
-                     "depth": frame_differences(results["fast"].dense, results["eager"].dense)},
+        "vs_eager": sample_differences(results["fast"], results["eager"], latents["fast"], latents["eager"]),
         "note": "ours only, same seed and weights; eager = eager blocks + two VAE decodes one at a time (tiling + "
                 "slicing); fast = compiled blocks + one batched decode (no tiling, no slicing); compile_warmup_s = an "
                 "untimed 2-step denoise before the fast sample (compile + 2 steps); text encoding excluded",
@@ -874,10 +880,8 @@ def run_sample_parallel(bench: Bench, arch: str) -> None:
         "blocks": f"compiled ({acceleration_backend()}, mode {done.compile_mode})", "warmup_s": warmups,
         "split": rows["split"], "one_gpu": rows["one_gpu"],
         "speedup": rows["one_gpu"]["total_s"] / rows["split"]["total_s"],
-        "vs_one_gpu": {"latents": tensor_differences(latents["split"], latents["one_gpu"]),
-                       "videos": frame_differences(results["split"].videos, results["one_gpu"].videos),
-                       "colormaps": frame_differences(results["split"].colormaps, results["one_gpu"].colormaps),
-                       "depth": frame_differences(results["split"].dense, results["one_gpu"].dense)},
+        "vs_one_gpu": sample_differences(results["split"], results["one_gpu"], latents["split"],
+                                         latents["one_gpu"]),
         "note": "CFG-parallel (udpdiff.parallel): each rank runs its half of every CFG-2 transformer batch and of "
                 "the batched VAE decode, all-gathered over NCCL; the one-GPU reference runs on rank 0 afterwards "
                 "with the same weights and seed; text encoding excluded",
