@@ -101,6 +101,24 @@ def _valid_mask(pred: torch.Tensor, gt: torch.Tensor, mask: ArrayLike | None) ->
     return valid
 
 
+def _pooled_scores(p_ratio: torch.Tensor, g_ratio: torch.Tensor, p: torch.Tensor, g: torch.Tensor,
+                   caller: str) -> dict[str, float | int]:
+    """δ1 and AbsRel from the (positive) ``*_ratio`` values, RMSE from ``p`` and ``g``, pooled over
+    the valid pixels given (1-D); NaN scores when there are none."""
+    n = int(p.numel())
+    if n == 0:
+        logger.warning("%s: no valid pixels; returning NaN metrics", caller)
+        nan = float("nan")
+        return {"delta1": nan, "abs_rel": nan, "rmse": nan, "n_valid": 0}
+    ratio = torch.maximum(p_ratio / g_ratio, g_ratio / p_ratio)
+    return {
+        "delta1": float((ratio < 1.25).to(p.dtype).mean()),
+        "abs_rel": float(((p_ratio - g_ratio).abs() / g_ratio).mean()),
+        "rmse": float(((p - g) ** 2).mean().sqrt()),
+        "n_valid": n,
+    }
+
+
 def _check_shapes(pred: ArrayLike, gt: ArrayLike) -> None:
     if tuple(pred.shape) != tuple(gt.shape):
         raise ValueError(f"pred and gt shapes differ: {tuple(pred.shape)} vs {tuple(gt.shape)}")
@@ -193,20 +211,8 @@ def depth_metrics(
         p = scale.reshape(*scale.shape, *([1] * n_dims)) * p + shift.reshape(
             *shift.shape, *([1] * n_dims)
         )
-    n = int(valid.sum())
-    if n == 0:
-        logger.warning("depth_metrics: no valid pixels; returning NaN metrics")
-        nan = float("nan")
-        return {"delta1": nan, "abs_rel": nan, "rmse": nan, "n_valid": 0}
     pv, gv = p[valid], g[valid]
-    pc, gc = pv.clamp_min(eps), gv.clamp_min(eps)
-    ratio = torch.maximum(pc / gc, gc / pc)
-    return {
-        "delta1": float((ratio < 1.25).to(dtype).mean()),
-        "abs_rel": float(((pc - gc).abs() / gc).mean()),
-        "rmse": float(((pv - gv) ** 2).mean().sqrt()),
-        "n_valid": n,
-    }
+    return _pooled_scores(pv.clamp_min(eps), gv.clamp_min(eps), pv, gv, "depth_metrics")
 
 
 def depth_space_metrics(
@@ -243,19 +249,8 @@ def depth_space_metrics(
     scale, shift = _fit(p, gt_disparity, valid, dims)
     shape = (*scale.shape, *([1] * len(dims)))
     aligned = (scale.reshape(shape) * p + shift.reshape(shape)).clamp_min(1 / z_far)
-    n = int(valid.sum())
-    if n == 0:
-        logger.warning("depth_space_metrics: no valid pixels; returning NaN metrics")
-        nan = float("nan")
-        return {"delta1": nan, "abs_rel": nan, "rmse": nan, "n_valid": 0}
     zp, zg = 1 / aligned[valid], 1 / gt_disparity[valid]
-    ratio = torch.maximum(zp / zg, zg / zp)
-    return {
-        "delta1": float((ratio < 1.25).to(dtype).mean()),
-        "abs_rel": float(((zp - zg).abs() / zg).mean()),
-        "rmse": float(((zp - zg) ** 2).mean().sqrt()),
-        "n_valid": n,
-    }
+    return _pooled_scores(zp, zg, zp, zg, "depth_space_metrics")
 
 
 def depth_scores(pred: ArrayLike, gt: ArrayLike, per_frame: bool = False,
