@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from udpdiff.io.dense import save_depth, save_ids
 from udpdiff.io.manifest import MANIFEST_NAME, aesthetic_proxy, assign_splits, write_manifest
 from udpdiff.io.video import write_video
+from udpdiff.workers import map_clips
 
 logger = logging.getLogger(__name__)
 
@@ -690,6 +690,46 @@ def clip_seed(dataset_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([dataset_seed, index]).generate_state(1, np.uint32)[0])
 
 
+@dataclass(frozen=True)
+class _ClipJob:
+    out: Path
+    index: int
+    seed: int
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    qp: int
+
+
+def _render_and_write(job: _ClipJob) -> dict:
+    """Render clip ``job.index`` of the dataset, write its files and return its manifest row (a
+    worker process's unit of work: the result depends on the job alone)."""
+    cid = f"synth-{job.seed}-{job.index:05d}"
+    clip = render_clip(clip_seed(job.seed, job.index), job.num_frames, job.height, job.width, clip_id=cid)
+    video_rel, seg_rel, depth_rel = f"videos/{cid}.mp4", f"seg/{cid}.npz", f"depth/{cid}.npz"
+    write_video(job.out / video_rel, clip.frames, job.fps, qp=job.qp)
+    save_ids(job.out / seg_rel, clip.ids)
+    save_depth(job.out / depth_rel, clip.depth)
+    return {
+        "clip_id": cid,
+        "video_path": video_rel,
+        "num_frames": job.num_frames,
+        "fps": float(job.fps),
+        "height": job.height,
+        "width": job.width,
+        "caption_long": clip.caption_long,
+        "caption_short": clip.caption_short,
+        "seg_path": seg_rel,
+        "depth_path": depth_rel,
+        "num_entities": clip.num_entities,
+        "motion_score": clip.motion_score,
+        "aesthetic_score": aesthetic_proxy(clip.frames),
+        "source": "synthetic",
+        "split": "train",
+    }
+
+
 def synthesize_dataset(
     out_dir: str | os.PathLike,
     num_clips: int,
@@ -703,7 +743,8 @@ def synthesize_dataset(
 ) -> Path:
     """Render ``num_clips`` clips into ``out_dir`` in the on-disk format of CONVENTIONS.md.
 
-    Writes ``videos/<id>.mp4``, ``seg/<id>.npz``, ``depth/<id>.npz`` per clip and finally
+    Writes ``videos/<id>.mp4``, ``seg/<id>.npz``, ``depth/<id>.npz`` per clip (on several cores for
+    a large set: :func:`udpdiff.workers.map_clips`) and finally
     ``manifest.parquet`` (so a present manifest means a complete dataset). Returns the manifest
     path. Deterministic: the same arguments give the same arrays, captions, split and MP4 bytes (for
     one x264 build).
@@ -718,33 +759,8 @@ def synthesize_dataset(
     for sub in ("videos", "seg", "depth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = []
-    for i in tqdm(range(num_clips), desc="synthesizing clips", unit="clip", disable=None):
-        cid = f"synth-{seed}-{i:05d}"
-        clip = render_clip(clip_seed(seed, i), num_frames, height, width, clip_id=cid)
-        video_rel, seg_rel, depth_rel = f"videos/{cid}.mp4", f"seg/{cid}.npz", f"depth/{cid}.npz"
-        write_video(out / video_rel, clip.frames, fps, qp=qp)
-        save_ids(out / seg_rel, clip.ids)
-        save_depth(out / depth_rel, clip.depth)
-        rows.append(
-            {
-                "clip_id": cid,
-                "video_path": video_rel,
-                "num_frames": num_frames,
-                "fps": float(fps),
-                "height": height,
-                "width": width,
-                "caption_long": clip.caption_long,
-                "caption_short": clip.caption_short,
-                "seg_path": seg_rel,
-                "depth_path": depth_rel,
-                "num_entities": clip.num_entities,
-                "motion_score": clip.motion_score,
-                "aesthetic_score": aesthetic_proxy(clip.frames),
-                "source": "synthetic",
-                "split": "train",
-            }
-        )
+    jobs = [_ClipJob(out, i, seed, num_frames, height, width, fps, qp) for i in range(num_clips)]
+    rows = map_clips(_render_and_write, jobs, desc="synthesizing clips")
     df = pd.DataFrame(rows)
     df["split"] = assign_splits(df["clip_id"].tolist(), val_fraction, seed)
     manifest = write_manifest(df, out / MANIFEST_NAME)

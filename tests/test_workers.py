@@ -1,0 +1,56 @@
+"""Per-clip work on several processes gives the bytes of the plain loop (udpdiff/workers.py)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from udpdiff import workers
+from udpdiff.config import load_params
+from udpdiff.data.synthetic import synthesize_dataset
+from udpdiff.paths import ProjectPaths
+from udpdiff.stages import encode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {f"{folder.name}/{f.relative_to(folder)}": hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_worker_count_follows_items_and_cores(monkeypatch):
+    monkeypatch.setattr(workers, "available_cores", lambda: 16)
+    assert workers.worker_count(24) == 1  # tiny: stays in this process
+    assert workers.worker_count(2000) == 16  # one per core
+    assert workers.worker_count(100) == 3  # no more than one per ITEMS_PER_WORKER items
+    assert workers.worker_count(10, workers=4) == 4
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        workers.worker_count(10, workers=0)
+
+
+def test_map_clips_keeps_order_and_raises_worker_errors():
+    assert workers.map_clips(abs, [-3, 2, -1, 0], desc="t", workers=2) == [3, 2, 1, 0]
+    with pytest.raises(TypeError):
+        workers.map_clips(abs, [-1, "x", 2, 3], desc="t", workers=2)
+
+
+@pytest.mark.slow
+def test_data_and_encode_on_two_processes_equal_one(tmp_path, monkeypatch):
+    """The data and encode stages' files are byte for byte the same on 2 worker processes as in one
+    process (per-clip seeds; results gathered in order)."""
+    p = load_params(ROOT / "params.yaml", profile="tiny").with_overrides({"data.num_clips": 8})
+    digests = []
+    for name, per_worker in (("one", 10**6), ("two", 4)):
+        monkeypatch.setattr(workers, "ITEMS_PER_WORKER", per_worker)
+        monkeypatch.setattr(workers, "available_cores", lambda: 2)
+        paths = ProjectPaths(tmp_path / name, "tiny")
+        d = p.active.data
+        synthesize_dataset(paths.clips, num_clips=d.num_clips, num_frames=d.num_frames, height=d.height,
+                           width=d.width, fps=d.fps, seed=p.seed, val_fraction=d.val_fraction)
+        encode.run(p, paths)
+        digests.append({**_digests(paths.clips), **_digests(paths.pixelplanes)})
+    assert len(digests[0]) == 8 * 5 + 2  # video, ids, depth, 2 colormaps per clip; manifest, palettes
+    assert digests[0] == digests[1]
