@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from udpdiff import pixelplanes, viz
+from udpdiff.devices import default_device
 from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
 from udpdiff.stages.common import (
@@ -63,7 +64,7 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResu
         return out
 
     train_videos, val_videos = kinds(train_df), kinds(val_df)
-    vae = build_vae(spec.model_dump(), p.seed)
+    vae = build_vae(spec.model_dump(), p.seed).to(default_device())
     history = []
     if not spec.pretrained:
         history = train_vae(vae, [v for vs in train_videos.values() for v in vs], steps=spec.train.steps,
@@ -76,7 +77,7 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResu
     r = val_df.iloc[0]
     with torch.no_grad():
         def roundtrip(v: np.ndarray) -> np.ndarray:
-            x = to_model_input(v[None])
+            x = to_model_input(v[None]).to(vae.device)
             return to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0]
 
         rec = {k: roundtrip(v[0]) for k, v in val_videos.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from udpdiff.devices import default_device
 from udpdiff.io.manifest import read_manifest
 from udpdiff.stages.common import (
     StepResult,
@@ -37,13 +38,14 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
         encoder.save_pretrained(tmp_te)
         tokenizer.save_pretrained(tmp_te)
     replace_dir(tmp_te, paths.text_encoder)
-    vae = load_vae(p, paths)
+    device = default_device()
+    vae, encoder = load_vae(p, paths).to(device), encoder.to(device)
     df = read_manifest(paths.manifest)
     if p.active.train.latents == "online":
         df = df.iloc[:0]
     tmp = fresh_tmp_dir(paths.latents)
     written = encode_clips((clip_inputs(p, paths, r) for r in df.itertuples()), vae,
-                           lambda prompts: encode_text(tokenizer, encoder, prompts, te.max_length), tmp,
+                           lambda prompts: encode_text(tokenizer, encoder, prompts, te.max_length, device), tmp,
                            p.active.train.tasks, text_prompt_tasks=p.active.train.task_conditioning == "text-prompt",
                            total=len(df))
     replace_dir(tmp, paths.latents)

@@ -1,0 +1,219 @@
+"""The ``small`` profile on a GPU machine that has the model stack but not the orchestration tools.
+
+The lent GPU machines have torch, diffusers and DeepSpeed but no DVC, Prefect or MLflow (and no
+network to install them), so this runs the very stage modules ``dvc repro`` runs
+(``udpdiff.stages.<name>.run``), in the same order, on the same paths, with every metric and
+per-step series written to files. ``python -m flows import-small-gpu <tarball>`` then logs those
+files to MLflow as a Tab 1/2 ablation (a parent run, one child per variant), here.
+
+    python3 benchmarks/small_gpu.py prepare --root /tmp/small        # data, encode, autoencoder, latents
+    python3 benchmarks/small_gpu.py variants --root /tmp/small       # the tab1-2 variants over every GPU
+    python3 benchmarks/small_gpu.py pack --root /tmp/small --out results.tar.gz
+    python3 benchmarks/small_gpu.py all --root /tmp/small --out ...  # all three (resumes what is done)
+
+Each variant (params.yaml ``ablations.tab1-2``) trains, samples and evaluates in a workspace of its
+own (``<root>/variants/<name>``) that links the shared data, VAE, text encoder and latent cache, as
+its DVC experiment would have them; one process per variant, variants handed to GPUs as they free
+up. Every stage resumes (training from its last checkpoint, sampling from its last sample), and a
+finished stage is skipped, so a second ``all`` after an interruption finishes the work.
+``--set key=value`` (YAML values) overrides profile keys for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from udpdiff.config import Params, load_params  # noqa: E402
+from udpdiff.paths import ProjectPaths  # noqa: E402
+
+PROFILE = "small"
+TABLE = "tab1-2"
+PREPARE = ("data", "encode", "autoencoder", "latents")
+PER_VARIANT = ("train", "sample", "evaluate", "report")
+SHARED = ("data/{p}", "models/{p}/vae", "models/{p}/text_encoder")  # what every variant links, not redoes
+# what comes back (small files: the models and samples stay on the GPU machine)
+PACKED = ("*.json", "*.jsonl", "*.csv", "*.md", "*.html", "*.png", "*.gif")
+
+
+def load(overrides: list[str]) -> Params:
+    p = load_params(REPO / "params.yaml", profile=PROFILE)
+    sets = dict(kv.split("=", 1) for kv in overrides)
+    return p.with_overrides({k: yaml.safe_load(v) for k, v in sets.items()}) if sets else p
+
+
+def variants(p: Params) -> dict[str, dict]:
+    """The table's variants, the full method first (the run the other three are compared with)."""
+    table = dict(p.ablations[TABLE].variants)
+    return dict(sorted(table.items(), key=lambda kv: kv[0] != "udpdiff-multi-task"))
+
+
+def done_marker(paths: ProjectPaths, stage: str) -> Path:
+    return paths.outputs / "gpu_run" / f"{stage}.done.json"
+
+
+def run_stage(p: Params, paths: ProjectPaths, stage: str) -> dict:
+    """One stage as ``python -m flows stage`` runs it, minus Prefect and MLflow: its metrics JSON
+    (``outputs/<p>/metrics/<stage>.json``, as DVC reads it), its per-step series (JSONL) and its wall time."""
+    import importlib
+
+    from udpdiff.stages.common import write_json
+
+    marker = done_marker(paths, stage)
+    if marker.exists():
+        print(f"[{paths.root.name}] {stage}: done before, skipped", flush=True)
+        return json.loads(marker.read_text())
+    series = paths.outputs / "gpu_run" / f"{stage}_steps.jsonl"
+    series.parent.mkdir(parents=True, exist_ok=True)
+
+    def log_fn(metrics: dict[str, float], step: int) -> None:
+        with open(series, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+        if any(k.startswith("val/") for k in metrics) or step % 100 == 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float | int))
+            print(f"[{paths.root.name}] {stage} step {step}: {shown}", flush=True)
+
+    run_fn = importlib.import_module(f"udpdiff.stages.{stage}").run
+    kwargs = {"log_fn": log_fn} if stage in ("autoencoder", "train") else {}
+    print(f"[{paths.root.name}] {stage}: starting", flush=True)
+    start = time.perf_counter()
+    result = run_fn(p, paths, **kwargs)
+    seconds = time.perf_counter() - start
+    write_json(paths.metrics / f"{stage}.json", result.metrics)
+    record = {"stage": stage, "seconds": seconds, "metrics": result.metrics, "gpu": gpu_name(),
+              "artifacts": [str(a.relative_to(paths.root)) for a in result.artifacts if a.is_relative_to(paths.root)]}
+    if stage == "train" and result.metrics.get("steps_done", 0) < p.active.train.steps:
+        print(f"[{paths.root.name}] train stopped at step {result.metrics.get('steps_done')}: run again to resume",
+              flush=True)
+        return record
+    write_json(marker, record)
+    print(f"[{paths.root.name}] {stage}: done in {seconds:.0f} s", flush=True)
+    return record
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def variant_root(root: Path, name: str, p: Params) -> Path:
+    """``<root>/variants/<name>``, a workspace whose shared inputs are links into ``root``."""
+    vroot = root / "variants" / name
+    for rel in SHARED:
+        rel = rel.format(p=p.profile)
+        link = vroot / rel
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((root / rel).resolve(), target_is_directory=True)
+    return vroot
+
+
+def prepare(root: Path, overrides: list[str]) -> None:
+    p = load(overrides)
+    paths = ProjectPaths(root, p.profile)
+    for stage in PREPARE:
+        run_stage(p, paths, stage)
+
+
+def run_variant(root: Path, name: str, overrides: list[str]) -> None:
+    base = load(overrides)
+    p = base.with_overrides(variants(base)[name])
+    paths = ProjectPaths(variant_root(root, name, p), p.profile)
+    from udpdiff.stages.common import write_json
+
+    write_json(paths.outputs / "gpu_run" / "variant.json", {"table": TABLE, "variant": name,
+                                                             "overrides": variants(base)[name],
+                                                             "profile_overrides": overrides})
+    for stage in PER_VARIANT:
+        record = run_stage(p, paths, stage)
+        if stage == "train" and not done_marker(paths, "train").exists():
+            raise SystemExit(f"{name}: training unfinished ({record['metrics'].get('steps_done')} steps)")
+
+
+def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int) -> int:
+    """Every variant in its own process, ``gpus`` at a time, each on its own GPU; returns the failures."""
+    names = names or list(variants(load(overrides)))
+    queue, running, failed = list(names), {}, 0
+    free = list(range(gpus))
+    while queue or running:
+        while queue and free:
+            gpu, name = free.pop(0), queue.pop(0)
+            log = root / "logs" / f"{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, __file__, "variant", name, "--root", str(root),
+                   *[a for kv in overrides for a in ("--set", kv)]]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
+            print(f"variant {name} on GPU {gpu} (log {log})", flush=True)
+            running[subprocess.Popen(cmd, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT)] = (name, gpu)
+        time.sleep(5)
+        for proc in [q for q in running if q.poll() is not None]:
+            name, gpu = running.pop(proc)
+            free.append(gpu)
+            print(f"variant {name} finished with exit code {proc.returncode}", flush=True)
+            failed += proc.returncode != 0
+    return failed
+
+
+def pack(root: Path, out: Path, max_bytes: int = 15 * 2**20) -> Path:
+    """The small files of the run (metrics, series, tables, plots, galleries) as one tarball, biggest
+    galleries dropped first if it would pass ``max_bytes``."""
+    files = sorted({f for pattern in PACKED for f in root.rglob(pattern)
+                    if f.is_file() and "checkpoints" not in f.parts and "latents" not in f.parts
+                    and ".tmp-" not in str(f)})
+    files += sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []
+    total = sum(f.stat().st_size for f in files)
+    for f in sorted(files, key=lambda f: -f.stat().st_size):
+        if total <= max_bytes * 2:  # gzip halves what is left (gifs and pngs barely shrink: a safe margin)
+            break
+        if f.suffix == ".gif":
+            files.remove(f)
+            total -= f.stat().st_size
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(root)))
+    print(f"packed {len(files)} files, {out.stat().st_size / 2**20:.1f} MiB -> {out}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["prepare", "variant", "variants", "pack", "all"])
+    ap.add_argument("name", nargs="?", help="the variant (command variant)")
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None, help="tarball of the small outputs (pack, all)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--variants", nargs="+", default=None)
+    ap.add_argument("--gpus", type=int, default=None, help="default: every visible GPU")
+    args = ap.parse_args(argv)
+    root = args.root.resolve()
+    if args.command == "variant":
+        run_variant(root, args.name, args.overrides)
+        return 0
+    if args.command in ("prepare", "all"):
+        prepare(root, args.overrides)
+    failed = 0
+    if args.command in ("variants", "all"):
+        import torch
+
+        gpus = args.gpus or max(torch.cuda.device_count(), 1)
+        failed = run_variants(root, args.overrides, args.variants, gpus)
+    if args.command in ("pack", "all") and args.out is not None:
+        pack(root, args.out)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

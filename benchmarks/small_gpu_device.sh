@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The `small` profile on a lent GPU machine (benchmarks/small_gpu.py; README "The small profile").
+# Runs from the repository root there; .whl holds the wheels the machine lacks (diffusers, pydantic,
+# av, deepspeed's sdist). Background work is started with setsid, so it outlives the call that
+# started it while the machine stays warm; `watch` follows it and packs what is done into $OUT.
+#   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
+#   bash benchmarks/small_gpu_device.sh prepare        # data, encode, autoencoder, latents (background)
+#   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --set k=v)
+#   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT
+set -uo pipefail
+SITE=/tmp/site RUN=/tmp/small CODE=/tmp/small-code OUT=${OUT:-/tmp/out}
+export PYTHONPATH=$SITE:$CODE PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+install() {
+  [ -f $SITE/.done ] && return
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE .whl/*.whl &&
+  DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+    --target $SITE .whl/deepspeed-*.tar.gz && touch $SITE/.done || exit 1
+  mkdir -p $CODE && tar --exclude=./.whl -cf - . | tar -xf - -C $CODE  # a copy the next call's sync never touches
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, diffusers, deepspeed; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)"
+}
+driver() { python3 $CODE/benchmarks/small_gpu.py "$@"; }
+case "$1" in
+  smoke)
+    install
+    S="--set data.num_clips=96 --set vae.train.steps=40 --set train.steps=40 --set train.sample_every=20
+       --set train.checkpoint_every=20 --set train.validation_clips=2 --set sample.num_samples=2 --set sample.gallery_size=2"
+    time driver all --root /tmp/smoke --out $OUT/smoke.tar.gz --variants udpdiff-multi-task cogvideox $S
+    rc=$?; tail -n 25 /tmp/smoke/logs/*.log
+    python3 - <<'PY'
+import json, glob, pandas as pd
+for f in sorted(glob.glob("/tmp/smoke/**/gpu_run/*.done.json", recursive=True)):
+    r = json.load(open(f)); print(f"{f.split('/tmp/smoke/')[1]:75s} {r['seconds']:8.1f} s")
+for f in glob.glob("/tmp/smoke/variants/*/outputs/small/metrics/train_history.csv"):
+    print(f); print(pd.read_csv(f).tail(3).to_string())
+PY
+    exit $rc ;;
+  prepare)
+    install; mkdir -p $RUN/logs
+    setsid nohup python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN >> $RUN/logs/prepare.log 2>&1 < /dev/null &
+    echo "prepare started" ;;
+  variants)
+    shift; install; mkdir -p $RUN/logs
+    setsid nohup bash -c "while [ ! -f $RUN/outputs/small/gpu_run/latents.done.json ]; do sleep 5; done;
+      python3 $CODE/benchmarks/small_gpu.py variants --root $RUN $*" \
+      >> $RUN/logs/variants.log 2>&1 < /dev/null &
+    echo "variants queued: $*" ;;
+  watch)
+    end=$((SECONDS + $2))
+    while [ $SECONDS -lt $end ]; do
+      sleep 60; echo "== $(date +%T)"; tail -q -n 2 $RUN/logs/*.log 2>/dev/null | cut -c1-300
+      pgrep -f small_gpu.py > /dev/null || { echo "nothing running"; break; }
+    done
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+    python3 $CODE/benchmarks/small_gpu.py pack --root $RUN --out $OUT/small.tar.gz ;;
+esac
