@@ -142,11 +142,17 @@ def run_variant(root: Path, name: str, overrides: list[str]) -> None:
             raise SystemExit(f"{name}: training unfinished ({record['metrics'].get('steps_done')} steps)")
 
 
-def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int) -> int:
-    """Every variant in its own process, ``gpus`` at a time, each on its own GPU; returns the failures."""
+def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int, per_gpu: int = 1) -> int:
+    """Every variant in its own process, ``per_gpu`` of them on each of ``gpus`` GPUs at a time;
+    returns the number that failed. Each process gets its share of the CPU cores for its thread
+    pools (as torchrun does): 4 processes with a pool of every core each spent their time in
+    thread contention, not on the GPU (benchmarks/results/small-h200x2-attempt1.md)."""
+    from udpdiff.workers import available_cores
+
     names = names or list(variants(load(overrides)))
     queue, running, failed = list(names), {}, 0
-    free = list(range(gpus))
+    free = [slot % gpus for slot in range(gpus * per_gpu)]
+    threads = max(1, available_cores() // len(free))
     while queue or running:
         while queue and free:
             gpu, name = free.pop(0), queue.pop(0)
@@ -154,7 +160,8 @@ def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, __file__, "variant", name, "--root", str(root),
                    *[a for kv in overrides for a in ("--set", kv)]]
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
+                   "OMP_NUM_THREADS": str(threads)}
             print(f"variant {name} on GPU {gpu} (log {log})", flush=True)
             running[subprocess.Popen(cmd, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT)] = (name, gpu)
         time.sleep(5)
@@ -197,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--gpus", type=int, default=None, help="default: every visible GPU")
+    ap.add_argument("--per-gpu", type=int, default=1, help="variants sharing one GPU at a time")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     if args.command == "variant":
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         gpus = args.gpus or max(torch.cuda.device_count(), 1)
-        failed = run_variants(root, args.overrides, args.variants, gpus)
+        failed = run_variants(root, args.overrides, args.variants, gpus, args.per_gpu)
     if args.command in ("pack", "all") and args.out is not None:
         pack(root, args.out)
     return 1 if failed else 0
