@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,27 @@ def test_data_and_encode_on_two_processes_equal_one(tmp_path, monkeypatch):
         digests.append({**_digests(paths.clips), **_digests(paths.pixelplanes)})
     assert len(digests[0]) == 8 * 5 + 2  # video, ids, depth, 2 colormaps per clip; manifest, palettes
     assert digests[0] == digests[1]
+
+
+def test_read_ahead_keeps_order_and_bounds_what_is_in_flight():
+    started = []
+
+    def slow_square(x: int) -> int:
+        started.append(x)
+        time.sleep(0.01 * (x % 3))  # finishing out of order must not reorder the results
+        return x * x
+
+    out = workers.read_ahead(slow_square, range(50), threads=4, ahead=6)
+    first = next(out)
+    assert first == 0 and len(started) <= 7  # the first item plus at most `ahead` more were asked for
+    assert [first, *out] == [x * x for x in range(50)]
+
+
+def test_read_ahead_raises_the_items_error_in_its_place():
+    def inverse(x: int) -> float:
+        return 1 / x
+
+    out = workers.read_ahead(inverse, [2, 1, 0, 4], threads=2)
+    assert next(out) == 0.5 and next(out) == 1.0
+    with pytest.raises(ZeroDivisionError):
+        next(out)

@@ -23,6 +23,7 @@ from udpdiff.stages.common import (
     replace_dir,
     write_json,
 )
+from udpdiff.workers import read_ahead
 
 if TYPE_CHECKING:
     from udpdiff.config import Params
@@ -58,9 +59,10 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResu
         train_df = train_df.iloc[:0]
 
     def kinds(rows: pd.DataFrame) -> dict[str, list[np.ndarray]]:
-        out = {"rgb": [read_clip(p, paths, r.video_path) for r in rows.itertuples()]}
+        out = {"rgb": list(read_ahead(lambda r: read_clip(p, paths, r.video_path), rows.itertuples()))}
         for task in tasks:
-            out[task] = [load_colormap(paths, task, r.clip_id)[:t] for r in rows.itertuples()]
+            out[task] = list(read_ahead(lambda r, task=task: load_colormap(paths, task, r.clip_id)[:t],
+                                        rows.itertuples()))
         return out
 
     train_videos, val_videos = kinds(train_df), kinds(val_df)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from udpdiff.stages.common import (
     write_json,
 )
 from udpdiff.stages.loading import clip_inputs, load_vae
+from udpdiff.workers import read_ahead
 
 if TYPE_CHECKING:
     from udpdiff.config import Params
@@ -44,7 +46,7 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     if p.active.train.latents == "online":
         df = df.iloc[:0]
     tmp = fresh_tmp_dir(paths.latents)
-    written = encode_clips((clip_inputs(p, paths, r) for r in df.itertuples()), vae,
+    written = encode_clips(read_ahead(functools.partial(clip_inputs, p, paths), df.itertuples()), vae,
                            lambda prompts: encode_text(tokenizer, encoder, prompts, te.max_length, device), tmp,
                            p.active.train.tasks, text_prompt_tasks=p.active.train.task_conditioning == "text-prompt",
                            total=len(df))
