@@ -12,7 +12,7 @@ from udpdiff import workers
 from udpdiff.config import load_params
 from udpdiff.data.synthetic import synthesize_dataset
 from udpdiff.paths import ProjectPaths
-from udpdiff.stages import encode
+from udpdiff.stages import autoencoder, encode, latents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,9 +40,9 @@ def test_map_clips_keeps_order_and_raises_worker_errors():
 
 @pytest.mark.slow
 def test_data_and_encode_on_two_processes_equal_one(tmp_path, monkeypatch):
-    """The data and encode stages' files are byte for byte the same on 2 worker processes as in one
-    process (per-clip seeds; results gathered in order)."""
-    p = load_params(ROOT / "params.yaml", profile="tiny").with_overrides({"data.num_clips": 8})
+    """The data, encode and latents stages' files are byte for byte the same with 2 worker processes
+    as in one process (per-clip seeds; results gathered in order)."""
+    p = load_params(ROOT / "params.yaml", profile="tiny").with_overrides({"data.num_clips": 8, "vae.train.steps": 2})
     digests = []
     for name, per_worker in (("one", 10**6), ("two", 4)):
         monkeypatch.setattr(workers, "ITEMS_PER_WORKER", per_worker)
@@ -52,30 +52,31 @@ def test_data_and_encode_on_two_processes_equal_one(tmp_path, monkeypatch):
         synthesize_dataset(paths.clips, num_clips=d.num_clips, num_frames=d.num_frames, height=d.height,
                            width=d.width, fps=d.fps, seed=p.seed, val_fraction=d.val_fraction)
         encode.run(p, paths)
-        digests.append({**_digests(paths.clips), **_digests(paths.pixelplanes)})
-    assert len(digests[0]) == 8 * 5 + 2  # video, ids, depth, 2 colormaps per clip; manifest, palettes
+        autoencoder.run(p, paths)
+        latents.run(p, paths)  # reads ahead on the worker processes
+        digests.append({**_digests(paths.clips), **_digests(paths.pixelplanes), **_digests(paths.latents)})
+    assert len(digests[0]) == 8 * 5 + 2 + 8 + 1  # per clip: video, ids, depth, 2 colormaps, latents; manifest,
+    # palettes, the empty prompt's embedding
     assert digests[0] == digests[1]
 
 
-def test_read_ahead_keeps_order_and_bounds_what_is_in_flight():
-    started = []
+def _slow_square(x: int) -> int:
+    time.sleep(0.01 * (x % 3))  # finishing out of order must not reorder the results
+    return x * x
 
-    def slow_square(x: int) -> int:
-        started.append(x)
-        time.sleep(0.01 * (x % 3))  # finishing out of order must not reorder the results
-        return x * x
 
-    out = workers.read_ahead(slow_square, range(50), threads=4, ahead=6)
-    first = next(out)
-    assert first == 0 and len(started) <= 7  # the first item plus at most `ahead` more were asked for
-    assert [first, *out] == [x * x for x in range(50)]
+def _inverse(x: int) -> float:
+    return 1 / x
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_read_ahead_keeps_order(processes):
+    assert list(workers.read_ahead(_slow_square, list(range(40)), workers=processes, ahead=3)) == \
+        [x * x for x in range(40)]
 
 
 def test_read_ahead_raises_the_items_error_in_its_place():
-    def inverse(x: int) -> float:
-        return 1 / x
-
-    out = workers.read_ahead(inverse, [2, 1, 0, 4], threads=2)
+    out = workers.read_ahead(_inverse, [2, 1, 0, 4], workers=2)
     assert next(out) == 0.5 and next(out) == 1.0
     with pytest.raises(ZeroDivisionError):
         next(out)

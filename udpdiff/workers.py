@@ -1,5 +1,5 @@
-"""Per-clip work spread over this machine's cores: ``concurrent.futures`` worker processes, in order;
-and reading ahead on threads while a GPU consumes.
+"""Per-clip work spread over this machine's cores: ``concurrent.futures`` worker processes, in order
+(``map_clips``), or reading ahead while a GPU consumes (``read_ahead``).
 
 The data and encode stages render or encode thousands of independent clips (the ``small`` profile:
 2,000, about 0.1 s each), which one core would take minutes over. Each item's result depends on the
@@ -14,8 +14,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -59,16 +59,22 @@ def map_clips(fn: Callable[[T], R], items: Sequence[T], desc: str, workers: int 
                          unit="clip", disable=None))
 
 
-def read_ahead(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None, ahead: int | None = None
+def read_ahead(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None, ahead: int | None = None
                ) -> Iterator[R]:
-    """``fn(item) for item in items``, in order, with up to ``ahead`` items read in advance on
-    ``threads`` threads: clip decoding (PyAV, zlib) releases the GIL, so the reads of the next clips
-    overlap the GPU work on this one (the latents stage read 2,000 clips at 9/s one at a time).
-    Memory stays bounded by ``ahead`` items, whatever the dataset's size."""
-    threads = threads or max(1, min(8, available_cores()))
-    ahead = ahead or 2 * threads
+    """``fn(item) for item in items``, in order, with up to ``ahead`` items read in advance by
+    :func:`worker_count` spawned processes: the reads of the next clips overlap the GPU work on
+    this one (the latents stage read 2,000 clips at 9/s one at a time). Memory stays bounded by
+    ``ahead`` items, whatever the dataset's size. Processes, not threads: ``np.load`` parses
+    headers with ``ast.literal_eval``, which CPython 3.11 does not make thread-safe
+    ("AST constructor recursion depth mismatch"). ``fn`` must pickle (a module-level function or
+    a ``functools.partial`` of one)."""
+    n = worker_count(len(items), workers)
+    if n == 1:
+        yield from map(fn, items)
+        return
+    ahead = ahead or 4 * n
     source = iter(items)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = deque(pool.submit(fn, item) for _, item in zip(range(ahead), source, strict=False))
         while pending:
             result = pending.popleft().result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -59,10 +60,9 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResu
         train_df = train_df.iloc[:0]
 
     def kinds(rows: pd.DataFrame) -> dict[str, list[np.ndarray]]:
-        out = {"rgb": list(read_ahead(lambda r: read_clip(p, paths, r.video_path), rows.itertuples()))}
+        out = {"rgb": list(read_ahead(functools.partial(read_clip, p, paths), rows.video_path.tolist()))}
         for task in tasks:
-            out[task] = list(read_ahead(lambda r, task=task: load_colormap(paths, task, r.clip_id)[:t],
-                                        rows.itertuples()))
+            out[task] = [load_colormap(paths, task, clip_id)[:t] for clip_id in rows.clip_id]
         return out
 
     train_videos, val_videos = kinds(train_df), kinds(val_df)

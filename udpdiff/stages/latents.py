@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from udpdiff.devices import default_device
@@ -46,7 +47,8 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     if p.active.train.latents == "online":
         df = df.iloc[:0]
     tmp = fresh_tmp_dir(paths.latents)
-    written = encode_clips(read_ahead(functools.partial(clip_inputs, p, paths), df.itertuples()), vae,
+    written = encode_clips(read_ahead(functools.partial(clip_inputs, p, paths),
+                                      [SimpleNamespace(**row) for row in df.to_dict("records")]), vae,
                            lambda prompts: encode_text(tokenizer, encoder, prompts, te.max_length, device), tmp,
                            p.active.train.tasks, text_prompt_tasks=p.active.train.task_conditioning == "text-prompt",
                            total=len(df))
