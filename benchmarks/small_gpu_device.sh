@@ -5,7 +5,7 @@
 # started it while the machine stays warm; `watch` follows it and packs what is done into $OUT.
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
 #   bash benchmarks/small_gpu_device.sh prepare        # data, encode, autoencoder, latents (background)
-#   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --set k=v)
+#   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v)
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT
 set -uo pipefail
 SITE=/tmp/site RUN=/tmp/small CODE=/tmp/small-code OUT=${OUT:-/tmp/out}
