@@ -30,13 +30,24 @@ CPU_SIZES = [
 ]
 
 
+OVERRIDES = [a for kv in CPU_SIZES for a in ("--set", kv)]
+NAMES = ["udpdiff-multi-task", "cogvideox"]
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A whole small_gpu.py run (two variants sharing one "GPU") and its tarball."""
+    tmp_path = tmp_path_factory.mktemp("small_gpu")
+    root, tarball = tmp_path / "run", tmp_path / "out.tar.gz"
+    assert small_gpu.main(["all", "--root", str(root), "--out", str(tarball), "--gpus", "1", "--per-gpu", "2",
+                           "--variants", *NAMES, *OVERRIDES]) == 0
+    return root, tarball
+
+
 @pytest.mark.slow
-def test_prepare_variants_and_pack(tmp_path):
-    root = tmp_path / "run"
-    overrides = [a for kv in CPU_SIZES for a in ("--set", kv)]
-    names = ["udpdiff-multi-task", "cogvideox"]
-    assert small_gpu.main(["all", "--root", str(root), "--out", str(tmp_path / "out.tar.gz"), "--gpus", "1",
-                           "--per-gpu", "2", "--variants", *names, *overrides]) == 0
+def test_prepare_variants_and_pack(gpu_run):
+    root, tarball = gpu_run
+    names, overrides = NAMES, OVERRIDES
     for stage in small_gpu.PREPARE:
         assert (root / "outputs/small/gpu_run" / f"{stage}.done.json").exists()
     for name in names:
@@ -50,7 +61,7 @@ def test_prepare_variants_and_pack(tmp_path):
         steps = [json.loads(line) for line in (v / "outputs/small/gpu_run/train_steps.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in steps if "loss" in r) == 2  # the per-step series reached the last step
         assert any(k.startswith("val/") for r in steps for k in r)  # the Fig 8 scores at the preview
-    with tarfile.open(tmp_path / "out.tar.gz") as tar:
+    with tarfile.open(tarball) as tar:
         packed = set(tar.getnames())
     assert "variants/udpdiff-multi-task/outputs/small/evaluation/metrics.json" in packed
     assert "variants/cogvideox/outputs/small/metrics/train_history.csv" in packed
@@ -60,3 +71,67 @@ def test_prepare_variants_and_pack(tmp_path):
     before = {f: f.stat().st_mtime_ns for f in (root / "variants").rglob("*.done.json")}
     assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--variants", *names, *overrides]) == 0
     assert {f: f.stat().st_mtime_ns for f in (root / "variants").rglob("*.done.json")} == before
+
+
+@pytest.mark.slow
+def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
+    """The packed run, replayed into MLflow: the table's parent run, the shared stages beneath it, a
+    child per variant holding its stage runs with their per-step series, and the ablation table."""
+    import mlflow
+
+    from flows.gpu_import import import_run
+
+    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
+    _, tarball = gpu_run
+    parent_id = import_run(tarball, table_dir=tmp_path / "ablations")
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["kind"] == "ablation" and parent.data.tags["machine"] == "cpu"
+    experiment = parent.info.experiment_id
+
+    def children(run_id: str) -> dict[str, mlflow.entities.Run]:
+        runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_id}'")
+        return {r.info.run_name: r for r in runs}
+
+    top = children(parent_id)
+    assert set(top) == {*small_gpu.PREPARE, *NAMES}
+    assert top["autoencoder"].data.metrics["psnr_rgb"] > 0
+    assert len(client.get_metric_history(top["autoencoder"].info.run_id, "vae_loss")) >= 1  # its per-step series
+    stages = children(top["udpdiff-multi-task"].info.run_id)
+    assert set(stages) == {f"{s} · udpdiff-multi-task" for s in small_gpu.PER_VARIANT}
+    train = stages["train · udpdiff-multi-task"]
+    assert train.data.tags["finished"] == "true" and train.data.params["train.steps"] == "2"
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [2]
+    assert client.get_metric_history(train.info.run_id, "val/segmentation/gt_miou")  # Fig 8's series
+    variant = top["udpdiff-multi-task"].data.metrics
+    assert 0 <= variant["segmentation/gt_miou"] <= 1 and "depth/gt_delta1_depth" in variant
+    assert "ablation_table.json" in {a.path for a in client.list_artifacts(parent_id)}
+    assert (tmp_path / "ablations").is_dir()
+
+
+@pytest.mark.slow
+def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path, monkeypatch):
+    """A run the machine took back mid-way: the unfinished stage says so, and no table is made up."""
+    import mlflow
+
+    from flows.gpu_import import import_run
+
+    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
+    root, _ = gpu_run
+    partial = tmp_path / "partial.tar.gz"
+    with tarfile.open(partial, "w:gz") as tar:  # the tarball as it was while cogvideox was still training
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root)
+            if f.is_file() and not f.is_symlink() and rel.suffix in (".json", ".jsonl") and not (
+                    rel.parts[:2] == ("variants", "cogvideox") and f.name.endswith(".done.json")):
+                tar.add(f, arcname=str(rel))
+    parent_id = import_run(partial, table_dir=tmp_path / "ablations")
+    client = mlflow.MlflowClient()
+    assert client.get_run(parent_id).data.tags["incomplete"] == "1 of 2 variants evaluated: no table"
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id], "tags.finished = 'false'")
+    assert [r.info.run_name for r in runs] == ["train · cogvideox"]
+    assert not (tmp_path / "ablations").exists()

@@ -1,0 +1,148 @@
+"""A run made where the orchestration tools are absent, logged to MLflow here.
+
+    python -m flows import-run small.tar.gz      # the tarball benchmarks/small_gpu.py packed on a GPU machine
+
+The lent GPU machines have no MLflow, so ``benchmarks/small_gpu.py`` writes what the stage flows would
+have logged to files: per workspace, ``outputs/<profile>/gpu_run/<stage>.done.json`` (final metrics,
+seconds, GPU, artifact paths), ``<stage>_steps.jsonl`` (the per-step series) and the stage's small
+files. This replays them into the same shape a local ``python -m flows ablation`` gives: one parent
+run named after the table, a stage run per shared stage beneath it, a child run per variant holding
+that variant's stage runs, the variants' final metrics and the ablation table. A stage that never
+finished (the machine went back) is logged with what it reached and the tag ``finished=false``;
+the table is logged only when at least two variants were evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric
+
+from flows.common import REPO_ROOT, load
+from flows.tracking import ablation_run, log_ablation_table, log_result, log_variant_metrics, stage_run, variant_run
+from udpdiff.config import Params
+from udpdiff.evaluation.tables import ablation_frame
+from udpdiff.stages.common import StepResult
+
+logger = logging.getLogger(__name__)
+
+SERIES_BATCH = 1000  # MLflow's log_batch takes at most 1,000 metrics per call
+
+
+def import_run(tarball: Path, profile: str | None = None, table_dir: Path | None = None) -> str:
+    """Log the packed run ``tarball`` to MLflow; returns the parent run's id. The ablation table's
+    files go to ``table_dir`` (default ``outputs/<profile>/ablations``, as the ablation flow's)."""
+    tarball = Path(tarball)
+    if not tarball.is_file():
+        raise FileNotFoundError(f"{tarball}: no such file (the tarball benchmarks/small_gpu.py packs)")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with tarfile.open(tarball) as tar:
+            tar.extractall(root, filter="data")
+        variants = sorted(d for d in (root / "variants").glob("*") if d.is_dir())
+        if not variants:
+            raise ValueError(f"{tarball}: no variants/<name>/ workspace inside; is this a small_gpu.py tarball?")
+        first = json.loads(_only(variants[0].glob("outputs/*/gpu_run/variant.json"), tarball).read_text())
+        base = _params(profile, first["profile_overrides"])
+        table = first["table"]
+        spec = base.ablations[table]
+        machine = _machine(root)
+        rows, overrides_of = [], {}
+        with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
+            _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball.name})
+            _log_workspace(base, root, None, tag_variant=False)
+            for workspace in variants:
+                info = json.loads(_only(workspace.glob("outputs/*/gpu_run/variant.json"), tarball).read_text())
+                p = base.with_overrides(info["overrides"])
+                with variant_run(p, parent.info.run_id, table, info["variant"], info["overrides"]) as (vrun, _):
+                    final = _log_workspace(p, workspace, info["variant"])
+                    if final:
+                        log_variant_metrics(vrun.info.run_id, final)
+                        rows.append({"variant": info["variant"], **final})
+                        overrides_of[info["variant"]] = info["overrides"]
+            for log_file in sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []:
+                mlflow.MlflowClient().log_artifact(parent.info.run_id, str(log_file), "logs")
+            if len(rows) >= 2:
+                frame = ablation_frame(rows, overrides_of)
+                log_ablation_table(parent.info.run_id, spec.title, frame,
+                                   table_dir or REPO_ROOT / "outputs" / base.profile / "ablations")
+            else:
+                mlflow.MlflowClient().set_tag(parent.info.run_id, "incomplete",
+                                              f"{len(rows)} of {len(variants)} variants evaluated: no table")
+        logger.info("imported %s as MLflow run %s (%d variants, %d evaluated)", tarball, parent.info.run_id,
+                    len(variants), len(rows))
+        return parent.info.run_id
+
+
+def _params(profile: str | None, overrides: list[str]) -> Params:
+    p, _ = load(profile or "small")
+    sets = dict(kv.split("=", 1) for kv in overrides)
+    return p.with_overrides({k: yaml.safe_load(v) for k, v in sets.items()}) if sets else p
+
+
+def _only(found, tarball: Path) -> Path:
+    found = list(found)
+    if len(found) != 1:
+        raise ValueError(f"{tarball}: expected one outputs/<profile>/gpu_run/variant.json per workspace, found "
+                         f"{len(found)}")
+    return found[0]
+
+
+def _machine(root: Path) -> str:
+    for record in sorted(root.rglob("gpu_run/*.done.json")):
+        gpu = json.loads(record.read_text()).get("gpu")
+        if gpu:
+            return gpu
+    return "unknown machine"
+
+
+def _log_workspace(p: Params, workspace: Path, variant: str | None, tag_variant: bool = True) -> dict[str, float]:
+    """A stage run per stage this workspace ran (its own, not the shared ones it links); returns the
+    evaluate stage's final metrics ({} when it never finished)."""
+    gpu_run = workspace / "outputs" / p.profile / "gpu_run"
+    stages = dict.fromkeys(f.name.split(".")[0] for f in sorted(gpu_run.glob("*.done.json")))
+    stages.update(dict.fromkeys(f.name.removesuffix("_steps.jsonl") for f in sorted(gpu_run.glob("*_steps.jsonl"))))
+    final: dict[str, float] = {}
+    for stage in stages:
+        done = gpu_run / f"{stage}.done.json"
+        record: dict[str, Any] = json.loads(done.read_text()) if done.exists() else {}
+        tags = {"variant": variant} if variant and tag_variant else {}
+        with stage_run(stage, p, tags={**tags, "imported": "gpu-run"}) as run:
+            client = mlflow.MlflowClient()
+            _log_series(client, run.info.run_id, gpu_run / f"{stage}_steps.jsonl")
+            artifacts = [workspace / a for a in record.get("artifacts", [])]
+            log_result(StepResult(metrics=record.get("metrics", {}), artifacts=[a for a in artifacts if a.exists()]))
+            _set_tags(run.info.run_id, {"finished": str(bool(record)).lower(),
+                                        **({"seconds": f"{record['seconds']:.1f}", "gpu": record["gpu"]}
+                                           if record else {})})
+            if record:
+                client.log_metric(run.info.run_id, "stage_seconds", float(record["seconds"]))
+        if stage == "evaluate" and record:
+            final = {k: float(v) for k, v in record["metrics"].items()}
+    return final
+
+
+def _set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def _log_series(client: mlflow.MlflowClient, run_id: str, path: Path) -> None:
+    """The per-step series of a stage (one JSON object per logged step) as MLflow metric histories."""
+    if not path.exists():
+        return
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(row["step"]))
+               for row in map(json.loads, path.read_text().splitlines())
+               for k, v in row.items() if k != "step" and isinstance(v, int | float)]
+    for i in range(0, len(metrics), SERIES_BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + SERIES_BATCH])
