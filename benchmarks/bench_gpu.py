@@ -1296,6 +1296,14 @@ def run_train_fast(bench: Bench, arch: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+
+def _difference_cells(v: dict) -> str:
+    """Table cells of one :func:`sample_differences` result: latents rel. L2 · max abs, videos and
+    colormaps max · mean abs (uint8), depth mean abs."""
+    return (f"{v['latents']['rel_l2']:.2e} · {v['latents']['max_abs']:.3g} | "
+            f"{v['videos']['max_abs']:.0f} · {v['videos']['mean_abs']:.3f} | "
+            f"{v['colormaps']['max_abs']:.0f} · {v['colormaps']['mean_abs']:.3f} | {v['depth']['mean_abs']:.4f}")
+
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -1436,11 +1444,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                 continue
             v = e["vs_eager"]
             lines.append(f"| {arch} | x{e['speedup_total']:.3f} · x{e['speedup_denoise']:.3f} | "
-                         f"{_f(e['fast'].get('compile_warmup_s'), '{:.1f}')} | "
-                         f"{v['latents']['rel_l2']:.2e} · {v['latents']['max_abs']:.3g} | "
-                         f"{v['videos']['max_abs']:.0f} · {v['videos']['mean_abs']:.3f} | "
-                         f"{v['colormaps']['max_abs']:.0f} · {v['colormaps']['mean_abs']:.3f} | "
-                         f"{v['depth']['mean_abs']:.4f} |")
+                         f"{_f(e['fast'].get('compile_warmup_s'), '{:.1f}')} | {_difference_cells(v)} |")
         notes = {e["note"] for e in r["sample_fast"].values() if "note" in e}
         caches = [f"{a}: {e['compile_cache']}" for a, e in r["sample_fast"].items() if "compile_cache" in e]
         lines += ["", *sorted(notes), "Compile: " + "; ".join(caches) + ".", ""]
@@ -1460,11 +1464,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                       "colormaps: max · mean | depth: mean abs |", "|---|---:|---:|---:|---:|---:|"]
         for key, e in r["sample_parallel"].items():
             v = e["vs_one_gpu"]
-            lines.append(f"| {key} | x{e['speedup']:.2f} | {v['latents']['rel_l2']:.2e} · "
-                         f"{v['latents']['max_abs']:.3g} | {v['videos']['max_abs']:.0f} · "
-                         f"{v['videos']['mean_abs']:.3f} | "
-                         f"{v['colormaps']['max_abs']:.0f} · {v['colormaps']['mean_abs']:.3f} | "
-                         f"{v['depth']['mean_abs']:.4f} |")
+            lines.append(f"| {key} | x{e['speedup']:.2f} | {_difference_cells(v)} |")
         lines += ["", *sorted({e["note"] for e in r["sample_parallel"].values()}), ""]
     if "approx" in r:
         lines += ["## Approximate sampling modes against the lossless fast path (ours, same seed and weights)", "",
