@@ -7,7 +7,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
-from udpdiff.latents import ClipInputs, encode_clips, encode_record, encode_records, load_record, record_path
+from udpdiff.latents import (
+    DIGEST_FILE,
+    ClipInputs,
+    cache_digest,
+    encode_clips,
+    encode_record,
+    encode_records,
+    load_record,
+    record_path,
+    save_record,
+)
 from udpdiff.models.text import build_text_encoder, encode_text
 
 
@@ -52,3 +62,18 @@ def test_encode_clips_writes_every_clip_in_batches(models, tmp_path):
     last = load_record(written[-1])
     assert last["rgb_mean"].shape == (16, 3, 8, 8) and last["depth_std"].min() > 0  # (C, F, h, w)
     torch.testing.assert_close(last["text:short"], encode_record(clips[-1], vae, text_fn, ["depth"])["text:short"])
+
+
+def test_cache_digest_names_the_records_bytes(models, tmp_path):
+    """The digest written with the cache equals the one computed from its files (older caches have
+    none), and changes when any record does: training keys its checkpoints on it."""
+    vae, text_fn = models
+    encode_clips(_clips(3, tasks=("depth",)), vae, text_fn, tmp_path, ["depth"])
+    written = (tmp_path / DIGEST_FILE).read_text().strip()
+    assert cache_digest(tmp_path) == written
+    (tmp_path / DIGEST_FILE).unlink()
+    assert cache_digest(tmp_path) == written  # recomputed from the files
+    record = load_record(record_path(tmp_path, "c1"))
+    record["depth_mean"] = record["depth_mean"] + 1e-4
+    save_record(record_path(tmp_path, "c1"), record)
+    assert cache_digest(tmp_path) != written

@@ -112,6 +112,9 @@ def test_changed_settings_do_not_resume_from_old_checkpoints(tmp_path):
     longer = _params(tmp_path, steps=8)
     _, resumed = _run(longer, latents, tmp_path / "ck", max_steps_this_run=1)
     assert resumed.resumed_from == 2 and run_fingerprint(longer) == run_fingerprint(_params(tmp_path))
+    # ...and the same settings over other data (a changed latent cache) start afresh
+    _, other_data = _run(_params(tmp_path), latents, tmp_path / "ck", max_steps_this_run=1, data_digest="0" * 64)
+    assert other_data.resumed_from == 0
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ sample exactly as on-the-fly encoding would.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +20,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 from tqdm.auto import tqdm
 
-from udpdiff.io.atomic import atomic_path
+from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.models.vae import to_model_input
 from udpdiff.tasks import task_prompt
 
@@ -29,20 +30,38 @@ EMPTY_PROMPT_FILE = "_empty_prompt.safetensors"
 # safetensors, not torch.save: torch's zip writer stamps every file with a random serialization id,
 # so re-encoding identical clips would give new bytes and DVC would retrain for nothing
 RECORD_SUFFIX = ".safetensors"
+DIGEST_FILE = "_digest.txt"  # a hash over every record's bytes (cache_digest)
 
 
 def record_path(cache_dir: Path, clip_id: str) -> Path:
     return cache_dir / f"{clip_id}{RECORD_SUFFIX}"
 
 
-def save_record(path: Path, record: dict) -> None:
-    """One clip's latents and embeddings, written atomically and byte-identically for equal inputs."""
-    from safetensors.torch import save_file
+def save_record(path: Path, record: dict) -> str:
+    """One clip's latents and embeddings, written atomically and byte-identically for equal inputs;
+    returns the SHA-256 of the bytes written."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().clone() for k, v in record.items() if isinstance(v, torch.Tensor)}
     meta = {k: v for k, v in record.items() if isinstance(v, str)}
+    data = save(tensors, metadata=meta)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        Path(tmp).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_digest(cache_dir: Path) -> str:
+    """What the cache holds, in one hash: the latents stage's ``DIGEST_FILE`` (a hash over every
+    record's bytes, computed as they were written), or, for a cache written before it existed,
+    the same hash computed from the files. Training keys its checkpoints on it, so a model is never
+    resumed from a checkpoint of other data."""
+    digest_file = cache_dir / DIGEST_FILE
+    if digest_file.exists():
+        return digest_file.read_text().strip()
+    combined = hashlib.sha256()
+    for path in sorted(cache_dir.glob(f"*{RECORD_SUFFIX}")):
+        combined.update(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return combined.hexdigest()
 
 
 def load_record(path: Path) -> dict:
@@ -130,16 +149,21 @@ def encode_clips(
     """Write ``<out_dir>/<clip_id>.safetensors`` for every clip (read as they come, encoded
     ``batch_size`` at a time) and the empty-prompt embedding."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, digests = [], {}
     source = iter(clips)
     with tqdm(desc="latents", total=total, leave=False) as bar:
         while batch := list(itertools.islice(source, batch_size)):
             for record in encode_records(batch, vae, text_fn, tasks, text_prompt_tasks):
                 path = record_path(out_dir, str(record["clip_id"]))
-                save_record(path, record)
+                digests[path.name] = save_record(path, record)
                 written.append(path)
             bar.update(len(batch))
-    save_record(out_dir / EMPTY_PROMPT_FILE, {"text:empty": text_fn([""]).cpu()[0]})
+    empty = out_dir / EMPTY_PROMPT_FILE
+    digests[empty.name] = save_record(empty, {"text:empty": text_fn([""]).cpu()[0]})
+    combined = hashlib.sha256()
+    for name in sorted(digests):  # the order cache_digest reads the files in
+        combined.update(f"{name} {digests[name]}\n".encode())
+    write_text(out_dir / DIGEST_FILE, combined.hexdigest() + "\n")
     return written
 
 

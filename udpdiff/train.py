@@ -187,11 +187,13 @@ def _ignore_approximate(p: Params, rank: int) -> None:
             logger.warning("acceleration.approximate (%s) is for sampling only: training ignores it", approx)
 
 
-def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 1) -> str:
+def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 1, data_digest: str = "") -> str:
     """Hash of the settings a checkpoint depends on (not the ones a resumed run may change).
 
     The ZeRO stage and the number of ranks count too: ZeRO shards optimizer state per rank, and
-    the data order follows the global batch; the JSON's tuning knobs (buckets, offload) do not."""
+    the data order follows the global batch; the JSON's tuning knobs (buckets, offload) do not.
+    ``data_digest`` names the training data itself (``udpdiff.latents.cache_digest``): equal
+    params over other data (new clips, a retrained VAE) must not resume the old run's checkpoints."""
     with unrecorded():
         a = p.active
         state = {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(),
@@ -202,6 +204,8 @@ def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 
     state["distributed"] = {"zero_stage": int(zero.get("stage", 0)), "world_size": world_size,
                             "optimizer_by_deepspeed": "optimizer" in (ds_config or {}),
                             "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none")}
+    if data_digest:
+        state["data_digest"] = data_digest
     return "run-" + hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -382,6 +386,7 @@ def train(
     ds_config: dict | str | Path | None = None,
     preview_fn: PreviewFn | None = None,
     artifact_fn: ArtifactFn | None = None,
+    data_digest: str = "",
 ) -> tuple[UDPDiffTransformer3DModel, TrainResult]:
     """Train (or resume) the transformer; returns the trained module and what happened.
 
@@ -445,8 +450,8 @@ def train(
     artifact_fn = artifact_fn if is_main else None
 
     # checkpoints live under a fingerprint of everything that shapes the run, so a run with other
-    # settings never resumes from them (extending `steps` keeps the fingerprint and resumes)
-    ckpt_dir = ckpt_dir / run_fingerprint(p, ds_config, world)
+    # settings or data never resumes from them (extending `steps` keeps the fingerprint and resumes)
+    ckpt_dir = ckpt_dir / run_fingerprint(p, ds_config, world, data_digest)
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         others = [d.name for d in ckpt_dir.parent.iterdir() if d.is_dir() and d != ckpt_dir]

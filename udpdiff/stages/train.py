@@ -66,6 +66,7 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
 
         latents = OnlineLatentDataset(lambda i: clip_inputs(p, paths, train_rows.iloc[i]), len(train_rows), vae,
                                       text_fn, t.tasks, text_prompt_tasks=t.task_conditioning == "text-prompt")
+    data_digest = _data_digest(paths, online=t.latents == "online")
     preview = None
     if t.sample_every:
         empty = load_record(paths.latents / EMPTY_PROMPT_FILE)["text:empty"]
@@ -78,7 +79,7 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
                                 scaling_factor=float(vae.config.scaling_factor), vae_scale_spatial=vae_scale,
                                 scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run,
                                 ds_config=resolve_config_path(t.deepspeed_config, paths.root),
-                                preview_fn=preview, artifact_fn=artifact_fn)
+                                preview_fn=preview, artifact_fn=artifact_fn, data_digest=data_digest)
     if rank_and_world()[0] != 0:
         return StepResult()
     # the run's preview grids (kept with its checkpoints, so a resumed run still has the early ones)
@@ -108,6 +109,22 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
         if artifact_fn is not None and t.log_checkpoints == "artifacts":
             artifact_fn(paths.pipeline / "transformer", "model/transformer")  # the diffusers export
     return StepResult(metrics=metrics, artifacts=artifacts, info={"checkpoint": str(result.checkpoint)})
+
+
+def _data_digest(paths: ProjectPaths, online: bool) -> str:
+    """What the run trains on, for its checkpoints' fingerprint: the latent cache's digest, or with
+    online encoding the manifest and the VAE's and text encoder's weight files it encodes with."""
+    import hashlib
+
+    from udpdiff.latents import cache_digest
+
+    if not online:
+        return cache_digest(paths.latents)
+    combined = hashlib.sha256()
+    for path in [paths.manifest, *sorted(paths.vae.glob("*.safetensors")),
+                 *sorted(paths.text_encoder.glob("*.safetensors"))]:
+        combined.update(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return combined.hexdigest()
 
 
 def _prompt_embeddings(p: Params, paths: ProjectPaths, row, text_fn) -> dict[str, torch.Tensor]:
