@@ -55,8 +55,8 @@ def test_data_and_encode_on_two_processes_equal_one(tmp_path, monkeypatch):
         autoencoder.run(p, paths)
         latents.run(p, paths)  # reads ahead on the worker processes
         digests.append({**_digests(paths.clips), **_digests(paths.pixelplanes), **_digests(paths.latents)})
-    assert len(digests[0]) == 8 * 5 + 2 + 8 + 1  # per clip: video, ids, depth, 2 colormaps, latents; manifest,
-    # palettes, the empty prompt's embedding
+    assert len(digests[0]) == 8 * 6 + 4  # per clip: video, ids, depth, 2 colormaps, latents; manifest, palettes,
+    # the empty prompt's embedding, the cache's digest
     assert digests[0] == digests[1]
 
 
