@@ -58,9 +58,20 @@ def cache_digest(cache_dir: Path) -> str:
     digest_file = cache_dir / DIGEST_FILE
     if digest_file.exists():
         return digest_file.read_text().strip()
+    logger.info("%s has no %s (written before digests existed): hashing its files; rerun the latents stage to "
+                "skip this", cache_dir, DIGEST_FILE)
+    return files_digest(sorted(cache_dir.glob(f"*{RECORD_SUFFIX}")))
+
+
+def files_digest(paths: Iterable[Path]) -> str:
+    """One SHA-256 over the files' names and contents, in the given order."""
+    return _combined((path.name, hashlib.sha256(path.read_bytes()).hexdigest()) for path in paths)
+
+
+def _combined(named_digests: Iterable[tuple[str, str]]) -> str:
     combined = hashlib.sha256()
-    for path in sorted(cache_dir.glob(f"*{RECORD_SUFFIX}")):
-        combined.update(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    for name, digest in named_digests:
+        combined.update(f"{name} {digest}\n".encode())
     return combined.hexdigest()
 
 
@@ -160,10 +171,8 @@ def encode_clips(
             bar.update(len(batch))
     empty = out_dir / EMPTY_PROMPT_FILE
     digests[empty.name] = save_record(empty, {"text:empty": text_fn([""]).cpu()[0]})
-    combined = hashlib.sha256()
-    for name in sorted(digests):  # the order cache_digest reads the files in
-        combined.update(f"{name} {digests[name]}\n".encode())
-    write_text(out_dir / DIGEST_FILE, combined.hexdigest() + "\n")
+    # in the order cache_digest reads the files: the same hash as files_digest of the cache
+    write_text(out_dir / DIGEST_FILE, _combined(sorted(digests.items())) + "\n")
     return written
 
 

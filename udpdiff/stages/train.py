@@ -114,17 +114,12 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
 def _data_digest(paths: ProjectPaths, online: bool) -> str:
     """What the run trains on, for its checkpoints' fingerprint: the latent cache's digest, or with
     online encoding the manifest and the VAE's and text encoder's weight files it encodes with."""
-    import hashlib
-
-    from udpdiff.latents import cache_digest
+    from udpdiff.latents import cache_digest, files_digest
 
     if not online:
         return cache_digest(paths.latents)
-    combined = hashlib.sha256()
-    for path in [paths.manifest, *sorted(paths.vae.glob("*.safetensors")),
-                 *sorted(paths.text_encoder.glob("*.safetensors"))]:
-        combined.update(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
-    return combined.hexdigest()
+    return files_digest([paths.manifest, *sorted(paths.vae.glob("*.safetensors")),
+                         *sorted(paths.text_encoder.glob("*.safetensors"))])
 
 
 def _prompt_embeddings(p: Params, paths: ProjectPaths, row, text_fn) -> dict[str, torch.Tensor]:
