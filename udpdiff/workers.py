@@ -51,12 +51,8 @@ def map_clips(fn: Callable[[T], R], items: Sequence[T], desc: str, workers: int 
     alone. A worker's exception is raised here, with its traceback, once the items before it are done.
     """
     n = worker_count(len(items), workers)
-    if n == 1:
-        return [fn(item) for item in tqdm(items, desc=desc, unit="clip", disable=None)]
-    chunk = max(1, len(items) // (n * 8))  # a few chunks per worker: balanced, few round trips
-    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(fn, items, chunksize=chunk), total=len(items), desc=f"{desc} ({n} processes)",
-                         unit="clip", disable=None))
+    return list(tqdm(read_ahead(fn, items, n), total=len(items), desc=desc if n == 1 else f"{desc} ({n} processes)",
+                     unit="clip", disable=None))
 
 
 def read_ahead(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None, ahead: int | None = None
