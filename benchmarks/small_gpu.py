@@ -30,12 +30,10 @@ import tarfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from udpdiff.config import Params, load_params  # noqa: E402
+from udpdiff.config import Params, load_params, parse_overrides  # noqa: E402
 from udpdiff.paths import ProjectPaths  # noqa: E402
 
 PROFILE = "small"
@@ -48,9 +46,7 @@ PACKED = ("*.json", "*.jsonl", "*.csv", "*.md", "*.html", "*.png", "*.gif")
 
 
 def load(overrides: list[str]) -> Params:
-    p = load_params(REPO / "params.yaml", profile=PROFILE)
-    sets = dict(kv.split("=", 1) for kv in overrides)
-    return p.with_overrides({k: yaml.safe_load(v) for k, v in sets.items()}) if sets else p
+    return load_params(REPO / "params.yaml", profile=PROFILE).with_overrides(parse_overrides(overrides))
 
 
 def variants(p: Params) -> dict[str, dict]:

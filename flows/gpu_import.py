@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import yaml
 from mlflow.entities import Metric
 
 from flows.common import REPO_ROOT, load
 from flows.tracking import ablation_run, log_ablation_table, log_result, log_variant_metrics, stage_run, variant_run
-from udpdiff.config import Params
+from udpdiff.config import Params, parse_overrides
 from udpdiff.evaluation.tables import ablation_frame
 from udpdiff.stages.common import StepResult
 
@@ -84,8 +83,7 @@ def import_run(tarball: Path, profile: str | None = None, table_dir: Path | None
 
 def _params(profile: str | None, overrides: list[str]) -> Params:
     p, _ = load(profile or "small")
-    sets = dict(kv.split("=", 1) for kv in overrides)
-    return p.with_overrides({k: yaml.safe_load(v) for k, v in sets.items()}) if sets else p
+    return p.with_overrides(parse_overrides(overrides))
 
 
 def _only(found, tarball: Path) -> Path:

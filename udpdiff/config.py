@@ -567,6 +567,18 @@ class Params(_Strict):
         return problems
 
 
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """``["train.steps=500", "vae.config={a: 1}"]`` (command-line ``--set``) as dotted key -> YAML value,
+    for :meth:`Params.with_overrides`."""
+    out = {}
+    for kv in assignments:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {kv!r}: expected key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     """Read and validate params.yaml; ``profile`` overrides the file's ``profile`` key."""
     path = Path(path)
