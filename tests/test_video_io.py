@@ -342,3 +342,27 @@ def test_equal_frames_encode_to_equal_bytes_whatever_the_float_state(tmp_path):
     finally:
         torch.set_flush_denormal(False)
     assert len(digests) == 1
+
+
+def test_without_decord_every_read_is_pyav_and_said_once(
+    clip_file: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, frames = clip_file
+    reference = read_video(path, indices=[1, 6])
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decord was opened although it is not installed")
+
+    monkeypatch.setattr(video_mod.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(video_mod, "_open_decord", never)
+    video_mod._decord_installed.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=video_mod.__name__):
+            reads = [read_video(path, indices=[1, 6]) for _ in range(3)]
+    finally:
+        video_mod._decord_installed.cache_clear()
+    for out in reads:
+        assert _mae(out, reference) < 1.0
+        assert _mae(out, frames[[1, 6]]) < 4.0
+    said = [r.getMessage() for r in caplog.records if "decord" in r.getMessage()]
+    assert said == ["decord is not installed: reading videos with PyAV"]

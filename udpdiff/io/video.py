@@ -22,6 +22,7 @@ Frames are ``uint8 (T, H, W, 3)`` RGB (see CONVENTIONS.md).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -178,6 +179,16 @@ def _probe_pyav_cached(path_str: str, size: int, mtime_ns: int) -> _PyavProbe:
     if fps <= 0 or not math.isfinite(fps):
         raise VideoReadError(path, "video stream has no frame rate")
     return _PyavProbe(fps, height, width, meta_frames, demuxed, duration_frames)
+
+
+@functools.cache
+def _decord_installed() -> bool:
+    """Whether decord imports here; without it every read is PyAV's, which is said once, not per file
+    (the GPU machines lack decord: a warning per clip buried their logs)."""
+    if importlib.util.find_spec("decord") is None:
+        logger.warning("decord is not installed: reading videos with PyAV")
+        return False
+    return True
 
 
 def _open_decord(path: Path, timeout_s: float):  # -> decord.VideoReader
@@ -438,7 +449,9 @@ def read_video(
     probe = _probe_pyav(path)
 
     vr, decord_len = None, None
-    if _file_key(path) in _DECORD_FAILED:
+    if not _decord_installed():
+        pass  # said once per process by _decord_installed
+    elif _file_key(path) in _DECORD_FAILED:
         logger.debug("%s: decord failed on this file before; reading with PyAV", path)
     else:
         try:
