@@ -36,6 +36,14 @@ logger = logging.getLogger(__name__)
 VAE_CHECK_CLIPS = 8  # validation clips for the VAE's reconstruction PSNR
 
 
+def _video_and_colormaps(p: Params, paths: ProjectPaths, row: tuple[str, str]) -> dict[str, np.ndarray]:
+    """One clip's frames and its colormap per trained task (a worker process's read)."""
+    video_path, clip_id = row
+    t = p.active.data.num_frames
+    return {"rgb": read_clip(p, paths, video_path),
+            **{task: load_colormap(paths, task, clip_id)[:t] for task in p.active.train.tasks}}
+
+
 def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResult:
     """Fit the tiny VAE on RGB clips and both colormaps (a pretrained VAE is only checked)."""
     from udpdiff.models.vae import (
@@ -60,10 +68,11 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResu
         train_df = train_df.iloc[:0]
 
     def kinds(rows: pd.DataFrame) -> dict[str, list[np.ndarray]]:
-        out = {"rgb": list(read_ahead(functools.partial(read_clip, p, paths), rows.video_path.tolist()))}
-        for task in tasks:
-            out[task] = [load_colormap(paths, task, clip_id)[:t] for clip_id in rows.clip_id]
-        return out
+        # video and colormaps read together, ahead, on worker processes: read one after another
+        # they took a third of this stage on a 32-core GPU machine (small-h200x2-attempt2.md)
+        clips = list(read_ahead(functools.partial(_video_and_colormaps, p, paths),
+                                list(zip(rows.video_path, rows.clip_id, strict=True))))
+        return {kind: [c[kind] for c in clips] for kind in ["rgb", *tasks]}
 
     train_videos, val_videos = kinds(train_df), kinds(val_df)
     vae = build_vae(spec.model_dump(), p.seed).to(default_device())
