@@ -10,6 +10,8 @@ files to MLflow as a Tab 1/2 ablation (a parent run, one child per variant), her
     python3 benchmarks/small_gpu.py variants --root /tmp/small       # the tab1-2 variants over every GPU
     python3 benchmarks/small_gpu.py pack --root /tmp/small --out results.tar.gz
     python3 benchmarks/small_gpu.py all --root /tmp/small --out ...  # all three (resumes what is done)
+    python3 benchmarks/small_gpu.py save-vae --root /tmp/small --out vae.tar      # carry it to a fresh machine
+    python3 benchmarks/small_gpu.py restore-vae --root /tmp/small --vae vae.tar   # there: prepare skips the VAE
 
 Each variant (params.yaml ``ablations.tab1-2``) trains, samples and evaluates in a workspace of its
 own (``<root>/variants/<name>``) that links the shared data, VAE, text encoder and latent cache, as
@@ -191,18 +193,73 @@ def pack(root: Path, out: Path, max_bytes: int = 15 * 2**20) -> Path:
     return out
 
 
+def vae_inputs(p: Params) -> dict:
+    """What the trained VAE depends on: a carried VAE is only reused for the same values."""
+    a = p.active
+    return {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(),
+            "vae": a.vae.model_dump(), "tasks": list(a.train.tasks)}
+
+
+def vae_files(paths: ProjectPaths) -> list[Path]:
+    run = paths.outputs / "gpu_run"
+    return [paths.vae, done_marker(paths, "autoencoder"), run / "autoencoder_steps.jsonl",
+            paths.metrics / "autoencoder.json", paths.metrics / "vae_loss.png", run / "autoencoder.inputs.json"]
+
+
+def save_vae(root: Path, out: Path, overrides: list[str]) -> Path | None:
+    """The trained VAE and its stage record as a tarball (about 15 MB for ``small``), so a fresh
+    machine skips the autoencoder stage: the data regenerate byte for byte from the seed, the latent
+    cache from data and VAE, but the VAE would take minutes of the session's GPU time to retrain."""
+    p = load(overrides)
+    paths = ProjectPaths(root, p.profile)
+    if not done_marker(paths, "autoencoder").exists():
+        print("no trained VAE yet: nothing to save", flush=True)
+        return None
+    from udpdiff.stages.common import write_json
+
+    write_json(paths.outputs / "gpu_run" / "autoencoder.inputs.json", vae_inputs(p))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w") as tar:
+        for f in vae_files(paths):
+            tar.add(f, arcname=str(f.relative_to(root)))
+    print(f"saved the VAE: {out.stat().st_size / 2**20:.1f} MiB -> {out}", flush=True)
+    return out
+
+
+def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
+    """Put a :func:`save_vae` tarball under ``root``, refusing one trained for other settings."""
+    p = load(overrides)
+    paths = ProjectPaths(root, p.profile)
+    with tarfile.open(tarball) as tar:
+        saved_inputs = json.load(tar.extractfile(str((paths.outputs / "gpu_run" / "autoencoder.inputs.json")
+                                                     .relative_to(root))))
+        if saved_inputs != vae_inputs(p):
+            raise SystemExit(f"{tarball}: the VAE in it was trained for other settings than these; delete it to "
+                             f"retrain. Saved: {saved_inputs}; now: {vae_inputs(p)}")
+        tar.extractall(root, filter="data")
+    print(f"restored the trained VAE from {tarball}: the autoencoder stage will be skipped", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["prepare", "variant", "variants", "pack", "all"])
+    ap.add_argument("command", choices=["prepare", "variant", "variants", "pack", "all", "save-vae", "restore-vae"])
     ap.add_argument("name", nargs="?", help="the variant (command variant)")
     ap.add_argument("--root", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=None, help="tarball of the small outputs (pack, all)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="tarball of the small outputs (pack, all) or of the trained VAE (save-vae)")
+    ap.add_argument("--vae", type=Path, default=None, help="a save-vae tarball to restore (restore-vae)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--gpus", type=int, default=None, help="default: every visible GPU")
     ap.add_argument("--per-gpu", type=int, default=1, help="variants sharing one GPU at a time")
     args = ap.parse_args(argv)
     root = args.root.resolve()
+    if args.command == "save-vae":
+        save_vae(root, args.out, args.overrides)
+        return 0
+    if args.command == "restore-vae":
+        restore_vae(root, args.vae, args.overrides)
+        return 0
     if args.command == "variant":
         run_variant(root, args.name, args.overrides)
         return 0

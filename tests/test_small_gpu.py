@@ -135,3 +135,30 @@ def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path,
     runs = client.search_runs([client.get_run(parent_id).info.experiment_id], "tags.finished = 'false'")
     assert [r.info.run_name for r in runs] == ["train · cogvideox"]
     assert not (tmp_path / "ablations").exists()
+
+
+@pytest.mark.slow
+def test_a_carried_vae_lets_a_fresh_machine_skip_the_autoencoder(gpu_run, tmp_path):
+    """save-vae on the machine that trained it, restore-vae on a fresh one: prepare there regenerates
+    the data and the latent cache but not the VAE, and the cache is the first machine's, byte for byte.
+    A VAE trained for other settings is refused."""
+    from udpdiff.latents import cache_digest
+
+    root, _ = gpu_run
+    carried = tmp_path / "vae.tar"
+    assert small_gpu.main(["save-vae", "--root", str(root), "--out", str(carried), *OVERRIDES]) == 0
+    fresh = tmp_path / "fresh"
+    assert small_gpu.main(["restore-vae", "--root", str(fresh), "--vae", str(carried), *OVERRIDES]) == 0
+    vae = "models/small/vae/diffusion_pytorch_model.safetensors"
+    assert (fresh / vae).read_bytes() == (root / vae).read_bytes()
+    restored_marker = (fresh / "outputs/small/gpu_run/autoencoder.done.json").read_bytes()
+    assert small_gpu.main(["prepare", "--root", str(fresh), *OVERRIDES]) == 0
+    assert (fresh / "outputs/small/gpu_run/autoencoder.done.json").read_bytes() == restored_marker  # skipped
+    assert (fresh / vae).read_bytes() == (root / vae).read_bytes()
+    assert cache_digest(fresh / "data/small/latents") == cache_digest(root / "data/small/latents")
+
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit, match="trained for other settings"):
+        small_gpu.main(["restore-vae", "--root", str(other), "--vae", str(carried), *OVERRIDES,
+                        "--set", "vae.train.steps=3"])
+    assert not (other / vae).exists()
