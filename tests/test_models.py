@@ -156,6 +156,27 @@ def test_pipeline_video_conditioning_keeps_the_given_video(tmp_path, tiny_pipeli
     assert np.abs(out.videos[0].astype(int) - rec.astype(int)).max() <= 1
 
 
+def test_pipeline_predicts_a_batch_of_videos_one_per_prompt(tiny_pipeline):
+    """video= with (B,T,H,W,3): each prompt's RGB half ends as *its* video's latent, and a count
+    that matches neither one nor the prompts is refused."""
+    from udpdiff.models.vae import to_model_input, to_uint8
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    videos = np.random.default_rng(1).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
+    videos[1] = 255 - videos[1]
+    kw = dict(task="segmentation", num_inference_steps=2, guidance_scale=2.0, max_sequence_length=16)
+    out = pipe(["a cube", "a sphere"], video=videos, generator=torch.Generator().manual_seed(0), **kw)
+    with torch.no_grad():
+        rec = to_uint8(pipe.vae.decode(pipe.vae.encode(to_model_input(videos)).latent_dist.mode()).sample)
+    assert out.videos.shape == out.colormaps.shape == videos.shape and out.dense.shape == videos.shape[:4]
+    for i in range(2):
+        assert np.abs(out.videos[i].astype(int) - rec[i].astype(int)).max() <= 1
+    assert np.abs(out.videos[0].astype(int) - rec[1].astype(int)).max() > 1  # not one video for both
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe(["a", "b", "c"], video=videos, generator=torch.Generator().manual_seed(0), **kw)
+
+
 def test_pipeline_save_and_load_round_trip(tmp_path, tiny_pipeline):
     pipe = tiny_pipeline("text-prompt")
     pipe.save_pretrained(tmp_path)

@@ -77,7 +77,8 @@ class UDPDiffPipeline(CogVideoXPipeline):
         video*: after every step the RGB half of the latent is replaced by the video's latent
         noised to the next step's level (the replacement method for conditional sampling from a
         joint diffusion model), so only the dense half is generated. The evaluation uses this to
-        score predictions against exact ground truth.
+        score predictions against exact ground truth. (B,T,H,W,3) gives one video per prompt: B
+        clips predicted in one batched pass (the validation during training does this).
         """
         if not self.dense and task is not None:
             raise ValueError(f"this pipeline is RGB-only (16-channel transformer): it has no {task!r} output; "
@@ -105,7 +106,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
                 raise ValueError("video= and callback_on_step_end cannot be combined")
             kwargs["callback_on_step_end"] = self._rgb_replacement(video, batch, generator)
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-            num_frames, height, width = video.shape[0], video.shape[1], video.shape[2]
+            num_frames, height, width = video.shape[-4:-1]
         with ctx:
             (latents,) = super().__call__(
                 prompt=prompts,
@@ -157,9 +158,12 @@ class UDPDiffPipeline(CogVideoXPipeline):
     def _rgb_replacement(self, video: np.ndarray, batch: int, generator):
         from udpdiff.models.vae import to_model_input
 
-        x = to_model_input(video[None]).to(self.vae.device, self.vae.dtype)
-        clean = self.vae.encode(x).latent_dist.mode() * self.vae_scaling_factor_image  # (1,C,F,h,w)
-        clean = clean.permute(0, 2, 1, 3, 4).repeat(batch, 1, 1, 1, 1)  # (B,F,C,h,w)
+        videos = video if video.ndim == 5 else video[None]
+        if len(videos) not in (1, batch):
+            raise ValueError(f"video= holds {len(videos)} videos for {batch} prompts: give one, or one per prompt")
+        x = to_model_input(videos).to(self.vae.device, self.vae.dtype)
+        clean = self.vae.encode(x).latent_dist.mode() * self.vae_scaling_factor_image  # (1|B,C,F,h,w)
+        clean = clean.permute(0, 2, 1, 3, 4).expand(batch, -1, -1, -1, -1)  # (B,F,C,h,w)
         gen = generator[0] if isinstance(generator, list) else generator
         alphas = self.scheduler.alphas_cumprod
 
