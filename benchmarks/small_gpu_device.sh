@@ -7,6 +7,9 @@
 #   bash benchmarks/small_gpu_device.sh prepare        # data, encode, autoencoder, latents (background)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v)
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT
+# `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
+# the machine and everything on it (attempt 2). It also returns the trained VAE ($OUT/vae-small.tar);
+# put that file in .gpu-carry/ and carry it, and `prepare` on a fresh machine skips the VAE.
 set -uo pipefail
 SITE=/tmp/site RUN=/tmp/small CODE=/tmp/small-code OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$SITE:$CODE PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -37,6 +40,9 @@ PY
     exit $rc ;;
   prepare)
     install; mkdir -p $RUN/logs
+    if [ -f .gpu-carry/vae-small.tar ] && [ ! -f $RUN/outputs/small/gpu_run/autoencoder.done.json ]; then
+      driver restore-vae --root $RUN --vae .gpu-carry/vae-small.tar || exit 1
+    fi
     setsid nohup python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN >> $RUN/logs/prepare.log 2>&1 < /dev/null &
     echo "prepare started" ;;
   variants)
@@ -48,9 +54,11 @@ PY
   watch)
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ]; do
-      sleep 60; echo "== $(date +%T)"; tail -q -n 2 $RUN/logs/*.log 2>/dev/null | cut -c1-300
-      pgrep -f small_gpu.py > /dev/null || { echo "nothing running"; break; }
+      left=$((end - SECONDS)); sleep $((left < 60 ? left : 60))
+      echo "== $(date +%T)"; grep -ah "done in\|rror\|finished\|stopped\|step [0-9]*0: \|val/" $RUN/logs/*.log 2>/dev/null | tail -n 4 | cut -c1-300
+      pgrep -f "[s]mall_gpu.py" > /dev/null || { echo "nothing running"; break; }
     done
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
-    python3 $CODE/benchmarks/small_gpu.py pack --root $RUN --out $OUT/small.tar.gz ;;
+    driver pack --root $RUN --out $OUT/small.tar.gz
+    driver save-vae --root $RUN --out $OUT/vae-small.tar ;;
 esac
