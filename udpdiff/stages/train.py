@@ -216,8 +216,8 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
                        generator=torch.Generator(device).manual_seed(p.seed), **call)
             predictions = []
             if task is not None and validation:
-                # every validation clip in one batched pass: one at a time, a 50-step sampler per clip
-                # cost the small GPU run ~35 s per preview, more than 100 training steps
+                # every validation clip in one batched pass: one 50-step sampler per clip made a
+                # preview of the small GPU run cost as much as ~100 training steps
                 cond = pipe(None, task=task, video=np.stack([clip["video"] for clip in validation]),
                             prompt_embeds=torch.stack([clip["prompts"][key] for clip in validation]).to(device, dtype),
                             negative_prompt_embeds=negative(len(validation)),
