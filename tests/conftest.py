@@ -307,7 +307,7 @@ def _save_fake_i3d(path: Path) -> None:
     torch.jit.script(Detector()).save(str(path))
 
 
-def _build_tiny_pipeline(conditioning: str = "embedding"):
+def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "noised"):
     """A tiny random UDPDiffPipeline (2 tasks with the task embedding unless ``conditioning`` says
     otherwise; 9 frames, latent 8x8 = 32x32 video), built as the train stage saves it."""
     import torch
@@ -329,7 +329,8 @@ def _build_tiny_pipeline(conditioning: str = "embedding"):
                                             sample_frames=9, patch_size=2, max_text_seq_length=16,
                                             num_tasks=2 if conditioning == "embedding" else 0)
     return UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
-                           scheduler=build_scheduler({"type": "ddim"}), task_conditioning=conditioning)
+                           scheduler=build_scheduler({"type": "ddim"}), task_conditioning=conditioning,
+                           given_rgb=given_rgb)
 
 
 def _save_tiny_pipeline(path: Path) -> None:

@@ -177,6 +177,37 @@ def test_pipeline_predicts_a_batch_of_videos_one_per_prompt(tiny_pipeline):
         pipe(["a", "b", "c"], video=videos, generator=torch.Generator().manual_seed(0), **kw)
 
 
+@pytest.mark.parametrize("given_rgb", ["noised", "clean"])
+def test_pipeline_given_rgb_is_what_the_transformer_sees(tmp_path, tiny_pipeline, given_rgb):
+    """video= with given_rgb="clean" (a model trained with train.rgb_given_prob): every step's RGB
+    half is the video's clean latent, the first step's too; "noised" gives it noised to each step's
+    level, never clean before the end. The setting is saved with the pipeline."""
+    from udpdiff.models.transformer import LATENT_CHANNELS as C
+    from udpdiff.models.vae import to_model_input
+
+    pipe = tiny_pipeline(given_rgb=given_rgb)
+    pipe.save_pretrained(tmp_path)
+    pipe = UDPDiffPipeline.from_pretrained(tmp_path)
+    assert pipe.config.given_rgb == given_rgb
+    pipe.set_progress_bar_config(disable=True)
+    video = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        clean = pipe.vae.encode(to_model_input(video[None])).latent_dist.mode() * pipe.vae_scaling_factor_image
+    clean = clean.permute(0, 2, 1, 3, 4)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"][:, :, :C].clone()), with_kwargs=True)
+    pipe("a cube", task="depth", video=video, num_inference_steps=3, guidance_scale=2.0,
+         generator=torch.Generator().manual_seed(0), max_sequence_length=16)
+    hook.remove()
+    assert len(seen) == 3
+    for rgb in seen:  # (2, F, C, h, w): the CFG pair, both with the same RGB half
+        matches = torch.allclose(rgb, clean.expand_as(rgb), atol=1e-5)
+        assert matches == (given_rgb == "clean")
+    with pytest.raises(ValueError, match="given_rgb must be one of"):
+        tiny_pipeline(given_rgb="sometimes")
+
+
 def test_pipeline_save_and_load_round_trip(tmp_path, tiny_pipeline):
     pipe = tiny_pipeline("text-prompt")
     pipe.save_pretrained(tmp_path)

@@ -277,6 +277,40 @@ def test_two_ranks_equal_one_rank_with_double_accumulation_and_resume_exactly(tm
     assert p2.active.train.steps == 6
 
 
+def test_rgb_given_samples_carry_their_clean_rgb_and_no_rgb_loss(tmp_path):
+    """train.rgb_given_prob: a given sample's RGB half is its clean latent, its weight on the RGB
+    half is 0 and everything else of the batch is the joint batch's, number for number."""
+    from udpdiff.latents import LatentDataset
+    from udpdiff.models.transformer import LATENT_CHANNELS as C
+    from udpdiff.train import weighted_mean
+
+    data = LatentDataset(_latents(tmp_path), CLIPS)
+    alphas = build_scheduler({}).alphas_cumprod
+    joint = make_batch(data, _params(tmp_path, micro_batch_size=6), 0, 0, 1.0, alphas)
+    (tmp_path / "g").mkdir()
+    given = make_batch(data, _params(tmp_path / "g", micro_batch_size=6, rgb_given_prob=0.5), 0, 0, 1.0, alphas)
+    assert "loss_weight" not in joint
+    w = given["loss_weight"]
+    assert w.shape == (6, 1, 2 * C, 1, 1) and torch.all(w[:, :, C:] == 1)
+    is_given = w[:, 0, 0, 0, 0] == 0
+    assert 0 < int(is_given.sum()) < 6  # this seed gives some and not all
+    for k in ("v_target", "timesteps", "text", "task_ids", "clip_index"):
+        assert torch.equal(joint[k], given[k]), k
+    assert torch.equal(given["noisy"][~is_given], joint["noisy"][~is_given])
+    assert torch.equal(given["noisy"][is_given, :, C:], joint["noisy"][is_given, :, C:])
+    # x0 from the joint batch: x0 = sqrt(a) x_t - sqrt(1-a) v
+    a = alphas[joint["timesteps"]].view(-1, 1, 1, 1, 1)
+    x0 = a.sqrt() * joint["noisy"] - (1 - a).sqrt() * joint["v_target"]
+    torch.testing.assert_close(given["noisy"][is_given, :, :C], x0[is_given, :, :C].to(given["noisy"].dtype),
+                               rtol=0, atol=1e-5)
+    # the loss counts exactly the weighted elements
+    err = torch.rand(6, 3, 2 * C, 4, 4)
+    kept = torch.cat([err[~is_given].flatten(), err[is_given][:, :, C:].flatten()])
+    torch.testing.assert_close(weighted_mean(err, w), kept.mean())
+    with pytest.raises(ValueError, match="rgb_given_prob needs a dense task"):
+        _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none", rgb_given_prob=0.5)
+
+
 def test_rgb_only_batches_have_16_channels(tmp_path):
     from udpdiff.latents import LatentDataset
 

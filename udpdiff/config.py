@@ -265,6 +265,11 @@ class TrainParams(_Strict):
     task_conditioning: Literal["embedding", "text-prompt", "none"] = "embedding"
     long_caption_prob: float = Field(0.8, ge=0, le=1)
     caption_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    # the share of samples whose RGB half is given clean, with the loss on their dense half only:
+    # the model learns to read a video while it denoises the dense half, which dense prediction of
+    # real clips (UDPDiffPipeline video=) needs and joint noising alone barely teaches
+    # (benchmarks/probe_rgb_reliance.py). 0 is the paper: both halves always noised alike
+    rgb_given_prob: float = Field(0.0, ge=0, lt=1)
     steps: int = Field(400, gt=0)
     micro_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -302,6 +307,8 @@ class TrainParams(_Strict):
             raise ValueError(f"task_conditioning 'none' is for single-task models; got tasks {self.tasks}")
         if not self.tasks and self.task_conditioning != "none":
             raise ValueError("tasks: [] (the RGB-only baseline) needs task_conditioning: none")
+        if not self.tasks and self.rgb_given_prob:
+            raise ValueError("rgb_given_prob needs a dense task: the RGB-only baseline has no dense half to predict")
         return self
 
 

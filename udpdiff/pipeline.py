@@ -22,6 +22,9 @@ from udpdiff.models.vae import to_uint8
 from udpdiff.tasks import task_id, task_prompt
 
 TASK_CONDITIONINGS = ("embedding", "text-prompt", "none")
+# how a given video's RGB half enters each step of dense prediction (``video=``): noised to the
+# step's level, as joint training sees it, or clean, as training with ``train.rgb_given_prob`` does
+GIVEN_RGB = ("noised", "clean")
 
 
 @dataclass
@@ -38,9 +41,12 @@ class UDPDiffPipelineOutput(BaseOutput):
 
 class UDPDiffPipeline(CogVideoXPipeline):
     # a plain ``str`` annotation: diffusers reads __init__'s annotations to save/load the config
-    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, task_conditioning: str = "embedding"):
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, task_conditioning: str = "embedding",
+                 given_rgb: str = "noised"):
         if task_conditioning not in TASK_CONDITIONINGS:
             raise ValueError(f"task_conditioning must be one of {TASK_CONDITIONINGS}, got {task_conditioning!r}")
+        if given_rgb not in GIVEN_RGB:
+            raise ValueError(f"given_rgb must be one of {GIVEN_RGB}, got {given_rgb!r}")
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                          scheduler=scheduler)
         channels = transformer.config.in_channels
@@ -51,7 +57,8 @@ class UDPDiffPipeline(CogVideoXPipeline):
             raise ValueError("an RGB-only (16-channel) transformer has no task: use task_conditioning='none'")
         if task_conditioning == "embedding" and getattr(transformer, "task_embedding", None) is None:
             raise ValueError("task_conditioning='embedding' needs a transformer with num_tasks > 0")
-        self.register_to_config(task_conditioning=task_conditioning)
+        self.register_to_config(task_conditioning=task_conditioning, given_rgb=given_rgb)
+        self._rgb_start: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(
@@ -76,7 +83,9 @@ class UDPDiffPipeline(CogVideoXPipeline):
         ``video`` (uint8 (T,H,W,3), optional) turns generation into dense prediction *of that
         video*: after every step the RGB half of the latent is replaced by the video's latent
         noised to the next step's level (the replacement method for conditional sampling from a
-        joint diffusion model), so only the dense half is generated. The evaluation uses this to
+        joint diffusion model), so only the dense half is generated; with ``given_rgb="clean"`` (a
+        model trained with ``train.rgb_given_prob``) the RGB half is the video's clean latent from the
+        first step to the last. The evaluation uses this to
         score predictions against exact ground truth. (B,T,H,W,3) gives one video per prompt: B
         clips predicted in one batched pass (the validation during training does this).
         """
@@ -104,10 +113,12 @@ class UDPDiffPipeline(CogVideoXPipeline):
         if video is not None:
             if kwargs.get("callback_on_step_end") is not None:
                 raise ValueError("video= and callback_on_step_end cannot be combined")
-            kwargs["callback_on_step_end"] = self._rgb_replacement(video, batch, generator)
+            kwargs["callback_on_step_end"], clean = self._rgb_replacement(video, batch, generator)
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
             num_frames, height, width = video.shape[-4:-1]
-        with ctx:
+            if self.config.given_rgb == "clean":
+                self._rgb_start = clean  # the first step's RGB half too (prepare_latents)
+        with ctx, self._clear_rgb_start():
             (latents,) = super().__call__(
                 prompt=prompts,
                 negative_prompt=negative_prompt,
@@ -155,6 +166,20 @@ class UDPDiffPipeline(CogVideoXPipeline):
         """False for the RGB-only baseline: video only, no dense half."""
         return self.transformer.config.in_channels == 2 * LATENT_CHANNELS
 
+    @contextlib.contextmanager
+    def _clear_rgb_start(self):
+        try:
+            yield
+        finally:
+            self._rgb_start = None
+
+    def prepare_latents(self, *args, **kwargs) -> torch.Tensor:
+        """diffusers' initial noise, with a given clean RGB half in place (``given_rgb="clean"``)."""
+        latents = super().prepare_latents(*args, **kwargs)
+        if self._rgb_start is None:
+            return latents
+        return torch.cat([self._rgb_start.to(latents), latents[:, :, LATENT_CHANNELS:]], dim=2)
+
     def _rgb_replacement(self, video: np.ndarray, batch: int, generator):
         from udpdiff.models.vae import to_model_input
 
@@ -167,10 +192,12 @@ class UDPDiffPipeline(CogVideoXPipeline):
         gen = generator[0] if isinstance(generator, list) else generator
         alphas = self.scheduler.alphas_cumprod
 
+        clean_given = self.config.given_rgb == "clean"
+
         def callback(pipe, i: int, t, tensors: dict) -> dict:
             latents = tensors["latents"]
             timesteps = pipe.scheduler.timesteps
-            if i + 1 < len(timesteps):
+            if i + 1 < len(timesteps) and not clean_given:
                 a = alphas[timesteps[i + 1]].to(latents)
                 noise = torch.randn(clean.shape, generator=gen, device=gen.device if gen else None).to(latents)
                 rgb = a.sqrt() * clean.to(latents) + (1 - a).sqrt() * noise
@@ -178,7 +205,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
                 rgb = clean.to(latents)
             return {"latents": torch.cat([rgb, latents[:, :, LATENT_CHANNELS:]], dim=2)}
 
-        return callback
+        return callback, clean
 
     def _decode_halves(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The RGB half and the dense half of (B,F,32,h,w) latents as uint8 videos, decoded in one

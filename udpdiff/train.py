@@ -311,7 +311,7 @@ def make_batch(
     a = alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1).to(device)
     noisy = a.sqrt() * x0_t + (1 - a).sqrt() * noise
     v_target = a.sqrt() * noise - (1 - a).sqrt() * x0_t
-    return {
+    batch = {
         "noisy": noisy,
         "v_target": v_target,
         "timesteps": timesteps.to(device),
@@ -319,6 +319,23 @@ def make_batch(
         "task_ids": torch.tensor(task_ids, device=device),
         "clip_index": torch.tensor(clip_idx),
     }
+    if dense and t.rgb_given_prob > 0:
+        # drawn after every other number of the batch, so the rest of it is what it is without
+        given = torch.from_numpy(rng.random(b) < t.rgb_given_prob).to(device)
+        rgb = slice(0, LATENT_CHANNELS)
+        noisy[given, :, rgb] = x0_t[given, :, rgb].to(noisy.dtype)
+        weight = torch.ones(b, 1, x0_t.shape[2], 1, 1, device=device)
+        weight[given, :, rgb] = 0.0  # a given half has nothing to predict
+        batch["loss_weight"] = weight
+    return batch
+
+
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``err`` over the elements ``weight`` (broadcast) counts; the plain mean without one."""
+    if weight is None:
+        return err.mean()
+    weight = weight.expand_as(err)
+    return (err * weight).sum() / weight.sum().clamp_min(1)
 
 
 def rotary_embeddings(transformer: UDPDiffTransformer3DModel, vae_scale: int, height: int, width: int,
@@ -487,7 +504,8 @@ def train(
                           encoder_hidden_states=batch["text"].to(model_dtype),
                           timestep=batch["timesteps"], image_rotary_emb=rotary, return_dict=False, **kwargs)[0]
             err = (pred.float() - batch["v_target"]).pow(2)
-            loss = err.mean()
+            weight = batch.get("loss_weight")
+            loss = weighted_mean(err, weight)
             # every rank must agree to stop, or the others would wait forever in the next collective
             finite = _mean_over_ranks({"finite": float(torch.isfinite(loss))}, device)["finite"] == 1.0
             if not finite:
@@ -499,7 +517,9 @@ def train(
             engine.backward(loss)
             engine.step()
             sums["loss"] += loss.item() / t.gradient_accumulation_steps
-            sums["loss_rgb"] += err[:, :, :LATENT_CHANNELS].mean().item() / t.gradient_accumulation_steps
+            rgb_weight = None if weight is None else weight[:, :, :LATENT_CHANNELS]
+            loss_rgb = weighted_mean(err[:, :, :LATENT_CHANNELS], rgb_weight)
+            sums["loss_rgb"] += loss_rgb.item() / t.gradient_accumulation_steps
             if not dense:
                 continue
             sums["loss_dense"] += err[:, :, LATENT_CHANNELS:].mean().item() / t.gradient_accumulation_steps

@@ -102,13 +102,18 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
     if result.steps_done >= t.steps:
         tokenizer, encoder = load_text_encoder(p, paths)
         pipe = UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer.eval(),
-                               scheduler=scheduler, task_conditioning=t.task_conditioning)
+                               scheduler=scheduler, task_conditioning=t.task_conditioning, given_rgb=given_rgb(p))
         tmp = fresh_tmp_dir(paths.pipeline)
         pipe.save_pretrained(tmp)
         replace_dir(tmp, paths.pipeline)
         if artifact_fn is not None and t.log_checkpoints == "artifacts":
             artifact_fn(paths.pipeline / "transformer", "model/transformer")  # the diffusers export
     return StepResult(metrics=metrics, artifacts=artifacts, info={"checkpoint": str(result.checkpoint)})
+
+
+def given_rgb(p: Params) -> str:
+    """How the trained pipeline takes a given video's RGB half: as training saw it."""
+    return "clean" if p.active.train.rgb_given_prob > 0 else "noised"
 
 
 def _data_digest(paths: ProjectPaths, online: bool) -> str:
@@ -198,7 +203,7 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
     dtype = next(module.parameters()).dtype
     home = vae.device  # the VAE goes back there (online encoding keeps it on the GPU)
     pipe = UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=vae.to(device), transformer=module,
-                           scheduler=scheduler, task_conditioning=t.task_conditioning)
+                           scheduler=scheduler, task_conditioning=t.task_conditioning, given_rgb=given_rgb(p))
     pipe.set_progress_bar_config(disable=True)
     columns: list[list[np.ndarray]] = [[], [], []]
     scores: dict[str, float] = {}
