@@ -39,7 +39,7 @@ from udpdiff.config import Params, load_params, parse_overrides  # noqa: E402
 from udpdiff.paths import ProjectPaths  # noqa: E402
 
 PROFILE = "small"
-TABLE = "tab1-2"
+TABLES = ["tab1-2"]  # the paper's Tabs 1-2 at equal compute; `--tables tab1-2 rgb-given` adds ours
 PREPARE = ("data", "encode", "autoencoder", "latents")
 PER_VARIANT = ("train", "sample", "evaluate", "report")
 SHARED = ("data/{p}", "models/{p}/vae", "models/{p}/text_encoder")  # what every variant links, not redoes
@@ -51,10 +51,19 @@ def load(overrides: list[str]) -> Params:
     return load_params(REPO / "params.yaml", profile=PROFILE).with_overrides(parse_overrides(overrides))
 
 
-def variants(p: Params) -> dict[str, dict]:
-    """The table's variants, the full method first (the run the other three are compared with)."""
-    table = dict(p.ablations[TABLE].variants)
-    return dict(sorted(table.items(), key=lambda kv: kv[0] != "udpdiff-multi-task"))
+def variants(p: Params, tables: list[str]) -> dict[str, dict]:
+    """The tables' variants, the full method first (the run the others are compared with). A
+    variant named in several tables is one run, so it must mean the same settings in each."""
+    out: dict[str, dict] = {}
+    for table in tables:
+        if table not in p.ablations:
+            raise SystemExit(f"params.yaml has no ablation {table!r}; there are: {', '.join(p.ablations)}")
+        for name, overrides in p.ablations[table].variants.items():
+            if name in out and out[name] != dict(overrides):
+                raise SystemExit(f"variant {name!r} means {out[name]} in one table and {dict(overrides)} in "
+                                 f"{table!r}: one workspace cannot be both")
+            out[name] = dict(overrides)
+    return dict(sorted(out.items(), key=lambda kv: kv[0] != "udpdiff-multi-task"))
 
 
 def done_marker(paths: ProjectPaths, stage: str) -> Path:
@@ -125,29 +134,33 @@ def prepare(root: Path, overrides: list[str]) -> None:
         run_stage(p, paths, stage)
 
 
-def run_variant(root: Path, name: str, overrides: list[str]) -> None:
+def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) -> None:
     base = load(overrides)
-    p = base.with_overrides(variants(base)[name])
+    p = base.with_overrides(variants(base, tables)[name])
     paths = ProjectPaths(variant_root(root, name, p), p.profile)
     from udpdiff.stages.common import write_json
 
-    write_json(paths.outputs / "gpu_run" / "variant.json", {"table": TABLE, "variant": name,
-                                                             "overrides": variants(base)[name],
-                                                             "profile_overrides": overrides})
+    info = paths.outputs / "gpu_run" / "variant.json"
+    # a run of another table that shares this variant keeps it: the workspace belongs to both
+    earlier = json.loads(info.read_text()).get("tables", []) if info.exists() else []
+    mine = [t for t in tables if name in base.ablations[t].variants]
+    write_json(info, {"tables": list(dict.fromkeys([*earlier, *mine])), "variant": name,
+                      "overrides": variants(base, tables)[name], "profile_overrides": overrides})
     for stage in PER_VARIANT:
         record = run_stage(p, paths, stage)
         if stage == "train" and not done_marker(paths, "train").exists():
             raise SystemExit(f"{name}: training unfinished ({record['metrics'].get('steps_done')} steps)")
 
 
-def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int, per_gpu: int = 1) -> int:
+def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int, per_gpu: int = 1,
+                 tables: list[str] = TABLES) -> int:
     """Every variant in its own process, ``per_gpu`` of them on each of ``gpus`` GPUs at a time;
     returns the number that failed. Each process gets its share of the CPU cores for its thread
     pools (as torchrun does): 4 processes with a pool of every core each spent their time in
     thread contention, not on the GPU (benchmarks/results/small-h200x2-attempt1.md)."""
     from udpdiff.workers import available_cores
 
-    names = names or list(variants(load(overrides)))
+    names = names or list(variants(load(overrides), tables))
     queue, running, failed = list(names), {}, 0
     free = [slot % gpus for slot in range(gpus * per_gpu)]
     threads = max(1, available_cores() // len(free))
@@ -156,7 +169,7 @@ def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus
             gpu, name = free.pop(0), queue.pop(0)
             log = root / "logs" / f"{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, __file__, "variant", name, "--root", str(root),
+            cmd = [sys.executable, __file__, "variant", name, "--root", str(root), "--tables", *tables,
                    *[a for kv in overrides for a in ("--set", kv)]]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
                    "OMP_NUM_THREADS": str(threads)}
@@ -250,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae", type=Path, default=None, help="a save-vae tarball to restore (restore-vae)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=None)
+    ap.add_argument("--tables", nargs="+", default=TABLES, help="params.yaml ablations whose variants run")
     ap.add_argument("--gpus", type=int, default=None, help="default: every visible GPU")
     ap.add_argument("--per-gpu", type=int, default=1, help="variants sharing one GPU at a time")
     args = ap.parse_args(argv)
@@ -261,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         restore_vae(root, args.vae, args.overrides)
         return 0
     if args.command == "variant":
-        run_variant(root, args.name, args.overrides)
+        run_variant(root, args.name, args.overrides, args.tables)
         return 0
     if args.command in ("prepare", "all"):
         prepare(root, args.overrides)
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         gpus = args.gpus or max(torch.cuda.device_count(), 1)
-        failed = run_variants(root, args.overrides, args.variants, gpus, args.per_gpu)
+        failed = run_variants(root, args.overrides, args.variants, gpus, args.per_gpu, args.tables)
     if args.command in ("pack", "all") and args.out is not None:
         pack(root, args.out)
     return 1 if failed else 0

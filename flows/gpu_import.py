@@ -37,8 +37,9 @@ SERIES_BATCH = 1000  # MLflow's log_batch takes at most 1,000 metrics per call
 
 
 def import_run(tarball: Path, profile: str | None = None, table_dir: Path | None = None) -> str:
-    """Log the packed run ``tarball`` to MLflow; returns the parent run's id. The ablation table's
-    files go to ``table_dir`` (default ``outputs/<profile>/ablations``, as the ablation flow's)."""
+    """Log the packed run ``tarball`` to MLflow, a parent run per ablation table in it; returns the
+    first's id. The tables' files go to ``table_dir`` (default ``outputs/<profile>/ablations``, as
+    the ablation flow's)."""
     tarball = Path(tarball)
     if not tarball.is_file():
         raise FileNotFoundError(f"{tarball}: no such file (the tarball benchmarks/small_gpu.py packs)")
@@ -49,36 +50,45 @@ def import_run(tarball: Path, profile: str | None = None, table_dir: Path | None
         variants = sorted(d for d in (root / "variants").glob("*") if d.is_dir())
         if not variants:
             raise ValueError(f"{tarball}: no variants/<name>/ workspace inside; is this a small_gpu.py tarball?")
-        first = json.loads(_only(variants[0].glob("outputs/*/gpu_run/variant.json"), tarball).read_text())
-        base = _params(profile, first["profile_overrides"])
-        table = first["table"]
-        spec = base.ablations[table]
-        machine = _machine(root)
-        rows, overrides_of = [], {}
-        with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
-            _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball.name})
-            _log_workspace(base, root, None, tag_variant=False)
-            for workspace in variants:
-                info = json.loads(_only(workspace.glob("outputs/*/gpu_run/variant.json"), tarball).read_text())
-                p = base.with_overrides(info["overrides"])
-                with variant_run(p, parent.info.run_id, table, info["variant"], info["overrides"]) as (vrun, _):
-                    final = _log_workspace(p, workspace, info["variant"])
-                    if final:
-                        log_variant_metrics(vrun.info.run_id, final)
-                        rows.append({"variant": info["variant"], **final})
-                        overrides_of[info["variant"]] = info["overrides"]
-            for log_file in sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []:
-                mlflow.MlflowClient().log_artifact(parent.info.run_id, str(log_file), "logs")
-            if len(rows) >= 2:
-                frame = ablation_frame(rows, overrides_of)
-                log_ablation_table(parent.info.run_id, spec.title, frame,
-                                   table_dir or REPO_ROOT / "outputs" / base.profile / "ablations")
-            else:
-                mlflow.MlflowClient().set_tag(parent.info.run_id, "incomplete",
-                                              f"{len(rows)} of {len(variants)} variants evaluated: no table")
-        logger.info("imported %s as MLflow run %s (%d variants, %d evaluated)", tarball, parent.info.run_id,
-                    len(variants), len(rows))
-        return parent.info.run_id
+        infos = {ws: json.loads(_only(ws.glob("outputs/*/gpu_run/variant.json"), tarball).read_text())
+                 for ws in variants}
+        base = _params(profile, next(iter(infos.values()))["profile_overrides"])
+        # a workspace can serve several tables (the full method is in Tabs 1-2 and in ours): a parent each
+        tables = dict.fromkeys(t for info in infos.values() for t in info.get("tables") or [info["table"]])
+        run_ids = [_import_table(root, tarball, base, table, {ws: i for ws, i in infos.items()
+                                                               if table in (i.get("tables") or [i["table"]])},
+                                 table_dir) for table in tables]
+        return run_ids[0]
+
+
+def _import_table(root: Path, tarball: Path, base: Params, table: str, infos: dict[Path, dict],
+                  table_dir: Path | None) -> str:
+    spec = base.ablations[table]
+    machine = _machine(root)
+    rows, overrides_of = [], {}
+    with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
+        _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball.name})
+        _log_workspace(base, root, None, tag_variant=False)
+        for workspace, info in infos.items():
+            p = base.with_overrides(info["overrides"])
+            with variant_run(p, parent.info.run_id, table, info["variant"], info["overrides"]) as (vrun, _):
+                final = _log_workspace(p, workspace, info["variant"])
+                if final:
+                    log_variant_metrics(vrun.info.run_id, final)
+                    rows.append({"variant": info["variant"], **final})
+                    overrides_of[info["variant"]] = info["overrides"]
+        for log_file in sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []:
+            mlflow.MlflowClient().log_artifact(parent.info.run_id, str(log_file), "logs")
+        if len(rows) >= 2:
+            frame = ablation_frame(rows, overrides_of)
+            log_ablation_table(parent.info.run_id, spec.title, frame,
+                               table_dir or REPO_ROOT / "outputs" / base.profile / "ablations")
+        else:
+            mlflow.MlflowClient().set_tag(parent.info.run_id, "incomplete",
+                                          f"{len(rows)} of {len(infos)} variants evaluated: no table")
+    logger.info("imported %s (%s) as MLflow run %s (%d variants, %d evaluated)", tarball, table, parent.info.run_id,
+                len(infos), len(rows))
+    return parent.info.run_id
 
 
 def _params(profile: str | None, overrides: list[str]) -> Params:

@@ -31,16 +31,21 @@ CPU_SIZES = [
 
 
 OVERRIDES = [a for kv in CPU_SIZES for a in ("--set", kv)]
-NAMES = ["udpdiff-multi-task", "cogvideox"]
+NAMES = ["udpdiff-multi-task", "cogvideox"]  # of Tabs 1-2
+OURS = "udpdiff-multi-task-rgb-given"  # the rgb-given table's other variant (its first is Tabs 1-2's multi-task)
 
 
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A whole small_gpu.py run (two variants sharing one "GPU") and its tarball."""
+    """A whole small_gpu.py run (two variants sharing one "GPU"), then the rgb-given table, which
+    reuses the multi-task variant and adds one; and the tarball of both."""
     tmp_path = tmp_path_factory.mktemp("small_gpu")
     root, tarball = tmp_path / "run", tmp_path / "out.tar.gz"
-    assert small_gpu.main(["all", "--root", str(root), "--out", str(tarball), "--gpus", "1", "--per-gpu", "2",
+    assert small_gpu.main(["all", "--root", str(root), "--gpus", "1", "--per-gpu", "2",
                            "--variants", *NAMES, *OVERRIDES]) == 0
+    assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "tab1-2", "rgb-given",
+                           "--variants", NAMES[0], OURS, *OVERRIDES]) == 0
+    small_gpu.main(["pack", "--root", str(root), "--out", str(tarball)])
     return root, tarball
 
 
@@ -109,6 +114,14 @@ def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
     assert 0 <= variant["segmentation/gt_miou"] <= 1 and "depth/gt_delta1_depth" in variant
     assert "ablation_table.json" in {a.path for a in client.list_artifacts(parent_id)}
     assert (tmp_path / "ablations").is_dir()
+    # the second table in the tarball: its own parent, holding the shared variant and its own
+    parents = client.search_runs([experiment], "tags.kind = 'ablation'")
+    ours = [r for r in parents if r.info.run_id != parent_id]
+    assert len(ours) == 1 and "RGB-given training" in ours[0].data.tags["mlflow.runName"]
+    assert set(children(ours[0].info.run_id)) == {*small_gpu.PREPARE, NAMES[0], OURS}
+    assert "ablation_table.json" in {a.path for a in client.list_artifacts(ours[0].info.run_id)}
+    info = json.loads((gpu_run[0] / "variants" / NAMES[0] / "outputs/small/gpu_run/variant.json").read_text())
+    assert info["tables"] == ["tab1-2", "rgb-given"]
 
 
 @pytest.mark.slow
@@ -127,7 +140,8 @@ def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path,
         for f in sorted(root.rglob("*")):
             rel = f.relative_to(root)
             if f.is_file() and not f.is_symlink() and rel.suffix in (".json", ".jsonl") and not (
-                    rel.parts[:2] == ("variants", "cogvideox") and f.name.endswith(".done.json")):
+                    rel.parts[:2] == ("variants", "cogvideox") and f.name.endswith(".done.json")) and (
+                    rel.parts[:2] != ("variants", OURS)):  # not started yet
                 tar.add(f, arcname=str(rel))
     parent_id = import_run(partial, table_dir=tmp_path / "ablations")
     client = mlflow.MlflowClient()
