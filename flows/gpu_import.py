@@ -54,11 +54,16 @@ def import_run(tarball: Path, profile: str | None = None, table_dir: Path | None
                  for ws in variants}
         base = _params(profile, next(iter(infos.values()))["profile_overrides"])
         # a workspace can serve several tables (the full method is in Tabs 1-2 and in ours): a parent each
-        tables = dict.fromkeys(t for info in infos.values() for t in info.get("tables") or [info["table"]])
-        run_ids = [_import_table(root, tarball, base, table, {ws: i for ws, i in infos.items()
-                                                               if table in (i.get("tables") or [i["table"]])},
-                                 table_dir) for table in tables]
+        tables = dict.fromkeys(t for info in infos.values() for t in _tables(info))
+        run_ids = [_import_table(root, tarball, base, table,
+                                 {ws: i for ws, i in infos.items() if table in _tables(i)}, table_dir)
+                   for table in tables]
         return run_ids[0]
+
+
+def _tables(info: dict) -> list[str]:
+    """The tables a variant workspace serves (tarballs before 2026-11-30 name one: "table")."""
+    return info.get("tables") or [info["table"]]
 
 
 def _import_table(root: Path, tarball: Path, base: Params, table: str, infos: dict[Path, dict],
