@@ -136,7 +136,8 @@ def prepare(root: Path, overrides: list[str]) -> None:
 
 def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) -> None:
     base = load(overrides)
-    p = base.with_overrides(variants(base, tables)[name])
+    mine_overrides = variants(base, tables)[name]
+    p = base.with_overrides(mine_overrides)
     paths = ProjectPaths(variant_root(root, name, p), p.profile)
     from udpdiff.stages.common import write_json
 
@@ -145,7 +146,7 @@ def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) 
     earlier = json.loads(info.read_text()).get("tables", []) if info.exists() else []
     mine = [t for t in tables if name in base.ablations[t].variants]
     write_json(info, {"tables": list(dict.fromkeys([*earlier, *mine])), "variant": name,
-                      "overrides": variants(base, tables)[name], "profile_overrides": overrides})
+                      "overrides": mine_overrides, "profile_overrides": overrides})
     for stage in PER_VARIANT:
         record = run_stage(p, paths, stage)
         if stage == "train" and not done_marker(paths, "train").exists():
