@@ -3,12 +3,12 @@
 The lent GPU machines have torch, diffusers and DeepSpeed but no DVC, Prefect or MLflow (and no
 network to install them), so this runs the very stage modules ``dvc repro`` runs
 (``udpdiff.stages.<name>.run``), in the same order, on the same paths, with every metric and
-per-step series written to files. ``python -m flows import-small-gpu <tarball>`` then logs those
+per-step series written to files. ``python -m flows import-run <tarball(s)>`` then logs those
 files to MLflow as a Tab 1/2 ablation (a parent run, one child per variant), here.
 
     python3 benchmarks/small_gpu.py prepare --root /tmp/small        # data, encode, autoencoder, latents
     python3 benchmarks/small_gpu.py variants --root /tmp/small       # the tab1-2 variants over every GPU
-    python3 benchmarks/small_gpu.py pack --root /tmp/small --out results.tar.gz
+    python3 benchmarks/small_gpu.py pack --root /tmp/small --out results.tar.gz   # + results-2.tar.gz, ... if big
     python3 benchmarks/small_gpu.py all --root /tmp/small --out ...  # all three (resumes what is done)
     python3 benchmarks/small_gpu.py save-vae --root /tmp/small --out vae.tar      # carry it to a fresh machine
     python3 benchmarks/small_gpu.py restore-vae --root /tmp/small --vae vae.tar   # there: prepare skips the VAE
@@ -185,26 +185,49 @@ def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus
     return failed
 
 
-def pack(root: Path, out: Path, max_bytes: int = 15 * 2**20) -> Path:
-    """The small files of the run (metrics, series, tables, plots, galleries) as one tarball, biggest
-    galleries dropped first if it would pass ``max_bytes``."""
+def volume_path(out: Path, index: int) -> Path:
+    """``small.tar.gz``, ``small-2.tar.gz``, ...: the volumes :func:`pack` writes."""
+    if index == 1:
+        return out
+    stem, dot, ext = out.name.partition(".")
+    return out.with_name(f"{stem}-{index}{dot}{ext}")
+
+
+def pack(root: Path, out: Path, max_bytes: int = 15 * 2**20, max_volumes: int = 6) -> list[Path]:
+    """The small files of the run (metrics, series, tables, plots, galleries) as self-contained
+    tarballs of at most ``max_bytes`` each (the device returns files up to 16 MiB, 8 per call; one
+    slot is the VAE's), smallest files first so the first volume holds every metric. Galleries that
+    fit in no volume are dropped, biggest first, and named; attempt 3 lost its only tarball to one
+    21 MiB file."""
     files = sorted({f for pattern in PACKED for f in root.rglob(pattern)
                     if f.is_file() and "checkpoints" not in f.parts and "latents" not in f.parts
                     and ".tmp-" not in str(f)})
     files += sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []
-    total = sum(f.stat().st_size for f in files)
-    for f in sorted(files, key=lambda f: -f.stat().st_size):
-        if total <= max_bytes * 2:  # gzip halves what is left (gifs and pngs barely shrink: a safe margin)
-            break
-        if f.suffix == ".gif":
-            files.remove(f)
-            total -= f.stat().st_size
+    capacity = int(max_bytes * 0.98)  # gzip can grow incompressible gifs a little
+    volumes: list[list[Path]] = []
+    sizes: list[int] = []
+    for f in sorted(files, key=lambda f: (f.stat().st_size, str(f))):
+        size = f.stat().st_size + 1024  # its tar header and padding
+        room = next((i for i, used in enumerate(sizes) if used + size <= capacity), None)
+        if room is None and len(volumes) < max_volumes and size <= capacity:
+            volumes.append([]), sizes.append(0)
+            room = len(volumes) - 1
+        if room is None:
+            print(f"not packed ({size / 2**20:.1f} MiB, no room in {max_volumes} volumes of "
+                  f"{max_bytes / 2**20:.0f} MiB): {f.relative_to(root)}", flush=True)
+            continue
+        volumes[room].append(f)
+        sizes[room] += size
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out, "w:gz") as tar:
-        for f in files:
-            tar.add(f, arcname=str(f.relative_to(root)))
-    print(f"packed {len(files)} files, {out.stat().st_size / 2**20:.1f} MiB -> {out}", flush=True)
-    return out
+    written = []
+    for index, members in enumerate(volumes or [[]], start=1):
+        path = volume_path(out, index)
+        with tarfile.open(path, "w:gz") as tar:
+            for f in members:
+                tar.add(f, arcname=str(f.relative_to(root)))
+        print(f"packed {len(members)} files, {path.stat().st_size / 2**20:.1f} MiB -> {path}", flush=True)
+        written.append(path)
+    return written
 
 
 def vae_inputs(p: Params) -> dict:
@@ -260,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", nargs="?", help="the variant (command variant)")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None,
-                    help="tarball of the small outputs (pack, all) or of the trained VAE (save-vae)")
+                    help="tarball(s) of the small outputs (pack, all: volumes NAME, NAME-2, ...) or of the trained VAE (save-vae)")
     ap.add_argument("--vae", type=Path, default=None, help="a save-vae tarball to restore (restore-vae)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=None)

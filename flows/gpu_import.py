@@ -1,6 +1,6 @@
 """A run made where the orchestration tools are absent, logged to MLflow here.
 
-    python -m flows import-run small.tar.gz      # the tarball benchmarks/small_gpu.py packed on a GPU machine
+    python -m flows import-run small*.tar.gz     # the tarball(s) benchmarks/small_gpu.py packed on a GPU machine
 
 The lent GPU machines have no MLflow, so ``benchmarks/small_gpu.py`` writes what the stage flows would
 have logged to files: per workspace, ``outputs/<profile>/gpu_run/<stage>.done.json`` (final metrics,
@@ -36,17 +36,20 @@ logger = logging.getLogger(__name__)
 SERIES_BATCH = 1000  # MLflow's log_batch takes at most 1,000 metrics per call
 
 
-def import_run(tarball: Path, profile: str | None = None, table_dir: Path | None = None) -> str:
-    """Log the packed run ``tarball`` to MLflow, a parent run per ablation table in it; returns the
-    first's id. The tables' files go to ``table_dir`` (default ``outputs/<profile>/ablations``, as
-    the ablation flow's)."""
-    tarball = Path(tarball)
-    if not tarball.is_file():
-        raise FileNotFoundError(f"{tarball}: no such file (the tarball benchmarks/small_gpu.py packs)")
+def import_run(tarballs: Path | list[Path], profile: str | None = None, table_dir: Path | None = None) -> str:
+    """Log the packed run ``tarballs`` (``small.tar.gz`` and its volumes ``small-2.tar.gz``, ...) to
+    MLflow, a parent run per ablation table in it; returns the first's id. The tables' files go to
+    ``table_dir`` (default ``outputs/<profile>/ablations``, as the ablation flow's)."""
+    tarballs = [Path(t) for t in (tarballs if isinstance(tarballs, list | tuple) else [tarballs])]
+    for t in tarballs:
+        if not t.is_file():
+            raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs)")
+    tarball = tarballs[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        with tarfile.open(tarball) as tar:
-            tar.extractall(root, filter="data")
+        for t in tarballs:
+            with tarfile.open(t) as tar:
+                tar.extractall(root, filter="data")
         variants = sorted(d for d in (root / "variants").glob("*") if d.is_dir())
         if not variants:
             raise ValueError(f"{tarball}: no variants/<name>/ workspace inside; is this a small_gpu.py tarball?")

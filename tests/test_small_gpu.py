@@ -32,13 +32,15 @@ CPU_SIZES = [
 
 OVERRIDES = [a for kv in CPU_SIZES for a in ("--set", kv)]
 NAMES = ["udpdiff-multi-task", "cogvideox"]  # of Tabs 1-2
+VOLUME = 2**20  # the tarball volumes' limit: the run's small files fill several
 OURS = "udpdiff-multi-task-rgb-given"  # the rgb-given table's other variant (its first is Tabs 1-2's multi-task)
 
 
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory) -> tuple[Path, Path]:
     """A whole small_gpu.py run (two variants sharing one "GPU"), then the rgb-given table, which
-    reuses the multi-task variant and adds one; and the tarball of both."""
+    reuses the multi-task variant and adds one; and the tarball of both, in volumes of at most
+    VOLUME bytes (as a GPU machine's 16 MiB return limit splits a real run's)."""
     tmp_path = tmp_path_factory.mktemp("small_gpu")
     root, tarball = tmp_path / "run", tmp_path / "out.tar.gz"
     assert small_gpu.main(["all", "--root", str(root), "--gpus", "1", "--per-gpu", "2",
@@ -46,12 +48,12 @@ def gpu_run(tmp_path_factory) -> tuple[Path, Path]:
     assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "tab1-2", "rgb-given",
                            "--variants", NAMES[0], OURS, *OVERRIDES]) == 0
     small_gpu.main(["pack", "--root", str(root), "--out", str(tarball)])
-    return root, tarball
+    return root, small_gpu.pack(root, tmp_path / "volume.tar.gz", max_bytes=VOLUME)
 
 
 @pytest.mark.slow
 def test_prepare_variants_and_pack(gpu_run):
-    root, tarball = gpu_run
+    root, volumes = gpu_run
     names, overrides = NAMES, OVERRIDES
     for stage in small_gpu.PREPARE:
         assert (root / "outputs/small/gpu_run" / f"{stage}.done.json").exists()
@@ -66,8 +68,18 @@ def test_prepare_variants_and_pack(gpu_run):
         steps = [json.loads(line) for line in (v / "outputs/small/gpu_run/train_steps.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in steps if "loss" in r) == 2  # the per-step series reached the last step
         assert any(k.startswith("val/") for r in steps for k in r)  # the Fig 8 scores at the preview
-    with tarfile.open(tarball) as tar:
-        packed = set(tar.getnames())
+    with tarfile.open(root.parent / "out.tar.gz") as tar:
+        whole = tar.getnames()
+    assert len(volumes) > 1 and volumes[1].name == "volume-2.tar.gz"
+    assert all(v.stat().st_size <= VOLUME for v in volumes)
+    in_volumes = []
+    for v in volumes:
+        with tarfile.open(v) as tar:
+            in_volumes += tar.getnames()
+    assert sorted(in_volumes) == sorted(whole)  # every file once, nothing lost to the split
+    with tarfile.open(volumes[0]) as tar:  # the first volume, the smallest files, holds every metric
+        assert {n for n in whole if n.endswith("metrics.json")} <= set(tar.getnames())
+    packed = set(whole)
     assert "variants/udpdiff-multi-task/outputs/small/evaluation/metrics.json" in packed
     assert "variants/cogvideox/outputs/small/metrics/train_history.csv" in packed
     assert not any(n.endswith((".pt", ".safetensors", ".npz", ".mp4")) for n in packed)  # small files only
@@ -89,8 +101,8 @@ def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
     monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
     monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
-    _, tarball = gpu_run
-    parent_id = import_run(tarball, table_dir=tmp_path / "ablations")
+    _, volumes = gpu_run
+    parent_id = import_run(volumes, table_dir=tmp_path / "ablations")
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)
     assert parent.data.tags["kind"] == "ablation" and parent.data.tags["machine"] == "cpu"
