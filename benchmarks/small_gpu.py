@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", nargs="?", help="the variant (command variant)")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None,
-                    help="tarball(s) of the small outputs (pack, all: volumes NAME, NAME-2, ...) or of the trained VAE (save-vae)")
+                    help="tarball of the small outputs (pack, all; volumes NAME, NAME-2, ... past 15 MiB) "
+                         "or of the trained VAE (save-vae)")
     ap.add_argument("--vae", type=Path, default=None, help="a save-vae tarball to restore (restore-vae)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=None)
