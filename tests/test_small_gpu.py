@@ -188,3 +188,37 @@ def test_a_carried_vae_lets_a_fresh_machine_skip_the_autoencoder(gpu_run, tmp_pa
         small_gpu.main(["restore-vae", "--root", str(other), "--vae", str(carried), *OVERRIDES,
                         "--set", "vae.train.steps=3"])
     assert not (other / vae).exists()
+
+
+@pytest.mark.slow
+def test_figures_of_a_run(gpu_run, tmp_path):
+    """Fig 8, the loss plot and the README gallery from a run's files: the gallery keeps the label band
+    and the first sample row of both tasks' galleries, side by side."""
+    import small_gpu_figures
+    from PIL import Image
+
+    root, _ = gpu_run
+    assert small_gpu_figures.main([str(root), str(tmp_path), "--gallery-rows", "1"]) == 0
+    for name in ("fig8_validation.png", "train_loss.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    samples = root / "variants" / NAMES[0] / "outputs/small/samples"
+    with Image.open(samples / "gallery_segmentation.gif") as seg, Image.open(tmp_path / "gallery.gif") as both:
+        assert both.size == (2 * seg.size[0] + 8, seg.size[1]) and both.n_frames == seg.n_frames  # one row: all of it
+
+
+def test_reference_scores_order_by_detail(tmp_path):
+    """The reference predictors of small_reference_scores.py on re-rendered clips: exact maps kept at a
+    finer grid score higher, and all scores are in range."""
+    import small_reference_scores
+
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps([{"clip_id": "synth-1234-00003"}, {"clip_id": "synth-1234-00007"}]))
+    out = tmp_path / "scores.json"
+    assert small_reference_scores.main([str(index), "--frames", "3", "--size", "64", "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    depth, seg = scores["depth"], scores["segmentation"]
+    assert depth["GT at the 8x8 token grid"]["delta1_depth"] > depth["GT at a 16x16 grid"]["delta1_depth"]
+    assert seg["GT at the 8x8 token grid"]["miou"] > seg["GT at a 16x16 grid"]["miou"]
+    assert all(0 <= v["miou"] <= 1 for v in seg.values())
+    assert all(0 <= v["delta1_depth"] <= 1 for v in depth.values())

@@ -1,0 +1,77 @@
+"""Figures of a ``small`` GPU run (``benchmarks/small_gpu.py``), from its unpacked tarballs.
+
+    python benchmarks/small_gpu_figures.py RUN_DIR OUT_DIR [--gallery-rows 4]
+
+Writes, beside the per-variant plots the stages already make:
+- ``fig8_validation.png``: the Fig 8 validation scores of every variant over training steps
+  (segmentation mIoU and depth δ1 in depth space, of held-out real clips against exact ground truth);
+- ``train_loss.png``: the dense and RGB halves' losses of every variant;
+- ``gallery.gif``: the first rows of the full method's text-to-video gallery, segmentation beside depth
+  (each row: generated video | colormap | decoded map), for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageSequence
+
+from udpdiff import viz
+from udpdiff.io.video import write_gif
+
+FULL_METHOD = "udpdiff-multi-task"
+
+
+def series(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def gallery_rows(path: Path, rows: int) -> np.ndarray:
+    """The label band and first ``rows`` samples of a sample-stage gallery (``viz.side_by_side``:
+    a band of 14-32 px above samples stacked at ``viz.MIN_DISPLAY_HEIGHT`` px each for small clips)."""
+    with Image.open(path) as im:
+        frames = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+    row = viz.MIN_DISPLAY_HEIGHT
+    band = frames.shape[1] - (frames.shape[1] - 14) // row * row
+    return frames[:, : band + rows * row]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="the unpacked tarball(s): holds variants/<name>/")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--gallery-rows", type=int, default=4)
+    args = ap.parse_args(argv)
+    variants = {d.name: series(d / "outputs/small/gpu_run/train_steps.jsonl")
+                for d in sorted((args.run / "variants").iterdir()) if (d / "outputs/small/gpu_run").is_dir()}
+    if not variants:
+        raise SystemExit(f"{args.run}: no variants/<name>/outputs/small/gpu_run/train_steps.jsonl")
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig8 = {f"{name}: {label}": curves(rows, key) for name, rows in variants.items()
+            for key, label in (("val/segmentation/gt_miou", "seg mIoU"), ("val/depth/gt_delta1_depth", "depth δ1"))
+            if curves(rows, key)[0]}
+    viz.plot_curves(args.out / "fig8_validation.png", fig8, title="Fig 8: held-out real clips vs exact ground truth",
+                    ylabel="score (higher is better)")
+    losses = {f"{name}: {key}": curves(rows, key) for name, rows in variants.items()
+              for key in ("loss_dense", "loss_rgb") if curves(rows, key)[0]}
+    viz.plot_curves(args.out / "train_loss.png", losses, title="training loss (v-prediction MSE)", ylabel="loss",
+                    logy=True)
+    samples = args.run / "variants" / FULL_METHOD / "outputs/small/samples"
+    seg, depth = samples / "gallery_segmentation.gif", samples / "gallery_depth.gif"
+    if seg.exists() and depth.exists():
+        a, b = gallery_rows(seg, args.gallery_rows), gallery_rows(depth, args.gallery_rows)
+        gap = np.full((a.shape[0], a.shape[1], 8, 3), 255, np.uint8)
+        write_gif(args.out / "gallery.gif", np.concatenate([a, gap, b], axis=2), fps=8)
+    print(f"figures of {', '.join(variants)} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
