@@ -6,7 +6,7 @@
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
 #   bash benchmarks/small_gpu_device.sh prepare        # data, encode, autoencoder, latents (background)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v)
-#   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT
+#   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)
 # `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
 # the machine and everything on it (attempt 2). It also returns the trained VAE ($OUT/vae-small.tar);
 # put that file in .gpu-carry/ and carry it, and `prepare` on a fresh machine skips the VAE.
