@@ -394,3 +394,55 @@ def graph_capture_only(monkeypatch):
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+# --- tiny training runs on a random latent cache (the training, acceleration and GPU tests, dist_worker.py) ---
+
+TRAIN_CLIPS = [f"clip{i}" for i in range(6)]
+DEEPSPEED_DIR = REPO / "infra" / "deepspeed"
+
+
+def tiny_train_params(tmp_path: Path, **train_overrides):
+    """``tiny`` shrunk to a one-block 4x4-latent transformer and 6 steps, written to ``tmp_path``."""
+    import yaml
+
+    from udpdiff.config import load_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    tiny = raw["profiles"]["tiny"]
+    tiny["transformer"]["config"].update(sample_height=4, sample_width=4, num_layers=1, max_text_seq_length=8)
+    tiny["train"].update({"steps": 6, "micro_batch_size": 2, "checkpoint_every": 2, "keep_last": 2, "log_every": 2,
+                          "warmup_steps": 2, **train_overrides})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_params(path)
+
+
+def random_latent_cache(tmp_path: Path, text_dim: int = 64) -> Path:
+    """A latent cache as the latents stage writes it, with random contents."""
+    import torch
+
+    from udpdiff.latents import EMPTY_PROMPT_FILE, record_path, save_record
+
+    g = torch.Generator().manual_seed(0)
+    d = tmp_path / "latents"
+    d.mkdir()
+    for cid in TRAIN_CLIPS:
+        rec = {"clip_id": cid}
+        for prefix in ("rgb", "segmentation", "depth"):
+            rec[f"{prefix}_mean"] = torch.randn(16, 3, 4, 4, generator=g)
+            rec[f"{prefix}_std"] = torch.rand(16, 3, 4, 4, generator=g) * 0.1
+        for key in ("long", "short", "long:segmentation", "short:segmentation", "long:depth", "short:depth"):
+            rec[f"text:{key}"] = torch.randn(8, text_dim, generator=g)
+        save_record(record_path(d, cid), rec)
+    save_record(d / EMPTY_PROMPT_FILE, {"text:empty": torch.zeros(8, text_dim)})
+    return d
+
+
+def train_tiny(p, latents: Path, ckpt: Path, **kw):
+    """``udpdiff.train.train`` on ``random_latent_cache``'s clips."""
+    from udpdiff.models.scheduler import build_scheduler
+    from udpdiff.train import train
+
+    return train(p, latents, TRAIN_CLIPS, ckpt, scaling_factor=1.0, vae_scale_spatial=4,
+                 scheduler=build_scheduler(p.active.scheduler.model_dump()), **kw)

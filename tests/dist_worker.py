@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
 
-from tests.test_train import CLIPS, _run  # noqa: E402
+from tests.conftest import TRAIN_CLIPS, train_tiny  # noqa: E402
 from udpdiff.config import load_params  # noqa: E402
 from udpdiff.train import make_batch  # noqa: E402
 
@@ -23,13 +23,13 @@ def main() -> None:
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
     max_steps = int(sys.argv[3]) if len(sys.argv) > 3 else None
     p = load_params(work / "params.yaml")
-    _, result = _run(p, work / "latents", work / "ck", max_steps_this_run=max_steps)
+    _, result = train_tiny(p, work / "latents", work / "ck", max_steps_this_run=max_steps)
     rank, world = dist.get_rank(), dist.get_world_size()
     # which clips each rank's first micro-batches hold (make_batch is pure, so this is what it trained on)
     from udpdiff.latents import LatentDataset
     from udpdiff.models.scheduler import build_scheduler
 
-    data = LatentDataset(work / "latents", CLIPS)
+    data = LatentDataset(work / "latents", TRAIN_CLIPS)
     alphas = build_scheduler(p.active.scheduler.model_dump()).alphas_cumprod
     clips = [make_batch(data, p, s, 0, 1.0, alphas, rank, world)["clip_index"].tolist() for s in range(3)]
     gathered = [None] * world

@@ -167,10 +167,10 @@ def test_auto_is_eager_on_the_cpu_and_zero3_is_never_compiled():
 
 def test_acceleration_settings_do_not_change_the_checkpoint_fingerprint(tmp_path):
     """A run resumes across a change of acceleration: its checkpoints hold the same weights."""
-    from tests.test_train import _params
+    from tests.conftest import tiny_train_params
     from udpdiff.train import run_fingerprint
 
-    p = _params(tmp_path)
+    p = tiny_train_params(tmp_path)
     q = p.with_overrides({"acceleration.compile_blocks": True, "acceleration.vae_decode": "sequential"})
     assert q.active.acceleration.compile_blocks is True
     assert run_fingerprint(p) == run_fingerprint(q)
@@ -233,20 +233,20 @@ def test_training_with_compiled_blocks_matches_eager_and_resumes_exactly(tmp_pat
     """DeepSpeed ZeRO-2 (CPU, gloo): compiled blocks with selective checkpointing train the same model
     as eager ones with full checkpointing, and a run interrupted and resumed on the fast path replays
     its losses."""
-    from tests.test_train import _latents, _params, _run
+    from tests.conftest import random_latent_cache, tiny_train_params, train_tiny
     from udpdiff.train import latest_checkpoint, run_fingerprint
 
-    eager = _params(tmp_path, gradient_checkpointing=True)
+    eager = tiny_train_params(tmp_path, gradient_checkpointing=True)
     fast = eager.with_overrides({"acceleration.compile_blocks": True, "train.gradient_checkpointing": "selective"})
-    latents = _latents(tmp_path)
-    _, ref = _run(eager, latents, tmp_path / "eager")
-    model, full = _run(fast, latents, tmp_path / "fast")
+    latents = random_latent_cache(tmp_path)
+    _, ref = train_tiny(eager, latents, tmp_path / "eager")
+    model, full = train_tiny(fast, latents, tmp_path / "fast")
     assert compiled_blocks(model)
     losses = [h["loss"] for h in full.history]
     assert losses == pytest.approx([h["loss"] for h in ref.history], rel=1e-5, abs=1e-7)
-    _run(fast, latents, tmp_path / "split", max_steps_this_run=3)
+    train_tiny(fast, latents, tmp_path / "split", max_steps_this_run=3)
     assert latest_checkpoint(tmp_path / "split" / run_fingerprint(fast))[1] == 2
-    _, resumed = _run(fast, latents, tmp_path / "split")
+    _, resumed = train_tiny(fast, latents, tmp_path / "split")
     assert resumed.resumed_from == 2
     assert [h["loss"] for h in resumed.history] == pytest.approx(losses, rel=1e-5, abs=1e-7)
 

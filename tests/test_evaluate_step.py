@@ -39,7 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 def _metric_models(tmp_path: Path) -> dict[str, str]:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
 
-    from tests.test_eval_consistency import _FakeI3D
+    from tests.conftest import _save_fake_i3d
 
     torch.manual_seed(0)
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -47,7 +47,7 @@ def _metric_models(tmp_path: Path) -> dict[str, str]:
     CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                    num_attention_heads=2, image_size=224, patch_size=32,
                                                    projection_dim=16)).save_pretrained(tmp_path / "clip")
-    torch.jit.script(_FakeI3D()).save(str(tmp_path / "i3d.pt"))
+    _save_fake_i3d(tmp_path / "i3d.pt")
     return {"dino": str(tmp_path / "dino"), "clip": str(tmp_path / "clip"), "i3d": str(tmp_path / "i3d.pt")}
 
 

@@ -47,17 +47,17 @@ def test_pipeline_runs_on_gpu(tiny_pipeline):
 
 @pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero2-offload.json"])
 def test_deepspeed_training_resumes_exactly_on_gpu(tmp_path, config):
-    from tests.test_train import CLIPS, DS, _latents, _params, _run
+    from tests.conftest import DEEPSPEED_DIR, TRAIN_CLIPS, random_latent_cache, tiny_train_params, train_tiny
     from udpdiff.train import latest_checkpoint, load_deepspeed_config, run_fingerprint
 
-    p = _params(tmp_path)
-    ds = load_deepspeed_config(DS / config, p)
-    latents = _latents(tmp_path)
-    _, full = _run(p, latents, tmp_path / "full", ds_config=ds)
-    _, part = _run(p, latents, tmp_path / "split", max_steps_this_run=3, ds_config=ds)
+    p = tiny_train_params(tmp_path)
+    ds = load_deepspeed_config(DEEPSPEED_DIR / config, p)
+    latents = random_latent_cache(tmp_path)
+    _, full = train_tiny(p, latents, tmp_path / "full", ds_config=ds)
+    _, part = train_tiny(p, latents, tmp_path / "split", max_steps_this_run=3, ds_config=ds)
     assert latest_checkpoint(tmp_path / "split" / run_fingerprint(p, ds))[1] == 2
-    model, resumed = _run(p, latents, tmp_path / "split", ds_config=ds)
-    assert next(model.parameters()).is_cuda and len(CLIPS) == 6
+    model, resumed = train_tiny(p, latents, tmp_path / "split", ds_config=ds)
+    assert next(model.parameters()).is_cuda and len(TRAIN_CLIPS) == 6
     assert resumed.resumed_from == 2
     # same batches; GPU kernels may differ in the last bits between runs
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-4)
@@ -182,23 +182,23 @@ def test_batched_decode_equals_two_decodes_on_gpu(tiny_pipeline):
 def test_training_with_compiled_blocks_matches_eager_and_resumes_exactly_on_gpu(tmp_path):
     """DeepSpeed ZeRO-2 with gradient checkpointing, a few dozen steps: Inductor-compiled blocks
     give eager's losses within float rounding, and an interrupted compiled run resumes exactly."""
-    from tests.test_train import DS, _latents, _params, _run
+    from tests.conftest import DEEPSPEED_DIR, random_latent_cache, tiny_train_params, train_tiny
     from udpdiff.acceleration import compiled_blocks
     from udpdiff.train import latest_checkpoint, load_deepspeed_config, run_fingerprint
 
     torch._dynamo.reset()
-    eager = _params(tmp_path, gradient_checkpointing=True, steps=24, checkpoint_every=8)
+    eager = tiny_train_params(tmp_path, gradient_checkpointing=True, steps=24, checkpoint_every=8)
     fast = eager.with_overrides({"acceleration.compile_blocks": True})
-    ds = load_deepspeed_config(DS / "zero2.json", eager)
-    latents = _latents(tmp_path)
-    _, ref = _run(eager, latents, tmp_path / "eager", ds_config=ds)
-    model, full = _run(fast, latents, tmp_path / "fast", ds_config=ds)
+    ds = load_deepspeed_config(DEEPSPEED_DIR / "zero2.json", eager)
+    latents = random_latent_cache(tmp_path)
+    _, ref = train_tiny(eager, latents, tmp_path / "eager", ds_config=ds)
+    model, full = train_tiny(fast, latents, tmp_path / "fast", ds_config=ds)
     assert compiled_blocks(model) and len(full.history) == 24
     losses = [h["loss"] for h in full.history]
     assert losses == pytest.approx([h["loss"] for h in ref.history], rel=1e-3)
-    _run(fast, latents, tmp_path / "split", max_steps_this_run=13, ds_config=ds)
+    train_tiny(fast, latents, tmp_path / "split", max_steps_this_run=13, ds_config=ds)
     assert latest_checkpoint(tmp_path / "split" / run_fingerprint(fast, ds))[1] == 8
-    _, resumed = _run(fast, latents, tmp_path / "split", ds_config=ds)
+    _, resumed = train_tiny(fast, latents, tmp_path / "split", ds_config=ds)
     assert resumed.resumed_from == 8
     assert [h["loss"] for h in resumed.history] == pytest.approx(losses, rel=1e-4)
 

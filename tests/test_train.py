@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from udpdiff.config import load_params
-from udpdiff.latents import EMPTY_PROMPT_FILE, load_record, record_path, save_record
+from tests.conftest import DEEPSPEED_DIR, TRAIN_CLIPS, random_latent_cache, tiny_train_params, train_tiny
+from udpdiff.latents import load_record, record_path, save_record
 from udpdiff.models.scheduler import build_scheduler
 from udpdiff.train import (
     DeepSpeedConfigError,
@@ -22,53 +21,17 @@ from udpdiff.train import (
     load_deepspeed_config,
     make_batch,
     run_fingerprint,
-    train,
     zero_stage,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CLIPS = [f"clip{i}" for i in range(6)]
-DS = REPO / "infra" / "deepspeed"
-
-
-def _params(tmp_path: Path, **train_overrides):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    tiny = raw["profiles"]["tiny"]
-    tiny["transformer"]["config"].update(sample_height=4, sample_width=4, num_layers=1, max_text_seq_length=8)
-    tiny["train"].update({"steps": 6, "micro_batch_size": 2, "checkpoint_every": 2, "keep_last": 2, "log_every": 2,
-                          "warmup_steps": 2, **train_overrides})
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return load_params(path)
-
-
-def _latents(tmp_path: Path, text_dim: int = 64) -> Path:
-    """A latent cache as the latents stage writes it, with random contents."""
-    g = torch.Generator().manual_seed(0)
-    d = tmp_path / "latents"
-    d.mkdir()
-    for cid in CLIPS:
-        rec = {"clip_id": cid}
-        for prefix in ("rgb", "segmentation", "depth"):
-            rec[f"{prefix}_mean"] = torch.randn(16, 3, 4, 4, generator=g)
-            rec[f"{prefix}_std"] = torch.rand(16, 3, 4, 4, generator=g) * 0.1
-        for key in ("long", "short", "long:segmentation", "short:segmentation", "long:depth", "short:depth"):
-            rec[f"text:{key}"] = torch.randn(8, text_dim, generator=g)
-        save_record(record_path(d, cid), rec)
-    save_record(d / EMPTY_PROMPT_FILE, {"text:empty": torch.zeros(8, text_dim)})
-    return d
-
-
-def _run(p, latents: Path, ckpt: Path, **kw):
-    return train(p, latents, CLIPS, ckpt, scaling_factor=1.0, vae_scale_spatial=4,
-                 scheduler=build_scheduler(p.active.scheduler.model_dump()), **kw)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
     from udpdiff.latents import LatentDataset
 
-    p = _params(tmp_path)
-    data = LatentDataset(_latents(tmp_path), CLIPS)
+    p = tiny_train_params(tmp_path)
+    data = LatentDataset(random_latent_cache(tmp_path), TRAIN_CLIPS)
     alphas = build_scheduler({"type": "ddim"}).alphas_cumprod
     a = make_batch(data, p, step=3, micro=0, scaling_factor=1.0, alphas_cumprod=alphas)
     b = make_batch(data, p, step=3, micro=0, scaling_factor=1.0, alphas_cumprod=alphas)
@@ -83,16 +46,16 @@ def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_with_identical_losses(tmp_path):
-    p = _params(tmp_path)
-    latents = _latents(tmp_path)
-    _, full = _run(p, latents, tmp_path / "full")
+    p = tiny_train_params(tmp_path)
+    latents = random_latent_cache(tmp_path)
+    _, full = train_tiny(p, latents, tmp_path / "full")
     assert full.steps_done == 6 and len(full.history) == 6
     # first run "killed" after 3 steps: its last checkpoint is step 2, so step 3 is redone
-    _, part = _run(p, latents, tmp_path / "split", max_steps_this_run=3)
+    _, part = train_tiny(p, latents, tmp_path / "split", max_steps_this_run=3)
     assert part.steps_done == 3
     run_dir = tmp_path / "split" / run_fingerprint(p)
     assert latest_checkpoint(run_dir)[1] == 2
-    model, resumed = _run(p, latents, tmp_path / "split")
+    model, resumed = train_tiny(p, latents, tmp_path / "split")
     assert resumed.resumed_from == 2 and resumed.steps_done == 6
     full_losses = [h["loss"] for h in full.history]
     resumed_losses = [h["loss"] for h in resumed.history]
@@ -103,25 +66,26 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path):
 
 @pytest.mark.slow
 def test_changed_settings_do_not_resume_from_old_checkpoints(tmp_path):
-    latents = _latents(tmp_path)
-    _run(_params(tmp_path), latents, tmp_path / "ck", max_steps_this_run=2)
-    other = _params(tmp_path, lr=5e-4)
-    _, result = _run(other, latents, tmp_path / "ck", max_steps_this_run=1)
+    latents = random_latent_cache(tmp_path)
+    train_tiny(tiny_train_params(tmp_path), latents, tmp_path / "ck", max_steps_this_run=2)
+    other = tiny_train_params(tmp_path, lr=5e-4)
+    _, result = train_tiny(other, latents, tmp_path / "ck", max_steps_this_run=1)
     assert result.resumed_from == 0
     # ...while a longer run with the same settings does resume
-    longer = _params(tmp_path, steps=8)
-    _, resumed = _run(longer, latents, tmp_path / "ck", max_steps_this_run=1)
-    assert resumed.resumed_from == 2 and run_fingerprint(longer) == run_fingerprint(_params(tmp_path))
+    longer = tiny_train_params(tmp_path, steps=8)
+    _, resumed = train_tiny(longer, latents, tmp_path / "ck", max_steps_this_run=1)
+    assert resumed.resumed_from == 2 and run_fingerprint(longer) == run_fingerprint(tiny_train_params(tmp_path))
     # ...and the same settings over other data (a changed latent cache) start afresh
-    _, other_data = _run(_params(tmp_path), latents, tmp_path / "ck", max_steps_this_run=1, data_digest="0" * 64)
+    _, other_data = train_tiny(tiny_train_params(tmp_path), latents, tmp_path / "ck", max_steps_this_run=1,
+                               data_digest="0" * 64)
     assert other_data.resumed_from == 0
 
 
 @pytest.mark.slow
 def test_training_reduces_the_loss(tmp_path):
-    p = _params(tmp_path, steps=40, lr=3e-3, checkpoint_every=40, caption_dropout_prob=0.0)
-    latents = _latents(tmp_path)
-    _, result = _run(p, latents, tmp_path / "ck")
+    p = tiny_train_params(tmp_path, steps=40, lr=3e-3, checkpoint_every=40, caption_dropout_prob=0.0)
+    latents = random_latent_cache(tmp_path)
+    _, result = train_tiny(p, latents, tmp_path / "ck")
     first = sum(h["loss"] for h in result.history[:5]) / 5
     last = sum(h["loss"] for h in result.history[-5:]) / 5
     assert last < first * 0.9, (first, last)
@@ -151,8 +115,8 @@ def test_a_single_process_run_leaves_no_master_port_behind(monkeypatch):
 
 def test_bf16_training_runs_and_learns(tmp_path):
     """precision: bf16 (both paper profiles): DeepSpeed casts the weights, the loop casts its inputs."""
-    p = _params(tmp_path, steps=20, lr=3e-3, checkpoint_every=20, caption_dropout_prob=0.0, precision="bf16")
-    _, result = _run(p, _latents(tmp_path), tmp_path / "ck")
+    p = tiny_train_params(tmp_path, steps=20, lr=3e-3, checkpoint_every=20, caption_dropout_prob=0.0, precision="bf16")
+    _, result = train_tiny(p, random_latent_cache(tmp_path), tmp_path / "ck")
     losses = [h["loss"] for h in result.history]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5]), losses
@@ -160,18 +124,18 @@ def test_bf16_training_runs_and_learns(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
-    p = _params(tmp_path)
-    latents = _latents(tmp_path)
-    _run(p, latents, tmp_path / "ck", max_steps_this_run=2)
+    p = tiny_train_params(tmp_path)
+    latents = random_latent_cache(tmp_path)
+    train_tiny(p, latents, tmp_path / "ck", max_steps_this_run=2)
     good = tmp_path / "ck" / run_fingerprint(p) / "step-00000002"
     before = sorted(f.name for f in good.rglob("*"))
-    poisoned = load_record(record_path(latents, CLIPS[0]))
+    poisoned = load_record(record_path(latents, TRAIN_CLIPS[0]))
     for k in [k for k in poisoned if k.endswith("_mean")]:
         poisoned[k] = torch.full_like(poisoned[k], float("nan"))
-    for cid in CLIPS:
+    for cid in TRAIN_CLIPS:
         save_record(record_path(latents, cid), {**poisoned, "clip_id": cid})
     with pytest.raises(TrainingDivergedError, match=r"step 3.*step-00000002"):
-        _run(p, latents, tmp_path / "ck")
+        train_tiny(p, latents, tmp_path / "ck")
     assert latest_checkpoint(good.parent)[1] == 2
     assert sorted(f.name for f in good.rglob("*")) == before
 
@@ -188,7 +152,8 @@ def _autos(node) -> list:
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=[p.name for p in DS_CONFIGS])
 def test_shipped_deepspeed_configs_take_their_values_from_params(tmp_path, path):
-    p = _params(tmp_path, precision="bf16", micro_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5)
+    p = tiny_train_params(tmp_path, precision="bf16", micro_batch_size=3, gradient_accumulation_steps=2,
+                          max_grad_norm=0.5)
     cfg = load_deepspeed_config(path, p, world_size=4)
     assert _autos(cfg) == []
     assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 2
@@ -199,7 +164,7 @@ def test_shipped_deepspeed_configs_take_their_values_from_params(tmp_path, path)
 
 
 def test_deepspeed_config_errors_name_the_file_and_the_problem(tmp_path):
-    p = _params(tmp_path)
+    p = tiny_train_params(tmp_path)
     with pytest.raises(DeepSpeedConfigError, match=r"nope\.json: DeepSpeed config not found"):
         load_deepspeed_config(tmp_path / "nope.json", p)
     bad = tmp_path / "bad.json"
@@ -215,11 +180,12 @@ def test_deepspeed_config_errors_name_the_file_and_the_problem(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero3.json", "zero2-offload.json"])
 def test_zero3_and_offload_train_the_same_model_as_zero2(tmp_path, name):
-    p = _params(tmp_path)
-    latents = _latents(tmp_path)
-    ref_model, ref = _run(p, latents, tmp_path / "zero2", ds_config=load_deepspeed_config(DS / "zero2.json", p))
-    cfg = load_deepspeed_config(DS / name, p)
-    model, result = _run(p, latents, tmp_path / name, ds_config=cfg)
+    p = tiny_train_params(tmp_path)
+    latents = random_latent_cache(tmp_path)
+    ref_model, ref = train_tiny(p, latents, tmp_path / "zero2",
+                                ds_config=load_deepspeed_config(DEEPSPEED_DIR / "zero2.json", p))
+    cfg = load_deepspeed_config(DEEPSPEED_DIR / name, p)
+    model, result = train_tiny(p, latents, tmp_path / name, ds_config=cfg)
     assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
     # the returned module holds full weights (ZeRO-3's shards gathered), equal to ZeRO-2's
     ours, theirs = model.state_dict(), ref_model.state_dict()
@@ -231,8 +197,8 @@ def test_zero3_and_offload_train_the_same_model_as_zero2(tmp_path, name):
             continue
         assert torch.allclose(ours[k], theirs[k], atol=1e-5), k
     if name == "zero3.json":  # and a killed ZeRO-3 run resumes exactly
-        _run(p, latents, tmp_path / "z3split", ds_config=cfg, max_steps_this_run=3)
-        _, resumed = _run(p, latents, tmp_path / "z3split", ds_config=cfg)
+        train_tiny(p, latents, tmp_path / "z3split", ds_config=cfg, max_steps_this_run=3)
+        _, resumed = train_tiny(p, latents, tmp_path / "z3split", ds_config=cfg)
         assert resumed.resumed_from == 2
         assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
 
@@ -255,8 +221,8 @@ def _torchrun(work: Path, out: Path, nproc: int, *extra: str) -> dict:
 def test_two_ranks_equal_one_rank_with_double_accumulation_and_resume_exactly(tmp_path):
     two = tmp_path / "two"
     two.mkdir()
-    p2 = _params(two)
-    _latents(two)
+    p2 = tiny_train_params(two)
+    random_latent_cache(two)
     full = _torchrun(two, two / "full.json", 2)
     assert full["world"] == 2 and full["steps_done"] == 6
     # the ranks split each step's global batch: read rank after rank, step after step, they walk
@@ -266,8 +232,8 @@ def test_two_ranks_equal_one_rank_with_double_accumulation_and_resume_exactly(tm
     # the same computation as one rank accumulating two micro-batches
     one = tmp_path / "one"
     one.mkdir()
-    p1 = _params(one, gradient_accumulation_steps=2)
-    _, ref = _run(p1, _latents(one), one / "ck")
+    p1 = tiny_train_params(one, gradient_accumulation_steps=2)
+    _, ref = train_tiny(p1, random_latent_cache(one), one / "ck")
     assert full["losses"] == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)
     # a two-rank run killed after 3 steps resumes from its step-2 checkpoint with the same losses
     shutil.rmtree(two / "ck")
@@ -284,11 +250,12 @@ def test_rgb_given_samples_carry_their_clean_rgb_and_no_rgb_loss(tmp_path):
     from udpdiff.models.transformer import LATENT_CHANNELS as C
     from udpdiff.train import weighted_mean
 
-    data = LatentDataset(_latents(tmp_path), CLIPS)
+    data = LatentDataset(random_latent_cache(tmp_path), TRAIN_CLIPS)
     alphas = build_scheduler({}).alphas_cumprod
-    joint = make_batch(data, _params(tmp_path, micro_batch_size=6), 0, 0, 1.0, alphas)
+    joint = make_batch(data, tiny_train_params(tmp_path, micro_batch_size=6), 0, 0, 1.0, alphas)
     (tmp_path / "g").mkdir()
-    given = make_batch(data, _params(tmp_path / "g", micro_batch_size=6, rgb_given_prob=0.5), 0, 0, 1.0, alphas)
+    given_params = tiny_train_params(tmp_path / "g", micro_batch_size=6, rgb_given_prob=0.5)
+    given = make_batch(data, given_params, 0, 0, 1.0, alphas)
     assert "loss_weight" not in joint
     w = given["loss_weight"]
     assert w.shape == (6, 1, 2 * C, 1, 1) and torch.all(w[:, :, C:] == 1)
@@ -308,24 +275,24 @@ def test_rgb_given_samples_carry_their_clean_rgb_and_no_rgb_loss(tmp_path):
     kept = torch.cat([err[~is_given].flatten(), err[is_given][:, :, C:].flatten()])
     torch.testing.assert_close(weighted_mean(err, w), kept.mean())
     with pytest.raises(ValueError, match="rgb_given_prob needs a dense task"):
-        _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none", rgb_given_prob=0.5)
+        tiny_train_params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none", rgb_given_prob=0.5)
 
 
 def test_rgb_only_batches_have_16_channels(tmp_path):
     from udpdiff.latents import LatentDataset
 
-    p = _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none")
-    data = LatentDataset(_latents(tmp_path), CLIPS)
+    p = tiny_train_params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none")
+    data = LatentDataset(random_latent_cache(tmp_path), TRAIN_CLIPS)
     batch = make_batch(data, p, step=0, micro=0, scaling_factor=1.0, alphas_cumprod=build_scheduler({}).alphas_cumprod)
     assert batch["noisy"].shape == (2, 3, 16, 4, 4) and batch["task_ids"].tolist() == [-1, -1]
     with pytest.raises(ValueError, match="needs task_conditioning: none"):
-        _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="embedding")
+        tiny_train_params(tmp_path, tasks=[], task_ratio=[], task_conditioning="embedding")
 
 
 @pytest.mark.slow
 def test_rgb_only_baseline_trains_a_16_channel_model(tmp_path):
-    p = _params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none", steps=4)
-    model, result = _run(p, _latents(tmp_path), tmp_path / "ck")
+    p = tiny_train_params(tmp_path, tasks=[], task_ratio=[], task_conditioning="none", steps=4)
+    model, result = train_tiny(p, random_latent_cache(tmp_path), tmp_path / "ck")
     assert model.config.in_channels == 16 and model.config.num_tasks == 0
     assert result.steps_done == 4 and all("loss_dense" not in h for h in result.history)
     assert all(h["loss"] == pytest.approx(h["loss_rgb"]) for h in result.history)
@@ -333,7 +300,7 @@ def test_rgb_only_baseline_trains_a_16_channel_model(tmp_path):
 
 @pytest.mark.slow
 def test_previews_and_checkpoints_are_reported_while_training(tmp_path):
-    p = _params(tmp_path, sample_every=3, log_checkpoints="references")
+    p = tiny_train_params(tmp_path, sample_every=3, log_checkpoints="references")
     calls, artifacts = [], []
 
     def preview(module, step, path):
@@ -342,7 +309,7 @@ def test_previews_and_checkpoints_are_reported_while_training(tmp_path):
         path.write_text(f"grid {step}")
         return path
 
-    _, result = _run(p, _latents(tmp_path), tmp_path / "ck", preview_fn=preview,
+    _, result = train_tiny(p, random_latent_cache(tmp_path), tmp_path / "ck", preview_fn=preview,
                      artifact_fn=lambda path, where: artifacts.append((Path(path), where)))
     assert calls == [(3, False), (6, False)]  # every sample_every steps, the model in eval mode
     grids = sorted(x.name for x in (result.run_dir / "train_samples").iterdir())
@@ -352,7 +319,7 @@ def test_previews_and_checkpoints_are_reported_while_training(tmp_path):
     ref = json.loads(artifacts[-2][0].read_text())  # a reference: where the checkpoint is and how big
     assert ref["step"] == 6 and ref["bytes"] > 0 and Path(ref["checkpoint"]) == result.run_dir / "step-00000006"
     # a run resumed after the end trains nothing, but its grids are still there to publish
-    _, again = _run(p, tmp_path / "latents", tmp_path / "ck", preview_fn=preview)
+    _, again = train_tiny(p, tmp_path / "latents", tmp_path / "ck", preview_fn=preview)
     assert again.resumed_from == 6 and len(calls) == 2
     assert len(list((again.run_dir / "train_samples").iterdir())) == 2
 
@@ -367,11 +334,11 @@ def test_online_encoding_trains_exactly_like_the_latent_cache(tmp_path):
     from udpdiff.latents import ClipInputs, OnlineLatentDataset, encode_clips
     from udpdiff.models.text import build_text_encoder, encode_text
 
-    p = _params(tmp_path, latents="online")
+    p = tiny_train_params(tmp_path, latents="online")
     rng = np.random.default_rng(0)
     clips = [ClipInputs(clip_id=c, rgb=rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8),
                         dense={t: rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8) for t in p.active.train.tasks},
-                        caption_long=f"a long caption {c}", caption_short=f"short {c}") for c in CLIPS]
+                        caption_long=f"a long caption {c}", caption_short=f"short {c}") for c in TRAIN_CLIPS]
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
                                  up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
@@ -383,7 +350,7 @@ def test_online_encoding_trains_exactly_like_the_latent_cache(tmp_path):
         return encode_text(tokenizer, encoder, prompts, 8)
 
     encode_clips(clips, vae, text_fn, tmp_path / "cache", p.active.train.tasks)
-    _, cached = _run(p, tmp_path / "cache", tmp_path / "ck-cached")
+    _, cached = train_tiny(p, tmp_path / "cache", tmp_path / "ck-cached")
     online = OnlineLatentDataset(lambda i: clips[i], len(clips), vae, text_fn, p.active.train.tasks)
-    _, live = _run(p, online, tmp_path / "ck-online")
+    _, live = train_tiny(p, online, tmp_path / "ck-online")
     assert [h["loss"] for h in live.history] == pytest.approx([h["loss"] for h in cached.history], rel=1e-5)
