@@ -130,9 +130,27 @@ def test_selective_checkpointing_recomputes_pointwise_work_not_matmuls():
     assert off.get("gelu", 0) == 0 and selective["gelu"] == full["gelu"] == len(base.transformer_blocks)
     for mode in ("full", "selective"):
         for name, grad in runs[False][1].items():
-            torch.testing.assert_close(runs[mode][1][name], grad, msg=f"{mode}: {name}")
+            torch.testing.assert_close(runs[mode][1][name], grad,
+                                       msg=lambda m, mode=mode, name=name: f"{mode}: {name}: {m}")
     with pytest.raises(AccelerationError, match="selective"):
         acceleration.checkpoint_activations(base, "some")
+
+
+def test_zero3_linear_breaks_selective_checkpointing(monkeypatch):
+    """Why train() refuses selective checkpointing under ZeRO-3: with DeepSpeed's ZeRO-3 linear in
+    place of F.linear (as a ZeRO-3 engine leaves it), selective recomputation gives other gradients
+    than none while full recomputation agrees. If this fails, DeepSpeed fixed it: lift the refusal."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    base = _model(rotary=True).train()
+    grads = {}
+    for mode in (False, "full", "selective"):
+        model = copy.deepcopy(base)
+        acceleration.checkpoint_activations(model, mode)
+        grads[mode] = _backward_ops(model)[1]
+    assert all(torch.allclose(grads["full"][k], g, atol=1e-5) for k, g in grads[False].items())
+    assert not all(torch.allclose(grads["selective"][k], g, atol=1e-5) for k, g in grads[False].items())
 
 
 def test_compiled_blocks_under_selective_checkpointing_give_eager_gradients():

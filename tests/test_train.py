@@ -179,7 +179,9 @@ def test_deepspeed_config_errors_name_the_file_and_the_problem(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero3.json", "zero2-offload.json"])
-def test_zero3_and_offload_train_the_same_model_as_zero2(tmp_path, name):
+def test_zero3_and_offload_train_the_same_model_as_zero2(tmp_path, name, monkeypatch):
+    # a ZeRO-3 engine leaves its own linear in torch.nn.functional: put the original back afterwards
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
     p = tiny_train_params(tmp_path)
     latents = random_latent_cache(tmp_path)
     ref_model, ref = train_tiny(p, latents, tmp_path / "zero2",
@@ -201,6 +203,13 @@ def test_zero3_and_offload_train_the_same_model_as_zero2(tmp_path, name):
         _, resumed = train_tiny(p, latents, tmp_path / "z3split", ds_config=cfg)
         assert resumed.resumed_from == 2
         assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
+
+
+def test_selective_checkpointing_is_refused_under_zero3(tmp_path):
+    p = tiny_train_params(tmp_path, gradient_checkpointing="selective")
+    with pytest.raises(DeepSpeedConfigError, match="ZeRO stage 3 with train.gradient_checkpointing: selective"):
+        train_tiny(p, random_latent_cache(tmp_path), tmp_path / "ck",
+                   ds_config=load_deepspeed_config(DEEPSPEED_DIR / "zero3.json", p))
 
 
 def _torchrun(work: Path, out: Path, nproc: int, *extra: str) -> dict:

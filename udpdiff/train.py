@@ -434,6 +434,11 @@ def train(
     if not isinstance(ds_config, dict):  # a path (or None: params' own), read once the world size is known
         ds_config = load_deepspeed_config(resolve_config_path(ds_config or t.deepspeed_config), p, world)
     zero = zero_stage(ds_config)
+    if zero == 3 and t.gradient_checkpointing == "selective":
+        # ZeRO-3 puts its own autograd function in place of torch.nn.functional.linear, and selective
+        # recomputation through it gives other gradients than none (tests/test_acceleration.py)
+        raise DeepSpeedConfigError("ZeRO stage 3 with train.gradient_checkpointing: selective computes wrong "
+                                   "gradients; use true (full recomputation) or false with ZeRO-3, or ZeRO-2")
     data = LatentDataset(latents, train_ids) if isinstance(latents, str | Path) else latents
     alphas_cumprod = scheduler.alphas_cumprod.float()
     # the embedding table is indexed by the global task ids, so it spans up to the largest one used
