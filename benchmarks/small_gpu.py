@@ -196,9 +196,9 @@ def volume_path(out: Path, index: int) -> Path:
 def pack(root: Path, out: Path, max_bytes: int = 15 * 2**20, max_volumes: int = 6) -> list[Path]:
     """The small files of the run (metrics, series, tables, plots, galleries) as self-contained
     tarballs of at most ``max_bytes`` each (the device returns files up to 16 MiB, 8 per call; one
-    slot is the VAE's), smallest files first so the first volume holds every metric. Galleries that
-    fit in no volume are dropped, biggest first, and named; attempt 3 lost its only tarball to one
-    21 MiB file."""
+    slot is the VAE's), smallest files first so the first volume holds every metric. A file that
+    fits in no volume (the biggest galleries) is left out and named; attempt 3's one tarball of
+    21 MiB did not come back at all."""
     files = sorted({f for pattern in PACKED for f in root.rglob(pattern)
                     if f.is_file() and "checkpoints" not in f.parts and "latents" not in f.parts
                     and ".tmp-" not in str(f)})
@@ -210,7 +210,8 @@ def pack(root: Path, out: Path, max_bytes: int = 15 * 2**20, max_volumes: int = 
         size = f.stat().st_size + 1024  # its tar header and padding
         room = next((i for i, used in enumerate(sizes) if used + size <= capacity), None)
         if room is None and len(volumes) < max_volumes and size <= capacity:
-            volumes.append([]), sizes.append(0)
+            volumes.append([])
+            sizes.append(0)
             room = len(volumes) - 1
         if room is None:
             print(f"not packed ({size / 2**20:.1f} MiB, no room in {max_volumes} volumes of "

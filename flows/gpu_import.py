@@ -44,7 +44,7 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
     for t in tarballs:
         if not t.is_file():
             raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs)")
-    tarball = tarballs[0]
+    tarball = min(tarballs, key=lambda t: len(t.name))  # small.tar.gz, not small-2.tar.gz: the run's name
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for t in tarballs:
