@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     if not variants:
         raise SystemExit(f"{args.run}: no variants/<name>/outputs/small/gpu_run/train_steps.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
-    fig8 = {f"{name}: {label}": curves(rows, key) for name, rows in variants.items()
+    fig8 = {f"{name}: {label}": c for name, rows in variants.items()
             for key, label in (("val/segmentation/gt_miou", "seg mIoU"), ("val/depth/gt_delta1_depth", "depth δ1"))
-            if curves(rows, key)[0]}
+            if (c := curves(rows, key))[0]}
     viz.plot_curves(args.out / "fig8_validation.png", fig8, title="Fig 8: held-out real clips vs exact ground truth",
                     ylabel="score (higher is better)")
-    losses = {f"{name}: {key}": curves(rows, key) for name, rows in variants.items()
-              for key in ("loss_dense", "loss_rgb") if curves(rows, key)[0]}
+    losses = {f"{name}: {key}": c for name, rows in variants.items()
+              for key in ("loss_dense", "loss_rgb") if (c := curves(rows, key))[0]}
     viz.plot_curves(args.out / "train_loss.png", losses, title="training loss (v-prediction MSE)", ylabel="loss",
                     logy=True)
     samples = args.run / "variants" / FULL_METHOD / "outputs/small/samples"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udpdiff.data.synthetic import Z_FAR, Z_NEAR, clip_seed, render_clip
+from udpdiff.data.synthetic import clip_seed, exact_depth_range, render_clip
 from udpdiff.evaluation.depth import depth_scores
 from udpdiff.evaluation.segmentation import hungarian_miou
 
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     entries = json.loads(args.index.read_text())
     ids = sorted({e["clip_id"] for e in entries})
     dataset_seed = int(ids[0].split("-")[1])
-    render = lambda i: render_clip(clip_seed(dataset_seed, i), args.frames, args.size, args.size)  # noqa: E731
+
+    def render(index: int):
+        return render_clip(clip_seed(dataset_seed, index), args.frames, args.size, args.size)
+
     clips = [render(int(c.rsplit("-", 1)[1])) for c in ids]
     prior = np.mean([render(i).depth for i in PRIOR_CLIPS], axis=0)
     depth = {"GT at the 8x8 token grid": lambda c: cell_mean(c.depth, 8),
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                (c.ids[:1] > 0).astype(np.int64), len(c.ids), axis=0)}
     out = {"clips": ids, "depth": {}, "segmentation": {}}
     for name, predict in depth.items():
-        s = [depth_scores(predict(c), c.depth, depth_range=(Z_NEAR, Z_FAR)) for c in clips]
+        s = [depth_scores(predict(c), c.depth, depth_range=exact_depth_range("synthetic")) for c in clips]
         out["depth"][name] = {k: float(np.nanmean([x[k] for x in s])) for k in s[0]}
     for name, predict in seg.items():
         out["segmentation"][name] = {"miou": float(np.nanmean([hungarian_miou(predict(c), c.ids)["miou"]
