@@ -7,6 +7,7 @@ ignores) them. float8 itself runs in tests/test_gpu.py."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -70,7 +71,8 @@ def test_every_profile_has_the_approximations_off(profile):
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"float8": "e5m2"}, r"float8\n.*'none' or 'rowwise'"),
+    ({"float8": "e5m2"}, r"float8\n.*'none', 'rowwise' or 'tensorwise'"),
+    ({"float8": "PerTensor"}, r"float8\n.*'none', 'rowwise' or 'tensorwise'"),
     ({"cache": {"type": "teacache"}}, r"cache\n.*does not match any of the expected tags"),
     ({"cache": {"type": "pab", "threshold": 0.1}}, r"cache\.pab\.threshold\n.*Extra inputs are not permitted"),
     ({"cache": {"type": "first-block", "threshold": 0}}, r"cache\.first-block\.threshold\n.*greater than 0"),
@@ -81,6 +83,12 @@ def test_every_profile_has_the_approximations_off(profile):
 def test_bad_approximate_settings_fail_with_the_key_and_the_reason(raw, message):
     with pytest.raises(ValidationError, match=message):
         ApproximateParams.model_validate(raw)
+
+
+@pytest.mark.parametrize("float8", ["rowwise", "tensorwise"])
+def test_each_float8_setting_is_accepted_and_active(float8):
+    approx = ApproximateParams.model_validate({"float8": float8})
+    assert approx.float8 == float8 and approx.active
 
 
 def test_a_bad_approximate_setting_in_params_yaml_names_its_key(tmp_path):
@@ -181,14 +189,76 @@ def test_faster_cache_needs_cfg(tiny_pipeline):
 
 
 # -- float8 and training ------------------------------------------------------------------------------
-def test_float8_is_refused_on_the_cpu_with_what_it_needs(tiny_pipeline):
+@pytest.mark.parametrize("float8", ["rowwise", "tensorwise"])
+def test_float8_is_refused_on_the_cpu_with_what_it_needs(tiny_pipeline, float8):
     pipe = _pipe(tiny_pipeline, None)
-    with pytest.raises(AccelerationError, match=r"approximate\.float8: rowwise needs a CUDA GPU of compute capability "
-                                                r"8\.9 or newer .* on cpu; use float8: none"):
-        accelerate_pipeline(pipe, _settings(float8="rowwise"))
+    with pytest.raises(AccelerationError, match=rf"approximate\.float8: {float8} needs a CUDA GPU of compute "
+                                                r"capability 8\.9 or newer .* on cpu; use float8: none"):
+        accelerate_pipeline(pipe, _settings(float8=float8))
 
 
-@pytest.mark.parametrize("raw", [{"float8": "rowwise"}, {"cache": {"type": "pab"}}])
+@pytest.mark.parametrize(("float8", "granularity"), [("rowwise", "PerRow"), ("tensorwise", "PerTensor")])
+def test_use_float8_asks_torchao_for_the_setting_s_scales(monkeypatch, float8, granularity):
+    """rowwise / tensorwise: torchao's PerRow / PerTensor (activations and weights alike), on the
+    blocks' token-wise linears, Inductor's settings left alone. float8 kernels need sm89+, so
+    ``quantize_`` is captured, not run; torchao's own classes where it is installed, else a
+    stand-in with its 0.18 names (``torchao.quantization``)."""
+    import dataclasses
+    import importlib.util
+    import sys
+    import types
+
+    from udpdiff import acceleration
+    from udpdiff.models.transformer import UDPDiffTransformer3DModel
+
+    if importlib.util.find_spec("torchao") is None:
+        @dataclasses.dataclass(frozen=True)
+        class PerTensor:
+            pass
+
+        @dataclasses.dataclass(frozen=True)
+        class PerRow:
+            dim: int = -1
+
+        def config(granularity, **kw):  # torchao normalises one granularity to [activation, weight]
+            return types.SimpleNamespace(granularity=[granularity, granularity], **kw)
+
+        stand_in = types.ModuleType("torchao.quantization")
+        stand_in.__dict__.update(PerRow=PerRow, PerTensor=PerTensor, Float8DynamicActivationFloat8WeightConfig=config)
+        monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+        monkeypatch.setitem(sys.modules, "torchao.quantization", stand_in)
+    import torchao.quantization as tq
+
+    calls = []
+    monkeypatch.setattr(tq, "quantize_", lambda model, config, filter_fn: calls.append((model, config, filter_fn)),
+                        raising=False)  # the stand-in has none
+    monkeypatch.setattr(acceleration, "float8_unavailable", lambda transformer: None)
+    model = UDPDiffTransformer3DModel(num_layers=2, num_attention_heads=2, attention_head_dim=8, time_embed_dim=8,
+                                      text_embed_dim=8)
+    acceleration.use_float8(model, float8)
+    [(quantised, config, filter_fn)] = calls
+    assert quantised is model and filter_fn is acceleration._is_block_linear
+    scales = getattr(tq, granularity)()
+    assert list(config.granularity) == [scales, scales] and config.set_inductor_config is False
+    acceleration.use_float8(model, "none")
+    assert len(calls) == 1
+
+
+def test_generate_cli_takes_the_float8_choices(tmp_path, tiny_pipeline, capsys):
+    from udpdiff import cli
+
+    tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    common = ["generate", "--prompt", "a cube", "--pipeline", str(tmp_path / "pipeline"), "--steps", "2",
+              "--height", "32", "--width", "32", "--num-frames", "9", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        cli.main(common + ["--float8", "e5m2"])
+    assert re.search(r"--float8: invalid choice: 'e5m2' \(choose from .*none.*rowwise.*tensorwise",
+                     capsys.readouterr().err)
+    with pytest.raises(AccelerationError, match=r"float8: tensorwise needs a CUDA GPU .* on cpu"):
+        cli.main(common + ["--float8", "tensorwise"])
+
+
+@pytest.mark.parametrize("raw", [{"float8": "rowwise"}, {"float8": "tensorwise"}, {"cache": {"type": "pab"}}])
 def test_training_refuses_the_approximations(tiny_pipeline, raw):
     pipe = tiny_pipeline()
     pipe.transformer.train()

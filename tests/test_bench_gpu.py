@@ -124,12 +124,14 @@ def test_smoke_run_measures_the_fast_path_against_eager(smoke):
 
 def test_smoke_run_measures_the_approximate_modes_against_the_lossless_path(smoke):
     """approx: every cache mode runs and is compared with the lossless fast path on the same seed;
-    float8 cannot run on the CPU and says why."""
+    float8 (rowwise and tensorwise) cannot run on the CPU and says why."""
     r, out = smoke
     e = r["approx"]["5b"]
     assert e["lossless"]["status"] == "measured" and e["lossless"]["blocks"] == "compiled"
     assert e["steps"] == 2 and e["steps_note"] == "as asked"
-    assert e["modes"]["float8"]["status"] == "skipped" and "CUDA" in e["modes"]["float8"]["reason"]
+    for mode in ("float8", "float8-tensorwise"):
+        assert e["modes"][mode]["status"] == "skipped" and "CUDA" in e["modes"][mode]["reason"], mode
+    assert "float8: tensorwise needs" in e["modes"]["float8-tensorwise"]["reason"]
     for mode in ("first-block", "faster", "pab"):
         row = e["modes"][mode]
         assert row["status"] == "measured" and row["cache"] == mode, mode
@@ -140,6 +142,20 @@ def test_smoke_run_measures_the_approximate_modes_against_the_lossless_path(smok
     assert e["modes"]["first-block"]["blocks"] == "compiled"  # beneath its hooks
     assert e["modes"]["pab"]["blocks"].startswith("eager")
     assert "Approximate sampling modes" in out.with_suffix(".md").read_text()
+
+
+def test_approx_modes_map_to_their_settings():
+    """float8 stays rowwise (results written before tensorwise keep their meaning); float8-tensorwise
+    is one scale per tensor; the caches leave float8 off."""
+    import types
+
+    b = _module()
+    bench = types.SimpleNamespace(args=types.SimpleNamespace(compile_mode="default", attention="sdpa"))
+    approx = {m: b.approx_settings(bench, m).approximate for m in ("lossless", *b.APPROX_MODES)}
+    assert {m: a.float8 for m, a in approx.items()} == {"lossless": "none", "float8": "rowwise",
+                                                        "float8-tensorwise": "tensorwise", "first-block": "none",
+                                                        "faster": "none", "pab": "none"}
+    assert [m for m, a in approx.items() if a.cache is not None] == ["first-block", "faster", "pab"]
 
 
 def test_flop_count_matches_the_reference_figures():

@@ -215,19 +215,20 @@ needs_float8 = pytest.mark.skipif(not torch.cuda.is_available() or not _float8_r
 
 
 @needs_float8
+@pytest.mark.parametrize("float8", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("compile_blocks", [False, True])
-def test_float8_step_matches_bf16_within_tolerance_on_gpu(compile_blocks):
-    """One rotary CFG-2 step with the blocks' linears in float8 (torchao, rowwise dynamic activation
-    + weight), eager and with Inductor-compiled blocks, against bf16: relative L2 under 0.1 (e4m3
-    keeps 3 mantissa bits: a few % per linear layer, through 3 blocks), and only block linears are
-    quantised."""
+def test_float8_step_matches_bf16_within_tolerance_on_gpu(compile_blocks, float8):
+    """One rotary CFG-2 step with the blocks' linears in float8 (torchao, rowwise or tensorwise
+    dynamic activation + weight), eager and with Inductor-compiled blocks, against bf16: relative L2
+    under 0.1 (e4m3 keeps 3 mantissa bits: a few % per linear layer, through 3 blocks), and only
+    block linears are quantised."""
     from udpdiff.acceleration import accelerate, use_float8
     from udpdiff.config import AccelerationParams
 
     model, (x, text, t), kw = _step_model_and_inputs(rotary=True)
     with torch.no_grad():
         ref = model(x, text, t, task_id=1, **kw).sample
-        use_float8(model, "rowwise")
+        use_float8(model, float8)
         assert accelerate(model, AccelerationParams(compile_blocks=compile_blocks), "cuda").compiled_blocks \
             == compile_blocks
         out = model(x, text, t, task_id=1, **kw).sample

@@ -28,10 +28,12 @@ applied by :func:`accelerate_pipeline` only (sampling, ``udpdiff generate``, the
 never calls it, and :func:`check_inference` refuses a transformer in training mode):
 
 * **float8** (:func:`use_float8`): torchao's dynamic float8 (e4m3) activations and weights with one
-  scale per row, in the transformer blocks' ``nn.Linear`` layers only (``quantize_`` swaps their
-  weights for float8 tensors in place; the patch embedding, time embedding and output head stay
-  bf16). Applied before the blocks are compiled, so Inductor fuses the activation quantisation.
-  CUDA sm89+ (Ada, Hopper) with bf16 weights and the optional ``torchao`` extra.
+  scale per row (``rowwise``) or per tensor (``tensorwise``: cuBLAS's scalar-scaled GEMM, usually
+  faster, a larger quality cost), in the transformer blocks' ``nn.Linear`` layers only
+  (``quantize_`` swaps their weights for float8 tensors in place; the patch embedding, time
+  embedding and output head stay bf16). Applied before the blocks are compiled, so Inductor fuses
+  the activation quantisation. CUDA sm89+ (Ada, Hopper) with bf16 weights and the optional
+  ``torchao`` extra.
 * **step caches** (:func:`use_cache`): diffusers' ``CacheMixin.enable_cache`` with First-Block
   Cache, FasterCache or Pyramid Attention Broadcast. Their hooks keep state across the steps of
   one sample; diffusers' CogVideoX loop runs each step in ``transformer.cache_context`` and resets
@@ -76,7 +78,7 @@ class Acceleration:
     compile_mode: str | None = None
     reason: str = ""
     attention: str = "sdpa"
-    float8: str = "none"  # approximate: float8 linears in the blocks (rowwise) or none
+    float8: str = "none"  # approximate: float8 linears in the blocks (rowwise, tensorwise) or none
     cache: str | None = None  # approximate: the diffusers step cache in use (first-block, faster, pab)
 
 
@@ -249,7 +251,8 @@ def float8_unavailable(transformer: torch.nn.Module) -> str | None:
         return "torchao (pip install -e \".[float8]\")"
     dtypes = {m.weight.dtype for m in _block_linears(transformer)}
     if dtypes != {torch.bfloat16}:
-        return f"bf16 weights in the blocks' linear layers (rowwise scales); they are {sorted(map(str, dtypes))}"
+        # rowwise scales need bf16 (torch._scaled_mm); tensorwise is held to it too (what the GPU tests run)
+        return f"bf16 weights in the blocks' linear layers; they are {sorted(map(str, dtypes))}"
     return None
 
 
@@ -265,20 +268,21 @@ def _is_block_linear(module: torch.nn.Module, name: str) -> bool:
 
 
 def use_float8(transformer: torch.nn.Module, setting: str) -> None:
-    """``float8: rowwise``: torchao's float8 dynamic activation + weight quantisation, one scale
-    per row, on the blocks' linear layers, in place. Inductor's global settings are left alone
-    (``set_inductor_config=False``: torchao's would turn on coordinate-descent tuning for every
-    later compile in the process)."""
+    """``float8: rowwise`` / ``tensorwise``: torchao's float8 dynamic activation + weight
+    quantisation, one scale per row / per tensor, on the blocks' linear layers, in place. Inductor's
+    global settings are left alone (``set_inductor_config=False``: torchao's would turn on
+    coordinate-descent tuning for every later compile in the process)."""
     if setting == "none":
         return
     why = float8_unavailable(transformer)
     if why is not None:
         raise AccelerationError(f"acceleration.approximate.float8: {setting} needs {why}; use float8: none here")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+    scales = {"rowwise": PerRow, "tensorwise": PerTensor}[setting]()  # one scale per row or per tensor
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=scales, set_inductor_config=False),
               filter_fn=_is_block_linear)
-    logger.info("float8 (torchao, rowwise dynamic activation + weight) in %d block linear layers",
+    logger.info("float8 (torchao, %s dynamic activation + weight) in %d block linear layers", setting,
                 len(_block_linears(transformer)))
 
 

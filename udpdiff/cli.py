@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode in blended spatial tiles (less memory for large frames, slower)")
     g.add_argument("--vae-decode", choices=["batched", "sequential"], default="batched",
                    help="video and colormap in one VAE call, or one at a time (less memory)")
-    g.add_argument("--float8", choices=["none", "rowwise"], default="none",
-                   help="APPROXIMATE (changes the output): float8 linears in the blocks (torchao; CUDA sm89+)")
+    g.add_argument("--float8", choices=["none", "rowwise", "tensorwise"], default="none",
+                   help="APPROXIMATE (changes the output): float8 linears in the blocks, one scale per row or per "
+                        "tensor (tensorwise: usually faster, a larger quality cost; torchao; CUDA sm89+)")
     g.add_argument("--cache", choices=["none", "first-block", "faster", "pab"], default="none",
                    help="APPROXIMATE (changes the output): a diffusers step cache, default knobs")
     args = parser.parse_args(argv)

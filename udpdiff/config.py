@@ -375,9 +375,11 @@ class ApproximateParams(_Strict):
 
     ``float8``: ``rowwise`` = the blocks' token-wise linear layers in float8 (torchao: dynamic
     activation + weight float8 e4m3, one scale per row; CUDA sm89+ and bf16 weights, the optional
-    ``torchao`` extra). ``cache``: one of diffusers' step caches, or null."""
+    ``torchao`` extra); ``tensorwise`` = the same with one scale per tensor (cuBLAS's scalar-scaled
+    float8 GEMM: usually faster than rowwise, at a larger quality cost, since one outlier sets the
+    scale of the whole activation). ``cache``: one of diffusers' step caches, or null."""
 
-    float8: Literal["none", "rowwise"] = "none"
+    float8: Literal["none", "rowwise", "tensorwise"] = "none"
     cache: CacheParams | None = None
 
     @property
