@@ -77,6 +77,10 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: r.update(inference_launcher="torchrun --nproc_per_node 8"),
          r"inference_launcher: .*run-a-module flag"),
         (lambda r: r.update(train_launcher="deepspeed --module 'unclosed"), r"train_launcher: .*not a command line"),
+        (lambda r: r["profiles"]["tiny"]["sample"].update(reconstruction_guidance=-1), r"reconstruction_guidance"),
+        (lambda r: (r["profiles"]["tiny"]["sample"].update(reconstruction_guidance=2.0),
+                    r["profiles"]["tiny"]["train"].update(rgb_given_prob=0.5)),
+         r"profiles\.tiny: .*set one of them to 0"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):

@@ -267,3 +267,91 @@ def test_rgb_only_and_dense_pipelines_reject_the_wrong_task(tiny_pipeline):
     with pytest.raises(ValueError, match="task_conditioning='none'"):
         UDPDiffPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, task_conditioning="embedding",
                         transformer=UDPDiffTransformer3DModel(**TINY, in_channels=16, out_channels=16, num_tasks=0))
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return self.k * x
+
+
+class _LinearX0Transformer(torch.nn.Module):
+    """A stand-in transformer whose x0 estimate is known in closed form: RGB x0 = k · z_dense, dense
+    x0 = 0, returned in the scheduler's parameterisation, so the guidance gradient is analytic."""
+
+    def __init__(self, alphas, prediction_type, k=0.7):
+        super().__init__()
+        self.alphas, self.prediction_type, self.k = alphas, prediction_type, k
+        self.block = _Scale(k)  # compiled on its own in the test, as acceleration.compile_blocks compiles blocks
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, return_dict=False):
+        from udpdiff.models.transformer import LATENT_CHANNELS as C
+
+        a = self.alphas[timestep.long()].view(-1, 1, 1, 1, 1)
+        x0 = torch.cat([self.block(hidden_states[:, :, C:]), torch.zeros_like(hidden_states[:, :, C:])], dim=2)
+        if self.prediction_type == "v_prediction":
+            return ((a.sqrt() * hidden_states - x0) / (1 - a).sqrt(),)
+        return ((hidden_states - a.sqrt() * x0) / (1 - a).sqrt(),)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_reconstruction_guidance_moves_dense_x0_by_ho_et_al_formula(prediction_type):
+    """Ho et al. 2022 eq. (7): x̃_dense = x̂_dense − (w α_t / 2) ∇_{z_dense} ||x_rgb − x̂_rgb||². With
+    x̂_rgb = k z_dense the gradient is 2k(k z_dense − x_rgb); the RGB half of the output is untouched."""
+    from diffusers.hooks import HookRegistry
+
+    from udpdiff.models.transformer import LATENT_CHANNELS as C
+    from udpdiff.pipeline import ReconstructionGuidanceHook
+
+    g = torch.Generator().manual_seed(0)
+    alphas = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64).float()
+    model = _LinearX0Transformer(alphas, prediction_type)
+    z = torch.randn(4, 3, 2 * C, 2, 2, generator=g)  # a CFG pair of 2 prompts
+    clean = torch.randn(2, 3, C, 2, 2, generator=g)
+    t = torch.tensor([400, 400, 650, 650])
+    model.block.compile(backend="eager", fullgraph=True)
+    (plain,) = model(hidden_states=z, timestep=t)
+    w = 1.5
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(
+        ReconstructionGuidanceHook(clean, w, alphas, prediction_type), "guidance")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the guided pass runs eager: no new graph
+        (guided,) = model(hidden_states=z, timestep=t)
+
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    if prediction_type == "v_prediction":
+        x0 = a.sqrt() * z - (1 - a).sqrt() * guided
+    else:
+        x0 = (z - (1 - a).sqrt() * guided) / a.sqrt()
+    k, clean2 = model.k, clean.repeat(2, 1, 1, 1, 1)
+    expected_dense = -w * a.sqrt() / 2 * 2 * k * (k * z[:, :, C:] - clean2)
+    torch.testing.assert_close(x0[:, :, C:], expected_dense, rtol=1e-4, atol=1e-5)
+    assert torch.equal(guided[:, :, :C], plain[:, :, :C])
+    assert not torch.allclose(guided[:, :, C:], plain[:, :, C:])
+
+
+def test_pipeline_reconstruction_guidance_changes_only_the_dense_half(tiny_pipeline):
+    """Guided dense prediction keeps the given video, changes the prediction, leaves nothing hooked
+    behind (the next unguided call equals the first) and refuses settings it cannot serve."""
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    video = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    kw = dict(task="depth", num_inference_steps=3, guidance_scale=2.0, max_sequence_length=16)
+
+    def run(**extra):
+        return pipe("a cube", video=video, generator=torch.Generator().manual_seed(0), **kw, **extra)
+
+    plain = run()
+    guided = run(reconstruction_guidance=50.0)
+    again = run()
+    assert np.array_equal(plain.colormaps, again.colormaps)
+    assert np.abs(guided.videos.astype(int) - plain.videos.astype(int)).max() <= 1  # the given video either way
+    assert not np.array_equal(guided.colormaps, plain.colormaps)
+    with pytest.raises(ValueError, match="pass video="):
+        pipe("a cube", reconstruction_guidance=1.0, generator=torch.Generator().manual_seed(0), **kw)
+    with pytest.raises(ValueError, match=">= 0"):
+        run(reconstruction_guidance=-1.0)
+    with pytest.raises(ValueError, match="given_rgb='noised'"):
+        tiny_pipeline(given_rgb="clean")("a cube", video=video, reconstruction_guidance=1.0, **kw)

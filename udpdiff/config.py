@@ -319,6 +319,9 @@ class SampleParams(_Strict):
     split: Literal["train", "val"] = "val"
     gallery_size: int = Field(4, ge=1)        # samples per task stacked in the MLflow gallery
     runtime_trials: int = Field(1, ge=0)      # timed runs of ours and the stock architecture (Tab 4)
+    # w_r of Ho et al.'s reconstruction guidance for dense prediction of real clips (UDPDiffPipeline
+    # reconstruction_guidance; 0 = the plain replacement sampler, the paper's); a backward pass per step
+    reconstruction_guidance: float = Field(0.0, ge=0)
 
 
 def _timestep_range(v: tuple[int, int]) -> tuple[int, int]:
@@ -456,6 +459,13 @@ class ProfileParams(_Strict):
     sample: SampleParams = SampleParams()
     acceleration: AccelerationParams = AccelerationParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _guidance_needs_noised_rgb(self) -> ProfileParams:
+        if self.sample.reconstruction_guidance and self.train.rgb_given_prob:
+            raise ValueError("sample.reconstruction_guidance guides a model that sees the given RGB half noised; one "
+                             "trained with train.rgb_given_prob > 0 is given it clean: set one of them to 0")
+        return self
 
 
 class MlflowParams(_Strict):

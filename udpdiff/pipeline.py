@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 from diffusers import CogVideoXPipeline
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import BaseOutput
 
 from udpdiff import pixelplanes
@@ -25,6 +26,7 @@ TASK_CONDITIONINGS = ("embedding", "text-prompt", "none")
 # how a given video's RGB half enters each step of dense prediction (``video=``): noised to the
 # step's level, as joint training sees it, or clean, as training with ``train.rgb_given_prob`` does
 GIVEN_RGB = ("noised", "clean")
+RECONSTRUCTION_GUIDANCE_HOOK = "udpdiff_reconstruction_guidance"
 
 
 @dataclass
@@ -76,6 +78,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
         segmentation_tolerance: float = 40.0,
         depth_decode: Literal["nearest", "continuous"] = "continuous",
         video: np.ndarray | None = None,
+        reconstruction_guidance: float = 0.0,
         **kwargs,
     ) -> UDPDiffPipelineOutput:
         """Generate ``num_frames`` of RGB video and the ``task`` prediction for ``prompt``.
@@ -88,6 +91,12 @@ class UDPDiffPipeline(CogVideoXPipeline):
         first step to the last. The evaluation uses this to
         score predictions against exact ground truth. (B,T,H,W,3) gives one video per prompt: B
         clips predicted in one batched pass (the validation during training does this).
+
+        ``reconstruction_guidance`` (``w_r`` > 0, with ``video=`` and ``given_rgb="noised"``) adds
+        Ho et al.'s reconstruction guidance (Video Diffusion Models, 2022, §3.1) to the replacement:
+        each step's dense x0 estimate moves against the gradient of how badly the model's RGB x0
+        estimate reconstructs the given video, so the generated half agrees with the given one.
+        It costs a backward pass through the transformer per step.
         """
         if not self.dense and task is not None:
             raise ValueError(f"this pipeline is RGB-only (16-channel transformer): it has no {task!r} output; "
@@ -118,7 +127,8 @@ class UDPDiffPipeline(CogVideoXPipeline):
             num_frames, height, width = video.shape[-4:-1]
             if self.config.given_rgb == "clean":
                 self._rgb_start = clean  # the first step's RGB half too (prepare_latents)
-        with ctx, self._clear_rgb_start():
+        guided = self._reconstruction_guidance(reconstruction_guidance, clean if video is not None else None)
+        with ctx, self._clear_rgb_start(), guided:
             (latents,) = super().__call__(
                 prompt=prompts,
                 negative_prompt=negative_prompt,
@@ -180,6 +190,37 @@ class UDPDiffPipeline(CogVideoXPipeline):
             return latents
         return torch.cat([self._rgb_start.to(latents), latents[:, :, LATENT_CHANNELS:]], dim=2)
 
+    def _reconstruction_guidance(self, weight: float, clean: torch.Tensor | None):
+        """A context that hooks :class:`ReconstructionGuidanceHook` on the transformer for one call."""
+        if weight == 0:
+            return contextlib.nullcontext()
+        if weight < 0:
+            raise ValueError(f"reconstruction_guidance must be >= 0, got {weight}")
+        if clean is None:
+            raise ValueError("reconstruction_guidance guides dense prediction of a given video: pass video=")
+        if self.config.given_rgb != "noised":
+            raise ValueError("reconstruction_guidance needs given_rgb='noised': with a clean RGB half (a model trained "
+                             "with train.rgb_given_prob) there is no RGB estimate to reconstruct")
+        if self.batch_split is not None or getattr(self.transformer, "is_cache_enabled", False):
+            raise ValueError("reconstruction_guidance differentiates the whole transformer batch each step: it cannot "
+                             "run with CFG-parallel or a step cache (acceleration.approximate.cache)")
+        prediction = self.scheduler.config.prediction_type
+        if prediction not in ("v_prediction", "epsilon"):
+            raise ValueError(f"reconstruction_guidance supports v_prediction and epsilon schedulers, "
+                             f"not {prediction!r}")
+        hook = ReconstructionGuidanceHook(clean, weight, self.scheduler.alphas_cumprod, prediction)
+
+        @contextlib.contextmanager
+        def hooked():
+            registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+            registry.register_hook(hook, RECONSTRUCTION_GUIDANCE_HOOK)
+            try:
+                yield
+            finally:
+                registry.remove_hook(RECONSTRUCTION_GUIDANCE_HOOK)
+
+        return hooked()
+
     def _rgb_replacement(self, video: np.ndarray, batch: int, generator):
         from udpdiff.models.vae import to_model_input
 
@@ -229,3 +270,53 @@ class UDPDiffPipeline(CogVideoXPipeline):
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         # (B,F,C,h,w) latents -> uint8 frames, trimming any frames the 1.5 patching padded on
         return to_uint8(self.decode_latents(latents.to(self.vae.dtype)))
+
+
+class ReconstructionGuidanceHook(ModelHook):
+    """Reconstruction guidance (Ho et al., Video Diffusion Models, 2022, §3.1) on the transformer
+    of a replacement sampler: with ``x̂`` the model's x0 estimate from the noisy latent ``z_t``, the
+    dense half's estimate becomes ``x̂_dense - (w α_t / 2) ∇_{z_dense} ||x_rgb - x̂_rgb||²``
+    (``α_t = sqrt(alphas_cumprod[t])``, ``x_rgb`` the given video's clean latent), re-expressed in
+    the scheduler's parameterisation so diffusers' loop and scheduler run unchanged. Each CFG half
+    gets the gradient of its own forward, so guidance combines with CFG as the outputs do."""
+
+    def __init__(self, clean_rgb: torch.Tensor, weight: float, alphas_cumprod: torch.Tensor, prediction_type: str):
+        super().__init__()
+        self.clean_rgb, self.weight = clean_rgb, weight
+        self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if args:
+            raise TypeError("reconstruction guidance expects the transformer called with keyword arguments, as "
+                            "diffusers' CogVideoX loop calls it")
+        hidden, timestep = kwargs.pop("hidden_states"), kwargs["timestep"]
+        # eager, not the compiled blocks (acceleration.compile_blocks): graphs compiled for inference
+        # recompile for a pass with gradients, block by block, and on an H200 that hit dynamo's
+        # recompile limit, which fullgraph=True makes an error
+        with torch.enable_grad(), torch.compiler.set_stance("force_eager"):
+            z = hidden.detach().requires_grad_(True)
+            output = self.fn_ref.original_forward(hidden_states=z, **kwargs)
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            a = self.alphas_cumprod.to(z.device)[timestep.long()].float().view(-1, 1, 1, 1, 1)
+            x0 = self._x0(z.float(), sample.float(), a)
+            clean = self.clean_rgb.to(x0).repeat(x0.shape[0] // self.clean_rgb.shape[0], 1, 1, 1, 1)  # CFG halves
+            error = (x0[:, :, :LATENT_CHANNELS] - clean).square().sum()
+            (grad,) = torch.autograd.grad(error, z)
+        dense = slice(LATENT_CHANNELS, None)
+        x0_dense = x0.detach()[:, :, dense] - self.weight * a.sqrt() / 2 * grad[:, :, dense].float()
+        guided = sample.detach().clone()
+        guided[:, :, dense] = self._prediction(z.detach()[:, :, dense].float(), x0_dense, a).to(guided.dtype)
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.sample = guided
+        return output
+
+    def _x0(self, z: torch.Tensor, pred: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * z - (1 - a).sqrt() * pred
+        return (z - (1 - a).sqrt() * pred) / a.sqrt()
+
+    def _prediction(self, z: torch.Tensor, x0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return (a.sqrt() * z - x0) / (1 - a).sqrt()
+        return (z - a.sqrt() * x0) / (1 - a).sqrt()

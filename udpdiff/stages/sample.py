@@ -144,7 +144,7 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
         arrays = {"video": out.videos[0]}
         if task is not None:
             real = read_clip(p, paths, row.video_path)  # one clip at a time
-            cond = pipe(row.caption_long, task=task, video=real,
+            cond = pipe(row.caption_long, task=task, video=real, reconstruction_guidance=s.reconstruction_guidance,
                         generator=torch.Generator().manual_seed(entry["seed"]),
                         **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
             arrays.update(colormap=out.colormaps[0], dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
