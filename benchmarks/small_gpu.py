@@ -15,9 +15,11 @@ files to MLflow as a Tab 1/2 ablation (a parent run, one child per variant), her
 
 Each variant (params.yaml ``ablations.tab1-2``) trains, samples and evaluates in a workspace of its
 own (``<root>/variants/<name>``) that links the shared data, VAE, text encoder and latent cache, as
-its DVC experiment would have them; one process per variant, variants handed to GPUs as they free
-up. Every stage resumes (training from its last checkpoint, sampling from its last sample), and a
-finished stage is skipped, so a second ``all`` after an interruption finishes the work.
+its DVC experiment would have them; one process per training run, handed to GPUs as they free up.
+Variants that differ only in ``sample.*`` (the reconstruction-guidance table) share one training run,
+as DVC's run cache would share it: the first trains, the others sample its model. Every stage
+resumes (training from its last checkpoint, sampling from its last sample), and a finished stage
+is skipped, so a second ``all`` after an interruption finishes the work.
 ``--set key=value`` (YAML values) overrides profile keys for a smoke run.
 """
 
@@ -153,6 +155,42 @@ def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) 
             raise SystemExit(f"{name}: training unfinished ({record['metrics'].get('steps_done')} steps)")
 
 
+def train_key(overrides: dict) -> str:
+    """What a variant trains: its overrides less the sampling ones (``sample.*``). Variants of one
+    key share one training run, as DVC's run cache shares the train stage between such experiments."""
+    return json.dumps({k: v for k, v in overrides.items() if not k.startswith("sample.")}, sort_keys=True, default=str)
+
+
+def resample_variant(root: Path, name: str, trained: str, overrides: list[str], tables: list[str]) -> None:
+    """``name``'s sample, evaluate and report stages on the model ``trained`` (a variant of the same
+    :func:`train_key`, already trained): its pipeline is linked and its training records copied in."""
+    import shutil
+
+    base = load(overrides)
+    table = variants(base, tables)
+    if train_key(table[name]) != train_key(table[trained]):
+        raise SystemExit(f"{name} and {trained} differ in more than sample.*: {name} needs its own training")
+    p = base.with_overrides(table[name])
+    paths = ProjectPaths(variant_root(root, name, p), p.profile)
+    src = ProjectPaths(root / "variants" / trained, p.profile)
+    if not done_marker(src, "train").exists():
+        raise SystemExit(f"{name}: {trained} has not finished training")
+    if not paths.pipeline.exists():
+        paths.pipeline.parent.mkdir(parents=True, exist_ok=True)
+        paths.pipeline.symlink_to(src.pipeline.resolve(), target_is_directory=True)
+    from udpdiff.stages.common import write_json
+
+    for f in [*src.metrics.glob("train*"), *src.metrics.glob("validation*"), *(src.outputs / "gpu_run").glob("train*")]:
+        dest = paths.root / f.relative_to(src.root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+    write_json(paths.outputs / "gpu_run" / "variant.json",
+               {"tables": [t for t in tables if name in base.ablations[t].variants], "variant": name,
+                "overrides": table[name], "profile_overrides": overrides, "trained_by": trained})
+    for stage in PER_VARIANT[1:]:
+        run_stage(p, paths, stage)
+
+
 def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int, per_gpu: int = 1,
                  tables: list[str] = TABLES) -> int:
     """Every variant in its own process, ``per_gpu`` of them on each of ``gpus`` GPUs at a time;
@@ -161,16 +199,20 @@ def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus
     thread contention, not on the GPU (benchmarks/results/small-h200x2-attempt1.md)."""
     from udpdiff.workers import available_cores
 
-    names = names or list(variants(load(overrides), tables))
-    queue, running, failed = list(names), {}, 0
+    table = variants(load(overrides), tables)
+    groups: dict[str, list[str]] = {}  # one process per training run: the first trains, the rest resample
+    for name in names or list(table):
+        groups.setdefault(train_key(table[name]), []).append(name)
+    queue, running, failed = list(groups.values()), {}, 0
     free = [slot % gpus for slot in range(gpus * per_gpu)]
     threads = max(1, available_cores() // len(free))
     while queue or running:
         while queue and free:
-            gpu, name = free.pop(0), queue.pop(0)
-            log = root / "logs" / f"{name}.log"
+            gpu, group = free.pop(0), queue.pop(0)
+            name = " + ".join(group)
+            log = root / "logs" / f"{group[0]}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, __file__, "variant", name, "--root", str(root), "--tables", *tables,
+            cmd = [sys.executable, __file__, "variant", *group, "--root", str(root), "--tables", *tables,
                    *[a for kv in overrides for a in ("--set", kv)]]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
                    "OMP_NUM_THREADS": str(threads)}
@@ -281,7 +323,8 @@ def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["prepare", "variant", "variants", "pack", "all", "save-vae", "restore-vae"])
-    ap.add_argument("name", nargs="?", help="the variant (command variant)")
+    ap.add_argument("names", nargs="*", help="command variant: the variant to train, then variants that differ "
+                                             "from it only in sample.* (sampled with its model)")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None,
                     help="tarball of the small outputs (pack, all; volumes NAME, NAME-2, ... past 15 MiB) "
@@ -301,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         restore_vae(root, args.vae, args.overrides)
         return 0
     if args.command == "variant":
-        run_variant(root, args.name, args.overrides, args.tables)
+        if not args.names:
+            ap.error("variant: name the variant")
+        run_variant(root, args.names[0], args.overrides, args.tables)
+        for name in args.names[1:]:
+            resample_variant(root, name, args.names[0], args.overrides, args.tables)
         return 0
     if args.command in ("prepare", "all"):
         prepare(root, args.overrides)

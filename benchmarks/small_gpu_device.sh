@@ -9,7 +9,7 @@
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)
 # `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
 # the machine and everything on it (attempt 2). It also returns the trained VAE ($OUT/vae-small.tar);
-# put that file in .gpu-carry/ and carry it, and `prepare` on a fresh machine skips the VAE.
+# put that file in .gpu-carry/ (xz it if the carry is over 64 MiB) and carry it: `prepare` on a fresh machine skips the VAE.
 set -uo pipefail
 SITE=/tmp/site RUN=/tmp/small CODE=/tmp/small-code OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$SITE:$CODE PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -40,8 +40,9 @@ PY
     exit $rc ;;
   prepare)
     install; mkdir -p $RUN/logs
-    if [ -f .gpu-carry/vae-small.tar ] && [ ! -f $RUN/outputs/small/gpu_run/autoencoder.done.json ]; then
-      driver restore-vae --root $RUN --vae .gpu-carry/vae-small.tar || exit 1
+    carried=$(ls .gpu-carry/vae-small.tar* 2>/dev/null | head -n 1)  # .tar, or .tar.xz to fit the 64 MiB carry
+    if [ -n "$carried" ] && [ ! -f $RUN/outputs/small/gpu_run/autoencoder.done.json ]; then
+      driver restore-vae --root $RUN --vae "$carried" || exit 1
     fi
     setsid nohup python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN >> $RUN/logs/prepare.log 2>&1 < /dev/null &
     echo "prepare started" ;;

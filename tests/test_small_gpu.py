@@ -8,6 +8,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,43 @@ def test_prepare_variants_and_pack(gpu_run):
     before = {f: f.stat().st_mtime_ns for f in (root / "variants").rglob("*.done.json")}
     assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--variants", *names, *overrides]) == 0
     assert {f: f.stat().st_mtime_ns for f in (root / "variants").rglob("*.done.json")} == before
+
+
+@pytest.mark.slow
+def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run):
+    """The reconstruction-guidance table: multi-task is trained already; the guided variants link its
+    model (no training of their own), carry its training records and sample and score it anew,
+    with guidance, so their dense predictions of real clips differ from the unguided ones."""
+    root, _ = gpu_run
+    guided = ["udpdiff-multi-task-guided-1", "udpdiff-multi-task-guided-10"]
+    trained = root / "variants/udpdiff-multi-task/outputs/small/gpu_run/train.done.json"
+    before = trained.stat().st_mtime_ns
+    assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "reconstruction-guidance",
+                           *OVERRIDES]) == 0
+    assert trained.stat().st_mtime_ns == before  # not retrained
+    base = root / "variants/udpdiff-multi-task"
+    for name in guided:
+        v = root / "variants" / name
+        assert (v / "models/small/pipeline").resolve() == (base / "models/small/pipeline").resolve()
+        assert not (v / "models/small/checkpoints").exists()
+        info = json.loads((v / "outputs/small/gpu_run/variant.json").read_text())
+        assert info["trained_by"] == "udpdiff-multi-task" and info["tables"] == ["reconstruction-guidance"]
+        assert (v / "outputs/small/gpu_run/train.done.json").read_bytes() == trained.read_bytes()
+        for stage in small_gpu.PER_VARIANT[1:]:
+            assert (v / "outputs/small/gpu_run" / f"{stage}.done.json").exists()
+        for task in ("depth", "segmentation"):
+            ours = np.load(v / f"outputs/small/samples/{task}/{_first_clip(v, task)}.npz")
+            plain = np.load(base / f"outputs/small/samples/{task}/{_first_clip(v, task)}.npz")
+            assert np.array_equal(ours["video"], plain["video"])  # text-to-video: the same model, seed, sampler
+            assert not np.array_equal(ours["conditioned_colormap"], plain["conditioned_colormap"])
+    with pytest.raises(SystemExit, match="differ in more than sample"):
+        small_gpu.resample_variant(root, "udpdiff-multi-task-rgb-given", "udpdiff-multi-task", OVERRIDES[1::2],
+                                   ["rgb-given"])
+
+
+def _first_clip(workspace: Path, task: str) -> str:
+    index = json.loads((workspace / "outputs/small/samples/index.json").read_text())
+    return next(e["clip_id"] for e in index if e["task"] == task)
 
 
 @pytest.mark.slow
