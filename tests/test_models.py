@@ -353,5 +353,7 @@ def test_pipeline_reconstruction_guidance_changes_only_the_dense_half(tiny_pipel
         pipe("a cube", reconstruction_guidance=1.0, generator=torch.Generator().manual_seed(0), **kw)
     with pytest.raises(ValueError, match=">= 0"):
         run(reconstruction_guidance=-1.0)
+    clean_given = tiny_pipeline(given_rgb="clean")
     with pytest.raises(ValueError, match="given_rgb='noised'"):
-        tiny_pipeline(given_rgb="clean")("a cube", video=video, reconstruction_guidance=1.0, **kw)
+        clean_given("a cube", video=video, reconstruction_guidance=1.0, **kw)
+    assert clean_given._rgb_start is None  # refused before the given video was set up for the next call

@@ -105,6 +105,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
             raise ValueError("task is required: 'depth' or 'segmentation'")
         if not self.dense and video is not None:
             raise ValueError("video= predicts dense maps; this pipeline is RGB-only")
+        self._check_reconstruction_guidance(reconstruction_guidance, video)
         tid = task_id(task) if self.dense else None
         self._fresh_cache(guidance_scale)
         conditioning = self.config.task_conditioning
@@ -127,7 +128,8 @@ class UDPDiffPipeline(CogVideoXPipeline):
             num_frames, height, width = video.shape[-4:-1]
             if self.config.given_rgb == "clean":
                 self._rgb_start = clean  # the first step's RGB half too (prepare_latents)
-        guided = self._reconstruction_guidance(reconstruction_guidance, clean if video is not None else None)
+        guided = self._reconstruction_guidance(reconstruction_guidance, clean) if reconstruction_guidance else \
+            contextlib.nullcontext()
         with ctx, self._clear_rgb_start(), guided:
             (latents,) = super().__call__(
                 prompt=prompts,
@@ -190,13 +192,13 @@ class UDPDiffPipeline(CogVideoXPipeline):
             return latents
         return torch.cat([self._rgb_start.to(latents), latents[:, :, LATENT_CHANNELS:]], dim=2)
 
-    def _reconstruction_guidance(self, weight: float, clean: torch.Tensor | None):
-        """A context that hooks :class:`ReconstructionGuidanceHook` on the transformer for one call."""
+    def _check_reconstruction_guidance(self, weight: float, video: np.ndarray | None) -> None:
+        """Refuse what reconstruction guidance cannot serve, before anything is encoded or set."""
         if weight == 0:
-            return contextlib.nullcontext()
+            return
         if weight < 0:
             raise ValueError(f"reconstruction_guidance must be >= 0, got {weight}")
-        if clean is None:
+        if video is None:
             raise ValueError("reconstruction_guidance guides dense prediction of a given video: pass video=")
         if self.config.given_rgb != "noised":
             raise ValueError("reconstruction_guidance needs given_rgb='noised': with a clean RGB half (a model trained "
@@ -204,22 +206,21 @@ class UDPDiffPipeline(CogVideoXPipeline):
         if self.batch_split is not None or getattr(self.transformer, "is_cache_enabled", False):
             raise ValueError("reconstruction_guidance differentiates the whole transformer batch each step: it cannot "
                              "run with CFG-parallel or a step cache (acceleration.approximate.cache)")
-        prediction = self.scheduler.config.prediction_type
-        if prediction not in ("v_prediction", "epsilon"):
+        if self.scheduler.config.prediction_type not in ("v_prediction", "epsilon"):
             raise ValueError(f"reconstruction_guidance supports v_prediction and epsilon schedulers, "
-                             f"not {prediction!r}")
-        hook = ReconstructionGuidanceHook(clean, weight, self.scheduler.alphas_cumprod, prediction)
+                             f"not {self.scheduler.config.prediction_type!r}")
 
-        @contextlib.contextmanager
-        def hooked():
-            registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-            registry.register_hook(hook, RECONSTRUCTION_GUIDANCE_HOOK)
-            try:
-                yield
-            finally:
-                registry.remove_hook(RECONSTRUCTION_GUIDANCE_HOOK)
-
-        return hooked()
+    @contextlib.contextmanager
+    def _reconstruction_guidance(self, weight: float, clean: torch.Tensor):
+        """:class:`ReconstructionGuidanceHook` on the transformer for the duration of one call."""
+        hook = ReconstructionGuidanceHook(clean, weight, self.scheduler.alphas_cumprod,
+                                          self.scheduler.config.prediction_type)
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        registry.register_hook(hook, RECONSTRUCTION_GUIDANCE_HOOK)
+        try:
+            yield
+        finally:
+            registry.remove_hook(RECONSTRUCTION_GUIDANCE_HOOK)
 
     def _rgb_replacement(self, video: np.ndarray, batch: int, generator):
         from udpdiff.models.vae import to_model_input
