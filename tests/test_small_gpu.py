@@ -92,11 +92,14 @@ def test_prepare_variants_and_pack(gpu_run):
 
 
 @pytest.mark.slow
-def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run):
+def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_path):
     """The reconstruction-guidance table: multi-task is trained already; the guided variants link its
     model (no training of their own), carry its training records and sample and score it anew,
     with guidance, so their dense predictions of real clips differ from the unguided ones."""
-    root, _ = gpu_run
+    import shutil
+
+    # on a copy: the module's run stays as the other tests expect it (its variants record their tables)
+    root = shutil.copytree(gpu_run[0], tmp_path / "run", symlinks=True)
     guided = ["udpdiff-multi-task-guided-1", "udpdiff-multi-task-guided-10"]
     trained = root / "variants/udpdiff-multi-task/outputs/small/gpu_run/train.done.json"
     before = trained.stat().st_mtime_ns
