@@ -43,14 +43,21 @@ def gallery_rows(path: Path, rows: int) -> np.ndarray:
     return frames[:, : band + rows * row]
 
 
+def _trained_by_another(workspace: Path) -> bool:
+    info = workspace / "outputs/small/gpu_run/variant.json"
+    return info.exists() and json.loads(info.read_text()).get("trained_by", workspace.name) != workspace.name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="the unpacked tarball(s): holds variants/<name>/")
     ap.add_argument("out", type=Path)
     ap.add_argument("--gallery-rows", type=int, default=4)
     args = ap.parse_args(argv)
+    # a variant that only resampled another's model (variant.json "trained_by") has that run's curves
     variants = {d.name: series(d / "outputs/small/gpu_run/train_steps.jsonl")
-                for d in sorted((args.run / "variants").iterdir()) if (d / "outputs/small/gpu_run").is_dir()}
+                for d in sorted((args.run / "variants").iterdir())
+                if (d / "outputs/small/gpu_run").is_dir() and not _trained_by_another(d)}
     if not variants:
         raise SystemExit(f"{args.run}: no variants/<name>/outputs/small/gpu_run/train_steps.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
