@@ -283,8 +283,9 @@ class ReconstructionGuidanceHook(ModelHook):
 
     def __init__(self, clean_rgb: torch.Tensor, weight: float, alphas_cumprod: torch.Tensor, prediction_type: str):
         super().__init__()
-        self.clean_rgb, self.weight = clean_rgb, weight
-        self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
+        # on the latents' device and in float32 once, not on every step (a host-to-device copy syncs)
+        self.clean_rgb, self.weight = clean_rgb.float(), weight
+        self.alphas_cumprod, self.prediction_type = alphas_cumprod.to(clean_rgb.device, torch.float32), prediction_type
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if args:
@@ -298,7 +299,7 @@ class ReconstructionGuidanceHook(ModelHook):
             z = hidden.detach().requires_grad_(True)
             output = self.fn_ref.original_forward(hidden_states=z, **kwargs)
             sample = output[0] if isinstance(output, tuple) else output.sample
-            a = self.alphas_cumprod.to(z.device)[timestep.long()].float().view(-1, 1, 1, 1, 1)
+            a = self.alphas_cumprod[timestep.long()].view(-1, 1, 1, 1, 1)
             x0 = self._x0(z.float(), sample.float(), a)
             clean = self.clean_rgb.to(x0).repeat(x0.shape[0] // self.clean_rgb.shape[0], 1, 1, 1, 1)  # CFG halves
             error = (x0[:, :, :LATENT_CHANNELS] - clean).square().sum()
