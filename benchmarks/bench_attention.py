@@ -33,23 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import bench_gpu  # noqa: E402
 from benchmarks.common import write_outputs  # noqa: E402
+from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 
 logger = logging.getLogger("bench_attention")
-
-
-def time_calls(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
-    return out
 
 
 def run_op(result: dict[str, Any], iters: int) -> None:
@@ -70,7 +56,7 @@ def run_op(result: dict[str, Any], iters: int) -> None:
         ref, out = sdpa(), fa3()
         rows = {}
         for name, fn in (("sdpa", sdpa), ("fa3", fa3)):
-            t = time_calls(fn, 3, iters)
+            t = measure_calls(fn, iters, warmup=3).times
             rows[name] = {"median_s": statistics.median(t), "tflops": flops / statistics.median(t) / 1e12}
             logger.info("op %s: %.2f ms, %.0f TFLOP/s", name, 1e3 * rows[name]["median_s"], rows[name]["tflops"])
     result["op"] = {"shape_bhnd": [b, h, n, d], "flops": flops, **rows,

@@ -52,6 +52,7 @@ from udpdiff.data.filters import (  # noqa: E402
     build_filters,
     curate_clips,
 )
+from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 
 logger = logging.getLogger("bench_curation")
 PACKAGES = ["av", "opencv-python-headless", "scenedetect-headless", "numpy", "decord"]
@@ -88,17 +89,6 @@ def make_source(path: Path, h: int, w: int, fps: int, seconds: float, seed: int 
         container.mux(stream.encode())
 
 
-def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def bench_source(hw: tuple[int, int], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     h, w = hw
     src = work / f"src{h}x{w}.mp4"
@@ -123,7 +113,7 @@ def bench_source(hw: tuple[int, int], args: argparse.Namespace, work: Path) -> l
     }
     rows = []
     for name, fn in cases.items():
-        times = time_call(fn, args.repeats)
+        times = measure_calls(fn, args.repeats, label=name).times
         row = {"source": f"{h}x{w}@{args.src_fps}",
                "clip": f"{args.num_frames}x{args.height}x{args.width}@{args.fps:g}", "step": name,
                "median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}

@@ -62,7 +62,6 @@ import gc
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -86,6 +85,7 @@ from benchmarks.bench_eval import (  # noqa: E402
     synthetic_videos,
 )
 from benchmarks.common import GIB, machine_info, n_params, write_outputs  # noqa: E402
+from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 
 logger = logging.getLogger("bench_curation_models")
 
@@ -154,24 +154,17 @@ class Bench:
         return self._video
 
     # --- timing ---
-    def wall(self, fn: Callable[[], Any]) -> float:
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return time.perf_counter() - t0
-
     def measure(self, fn: Callable[[], Any], repeats: int | None = None) -> dict[str, Any]:
         """One warm-up call, then ``repeats`` timed calls: median/min seconds and the peak memory of the timed
         calls (weights included: the peak is reset after the model is built, not freed)."""
         repeats = self.args.repeats if repeats is None else repeats
-        fn()
-        self.sync()
+        m = measure_calls(fn, repeats, before_timed=self.reset_peak)
+        return {"median_s": m.median, "min_s": min(m.times), "times_s": m.times, "repeats": repeats,
+                "peak_gib": torch.cuda.max_memory_allocated(self.device) / GIB if self.cuda else None}
+
+    def reset_peak(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        times = [self.wall(fn) for _ in range(repeats)]
-        return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times, "repeats": repeats,
-                "peak_gib": torch.cuda.max_memory_allocated(self.device) / GIB if self.cuda else None}
 
     # --- rows ---
     def done(self, step: str) -> bool:
@@ -341,7 +334,7 @@ def run_entities(bench: Bench) -> None:
 
             def extra(seg=seg, forward=forward) -> dict[str, Any]:
                 return {"input_hw": list(seg.input_size(h, w)[1]), "entities_found": int(seg(frame).max()),
-                        "forward_only_s": statistics.median(bench.wall(forward) for _ in range(bench.args.repeats))}
+                        "forward_only_s": measure_calls(forward, bench.args.repeats, warmup=0).median}
         else:
             how = "bare Mask2FormerForUniversalSegmentation: processor + forward + panoptic post-process (thr 0)"
 
@@ -360,7 +353,7 @@ def run_entities(bench: Bench) -> None:
                 shape = processor(images=[frame], return_tensors="pt", input_data_format="channels_last")[
                     "pixel_values"].shape
                 return {"input_hw": list(shape[-2:]),
-                        "forward_only_s": statistics.median(bench.wall(forward) for _ in range(bench.args.repeats))}
+                        "forward_only_s": measure_calls(forward, bench.args.repeats, warmup=0).median}
         label = "HF checkpoint processor size (384x384)" if i == 0 else "detectron2 test size (short 800, long 1333)"
         bench.step(step, "entities", fn, in_total=i == 0, extra=extra, how=how, processor_size=size,
                    notes=f"frame 0, {label}; {how}; random weights: the kept-query count is arbitrary"
@@ -429,7 +422,8 @@ def run_depth_anything(bench: Bench) -> None:
 
     def extra() -> dict[str, Any]:  # where its time goes: the processor (PIL bicubic resize on the CPU) alone
         frames = list(video[: ann.batch_size])
-        t = bench.wall(lambda: ann.processor(images=frames, return_tensors="pt", input_data_format="channels_last"))
+        t = measure_calls(lambda: ann.processor(images=frames, return_tensors="pt",
+                                                input_data_format="channels_last"), 1, warmup=0).median
         return {"processor_s": t * video.shape[0] / len(frames)}
 
     bench.step("depth_anything_v2", "depth", lambda: ann(video), in_total=False, extra=extra,

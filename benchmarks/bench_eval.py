@@ -41,7 +41,6 @@ import datetime as dt
 import gc
 import json
 import logging
-import statistics
 import sys
 import time
 import traceback
@@ -58,6 +57,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import GIB, n_params, write_outputs  # noqa: E402
 from benchmarks.common import machine_info as common_machine_info  # noqa: E402
+from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 
 logger = logging.getLogger("bench_eval")
 
@@ -107,30 +107,17 @@ class Bench:
     def allocated_gib(self) -> float | None:
         return torch.cuda.memory_allocated(self.device) / GIB if self.cuda else None
 
-    def wall(self, fn: Callable[[], Any]) -> float:
-        """Wall-clock seconds of one call, device synchronised before and after (host work such as
-        CPU preprocessing and copies is part of the evaluation's cost, so it is counted)."""
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return time.perf_counter() - t0
-
     def measure(self, fn: Callable[[], Any], videos_per_call: int, reps: int, warmup: int = 1) -> dict[str, Any]:
-        """Warm-up calls, then ``reps`` timed calls; median, per video, and the peak memory of the timed calls
-        (weights included: the peak is reset after the model is built, not freed)."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        self.reset_peak()
-        times = [self.wall(fn) for _ in range(reps)]
-        median = statistics.median(times)
+        """Warm-up calls, then ``reps`` timed calls (host work such as CPU preprocessing and copies is part of
+        the evaluation's cost, so the clock counts it); median, per video, and the peak memory of the timed
+        calls (weights included: the peak is reset after the model is built, not freed)."""
+        m = measure_calls(fn, reps, warmup, before_timed=self.reset_peak)
         return {
             "videos_per_call": videos_per_call,
             "reps": reps,
-            "times_s": times,
-            "median_s": median,
-            "s_per_video": median / videos_per_call,
+            "times_s": m.times,
+            "median_s": m.median,
+            "s_per_video": m.median / videos_per_call,
             "peak_gib": self.peak_gib(),
         }
 
@@ -621,8 +608,8 @@ def run_fvd(bench: Bench) -> None:
         "dim": dim,
         "value": frechet(),
     }
-    times = [bench.wall(frechet) for _ in range(a.reps)]
-    fd.update({"times_s": times, "median_s": statistics.median(times)})
+    m = measure_calls(frechet, a.reps, warmup=0)
+    fd.update({"times_s": m.times, "median_s": m.median})
     bench.result.setdefault("sections", {})["fvd"] = {"features": features, "frechet": fd}
 
 
@@ -673,7 +660,8 @@ def run_depth_anything(bench: Bench) -> None:
     entry.update(bench.measure(lambda: ann(video), 1, a.reps))
     # where the time goes: the processor (PIL bicubic resize on the CPU) alone
     frames = list(video[: ann.batch_size])
-    t = bench.wall(lambda: ann.processor(images=frames, return_tensors="pt", input_data_format="channels_last"))
+    t = measure_calls(lambda: ann.processor(images=frames, return_tensors="pt", input_data_format="channels_last"),
+                      1, warmup=0).median
     entry["processor_s_per_video"] = t * video.shape[0] / len(frames)
     bench.result.setdefault("sections", {})["depth_anything"] = entry
 

@@ -81,6 +81,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import GIB, n_params, write_outputs  # noqa: E402
 from benchmarks.common import machine_info as common_machine_info  # noqa: E402
+from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 
@@ -179,17 +180,8 @@ class Bench:
             torch.cuda.empty_cache()
 
     def timed(self, fn: Callable[[], Any]) -> float:
-        """Seconds one call of ``fn`` takes on the device (CUDA events; host clock on CPU)."""
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        """Seconds of one call of ``fn``, device work included (the project's one clock)."""
+        return measure_calls(fn, 1, warmup=0).median
 
     # -- output --------------------------------------------------------------------------------
     def save(self) -> None:
@@ -319,18 +311,27 @@ def run_gemm(bench: Bench) -> None:
                   torch.randn((k, n), generator=g, device=bench.device, dtype=bench.dtype)) for _ in range(2)]
         for x, y in pairs * a.gemm_warmup:
             x @ y
-        times = [bench.timed(lambda x=x, y=y: x @ y) for x, y in pairs * max(1, a.gemm_iters // 2)]
+        # each timed call runs a block of products: one ~0.2 ms product would mostly time the clock's sync
+        block = pairs * max(1, a.gemm_iters // 2)
+
+        def products(block=block) -> None:
+            for x, y in block:
+                x @ y
+
+        times = [t / len(block) for t in measure_calls(products, 3, warmup=0).times]
         med = statistics.median(times)
         tflops = 2 * m * k * n / med / 1e12
-        rows.append({"m": m, "k": k, "n": n, "median_s": med, "tflops": tflops, "iters": len(times)})
+        rows.append({"m": m, "k": k, "n": n, "median_s": med, "tflops": tflops,
+                     "products_per_call": len(block), "calls": len(times)})
         logger.info("gemm %5d x %5d x %5d bf16: %8.1f TFLOP/s", m, k, n, tflops)
         del pairs
     square = [r for r in rows if r["m"] == r["k"] == r["n"] or bench.smoke] or rows
     best = max(square, key=lambda r: r["tflops"])
     bench.result["gemm"] = {"dtype": "bfloat16", "shapes": rows, "ceiling_tflops": best["tflops"],
                             "ceiling_shape": [best["m"], best["k"], best["n"]],
-                            "note": "ceiling = best median over the square/large shapes (random inputs, "
-                                    "torch.matmul, CUDA events); the model-shaped row is for reference"}
+                            "note": "ceiling = best median over the square/large shapes (random inputs, torch.matmul, "
+                                    "synchronised clock over blocks of products); the model-shaped row is for "
+                                    "reference"}
     bench.free()
 
 
@@ -1092,24 +1093,11 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
         engine.step()
         losses.append(loss.detach())
 
-    warmup_times = []
-    for i in range(a.train_warmup):
-        logger.info("  warm-up %d/%d", i + 1, a.train_warmup)
-        bench.sync()
-        t0 = time.perf_counter()
-        step()
-        bench.sync()
-        warmup_times.append(time.perf_counter() - t0)
-    bench.sync()
-    bench.reset_peak()
-    times = []
-    for i in range(a.train_iters):
-        bench.sync()
-        t0 = time.perf_counter()
-        step()
-        bench.sync()
-        times.append(time.perf_counter() - t0)
-        logger.info("  step %d/%d: %.3f s", i + 1, a.train_iters, times[-1])
+    # the warm-up steps are timed too: the first one's excess over the median is the compile cost
+    warmup_times = measure_calls(step, a.train_warmup, warmup=0, label="train warm-up", progress=True).times \
+        if a.train_warmup else []
+    times = measure_calls(step, a.train_iters, warmup=0, label="train step", before_timed=bench.reset_peak,
+                          progress=True).times
     med = statistics.median(times)
     fl = forward_flops(cfg, bench.size, ch, ch, batch=1)["total"]
     ceil = ceiling_tflops(bench)

@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 
 from udpdiff import pixelplanes as pp  # noqa: E402
+from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 from udpdiff.io.atomic import write_text  # noqa: E402
 
 logger = logging.getLogger("bench_pixelplanes")
@@ -91,29 +92,6 @@ def add_noise(colormap: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     return np.clip(np.rint(colormap.astype(np.float32) + noise), 0, 255).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------------
-
-
-def time_call(fn: Callable[[], Any], device: str | None, warmup: int, repeats: int) -> list[float]:
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def backends(include_cuda: bool) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = [("numpy", None), ("torch-cpu", "cpu")]
     if include_cuda and torch.cuda.is_available():
@@ -156,7 +134,7 @@ def bench_size(
             conv(ids), conv(seg_noisy), conv(depth), conv(depth_noisy), pal, args.min_pixels
         )
         for case, fn in cases.items():
-            times = time_call(fn, device, args.warmup, args.repeats)
+            times = measure_calls(fn, args.repeats, args.warmup).times
             med = statistics.median(times)
             row = {
                 "size": f"{t}x{h}x{w}",
