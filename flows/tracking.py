@@ -520,6 +520,8 @@ def log_ablation_table(run_id: str, title: str, df: Any, out_dir: Path) -> list[
     import pandas as pd
 
     from udpdiff import viz
+    from udpdiff.evaluation import tables
+    from udpdiff.evaluation.tables import Table
 
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"log_ablation_table expects a pandas DataFrame, got {type(df).__name__}")
@@ -533,18 +535,11 @@ def log_ablation_table(run_id: str, title: str, df: Any, out_dir: Path) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = [str(n) for n in df.attrs.get("notes", [])]
 
+    rendered = [Table.from_frame("", df, footnotes=notes)]
     md = out_dir / f"{stem}.md"
-    md.write_text(f"# {title}\n\n{df.to_markdown(index=False, floatfmt='.4f')}\n"
-                  + "".join(f"\n{n}\n" for n in notes))
+    md.write_text(tables.markdown_document(title, rendered))
     html_path = out_dir / f"{stem}.html"
-    import html as _html
-
-    html_path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
-        "th,td{border:1px solid #bbb;padding:.3em .7em;text-align:right}th{background:#eee}</style></head><body>"
-        f"<h1>{_html.escape(title)}</h1>{df.to_html(index=False, float_format=lambda v: f'{v:.4f}', na_rep='')}"
-        + "".join(f"<p>{_html.escape(n)}</p>" for n in notes) + "</body></html>\n")
+    html_path.write_text(tables.html_document(title, rendered))
     written = [md, html_path]
 
     numeric = [c for c in df.columns if c != "variant" and pd.api.types.is_numeric_dtype(df[c])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -446,3 +447,18 @@ def train_tiny(p, latents: Path, ckpt: Path, **kw):
 
     return train(p, latents, TRAIN_CLIPS, ckpt, scaling_factor=1.0, vae_scale_spatial=4,
                  scheduler=build_scheduler(p.active.scheduler.model_dump()), **kw)
+
+
+def _markdown_rows(md: str) -> list[list[str]]:
+    """Every row of every markdown table in ``md`` as stripped cells (alignment rows left out), so tests
+    read cells, not the renderer's padding."""
+    rows = []
+    for line in md.splitlines():
+        if line.startswith("|") and not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", line):
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+@pytest.fixture
+def markdown_rows():
+    return _markdown_rows

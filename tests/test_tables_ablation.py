@@ -1,13 +1,24 @@
-"""The ablation table (paper Tabs 5-7) as a DataFrame: columns, order, missing values, bad input."""
+"""The ablation table (paper Tabs 5-7) as a DataFrame: columns, order, missing values, bad input; and the one
+table renderer (pandas) that writes it and the paper tables as markdown and HTML."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from udpdiff.evaluation.tables import ABLATION_MS_FLOW_NOTE, ablation_columns, ablation_frame
+from udpdiff.evaluation.tables import (
+    ABLATION_MS_FLOW_NOTE,
+    Table,
+    ablation_columns,
+    ablation_frame,
+    html_document,
+    markdown_document,
+)
 
 ROWS = [
     {"variant": "base (params.yaml)", "depth/subject_consistency": 0.91, "depth/motion_smoothness_flow": 0.97,
@@ -72,3 +83,35 @@ def test_bad_rows_are_reported(rows, error, match):
 def test_bad_overrides_are_reported():
     with pytest.raises(TypeError, match="overrides must be a dict"):
         ablation_frame([{"variant": "a"}], [("a", {})])
+
+
+def test_table_markdown_keeps_formatted_cells_and_escapes_pipes():
+    t = Table("Generation", ["Model", "SC (↑)", "FVD (↓)"], [["UDPDiff|depth", "95.10", ""], ["real", "1.00", "3"]],
+              ["SC in %."])
+    lines = t.markdown().splitlines()
+    assert lines[0] == "### Generation"
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:6]]  # unescaped pipes
+    assert cells[0] == ["Model", "SC (↑)", "FVD (↓)"]
+    assert cells[1][0].startswith(":") and cells[1][1].endswith(":")  # names left, numbers right
+    assert cells[2] == ["UDPDiff\\|depth", "95.10", ""]  # "95.10" stays as formatted, not 95.1
+    assert cells[3] == ["real", "1.00", "3"]
+    assert "SC in %." in lines[-1]
+
+
+def test_table_html_escapes_and_documents_hold_every_table():
+    a = Table("A <1>", ["Model", "x"], [["a<b", "0.5000"]], ["note & more"])
+    b = Table("", ["variant", "y"], [["v", ""]])
+    page = html_document("Report", [a, b], notes=["general"])
+    assert page.startswith("<!doctype html>") and "<h1>Report</h1>" in page
+    assert "<h3>A &lt;1&gt;</h3>" in page and "<td>a&lt;b</td>" in page and "note &amp; more" in page
+    assert page.count("<table") == 2 and page.count("<h3>") == 2  # A's title and "Notes"; b is untitled
+    md = markdown_document("Report", [a, b], notes=["general"])
+    assert md.startswith("# Report\n") and md.count("### ") == 2 and "- general" in md
+
+
+def test_table_from_frame_formats_floats_and_blanks_missing_values():
+    df = pd.DataFrame({"variant": ["a", "b"], "δ1": [0.123456, np.nan], "steps": [10, 20], "overrides": ["{}", ""]})
+    t = Table.from_frame("", df, floatfmt=".3f", footnotes=["n"])
+    assert t.columns == ["variant", "δ1", "steps", "overrides"]
+    assert t.rows == [["a", "0.123", "10", "{}"], ["b", "", "20", ""]]
+    assert t.footnotes == ["n"] and not t.markdown().startswith("###")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from udpdiff.viz import MIN_DISPLAY_HEIGHT, markdown_table, plot_curves, side_by_side, to_rgb_video, write_side_by_side
+from udpdiff.viz import MIN_DISPLAY_HEIGHT, plot_curves, side_by_side, to_rgb_video, write_side_by_side
 
 T = 5
 
@@ -120,20 +120,3 @@ def test_plot_curves_png(tmp_path: Path) -> None:
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_False.png", "loss_True.png"]
-
-
-def test_markdown_table() -> None:
-    rows = [
-        {"model": "CogVideoX", "SC": 94.57, "FVD": 343.92, "n": 1024},
-        {"model": "UDPDiff|depth", "SC": 0.970712, "n": np.int64(1024), "ok": True},
-    ]
-    assert markdown_table(rows, ["model", "SC", "FVD"], floatfmt=".2f") == (
-        "| model | SC | FVD |\n"
-        "|---|---|---|\n"
-        "| CogVideoX | 94.57 | 343.92 |\n"
-        "| UDPDiff\\|depth | 0.97 |  |\n"
-    )
-    default = markdown_table(rows)
-    assert default.splitlines()[0] == "| model | SC | FVD | n | ok |"
-    assert default.splitlines()[3] == "| UDPDiff\\|depth | 0.9707 |  | 1024 | True |"
-    assert markdown_table([{"x": float("nan")}]).splitlines()[2] == "| nan |"

@@ -8,7 +8,6 @@ Every file is written atomically through :func:`udpdiff.io.atomic.atomic_path`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 
-__all__ = ["to_rgb_video", "side_by_side", "write_side_by_side", "plot_curves", "markdown_table"]
+__all__ = ["to_rgb_video", "side_by_side", "write_side_by_side", "plot_curves"]
 
 
 def _numpy(x: ArrayLike) -> np.ndarray:
@@ -306,42 +305,3 @@ def plot_histograms(
         if values:
             ax.legend(loc="best", fontsize="small")
     return _save_png(fig, path)
-
-
-def _cell(value: Any, floatfmt: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return str(v) if not math.isfinite(v) else format(v, floatfmt)
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    # Pipes would split the cell, newlines the row.
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-    floatfmt: str = ".4f",
-) -> str:
-    """GitHub-flavoured markdown table of ``rows`` (dicts), one row each.
-
-    ``columns`` picks and orders the columns (default: keys in first-seen order). Floats use
-    ``floatfmt``, missing values are empty cells, ``|`` is escaped. Ends with a newline.
-    """
-    if columns is None:
-        seen: dict[str, None] = {}
-        for r in rows:
-            seen.update(dict.fromkeys(r))
-        columns = list(seen)
-    cols = [str(c) for c in columns]
-    lines = [
-        "| " + " | ".join(_cell(c, floatfmt) for c in cols) + " |",
-        "|" + "|".join("---" for _ in cols) + "|",
-    ]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c), floatfmt) for c in cols) + " |")
-    return "\n".join(lines) + "\n"

@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from udpdiff import viz
-
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -24,22 +22,47 @@ MS_AMT, MS_FLOW = "motion_smoothness", "motion_smoothness_flow"
 
 @dataclass
 class Table:
+    """One titled table of formatted cells; rendered by pandas (``to_markdown`` / ``to_html``), the
+    project's one table renderer, for the reports, the evaluate step and the ablation tables."""
+
     title: str
     columns: list[str]                   # header labels
     rows: list[list[str]]                # formatted cells
     footnotes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_frame(cls, title: str, df: pd.DataFrame, floatfmt: str = ".4f",
+                   footnotes: Sequence[str] = ()) -> Table:
+        """A DataFrame's values as cells: floats with ``floatfmt``, NaN/None as empty cells."""
+        def cell(v: object) -> str:
+            if v is None or isinstance(v, float) and math.isnan(v):
+                return ""
+            if isinstance(v, float) or hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f":
+                return format(float(v), floatfmt)  # type: ignore[arg-type]
+            return str(v)
+
+        rows = [[cell(v) for v in record] for record in df.itertuples(index=False, name=None)]
+        return cls(title, [str(c) for c in df.columns], rows, list(footnotes))
+
+    def frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=self.columns, dtype=object)
+
     def markdown(self) -> str:
-        body = viz.markdown_table([dict(zip(self.columns, r, strict=True)) for r in self.rows], self.columns)
+        # cells are already formatted: tabulate must not re-parse "95.10" as 95.1; a pipe would split a cell
+        df = self.frame().map(lambda c: str(c).replace("|", "\\|").replace("\n", " "))
+        df.columns = [c.replace("|", "\\|") for c in self.columns]
+        body = df.to_markdown(index=False, disable_numparse=True,
+                              colalign=("left", *("right",) * (len(self.columns) - 1)))
         notes = "".join(f"\n{n}\n" for n in self.footnotes)
-        return f"### {self.title}\n\n{body}{notes}"
+        heading = f"### {self.title}\n\n" if self.title else ""  # untitled: the document's title says it
+        return f"{heading}{body}\n{notes}"
 
     def html(self) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows)
         notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in self.footnotes)
-        return (f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead>"
-                f"<tbody>{body}</tbody></table>{notes}")
+        heading = f"<h3>{html.escape(self.title)}</h3>" if self.title else ""
+        return f"{heading}{self.frame().to_html(index=False, border=0)}{notes}"
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
