@@ -521,7 +521,6 @@ def log_ablation_table(run_id: str, title: str, df: Any, out_dir: Path) -> list[
 
     from udpdiff import viz
     from udpdiff.evaluation import tables
-    from udpdiff.evaluation.tables import Table
 
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"log_ablation_table expects a pandas DataFrame, got {type(df).__name__}")
@@ -535,7 +534,7 @@ def log_ablation_table(run_id: str, title: str, df: Any, out_dir: Path) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = [str(n) for n in df.attrs.get("notes", [])]
 
-    rendered = [Table.from_frame("", df, footnotes=notes)]
+    rendered = [tables.Table.from_frame("", df, footnotes=notes)]
     md = out_dir / f"{stem}.md"
     md.write_text(tables.markdown_document(title, rendered))
     html_path = out_dir / f"{stem}.html"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,11 +35,13 @@ class Table:
     def from_frame(cls, title: str, df: pd.DataFrame, floatfmt: str = ".4f",
                    footnotes: Sequence[str] = ()) -> Table:
         """A DataFrame's values as cells: floats with ``floatfmt``, NaN/None as empty cells."""
+        import pandas as pd
+
         def cell(v: object) -> str:
-            if v is None or isinstance(v, float) and math.isnan(v):
+            if pd.isna(v):  # None, NaN of any float type
                 return ""
-            if isinstance(v, float) or hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f":
-                return format(float(v), floatfmt)  # type: ignore[arg-type]
+            if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):  # numpy floats included
+                return format(float(v), floatfmt)
             return str(v)
 
         rows = [[cell(v) for v in record] for record in df.itertuples(index=False, name=None)]
