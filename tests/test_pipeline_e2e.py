@@ -87,6 +87,8 @@ def test_metrics_are_real_numbers_with_exact_representation_round_trips(repro):
     assert json.loads((metrics / "validate.json").read_text())["contract_success"] == 1.0
     vae = json.loads((metrics / "autoencoder.json").read_text())
     assert vae["psnr_rgb"] > 15  # the tiny VAE really reconstructs (random init is ~8 dB)
+    # the ceiling of dense prediction through this VAE, scored like the evaluate stage's predictions
+    assert 0.0 <= vae["gt_miou_after_vae"] <= 1.0 and 0.0 <= vae["gt_delta1_depth_after_vae"] <= 1.0
     train = json.loads((metrics / "train.json").read_text())
     assert train["steps_done"] == 1000
     history = (metrics / "train_history.csv").read_text().splitlines()

@@ -103,12 +103,13 @@ def calibrate_scaling_factor(vae: AutoencoderKLCogVideoX, videos: Sequence[np.nd
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKLCogVideoX, videos: Sequence[np.ndarray]) -> float:
-    """Mean PSNR (dB) of mode-decoded reconstructions over ``videos``."""
-    scores = []
-    for v in videos:
-        x = to_model_input(v[None]).to(vae.device)
-        rec = to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0].astype(np.float64)
-        mse = np.mean((rec - v.astype(np.float64)) ** 2)
-        scores.append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-    return float(np.mean(scores))
+def reconstruct(vae: AutoencoderKLCogVideoX, video: np.ndarray) -> np.ndarray:
+    """One uint8 ``(T, H, W, 3)`` video encoded (posterior mode) and decoded by ``vae``."""
+    x = to_model_input(video[None]).to(vae.device)
+    return to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0]
+
+
+def psnr(reconstruction: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR (dB) of a uint8 reconstruction against its uint8 reference."""
+    mse = np.mean((reconstruction.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
