@@ -257,6 +257,35 @@ def panning_video():
     return _panning_video
 
 
+def _moving_video(t: int = 12, h: int = 48, w: int = 64, speed: float = 2.0):
+    """A textured background drifting right plus a soft blob moving diagonally: smooth motion."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    frames = []
+    for i in range(t):
+        cx, cy = 16 + speed * i, 20 + 0.5 * speed * i
+        blob = np.clip(1.2 - np.hypot(xx - cx, yy - cy) / 10.0, 0.0, 1.0)
+        bg = 0.5 + 0.25 * np.sin((xx + speed * i) / 9.0) * np.cos(yy / 11.0)
+        img = np.stack([0.6 * bg + 0.4 * blob, 0.8 * bg, 0.3 + 0.5 * blob], axis=-1)
+        frames.append(np.clip(img * 255.0, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+@pytest.fixture
+def moving_video():
+    """``moving_video(t=12, h=48, w=64, speed=2.0)``: smooth motion, uint8 (t, h, w, 3)."""
+    return _moving_video
+
+
+@pytest.fixture
+def frame_shuffle():
+    """A fixed permutation of 12 frame indices: ``video[frame_shuffle]`` is the same frames, jerky."""
+    import numpy as np
+
+    return np.array([9, 2, 7, 4, 5, 11, 0, 3, 6, 10, 8, 1])
+
+
 # --------------------------------------------------------------------------------------------
 # A tiny project to sample and evaluate, and several ranks to run a stage on (torchrun, gloo)
 # --------------------------------------------------------------------------------------------

@@ -31,22 +31,6 @@ from udpdiff.evaluation.fvd import I3DFeatures, feature_statistics, frechet_dist
 # --------------------------------------------------------------------------------------------
 
 
-def moving_video(t: int = 12, h: int = 48, w: int = 64, speed: float = 2.0) -> np.ndarray:
-    """A textured background drifting right plus a soft blob moving diagonally: smooth motion."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    frames = []
-    for i in range(t):
-        cx, cy = 16 + speed * i, 20 + 0.5 * speed * i
-        blob = np.clip(1.2 - np.hypot(xx - cx, yy - cy) / 10.0, 0.0, 1.0)
-        bg = 0.5 + 0.25 * np.sin((xx + speed * i) / 9.0) * np.cos(yy / 11.0)
-        img = np.stack([0.6 * bg + 0.4 * blob, 0.8 * bg, 0.3 + 0.5 * blob], axis=-1)
-        frames.append(np.clip(img * 255.0, 0, 255).astype(np.uint8))
-    return np.stack(frames)
-
-
-SHUFFLE = np.array([9, 2, 7, 4, 5, 11, 0, 3, 6, 10, 8, 1])
-
-
 @pytest.fixture(scope="module")
 def tiny_dino() -> DinoFeatures:
     from transformers import ViTConfig, ViTModel
@@ -123,10 +107,10 @@ def test_vbench_consistency_matches_reference_loop_and_batches() -> None:
     assert vbench_consistency(torch.randn(1, 8)) == 1.0  # single frame: VBench returns 1
 
 
-def test_vbench_consistency_smooth_beats_shuffled_features() -> None:
+def test_vbench_consistency_smooth_beats_shuffled_features(frame_shuffle) -> None:
     theta = torch.linspace(0, 1.2, 12)
     smooth = torch.stack([torch.cos(theta), torch.sin(theta), 0.2 * torch.ones(12)], -1)
-    shuffled = smooth[torch.from_numpy(SHUFFLE)]
+    shuffled = smooth[torch.from_numpy(frame_shuffle)]
     assert vbench_consistency(smooth) > vbench_consistency(shuffled)
     assert vbench_consistency(smooth.repeat(1, 1)[:1].repeat(5, 1)) == pytest.approx(1.0, abs=1e-6)
 
@@ -154,14 +138,14 @@ def test_preprocessing_follows_vbench(tiny_dino: DinoFeatures, tiny_clip: ClipIm
     torch.testing.assert_close(tiny_dino._preprocess(gray)[0, :, 0, 0], expect)
 
 
-def test_identical_frames_score_one(tiny_dino: DinoFeatures, tiny_clip: ClipImageFeatures) -> None:
+def test_identical_frames_score_one(tiny_dino: DinoFeatures, tiny_clip: ClipImageFeatures, moving_video) -> None:
     still = np.repeat(moving_video(t=1), 5, axis=0)
     assert subject_consistency(still, tiny_dino) == pytest.approx(1.0, abs=1e-5)
     assert background_consistency(still, tiny_clip) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_sc_bc_equal_vbench_on_extracted_features(
-    tiny_dino: DinoFeatures, tiny_clip: ClipImageFeatures
+    tiny_dino: DinoFeatures, tiny_clip: ClipImageFeatures, moving_video, frame_shuffle
 ) -> None:
     v = moving_video()
     for fn, ex in ((subject_consistency, tiny_dino), (background_consistency, tiny_clip)):
@@ -169,18 +153,18 @@ def test_sc_bc_equal_vbench_on_extracted_features(
         assert 0.0 <= score <= 1.0
         assert score == pytest.approx(vbench_consistency(ex(v)), abs=1e-6)
         # a batch of videos: mean of per-video scores; order preserved with reduction="none"
-        batch = np.stack([v, v[SHUFFLE]])
+        batch = np.stack([v, v[frame_shuffle]])
         per = fn(batch, ex, reduction="none")
         assert per[0] == pytest.approx(score, abs=1e-6)
         assert fn(batch, ex) == pytest.approx(float(np.mean(per)), abs=1e-6)
 
 
-def test_smooth_video_beats_shuffled_with_weight_free_extractor() -> None:
+def test_smooth_video_beats_shuffled_with_weight_free_extractor(moving_video, frame_shuffle) -> None:
     # A tiny random ViT cannot separate these reliably; a deterministic extractor checks the
     # pipeline (frames -> features -> VBench maths) end to end.
     v = moving_video()
     ex = PixelFeatures()
-    assert subject_consistency(v, ex) > subject_consistency(v[SHUFFLE], ex)
+    assert subject_consistency(v, ex) > subject_consistency(v[frame_shuffle], ex)
 
 
 def test_missing_weights_raise_clear_error(tmp_path) -> None:
@@ -193,7 +177,7 @@ def test_missing_weights_raise_clear_error(tmp_path) -> None:
     assert info.value.path_or_id == str(missing)
 
 
-def test_loads_saved_tiny_model_from_folder(tmp_path, tiny_dino: DinoFeatures) -> None:
+def test_loads_saved_tiny_model_from_folder(tmp_path, tiny_dino: DinoFeatures, moving_video) -> None:
     tiny_dino.model.save_pretrained(tmp_path / "dino")
     loaded = DinoFeatures(tmp_path / "dino")
     v = moving_video(t=3)
@@ -205,14 +189,14 @@ def test_loads_saved_tiny_model_from_folder(tmp_path, tiny_dino: DinoFeatures) -
 # --------------------------------------------------------------------------------------------
 
 
-def test_pixel_frame_consistency() -> None:
+def test_pixel_frame_consistency(moving_video, frame_shuffle) -> None:
     two = np.stack([np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 51, np.uint8)])
     assert pixel_frame_consistency(two) == pytest.approx(1 - 51 / 255)
     # no uint8 wrap-around in the other direction
     assert pixel_frame_consistency(two[::-1].copy()) == pytest.approx(1 - 51 / 255)
     v = moving_video()
     assert pixel_frame_consistency(np.repeat(v[:1], 4, axis=0)) == 1.0
-    assert pixel_frame_consistency(v) > pixel_frame_consistency(v[SHUFFLE])
+    assert pixel_frame_consistency(v) > pixel_frame_consistency(v[frame_shuffle])
     assert pixel_frame_consistency(torch.from_numpy(v)) == pytest.approx(pixel_frame_consistency(v))
 
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_eval_consistency import SHUFFLE, moving_video  # tests/ is on sys.path under pytest
 
 from udpdiff.evaluation.consistency import MetricModelUnavailable
 from udpdiff.evaluation.motion import (
@@ -103,13 +102,13 @@ class BlackInterpolator:
 # --------------------------------------------------------------------------------------------
 
 
-def test_oracle_interpolator_scores_exactly_one() -> None:
+def test_oracle_interpolator_scores_exactly_one(moving_video) -> None:
     for t in (3, 6, 7):
         v = moving_video(t=t)
         assert motion_smoothness(v, OracleInterpolator(v)) == 1.0
 
 
-def test_score_compares_middles_with_the_real_odd_frames() -> None:
+def test_score_compares_middles_with_the_real_odd_frames(moving_video) -> None:
     v = moving_video(t=6)  # even T: frames 0, 2, 4 interpolate 1 and 3; frame 5 is unused (VBench)
     expect = (255.0 - np.mean([v[1].mean(), v[3].mean()])) / 255.0
     assert motion_smoothness(v, BlackInterpolator()) == pytest.approx(expect, abs=1e-12)
@@ -129,7 +128,7 @@ def test_score_compares_middles_with_the_real_odd_frames() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_amt_batched_equals_vbench_loop(amt: tuple[torch.nn.Module, str]) -> None:
+def test_amt_batched_equals_vbench_loop(amt: tuple[torch.nn.Module, str], moving_video) -> None:
     model, path = amt
     # 120x128 is padded to 128x128 (exercises VBench's replicate padding and unpadding); 6 frames:
     # frames 0, 2, 4 predict 1 and 3, frame 5 is unused, as in VBench
@@ -144,7 +143,7 @@ def test_amt_batched_equals_vbench_loop(amt: tuple[torch.nn.Module, str]) -> Non
     assert 0.0 < min(refs) and max(refs) < 1.0  # a random AMT-S is far from the oracle
 
 
-def test_amt_scale_below_one_follows_vbench(amt: tuple[torch.nn.Module, str]) -> None:
+def test_amt_scale_below_one_follows_vbench(amt: tuple[torch.nn.Module, str], moving_video) -> None:
     model, _ = amt
     scale = 1 / 22 * 16  # a factor VBench's VRAM rule produces: frames padded to a multiple of 22
     v = moving_video(t=3, h=170, w=176, speed=4.0)  # padded to 176x176, the network runs at 128x128
@@ -164,7 +163,7 @@ def test_vbench_amt_scale_rule() -> None:
     assert small == vbench(1080, 1920, 4 * 1024**3) and small == pytest.approx(16 / 31)
 
 
-def test_amt_rejects_too_small_frames(amt: tuple[torch.nn.Module, str]) -> None:
+def test_amt_rejects_too_small_frames(amt: tuple[torch.nn.Module, str], moving_video) -> None:
     interp = AMTInterpolator(model=amt[0], device="cpu")
     # 112 px pads to 112: the coarsest correlation level would be 1 px and AMT-S would return NaN
     for h, w in ((64, 64), (112, 144)):
@@ -201,7 +200,7 @@ def test_missing_vbench_raises_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_amt_matches_vbench_motion_smoothness_on_cuda(tmp_path, amt: tuple[torch.nn.Module, str]) -> None:
+def test_amt_matches_vbench_motion_smoothness_on_cuda(tmp_path, amt: tuple[torch.nn.Module, str], moving_video) -> None:
     pytest.importorskip("torchvision")
     try:
         vbench_ms = importlib.import_module("vbench.motion_smoothness")
@@ -223,33 +222,33 @@ def test_amt_matches_vbench_motion_smoothness_on_cuda(tmp_path, amt: tuple[torch
 # --------------------------------------------------------------------------------------------
 
 
-def test_motion_smoothness_flow() -> None:
+def test_motion_smoothness_flow(moving_video, frame_shuffle) -> None:
     v = moving_video()
     assert motion_smoothness_flow(np.repeat(v[:1], 7, axis=0)) == 1.0
     smooth = motion_smoothness_flow(v)
-    shuffled = motion_smoothness_flow(v[SHUFFLE])
+    shuffled = motion_smoothness_flow(v[frame_shuffle])
     assert 0.0 < shuffled < smooth <= 1.0
     assert smooth > 0.99  # near-linear motion is interpolated almost exactly
-    per = motion_smoothness_flow(np.stack([v, v[SHUFFLE]]), reduction="none")
+    per = motion_smoothness_flow(np.stack([v, v[frame_shuffle]]), reduction="none")
     assert per == pytest.approx([smooth, shuffled])
     with pytest.raises(ValueError):
         motion_smoothness_flow(v[:2])
 
 
-def test_flow_prior_numbers_unchanged_by_the_move() -> None:
+def test_flow_prior_numbers_unchanged_by_the_move(moving_video, frame_shuffle) -> None:
     # Scores of the implementation that lived in consistency.py (its float32 MAE), before the move.
     v = moving_video()
     assert motion_smoothness_flow(v) == pytest.approx(0.9980174899101257, abs=1e-6)
-    assert motion_smoothness_flow(v[SHUFFLE]) == pytest.approx(0.9466077089309692, abs=1e-6)
+    assert motion_smoothness_flow(v[frame_shuffle]) == pytest.approx(0.9466077089309692, abs=1e-6)
     assert motion_smoothness_flow(v[:6]) == pytest.approx(0.9981547594070435, abs=1e-6)
     v2 = moving_video(t=9, h=40, w=56, speed=3.0)
     assert motion_smoothness_flow(v2) == pytest.approx(0.9946918487548828, abs=1e-6)
     assert motion_smoothness_flow(v2, winsize=9, levels=2) == pytest.approx(0.9943283200263977, abs=1e-6)
 
 
-def test_flow_interpolator_is_a_frame_interpolator() -> None:
+def test_flow_interpolator_is_a_frame_interpolator(moving_video, frame_shuffle) -> None:
     v = moving_video()
-    batch = np.stack([v, v[SHUFFLE], v[::-1]])
+    batch = np.stack([v, v[frame_shuffle], v[::-1]])
     interp = FlowInterpolator()
     assert interp.name == "opencv-farneback" and isinstance(interp, FrameInterpolator)
     per = motion_smoothness(batch, interp, reduction="none")
