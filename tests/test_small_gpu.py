@@ -104,7 +104,7 @@ def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_p
     trained = root / "variants/udpdiff-multi-task/outputs/small/gpu_run/train.done.json"
     before = trained.stat().st_mtime_ns
     assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "reconstruction-guidance",
-                           *OVERRIDES]) == 0
+                           "--variants", "udpdiff-multi-task", *guided, *OVERRIDES]) == 0
     assert trained.stat().st_mtime_ns == before  # not retrained
     base = root / "variants/udpdiff-multi-task"
     for name in guided:
