@@ -274,10 +274,11 @@ def pack(root: Path, out: Path, max_bytes: int = 15 * 2**20, max_volumes: int = 
 
 
 def vae_inputs(p: Params) -> dict:
-    """What the trained VAE depends on: a carried VAE is only reused for the same values."""
+    """What the trained VAE depends on: a carried VAE is only reused for the same values. The decode
+    tolerance is not among them: it reads colormaps, it does not make the ones the VAE learns."""
     a = p.active
-    return {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(),
-            "vae": a.vae.model_dump(), "tasks": list(a.train.tasks)}
+    return {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(
+            exclude={"decode_tolerance"}), "vae": a.vae.model_dump(), "tasks": list(a.train.tasks)}
 
 
 def vae_files(paths: ProjectPaths) -> list[Path]:
@@ -313,6 +314,7 @@ def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
     with tarfile.open(tarball) as tar:
         saved_inputs = json.load(tar.extractfile(str((paths.outputs / "gpu_run" / "autoencoder.inputs.json")
                                                      .relative_to(root))))
+        saved_inputs["pixelplanes"].pop("decode_tolerance", None)  # recorded by earlier versions
         if saved_inputs != vae_inputs(p):
             raise SystemExit(f"{tarball}: the VAE in it was trained for other settings than these; delete it to "
                              f"retrain. Saved: {saved_inputs}; now: {vae_inputs(p)}")

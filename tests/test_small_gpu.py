@@ -208,7 +208,7 @@ def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path,
 def test_a_carried_vae_lets_a_fresh_machine_skip_the_autoencoder(gpu_run, tmp_path):
     """save-vae on the machine that trained it, restore-vae on a fresh one: prepare there regenerates
     the data and the latent cache but not the VAE, and the cache is the first machine's, byte for byte.
-    A VAE trained for other settings is refused."""
+    A VAE trained for other settings is refused; one decoded at another tolerance is not."""
     from udpdiff.latents import cache_digest
 
     root, _ = gpu_run
@@ -229,6 +229,10 @@ def test_a_carried_vae_lets_a_fresh_machine_skip_the_autoencoder(gpu_run, tmp_pa
         small_gpu.main(["restore-vae", "--root", str(other), "--vae", str(carried), *OVERRIDES,
                         "--set", "vae.train.steps=3"])
     assert not (other / vae).exists()
+    # the decode tolerance reads colormaps, it does not make them: that VAE serves another tolerance
+    assert small_gpu.main(["restore-vae", "--root", str(other), "--vae", str(carried), *OVERRIDES,
+                           "--set", "pixelplanes.decode_tolerance=25"]) == 0
+    assert (other / vae).read_bytes() == (root / vae).read_bytes()
 
 
 @pytest.mark.slow
