@@ -1,0 +1,59 @@
+"""benchmarks/small_vae_ceiling.py: the small profile's held-out clips re-rendered from their seeds, their
+exact maps through a VAE, scored as predictions (here: a tiny random VAE of the same class)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import small_vae_ceiling  # noqa: E402
+
+CLIPS = ["synth-1234-00033", "synth-1234-00044"]  # held-out clips of the small profile's data set
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    from udpdiff.models.vae import build_vae
+
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    spec = {"config": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+                       "latent_channels": 16, "temporal_compression_ratio": 4}}
+    build_vae(spec, seed=0).save_pretrained(path)
+    return path
+
+
+def _run(vae_dir: Path, tmp_path: Path) -> dict:
+    clips = tmp_path / "clips.json"
+    clips.write_text(json.dumps({"clips": CLIPS}))
+    out = tmp_path / "ceiling.json"
+    assert small_vae_ceiling.main([str(vae_dir), str(clips), "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_a_lossless_vae_reaches_every_score(vae_dir, tmp_path, monkeypatch):
+    """With the round trip made exact, every score is the exact maps' own: the ceiling is 1 (the
+    depth colormap's quantisation aside, and palette-free decoding at tolerances past the palette's
+    colour spacing, which merges entities) and the colormap error is 0 everywhere."""
+    monkeypatch.setattr(small_vae_ceiling, "reconstruct", lambda vae, video: video)
+    r = _run(vae_dir, tmp_path)
+    assert r["clips"] == CLIPS
+    assert set(r["colormap_error_percentiles"].values()) == {0.0}
+    assert all(v == 1.0 for v in r["segmentation_miou"]["with_palette"].values())
+    # palette-free decoding merges colours closer than its tolerance: exact up to the palette's spacing (60)
+    assert all(v == 1.0 for t, v in r["segmentation_miou"]["palette_free"].items() if int(t) <= 60)
+    assert r["depth"]["delta1_depth"] > 0.99 and r["depth"]["abs_rel_depth"] < 0.01
+
+
+def test_a_random_vae_scores_below_the_exact_maps(vae_dir, tmp_path):
+    r = _run(vae_dir, tmp_path)
+    assert r["colormap_error_percentiles"]["p50"] > 10  # an untrained VAE does not reconstruct
+    scores = [*r["segmentation_miou"]["palette_free"].values(), *r["segmentation_miou"]["with_palette"].values()]
+    assert all(0.0 <= s < 1.0 for s in scores)
+    assert set(r["segmentation_miou"]["palette_free"]) == {str(t) for t in small_vae_ceiling.TOLERANCES}
+    assert r["depth"]["delta1_depth"] < 0.99
