@@ -130,9 +130,15 @@ def variant_root(root: Path, name: str, p: Params) -> Path:
 
 
 def prepare(root: Path, overrides: list[str]) -> None:
+    from udpdiff.stages.common import write_json
+
     p = load(overrides)
     paths = ProjectPaths(root, p.profile)
     for stage in PREPARE:
+        record = paths.outputs / "gpu_run" / "autoencoder.inputs.json"
+        if stage == "autoencoder" and not done_marker(paths, stage).exists():
+            # what this VAE is trained for, with this run's --set: save-vae carries it with the VAE
+            write_json(record, vae_inputs(p))
         run_stage(p, paths, stage)
 
 
@@ -298,7 +304,9 @@ def save_vae(root: Path, out: Path, overrides: list[str]) -> Path | None:
         return None
     from udpdiff.stages.common import write_json
 
-    write_json(paths.outputs / "gpu_run" / "autoencoder.inputs.json", vae_inputs(p))
+    record = paths.outputs / "gpu_run" / "autoencoder.inputs.json"
+    if not record.exists():  # a VAE trained before prepare recorded its inputs: the profile as it is
+        write_json(record, vae_inputs(p))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w") as tar:
         for f in vae_files(paths):

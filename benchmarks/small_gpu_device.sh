@@ -4,7 +4,8 @@
 # av, deepspeed's sdist). Background work is started with setsid, so it outlives the call that
 # started it while the machine stays warm; `watch` follows it and packs what is done into $OUT.
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
-#   bash benchmarks/small_gpu_device.sh prepare        # data, encode, autoencoder, latents (background)
+#   bash benchmarks/small_gpu_device.sh prepare ARGS   # data, encode, autoencoder, latents (background; ARGS: --set k=v,
+#                                                      # e.g. --set vae.train.steps=3000; give variants the same --set)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v)
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)
 # `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
@@ -39,12 +40,12 @@ for f in glob.glob("/tmp/smoke/variants/*/outputs/small/metrics/train_history.cs
 PY
     exit $rc ;;
   prepare)
-    install; mkdir -p $RUN/logs
+    shift; install; mkdir -p $RUN/logs
     carried=$(ls .gpu-carry/vae-small.tar* 2>/dev/null | head -n 1)  # .tar, or .tar.xz to fit the 64 MiB carry
     if [ -n "$carried" ] && [ ! -f $RUN/outputs/small/gpu_run/autoencoder.done.json ]; then
-      driver restore-vae --root $RUN --vae "$carried" || exit 1
+      driver restore-vae --root $RUN --vae "$carried" "$@" || exit 1
     fi
-    setsid nohup python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN >> $RUN/logs/prepare.log 2>&1 < /dev/null &
+    setsid nohup python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN "$@" >> $RUN/logs/prepare.log 2>&1 < /dev/null &
     echo "prepare started" ;;
   variants)
     shift; install; mkdir -p $RUN/logs

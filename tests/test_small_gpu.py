@@ -229,6 +229,10 @@ def test_a_carried_vae_lets_a_fresh_machine_skip_the_autoencoder(gpu_run, tmp_pa
         small_gpu.main(["restore-vae", "--root", str(other), "--vae", str(carried), *OVERRIDES,
                         "--set", "vae.train.steps=3"])
     assert not (other / vae).exists()
+    # prepare recorded what it trained the VAE for (its --set), so a save-vae without them carries the same record
+    bare = tmp_path / "bare.tar"
+    assert small_gpu.main(["save-vae", "--root", str(root), "--out", str(bare)]) == 0
+    assert small_gpu.main(["restore-vae", "--root", str(tmp_path / "bare"), "--vae", str(bare), *OVERRIDES]) == 0
     # the decode tolerance reads colormaps, it does not make them: that VAE serves another tolerance
     assert small_gpu.main(["restore-vae", "--root", str(other), "--vae", str(carried), *OVERRIDES,
                            "--set", "pixelplanes.decode_tolerance=25"]) == 0
