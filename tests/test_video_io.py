@@ -366,3 +366,30 @@ def test_without_decord_every_read_is_pyav_and_said_once(
         assert _mae(out, frames[[1, 6]]) < 4.0
     said = [r.getMessage() for r in caplog.records if "decord" in r.getMessage()]
     assert said == ["decord is not installed: reading videos with PyAV"]
+
+
+def test_decord_failures_warn_once_per_process(
+    clip_file: tuple[Path, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files decord fails on are read with PyAV, equal to a PyAV read; the first failure is a
+    warning naming the file, the others are debug lines (not one warning per clip)."""
+    import shutil
+
+    path, frames = clip_file
+    copies = [shutil.copy(path, tmp_path / f"copy{i}.mp4") for i in range(3)]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Check failed: from_size == to_size")
+
+    monkeypatch.setattr(video_mod, "_decord_installed", lambda: True)
+    monkeypatch.setattr(video_mod, "_open_decord", broken)
+    monkeypatch.setattr(video_mod, "_DECORD_FALLBACK_SAID", False)
+    with caplog.at_level("DEBUG", logger=video_mod.__name__):
+        reads = [read_video(c, indices=[1, 6]) for c in copies]
+    for out in reads:
+        assert _mae(out, frames[[1, 6]]) < 4.0
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "decord" in r.getMessage()]
+    assert len(warned) == 1 and str(copies[0]) in warned[0].getMessage()
+    debug = [r for r in caplog.records if r.levelname == "DEBUG" and "decord cannot open" in r.getMessage()]
+    assert [str(c) in r.getMessage() for c, r in zip(copies[1:], debug, strict=True)] == [True, True]

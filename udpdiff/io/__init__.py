@@ -1,0 +1,1 @@
+"""Files: video reading and writing, dense maps, the clip manifest, atomic writes."""

@@ -417,6 +417,22 @@ def _file_key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_mtime_ns, st.st_size
 
 
+_DECORD_FALLBACK_SAID = False
+
+
+def _say_decord_fallback(path: Path, what: str, exc: Exception) -> None:
+    """A file decord fails on is read with PyAV. The first such file in a process is a warning;
+    the rest are debug lines: decord 0.6 fails on every clip of some sizes (e.g. 48 px wide), and a
+    warning per clip buried a pipeline's log (54 of them in one ``make repro``)."""
+    global _DECORD_FALLBACK_SAID
+    if _DECORD_FALLBACK_SAID:
+        logger.debug("%s: decord %s (%s); falling back to PyAV", path, what, exc)
+        return
+    _DECORD_FALLBACK_SAID = True
+    logger.warning("%s: decord %s (%s); falling back to PyAV (later files decord fails on in this process: "
+                   "debug log)", path, what, exc)
+
+
 def _remember_decord_failure(path: Path) -> None:
     if len(_DECORD_FAILED) >= _DECORD_FAILED_MAX:
         _DECORD_FAILED.clear()
@@ -458,7 +474,7 @@ def read_video(
             vr = _open_decord(path, timeout_s)
             decord_len = len(vr)
         except Exception as exc:
-            logger.warning("%s: decord cannot open the file (%s); falling back to PyAV", path, exc)
+            _say_decord_fallback(path, "cannot open the file", exc)
             _remember_decord_failure(path)
             vr, decord_len = None, None
 
@@ -471,7 +487,7 @@ def read_video(
         try:
             frames = _read_decord(vr, unique, (probe.height, probe.width), size, timeout_s)
         except Exception as exc:
-            logger.warning("%s: decord read failed (%s); falling back to PyAV", path, exc)
+            _say_decord_fallback(path, "read failed", exc)
             _remember_decord_failure(path)
             frames = None
         finally:
