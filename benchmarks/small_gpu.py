@@ -134,11 +134,10 @@ def prepare(root: Path, overrides: list[str]) -> None:
 
     p = load(overrides)
     paths = ProjectPaths(root, p.profile)
+    if not done_marker(paths, "autoencoder").exists():
+        # what the VAE is about to be trained for, with this run's --set: save-vae carries it with the VAE
+        write_json(paths.outputs / "gpu_run" / "autoencoder.inputs.json", vae_inputs(p))
     for stage in PREPARE:
-        record = paths.outputs / "gpu_run" / "autoencoder.inputs.json"
-        if stage == "autoencoder" and not done_marker(paths, stage).exists():
-            # what this VAE is trained for, with this run's --set: save-vae carries it with the VAE
-            write_json(record, vae_inputs(p))
         run_stage(p, paths, stage)
 
 

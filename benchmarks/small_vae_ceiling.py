@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         palette = pixelplanes.make_palette(entities[entities != 0], seed=palette_seed(p.seed, cid),
                                            min_distance=pp.min_color_distance)
         seg, palette = pixelplanes.encode_segmentation(c.ids, palette=palette)
-        clips.append({"ids": c.ids, "depth": c.depth, "seg": reconstruct(vae, seg), "palette": palette,
-                      "depth_map": reconstruct(vae, pixelplanes.encode_depth(c.depth))})
+        clips.append({"ids": c.ids, "depth": c.depth, "exact_seg": seg, "seg": reconstruct(vae, seg),
+                      "palette": palette, "depth_map": reconstruct(vae, pixelplanes.encode_depth(c.depth))})
         print(f"{cid}: {len(entities) - 1} entities", flush=True)
 
     def miou(decode) -> float:
         return float(np.nanmean([hungarian_miou(decode(c), c["ids"])["miou"] for c in clips]))
 
-    err = np.concatenate([np.linalg.norm(c["seg"].astype(np.float32) - pixelplanes.encode_segmentation(
-        c["ids"], palette=c["palette"])[0].astype(np.float32), axis=-1).ravel() for c in clips])
+    err = np.concatenate([np.linalg.norm(c["seg"].astype(np.float32) - c["exact_seg"].astype(np.float32), axis=-1)
+                          .ravel() for c in clips])
     depth_range = exact_depth_range(d.source)
     depth = [depth_scores(pixelplanes.decode_depth(c["depth_map"]), c["depth"], depth_range=depth_range) for c in clips]
     out = {"vae": str(args.vae), "clips": ids, "profile_decode_tolerance": pp.decode_tolerance,
