@@ -46,29 +46,29 @@ def _video_and_colormaps(p: Params, paths: ProjectPaths, row: tuple[str, str]) -
 
 def _dense_after_vae(p: Params, paths: ProjectPaths, rows: pd.DataFrame, rec: dict[str, list[np.ndarray]]
                      ) -> dict[str, float]:
-    """The validation clips' exact dense maps, encoded and decoded by the VAE, then scored like a
-    prediction (palette-free Pixelplanes decoding, Hungarian mIoU, aligned depth): the best score
-    a dense prediction through this VAE can reach, whatever the transformer learns."""
-    from udpdiff.evaluation.depth import depth_scores
-    from udpdiff.evaluation.segmentation import hungarian_miou
+    """The validation clips' exact dense maps, encoded and decoded by the VAE, then scored as the
+    evaluate stage scores a prediction (palette-free Pixelplanes decoding): the best score a dense
+    prediction through this VAE can reach, whatever the transformer learns."""
+    from udpdiff.evaluation.ground_truth import ground_truth_scores
 
-    t = p.active.data.num_frames
+    tolerance, depth_range = p.active.pixelplanes.decode_tolerance, exact_depth_range(p.active.data.source)
     scores: dict[str, list[float]] = {}
     for i, r in enumerate(rows.itertuples()):
+        row: dict[str, float] = {}
         if "segmentation" in rec:
-            gt_ids = load_ids(resolve(paths.manifest, r.seg_path))[:t]
-            tolerance = p.active.pixelplanes.decode_tolerance
+            gt_ids = load_ids(resolve(paths.manifest, r.seg_path))[:len(rec["segmentation"][i])]
             palette = load_palette(paths, r.clip_id)
             with_palette = pixelplanes.decode_segmentation(rec["segmentation"][i], palette=palette, tolerance=tolerance)
-            scores.setdefault("seg_pixel_acc_after_vae", []).append(float((with_palette == gt_ids).mean()))
+            row["seg_pixel_acc"] = float((with_palette == gt_ids).mean())
             blind = pixelplanes.decode_segmentation(rec["segmentation"][i], tolerance=tolerance)
-            scores.setdefault("gt_miou_after_vae", []).append(float(hungarian_miou(blind, gt_ids)["miou"]))
+            row.update(ground_truth_scores("segmentation", blind, r, paths.manifest))
         if "depth" in rec:
-            gt_depth = load_depth(resolve(paths.manifest, r.depth_path))[:t]
             decoded = pixelplanes.decode_depth(rec["depth"][i])
-            scores.setdefault("depth_mae_after_vae", []).append(float(np.abs(decoded - gt_depth).mean()))
-            for k, v in depth_scores(decoded, gt_depth, depth_range=exact_depth_range(p.active.data.source)).items():
-                scores.setdefault(f"gt_{k}_after_vae", []).append(v)
+            gt_depth = load_depth(resolve(paths.manifest, r.depth_path))[:len(decoded)]
+            row["depth_mae"] = float(np.abs(decoded - gt_depth).mean())
+            row.update(ground_truth_scores("depth", decoded, r, paths.manifest, depth_range=depth_range))
+        for k, v in row.items():
+            scores.setdefault(f"{k}_after_vae", []).append(v)
     return {k: float(np.nanmean(v)) for k, v in scores.items()}
 
 

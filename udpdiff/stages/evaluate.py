@@ -13,8 +13,8 @@ import pandas as pd
 from udpdiff import viz
 from udpdiff.data.synthetic import exact_depth_range
 from udpdiff.distributed import Ranks, inference_ranks
+from udpdiff.evaluation.ground_truth import ground_truth_scores
 from udpdiff.io.atomic import atomic_path, write_text
-from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
 from udpdiff.io.video import read_video
 from udpdiff.stages.common import (
@@ -146,8 +146,8 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
     if task is not None:
         scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
         for x, a in zip(chunk, arrays, strict=True):
-            for k, v in _ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
-                                             paths.manifest, suite.depth_per_frame, suite.depth_range).items():
+            for k, v in ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
+                                            paths.manifest, suite.depth_per_frame, suite.depth_range).items():
                 scores.setdefault(k, []).append(v)
     out = {"rows": [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
                     for j, x in enumerate(chunk)], "frames": int(videos.shape[1])}
@@ -175,22 +175,6 @@ def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
     order = sorted(results, key=lambda s: s != "real")  # the real clips' ceiling first
     return viz.plot_grouped_bars(path, {set_label(s): results[s] for s in order}, shown,
                                  title="evaluation scores per sample set", ylabel="score (higher is better)")
-
-
-def _ground_truth_scores(task: str, prediction: np.ndarray, clip, manifest: Path, depth_per_frame: bool = False,
-                         depth_range: tuple[float, float] | None = None) -> dict[str, float]:
-    """The dense prediction *of* a real clip against that clip's ground truth (exact for synthetic data)."""
-    from udpdiff.evaluation.depth import depth_scores
-    from udpdiff.evaluation.segmentation import hungarian_miou, temporal_id_consistency
-
-    t = prediction.shape[0]  # the clip's first t frames were predicted
-    if task == "depth":
-        scores = depth_scores(prediction, load_depth(resolve(manifest, clip.depth_path))[:t], depth_per_frame,
-                              depth_range)
-        return {f"gt_{k}": v for k, v in scores.items()}
-    gt = load_ids(resolve(manifest, clip.seg_path))[:t]
-    return {"gt_miou": float(hungarian_miou(prediction, gt)["miou"]),
-            "gt_temporal_id_consistency": temporal_id_consistency(prediction, gt)}
 
 
 def _chunks(items: list, size: int):
