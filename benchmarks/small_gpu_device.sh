@@ -4,6 +4,7 @@
 # av, deepspeed's sdist). Background work is started with setsid, so it outlives the call that
 # started it while the machine stays warm; `watch` follows it and packs what is done into $OUT.
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
+#   bash benchmarks/small_gpu_device.sh bench-vae ARGS # install, then seconds per VAE training step ($OUT/vae-train.json)
 #   bash benchmarks/small_gpu_device.sh prepare ARGS   # data, encode, autoencoder, latents (background; ARGS: --set k=v,
 #                                                      # e.g. --set vae.train.steps=3000; give variants the same --set)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v)
@@ -39,6 +40,9 @@ for f in glob.glob("/tmp/smoke/variants/*/outputs/small/metrics/train_history.cs
     print(f); print(pd.read_csv(f).tail(3).to_string())
 PY
     exit $rc ;;
+  bench-vae)
+    shift; install
+    python3 $CODE/benchmarks/bench_vae_train.py --out $OUT/vae-train.json "$@" ;;
   prepare)
     shift; install; mkdir -p $RUN/logs
     carried=$(ls .gpu-carry/vae-small.tar* 2>/dev/null | head -n 1)  # .tar, or .tar.xz to fit the 64 MiB carry
@@ -50,7 +54,10 @@ PY
   variants)
     shift; install; mkdir -p $RUN/logs
     setsid nohup bash -c "while [ ! -f $RUN/outputs/small/gpu_run/latents.done.json ]; do sleep 5; done;
-      python3 $CODE/benchmarks/small_gpu.py variants --root $RUN $*" \
+      python3 $CODE/benchmarks/small_gpu.py variants --root $RUN $*;
+      for d in $RUN/variants/*/outputs/small/samples/segmentation; do  # decode tolerance on predictions
+        [ -d \$d ] && python3 $CODE/benchmarks/small_vae_ceiling.py --predictions \$d --out \$d/../../metrics/tolerance_sweep.json;
+      done" \
       >> $RUN/logs/variants.log 2>&1 < /dev/null &
     echo "variants queued: $*" ;;
   watch)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +58,27 @@ def test_a_random_vae_scores_below_the_exact_maps(vae_dir, tmp_path):
     assert all(0.0 <= s < 1.0 for s in scores)
     assert set(r["segmentation_miou"]["palette_free"]) == {str(t) for t in small_vae_ceiling.TOLERANCES}
     assert r["depth"]["delta1_depth"] < 0.99
+
+
+def test_prediction_sweep_scores_saved_samples_against_their_clips(tmp_path):
+    """``--predictions``: exact colormaps saved as a sample's ``conditioned_colormap`` score 1 at every
+    tolerance up to the palette's spacing; a colormap of another clip scores far lower."""
+    p = small_vae_ceiling.load_params(small_vae_ceiling.REPO / "params.yaml", profile="small")
+    exact = {cid: small_vae_ceiling.exact_clip(p, cid)["exact_seg"] for cid in CLIPS}
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder, maps in ((good, exact), (bad, dict(zip(CLIPS, reversed(list(exact.values())), strict=True)))):
+        folder.mkdir()
+        for cid, colormap in maps.items():
+            np.savez_compressed(folder / f"{cid}.npz", conditioned_colormap=colormap, video=colormap)
+    out = tmp_path / "sweep.json"
+    assert small_vae_ceiling.main(["--predictions", str(good), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["clips"] == CLIPS
+    assert all(v == 1.0 for t, v in r["segmentation_miou"]["palette_free"].items() if int(t) <= 60)
+    assert small_vae_ceiling.main(["--predictions", str(bad), "--out", str(out)]) == 0
+    assert max(json.loads(out.read_text())["segmentation_miou"]["palette_free"].values()) < 0.5
+
+
+def test_prediction_sweep_names_a_folder_without_samples(tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path)):
+        small_vae_ceiling.main(["--predictions", str(tmp_path)])

@@ -42,6 +42,34 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
+class VaeTrainStep:
+    """One optimisation step of the VAE on a float ``(B, 3, T, H, W)`` batch in [-1, 1]: L1 + MSE + a
+    tiny KL, bf16 autocast on a GPU (the weights, optimizer and loss stay float32), gradient norm
+    clipped to 1, AdamW with a cosine schedule over ``steps``. :func:`train_vae` loops it; the VAE
+    benchmark (``benchmarks/bench_vae_train.py``) times it."""
+
+    def __init__(self, vae: AutoencoderKLCogVideoX, steps: int, lr: float, kl_weight: float):
+        self.vae, self.kl_weight = vae, kl_weight
+        self.autocast = torch.autocast(vae.device.type, dtype=torch.bfloat16, enabled=vae.device.type == "cuda")
+        self.opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(steps, 1), eta_min=lr * 0.05)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast:
+            posterior = self.vae.encode(x).latent_dist
+            rec = self.vae.decode(posterior.sample()).sample.float()
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = l1 + mse + self.kl_weight * kl
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        return {"vae_loss": loss.detach(), "vae_l1": l1.detach(), "vae_kl": kl.detach()}
+
+
 def train_vae(
     vae: AutoencoderKLCogVideoX,
     videos: Sequence[np.ndarray],
@@ -52,40 +80,24 @@ def train_vae(
     seed: int,
     log_fn: Callable[[dict[str, float], int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Fit the VAE to uint8 videos (RGB clips and their colormaps alike): L1 + MSE + tiny KL, on
-    the VAE's device (bf16 autocast on a GPU; the weights, optimizer and loss stay float32).
+    """Fit the VAE to uint8 videos (RGB clips and their colormaps alike) with :class:`VaeTrainStep`,
+    on the VAE's device, ``batch_size`` videos drawn without replacement per step.
 
     Returns the per-step history; ``log_fn(metrics, step)`` is called every 10 steps.
     """
     if not videos:
         raise ValueError("train_vae needs at least one video")
     data = np.stack(videos)  # uint8, a quarter of float32's memory; each batch is converted on its own
-    device = vae.device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
+    train_step = VaeTrainStep(vae, steps, lr, kl_weight)
     vae.train()
     history: list[dict[str, float]] = []
     for step in tqdm(range(1, steps + 1), desc="vae", leave=False):
         idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
-        x = to_model_input(data[idx]).to(device)
-        with autocast:
-            posterior = vae.encode(x).latent_dist
-            rec = vae.decode(posterior.sample()).sample.float()
-        l1 = (rec - x).abs().mean()
-        mse = (rec - x).pow(2).mean()
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = l1 + mse + kl_weight * kl
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"VAE loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        row = {"vae_loss": loss.item(), "vae_l1": l1.item(), "vae_kl": kl.item()}
+        row = {k: v.item() for k, v in train_step(to_model_input(data[idx]).to(vae.device)).items()}
+        if not np.isfinite(row["vae_loss"]):
+            raise FloatingPointError(f"VAE loss is {row['vae_loss']} at step {step}")
         history.append(row)
         if log_fn is not None and (step % 10 == 0 or step == steps):
             log_fn(row, step)
