@@ -493,3 +493,18 @@ def test_large_video_paths_match_small_video_paths(device: str) -> None:
     depth_cm_t = torch.from_numpy(depth_cm).to(device)
     for method in ("nearest", "continuous"):
         _same(pp.decode_depth(depth_cm_t, method), pp.decode_depth(depth_cm, method), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unique_colours_come_sorted(device: str) -> None:
+    # Clustering searches and breaks ties over the distinct colours in ascending order; it relies
+    # on array-api-compat's unique_inverse sorting them (the array API standard leaves order open).
+    rng = np.random.default_rng(6)
+    rgb = rng.integers(0, 256, (300, 3)).astype(np.uint8)[rng.integers(0, 300, 4000)]  # repeats
+    codes_np = (rgb[:, 0].astype(np.int64) << 16) | (rgb[:, 1].astype(np.int64) << 8) | rgb[:, 2]
+    for x in (rgb, torch.from_numpy(rgb).to(device)):
+        x, xp = pp._as_array(x)
+        codes, inverse, counts = (pp._small_to_numpy(a) for a in pp._unique_colors(xp, x))
+        np.testing.assert_array_equal(codes, np.unique(codes_np))
+        np.testing.assert_array_equal(codes[inverse], codes_np)
+        np.testing.assert_array_equal(counts, np.unique(codes_np, return_counts=True)[1])

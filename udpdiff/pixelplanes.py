@@ -37,12 +37,14 @@ within a few RGB units of each other, noise can flip a pixel to the other branch
 Backends
 --------
 Every public function takes numpy arrays or torch tensors; given torch it computes with torch on
-the tensor's device and returns torch there. Both backends run the same algorithm, and all
-decisions (nearest colour, clustering) are computed with integer-exact arithmetic, so the numpy
-and torch results are identical. Work is vectorised over pixels; pixels are first reduced to their
-unique colours (a generated video has far fewer distinct colours than pixels), and the remaining
-distance computations are chunked to bound memory. Cost of the nearest-colour steps is
-O(unique colours x palette size).
+the tensor's device and returns torch there. Both backends run the same code, written once against
+the Python array API standard (``array-api-compat`` supplies either library's namespace; a few
+small helpers cover what the standard lacks, such as a scatter-add), and all decisions (nearest
+colour, clustering) are computed with integer-exact arithmetic, so the numpy and torch results are
+identical. Work is vectorised over pixels; pixels are first reduced to their unique colours (a
+generated video has far fewer distinct colours than pixels), and the remaining distance
+computations are chunked to bound memory. Cost of the nearest-colour steps is O(unique colours x
+palette size).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import array_api_compat.numpy as numpy_xp
 import numpy as np
+from array_api_compat import array_namespace, is_torch_array, is_torch_namespace
+from array_api_compat import device as device_of
+from array_api_compat import size as size_of
 
 logger = logging.getLogger(__name__)
 
@@ -97,244 +102,49 @@ _SPHERE_PACKING_DENSITY = math.pi / math.sqrt(18)
 
 
 # --------------------------------------------------------------------------------------------
-# Backend shim: the few operations whose spelling differs between numpy and torch. Everything
-# else (indexing, arithmetic, comparisons, ``//``) is written once and works on both.
+# Backends: kernels take ``xp``, the array API namespace of their inputs (numpy's or torch's, via
+# array-api-compat), and create arrays on their inputs' device. Indexing, arithmetic, ``//`` and
+# the methods ``.reshape``, ``.sum``, ``.all``, ``.min``, ``.max`` need no namespace (whole-array
+# ``.min()`` rather than ``xp.min``: torch's ``amin`` behind it is ~3x slower on int64). The
+# standard leaves the order of ``unique_inverse``'s values open; array-api-compat's sorts them for
+# numpy and torch alike, which the searches and tie-breaks below rely on. numpy and torch spell
+# ``bincount`` alike, outside the standard; the helpers below cover the rest.
 # --------------------------------------------------------------------------------------------
 
-
-def _np_unique_sorted(x: np.ndarray) -> np.ndarray:
-    """Sorted distinct values. Plain ``np.unique`` in numpy >= 2.3 takes a hash-based path that
-    is ~20x slower than sorting on large integer arrays (17 s vs 1 s for 2**24 ids)."""
-    s = np.sort(x.reshape(-1))
-    if s.size == 0:
-        return s
-    keep = np.empty(s.shape[0], dtype=bool)
-    keep[0] = True
-    np.not_equal(s[1:], s[:-1], out=keep[1:])
-    return s[keep]
+# Integer dtypes accepted for ids and colormaps (bool counts as an integer here).
+_INTEGER_KINDS = ("integral", "bool")
 
 
-def _is_torch(x: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+def _as_array(x: Any) -> tuple[Any, Any]:
+    """Return ``x`` as a numpy array or torch tensor plus its namespace (lists become numpy)."""
+    if not is_torch_array(x):
+        x = np.asarray(x)
+    return x, array_namespace(x)
 
 
-class _NumpyOps:
-    i64: Any = np.int64
-    i32: Any = np.int32
-    f32: Any = np.float32
-    f64: Any = np.float64
-    u8: Any = np.uint8
-    bool_: Any = np.bool_
-
-    def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
-        return np.asarray(a, dtype=dtype)
-
-    def astype(self, x: np.ndarray, dtype: Any) -> np.ndarray:
-        return x.astype(dtype, copy=False)
-
-    def is_integer(self, x: np.ndarray) -> bool:
-        return np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_
-
-    def is_floating(self, x: np.ndarray) -> bool:
-        return np.issubdtype(x.dtype, np.floating)
-
-    def zeros(self, shape: Any, dtype: Any) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
-
-    def full(self, shape: Any, value: Any, dtype: Any) -> np.ndarray:
-        return np.full(shape, value, dtype=dtype)
-
-    def arange(self, n: int, dtype: Any = None) -> np.ndarray:
-        return np.arange(n, dtype=dtype if dtype is not None else np.int64)
-
-    def concat(self, xs: list[np.ndarray], axis: int = 0) -> np.ndarray:
-        return np.concatenate(xs, axis=axis)
-
-    def stack(self, xs: list[np.ndarray], axis: int = 0) -> np.ndarray:
-        return np.stack(xs, axis=axis)
-
-    def unique(self, x: np.ndarray) -> np.ndarray:
-        return _np_unique_sorted(x)
-
-    def unique_inverse_counts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        u, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
-        return u, inv.reshape(-1).astype(np.int64, copy=False), cnt.astype(np.int64, copy=False)
-
-    def bincount(self, x: np.ndarray, minlength: int) -> np.ndarray:
-        return np.bincount(x, minlength=minlength).astype(np.int64, copy=False)
-
-    def segment_sum(self, idx: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-        # float64 bincount is exact for integer sums below 2**53 (always true here).
-        out = np.bincount(idx, weights=values.astype(np.float64), minlength=n)
-        return out.astype(np.int64)
-
-    def nonzero(self, mask: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(mask)
-
-    def any(self, mask: np.ndarray) -> bool:
-        return bool(mask.any())
-
-    def argsort_stable(self, keys: np.ndarray) -> np.ndarray:
-        return np.argsort(keys, kind="stable")
-
-    def argmin1(self, x: np.ndarray) -> np.ndarray:
-        return np.argmin(x, axis=1)
-
-    def take_along1(self, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
-
-    def max_all(self, x: np.ndarray) -> float:
-        return x.max().item()
-
-    def min_all(self, x: np.ndarray) -> float:
-        return x.min().item()
-
-    def clip(self, x: np.ndarray, lo: Any, hi: Any) -> np.ndarray:
-        return np.clip(x, lo, hi)
-
-    def floor(self, x: np.ndarray) -> np.ndarray:
-        return np.floor(x)
-
-    def rint(self, x: np.ndarray) -> np.ndarray:
-        return np.rint(x)  # round half to even, as torch.round
-
-    def isnan(self, x: np.ndarray) -> np.ndarray:
-        return np.isnan(x)
-
-    def searchsorted(self, sorted_seq: np.ndarray, values: np.ndarray) -> np.ndarray:
-        return np.searchsorted(sorted_seq, values)
-
-    def where(self, cond: np.ndarray, a: Any, b: Any) -> np.ndarray:
-        return np.where(cond, a, b)
-
-    def maximum(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.maximum(a, b)
-
-    def argmax0(self, x: np.ndarray) -> np.ndarray:
-        return np.argmax(x, axis=0)
+def _from_host(xp: Any, a: Any, dtype: Any, device: Any) -> Any:
+    """Host data (a list or a cached numpy table) as an ``xp`` array of ``dtype`` on ``device``."""
+    if is_torch_namespace(xp) and isinstance(a, np.ndarray) and not a.flags.writeable:
+        a = a.copy()  # cached tables are read-only; torch wants writable memory to wrap
+    return xp.asarray(a, dtype=dtype, device=device)
 
 
-class _TorchOps:
-    def __init__(self, device: Any) -> None:
-        import torch
+def _unique_sorted(xp: Any, x: Any) -> Any:
+    """Sorted distinct values of a 1-D array. Not ``unique_values``: the standard leaves its order
+    open, and numpy >= 2.3 computes it with a hash table, ~20x slower than sorting on large
+    integer arrays (17 s vs 1 s for 2**24 ids)."""
+    s = xp.sort(x, stable=False)
+    return xp.concat([s[:1], s[1:][s[1:] != s[:-1]]])
 
-        self.torch = torch
-        self.device = device
-        self.i64 = torch.int64
-        self.i32 = torch.int32
-        self.f32 = torch.float32
-        self.f64 = torch.float64
-        self.u8 = torch.uint8
-        self.bool_ = torch.bool
 
-    def asarray(self, a: Any, dtype: Any = None) -> Any:
-        if isinstance(a, np.ndarray) and not a.flags.writeable:
-            a = a.copy()  # cached tables are read-only; torch wants writable memory to wrap
-        return self.torch.as_tensor(a, dtype=dtype, device=self.device)
-
-    def astype(self, x: Any, dtype: Any) -> Any:
-        return x.to(dtype)
-
-    def is_integer(self, x: Any) -> bool:
-        return not x.dtype.is_floating_point and not x.dtype.is_complex
-
-    def is_floating(self, x: Any) -> bool:
-        return x.dtype.is_floating_point
-
-    def zeros(self, shape: Any, dtype: Any) -> Any:
-        return self.torch.zeros(shape, dtype=dtype, device=self.device)
-
-    def full(self, shape: Any, value: Any, dtype: Any) -> Any:
-        return self.torch.full(shape, value, dtype=dtype, device=self.device)
-
-    def arange(self, n: int, dtype: Any = None) -> Any:
-        return self.torch.arange(
-            n, dtype=dtype if dtype is not None else self.i64, device=self.device
-        )
-
-    def concat(self, xs: list[Any], axis: int = 0) -> Any:
-        return self.torch.cat(xs, dim=axis)
-
-    def stack(self, xs: list[Any], axis: int = 0) -> Any:
-        return self.torch.stack(xs, dim=axis)
-
-    def unique(self, x: Any) -> Any:
-        return self.torch.unique(x, sorted=True)
-
-    def unique_inverse_counts(self, x: Any) -> tuple[Any, Any, Any]:
-        u, inv, cnt = self.torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-        return u, inv.reshape(-1), cnt
-
-    def bincount(self, x: Any, minlength: int) -> Any:
-        return self.torch.bincount(x, minlength=minlength)
-
-    def segment_sum(self, idx: Any, values: Any, n: int) -> Any:
+def _segment_sum(xp: Any, idx: Any, values: Any, n: int) -> Any:
+    """(n,) int64 sums of integer ``values`` grouped by ``idx`` in [0, n), exactly."""
+    if is_torch_namespace(xp):
         # Integer scatter-add: exact and order independent (deterministic on GPU too).
-        out = self.torch.zeros(n, dtype=self.i64, device=self.device)
-        return out.index_add_(0, idx, values.to(self.i64))
-
-    def nonzero(self, mask: Any) -> Any:
-        return self.torch.nonzero(mask.reshape(-1)).reshape(-1)
-
-    def any(self, mask: Any) -> bool:
-        return bool(mask.any())
-
-    def argsort_stable(self, keys: Any) -> Any:
-        return self.torch.sort(keys, stable=True).indices
-
-    def argmin1(self, x: Any) -> Any:
-        return self.torch.argmin(x, dim=1)  # first minimum on ties, as numpy
-
-    def take_along1(self, x: Any, idx: Any) -> Any:
-        return self.torch.gather(x, 1, idx[:, None])[:, 0]
-
-    def max_all(self, x: Any) -> float:
-        return x.max().item()
-
-    def min_all(self, x: Any) -> float:
-        return x.min().item()
-
-    def clip(self, x: Any, lo: Any, hi: Any) -> Any:
-        return self.torch.clamp(x, lo, hi)
-
-    def floor(self, x: Any) -> Any:
-        return self.torch.floor(x)
-
-    def rint(self, x: Any) -> Any:
-        return self.torch.round(x)
-
-    def isnan(self, x: Any) -> Any:
-        return self.torch.isnan(x)
-
-    def searchsorted(self, sorted_seq: Any, values: Any) -> Any:
-        return self.torch.searchsorted(sorted_seq, values.contiguous())
-
-    def where(self, cond: Any, a: Any, b: Any) -> Any:
-        return self.torch.where(cond, a, b)
-
-    def maximum(self, a: Any, b: Any) -> Any:
-        return self.torch.maximum(a, b)
-
-    def argmax0(self, x: Any) -> Any:
-        # torch.argmax on bool is not implemented everywhere; first maximum like numpy.
-        return self.torch.argmax(x.to(self.torch.uint8), dim=0)
-
-
-_Ops = _NumpyOps | _TorchOps
-
-
-def _ops_for(x: Any) -> _Ops:
-    if _is_torch(x):
-        return _TorchOps(x.device)
-    return _NumpyOps()
-
-
-def _as_backend_array(x: Any) -> tuple[Any, _Ops]:
-    """Return ``x`` as a numpy array or torch tensor plus its ops (lists become numpy)."""
-    if _is_torch(x):
-        return x, _TorchOps(x.device)
-    return np.asarray(x), _NumpyOps()
+        out = xp.zeros(n, dtype=xp.int64, device=device_of(idx))
+        return out.index_add_(0, idx, xp.astype(values, xp.int64, copy=False))
+    # float64 bincount is exact for integer sums below 2**53 (always true here).
+    return np.bincount(idx, weights=values.astype(np.float64), minlength=n).astype(np.int64)
 
 
 def _small_to_numpy(x: Any) -> np.ndarray:
@@ -343,7 +153,7 @@ def _small_to_numpy(x: Any) -> np.ndarray:
     Used only where the result must live on the host anyway (palettes are numpy); the video
     itself never leaves its device.
     """
-    if _is_torch(x):
+    if is_torch_array(x):
         return np.asarray(x.detach().cpu().tolist())
     return np.asarray(x)
 
@@ -431,46 +241,42 @@ class Palette:
         return cls(ids=ids, colors=colors)
 
 
-def _pack_rgb(ops: _Ops, rgb: Any) -> Any:
+def _pack_rgb(xp: Any, rgb: Any) -> Any:
     """(..., 3) integer colours -> (...,) int64 24-bit codes ``r * 65536 + g * 256 + b``."""
     if isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8:
         # Fast path (one copy instead of six passes): bytes (0, r, g, b) read as big-endian u32.
         buf = np.zeros(rgb.shape[:-1] + (4,), dtype=np.uint8)
         buf[..., 1:] = rgb
         return buf.view(">u4")[..., 0].astype(np.int64)
-    if _is_torch(rgb) and rgb.dtype == ops.u8:
-        r32 = rgb.to(ops.i32)  # int32 arithmetic: half the memory traffic of int64
-        return ((r32[..., 0] << 16) | (r32[..., 1] << 8) | r32[..., 2]).to(ops.i64)
-    rgb = ops.astype(rgb, ops.i64)
+    if rgb.dtype == xp.uint8:
+        r32 = xp.astype(rgb, xp.int32)  # int32 arithmetic: half the memory traffic of int64
+        return xp.astype((r32[..., 0] << 16) | (r32[..., 1] << 8) | r32[..., 2], xp.int64)
+    rgb = xp.astype(rgb, xp.int64, copy=False)
     return (rgb[..., 0] * 65536) + (rgb[..., 1] * 256) + rgb[..., 2]
 
 
-def _unpack_rgb(ops: _Ops, codes: Any) -> Any:
-    return ops.stack([codes // 65536, (codes // 256) % 256, codes % 256], axis=-1)
+def _unpack_rgb(xp: Any, codes: Any) -> Any:
+    return xp.stack([codes // 65536, (codes // 256) % 256, codes % 256], axis=-1)
 
 
 def _distinct_entity_ids(entity_ids: Any) -> np.ndarray:
     """Sorted distinct positive ids of an id video / list / tensor, as host int64."""
-    if _is_torch(entity_ids):
-        arr: Any = entity_ids
-    elif isinstance(entity_ids, (np.ndarray, list, tuple)):
-        arr = np.asarray(entity_ids)
-    else:  # sets, ranges, generators, dict keys
-        arr = np.asarray(list(entity_ids))
-    ops = _ops_for(arr)
-    if int(arr.numel() if _is_torch(arr) else arr.size) == 0:
+    if not (is_torch_array(entity_ids) or isinstance(entity_ids, (np.ndarray, list, tuple))):
+        entity_ids = list(entity_ids)  # sets, ranges, generators, dict keys
+    arr, xp = _as_array(entity_ids)
+    if size_of(arr) == 0:
         return np.zeros(0, dtype=np.int64)
-    if not ops.is_integer(arr):
+    if not xp.isdtype(arr.dtype, _INTEGER_KINDS):
         raise TypeError(f"entity ids must be integers, got {arr.dtype}")
-    flat = ops.astype(arr.reshape(-1), ops.i64)
-    lo, hi = ops.min_all(flat), ops.max_all(flat)
+    flat = xp.astype(arr.reshape(-1), xp.int64, copy=False)
+    lo, hi = flat.min().item(), flat.max().item()
     if lo < 0:
         raise ValueError(f"entity ids must be non-negative (0 = background), got {lo}")
     if int(flat.shape[0]) >= _HIST_UNIQUE_MIN and hi < _N_CODES:
         # Large id videos with small ids: a histogram is much faster than sorting every pixel.
-        uniq = ops.nonzero(ops.bincount(flat, minlength=hi + 1) > 0)
+        uniq = xp.nonzero(xp.bincount(flat, minlength=hi + 1) > 0)[0]
     else:
-        uniq = ops.unique(flat)
+        uniq = _unique_sorted(xp, flat)
     uniq = _small_to_numpy(uniq).astype(np.int64).reshape(-1)
     return uniq[uniq != 0]
 
@@ -483,10 +289,10 @@ def _draw_unique_colors(rng: np.random.Generator, k: int, bg_code: int) -> np.nd
         # without replacement gives the same distribution (a uniform random injection) directly.
         codes = rng.choice(n_free, size=k, replace=False).astype(np.int64)
         codes = codes + (codes >= bg_code)  # skip the background code
-        return _unpack_rgb(_NumpyOps(), codes)
+        return _unpack_rgb(numpy_xp, codes)
     colors = rng.integers(0, 256, size=(k, 3), dtype=np.int64)
     while True:
-        codes = _pack_rgb(_NumpyOps(), colors)
+        codes = _pack_rgb(numpy_xp, colors)
         _, first = np.unique(codes, return_index=True)
         bad = np.ones(k, dtype=bool)
         bad[first] = False  # keep the first entity holding each colour, redraw the others
@@ -609,21 +415,22 @@ def make_palette(
 # --------------------------------------------------------------------------------------------
 
 
-def _unique_colors(ops: _Ops, rgb_flat: Any) -> tuple[Any, Any, Any]:
+def _unique_colors(xp: Any, rgb_flat: Any) -> tuple[Any, Any, Any]:
     """Distinct colours of (N, 3) pixels: (codes (M,), inverse (N,), counts (M,)), codes sorted."""
-    codes = _pack_rgb(ops, rgb_flat)
+    codes = _pack_rgb(xp, rgb_flat)
     n = int(codes.shape[0])
     if n < _HIST_UNIQUE_MIN:
-        return ops.unique_inverse_counts(codes)
+        uniq, inverse = xp.unique_inverse(codes)  # sorted (see Backends)
+        return uniq, inverse, xp.bincount(inverse, minlength=int(uniq.shape[0]))
     # A 2**24-bin histogram replaces the sort: O(N) and, for large N, several times faster.
-    hist = ops.bincount(codes, minlength=_N_CODES)
-    uniq = ops.nonzero(hist > 0)
-    lut = ops.zeros(_N_CODES, ops.i64)
-    lut[uniq] = ops.arange(int(uniq.shape[0]))
+    hist = xp.bincount(codes, minlength=_N_CODES)
+    uniq = xp.nonzero(hist > 0)[0]
+    lut = xp.zeros(_N_CODES, dtype=xp.int64, device=device_of(codes))
+    lut[uniq] = xp.arange(int(uniq.shape[0]), device=device_of(codes))
     return uniq, lut[codes], hist[uniq]
 
 
-def _nearest(ops: _Ops, points: Any, centres: Any) -> tuple[Any, Any]:
+def _nearest(xp: Any, points: Any, centres: Any) -> tuple[Any, Any]:
     """Nearest centre of each point and its squared distance, exactly.
 
     Inputs are integer-valued (M, 3) / (C, 3) arrays with values in [0, 255]. The squared
@@ -632,8 +439,8 @@ def _nearest(ops: _Ops, points: Any, centres: Any) -> tuple[Any, Any]:
     makes numpy, torch-CPU and torch-CUDA agree bit for bit. Ties go to the lowest index.
     Returns (idx int64 (M,), d2 int64 (M,)).
     """
-    p_all = ops.astype(points, ops.f32)
-    c = ops.astype(centres, ops.f32)
+    p_all = xp.astype(points, xp.float32, copy=False)
+    c = xp.astype(centres, xp.float32, copy=False)
     c2 = c[:, 0] * c[:, 0] + c[:, 1] * c[:, 1] + c[:, 2] * c[:, 2]
     # 2c is still exactly representable in TF32/bf16 (a power-of-two scaling of values <= 255),
     # so the distances stay exact even under torch.set_float32_matmul_precision("high"/"medium").
@@ -645,13 +452,15 @@ def _nearest(ops: _Ops, points: Any, centres: Any) -> tuple[Any, Any]:
         p = p_all[s : s + rows]
         # argmin_c |p - c|^2 = argmin_c (|c|^2 - 2 p.c); |p|^2 is added back for the minimum only.
         partial = c2[None, :] - p @ c_twice_t
-        k = ops.argmin1(partial)
+        k = xp.argmin(partial, axis=1)  # first minimum on ties, on both backends
         p2 = p[:, 0] * p[:, 0] + p[:, 1] * p[:, 1] + p[:, 2] * p[:, 2]
         idx_parts.append(k)
-        d2_parts.append(p2 + ops.take_along1(partial, k))
+        d2_parts.append(p2 + xp.take_along_axis(partial, k[:, None], axis=1)[:, 0])
     if not idx_parts:
-        return ops.zeros(0, ops.i64), ops.zeros(0, ops.i64)
-    return ops.astype(ops.concat(idx_parts), ops.i64), ops.astype(ops.concat(d2_parts), ops.i64)
+        empty = xp.zeros(0, dtype=xp.int64, device=device_of(points))
+        return empty, empty
+    idx = xp.astype(xp.concat(idx_parts), xp.int64, copy=False)
+    return idx, xp.astype(xp.concat(d2_parts), xp.int64)
 
 
 def _tolerance_d2(tolerance: float) -> int:
@@ -661,17 +470,17 @@ def _tolerance_d2(tolerance: float) -> int:
     return int(math.floor(float(tolerance) ** 2))
 
 
-def _check_colormap(ops: _Ops, colormap: Any) -> Any:
+def _check_colormap(xp: Any, colormap: Any) -> Any:
     if colormap.ndim < 1 or int(colormap.shape[-1]) != 3:
         raise ValueError(f"colormap must have shape (..., 3), got {tuple(colormap.shape)}")
-    if not ops.is_integer(colormap):
+    if not xp.isdtype(colormap.dtype, _INTEGER_KINDS):
         raise TypeError(
             f"colormap must be an integer (uint8) array, got {colormap.dtype}; convert model "
             f"outputs with from_model_range() first"
         )
     flat = colormap.reshape(-1, 3)
-    if flat.dtype != ops.u8 and int(flat.shape[0]) > 0:
-        lo, hi = ops.min_all(flat), ops.max_all(flat)
+    if flat.dtype != xp.uint8 and int(flat.shape[0]) > 0:
+        lo, hi = flat.min().item(), flat.max().item()
         if lo < 0 or hi > 255:
             raise ValueError(f"colormap values must lie in [0, 255], got [{lo}, {hi}]")
     return flat
@@ -682,8 +491,9 @@ def _check_colormap(ops: _Ops, colormap: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _palette_arrays(ops: _Ops, palette: Palette) -> tuple[Any, Any]:
-    return ops.asarray(palette.ids, ops.i64), ops.asarray(palette.colors.astype(np.int64), ops.i64)
+def _palette_arrays(xp: Any, palette: Palette, device: Any) -> tuple[Any, Any]:
+    ids = _from_host(xp, palette.ids, xp.int64, device)
+    return ids, _from_host(xp, palette.colors, xp.int64, device)
 
 
 def encode_segmentation(
@@ -695,42 +505,43 @@ def encode_segmentation(
     The colour of an entity is the same in every frame. With ``palette``, every id in ``ids``
     must be in it (``ValueError`` lists the missing ones).
     """
-    x, ops = _as_backend_array(ids)
-    if not ops.is_integer(x):
+    x, xp = _as_array(ids)
+    if not xp.isdtype(x.dtype, _INTEGER_KINDS):
         raise TypeError(f"ids must be an integer array, got {x.dtype}")
     if palette is None:
         palette = make_palette(x, seed)
-    pal_ids, pal_colors = _palette_arrays(ops, palette)
+    dev = device_of(x)
+    pal_ids, pal_colors = _palette_arrays(xp, palette, dev)
     flat = x.reshape(-1)
     n_pal = int(pal_ids.shape[0])
-    hi = ops.max_all(flat) if int(flat.shape[0]) else 0
-    lo = ops.min_all(flat) if int(flat.shape[0]) else 0
+    hi = flat.max().item() if int(flat.shape[0]) else 0
+    lo = flat.min().item() if int(flat.shape[0]) else 0
     if lo >= 0 and hi < _N_CODES:
         # Small ids (the usual case): an id -> palette-row table and one gather; -1 = missing.
-        table = ops.full((int(hi) + 1,), -1, ops.i64)
+        table = xp.full(int(hi) + 1, -1, dtype=xp.int64, device=dev)
         in_range = pal_ids <= hi  # palette ids beyond the video's largest id are not needed
-        table[pal_ids[in_range]] = ops.arange(n_pal)[in_range]
+        table[pal_ids[in_range]] = xp.arange(n_pal, device=dev)[in_range]
         # int32/int64 index directly (no copy); torch would read uint8 as a mask, so cast others.
-        index = flat if flat.dtype in (ops.i32, ops.i64) else ops.astype(flat, ops.i64)
+        index = flat if flat.dtype in (xp.int32, xp.int64) else xp.astype(flat, xp.int64)
         pos = table[index]
         missing_mask = pos < 0
     else:
-        # Huge or negative ids: binary search over the sorted palette ids.
-        flat = ops.astype(flat, ops.i64)
-        pos = ops.clip(ops.searchsorted(pal_ids, flat), 0, n_pal - 1)
+        # Huge or negative ids: binary search over the sorted palette ids (past the end -> last).
+        flat = xp.astype(flat, xp.int64, copy=False)
+        pos = xp.minimum(xp.searchsorted(pal_ids, flat), n_pal - 1)
         missing_mask = pal_ids[pos] != flat
-    if ops.any(missing_mask):
-        flat = ops.astype(flat, ops.i64)
-        missing = _small_to_numpy(ops.unique(flat[missing_mask])).astype(np.int64)
+    if xp.any(missing_mask):
+        flat = xp.astype(flat, xp.int64, copy=False)
+        missing = _small_to_numpy(_unique_sorted(xp, flat[missing_mask])).astype(np.int64)
         raise ValueError(
             f"ids contain {missing.size} entities not in the palette: {missing[:20].tolist()}"
             + (" ..." if missing.size > 20 else "")
         )
-    out = ops.astype(pal_colors, ops.u8)[pos]
+    out = xp.astype(pal_colors, xp.uint8)[pos]
     return out.reshape(tuple(x.shape) + (3,)), palette
 
 
-def _nms(ops: _Ops, pos: Any, thr: int) -> Any:
+def _nms(xp: Any, pos: Any, thr: int) -> Any:
     """Greedy non-maximum suppression of points given in priority order.
 
     Returns a boolean keep-mask equal to the sequential rule "keep a point unless it lies within
@@ -740,37 +551,38 @@ def _nms(ops: _Ops, pos: Any, thr: int) -> Any:
     dependencies, not the number of points.
     """
     n = int(pos.shape[0])
+    dev = device_of(pos)
     if n == 0:
-        return ops.zeros(0, ops.bool_)
+        return xp.zeros(0, dtype=xp.bool, device=dev)
     # Conflicting pairs (i < j), chunked over rows.
     pi_parts, pj_parts = [], []
-    p = ops.astype(pos, ops.f32)
+    p = xp.astype(pos, xp.float32, copy=False)
     p2 = p[:, 0] * p[:, 0] + p[:, 1] * p[:, 1] + p[:, 2] * p[:, 2]
     rows = max(1, _CHUNK_ELEMS // n)
-    col = ops.arange(n)
+    col = xp.arange(n, device=dev)
     for s in range(0, n, rows):
         blk = p[s : s + rows]
         d2 = (p2[s : s + rows, None] - 2.0 * (blk @ p.T)) + p2[None, :]
-        row = ops.arange(int(blk.shape[0])) + s
+        row = xp.arange(int(blk.shape[0]), device=dev) + s
         conflict = (d2 <= float(thr)) & (col[None, :] > row[:, None])
-        flat = ops.nonzero(conflict)
-        pi_parts.append(flat // n + s)
-        pj_parts.append(flat % n)
-    pi = ops.concat(pi_parts)
-    pj = ops.concat(pj_parts)
+        i, j = xp.nonzero(conflict)  # row-major order
+        pi_parts.append(i + s)
+        pj_parts.append(j)
+    pi = xp.concat(pi_parts)
+    pj = xp.concat(pj_parts)
     # status: 0 undecided, 1 kept, 2 suppressed
-    status = ops.zeros(n, ops.i64)
+    status = xp.zeros(n, dtype=xp.int64, device=dev)
     while True:
         undecided = status == 0
-        if not ops.any(undecided):
+        if not xp.any(undecided):
             break
         si, sj = status[pi], status[pj]
-        suppressed = ops.bincount(pj[(si == 1) & (sj == 0)], minlength=n) > 0
-        status = ops.where(undecided & suppressed, 2, status)
+        suppressed = xp.bincount(pj[(si == 1) & (sj == 0)], minlength=n) > 0
+        status = xp.where(undecided & suppressed, 2, status)
         undecided = status == 0
         sj = status[pj]
-        blocked = ops.bincount(pj[(status[pi] == 0) & (sj == 0)], minlength=n) > 0
-        status = ops.where(undecided & ~blocked, 1, status)
+        blocked = xp.bincount(pj[(status[pi] == 0) & (sj == 0)], minlength=n) > 0
+        status = xp.where(undecided & ~blocked, 1, status)
     return status == 1
 
 
@@ -779,7 +591,7 @@ _NEIGHBOUR_OFFSETS = np.array(
 )
 
 
-def _seed_colors(ops: _Ops, rgb: Any, counts: Any, thr: int, tolerance: float) -> Any:
+def _seed_colors(xp: Any, rgb: Any, counts: Any, thr: int, tolerance: float) -> Any:
     """Initial cluster centres: modes of a coarse colour histogram, then NMS at ``tolerance``
     (here the merge radius, ``thr`` its squared integer threshold).
 
@@ -796,54 +608,55 @@ def _seed_colors(ops: _Ops, rgb: Any, counts: Any, thr: int, tolerance: float) -
     nc = (255 // q) + 1
     cell = rgb // q
     ccode = (cell[:, 0] * nc + cell[:, 1]) * nc + cell[:, 2]
-    cells, cinv, _ = ops.unique_inverse_counts(ccode)
+    cells, cinv = xp.unique_inverse(ccode)  # sorted (see Backends), as searchsorted needs
     n_cells = int(cells.shape[0])
-    n_cell = ops.segment_sum(cinv, counts, n_cells)
-    s_cell = ops.stack([ops.segment_sum(cinv, rgb[:, ch] * counts, n_cells) for ch in range(3)], 1)
-    cxyz = ops.stack([cells // (nc * nc), (cells // nc) % nc, cells % nc], 1)
-    dens = ops.zeros(n_cells, ops.i64)
-    sums = ops.zeros((n_cells, 3), ops.i64)
+    n_cell = _segment_sum(xp, cinv, counts, n_cells)
+    s_cell = xp.stack([_segment_sum(xp, cinv, rgb[:, ch] * counts, n_cells) for ch in range(3)], 1)
+    cxyz = xp.stack([cells // (nc * nc), (cells // nc) % nc, cells % nc], axis=1)
+    dev = device_of(rgb)
+    dens = xp.zeros(n_cells, dtype=xp.int64, device=dev)
+    sums = xp.zeros((n_cells, 3), dtype=xp.int64, device=dev)
     neighbours = []
     for off in _NEIGHBOUR_OFFSETS.tolist():  # 27 fixed offsets, each vectorised over bins
-        nb = cxyz + ops.asarray(off, ops.i64)[None, :]
+        nb = cxyz + xp.asarray(off, dtype=xp.int64, device=dev)[None, :]
         valid = ((nb >= 0) & (nb < nc)).all(1)
         nbcode = (nb[:, 0] * nc + nb[:, 1]) * nc + nb[:, 2]
-        at = ops.clip(ops.searchsorted(cells, nbcode), 0, n_cells - 1)
+        at = xp.minimum(xp.searchsorted(cells, nbcode), n_cells - 1)  # past the end -> last
         found = valid & (cells[at] == nbcode)
-        dens = dens + ops.where(found, n_cell[at], 0)
-        sums = sums + ops.where(found[:, None], s_cell[at], 0)
+        dens = dens + xp.where(found, n_cell[at], 0)
+        sums = sums + xp.where(found[:, None], s_cell[at], 0)
         neighbours.append((at, found))
     if use_local_max:
-        nb_max = ops.zeros(n_cells, ops.i64)
+        nb_max = xp.zeros(n_cells, dtype=xp.int64, device=dev)
         for at, found in neighbours:
-            nb_max = ops.maximum(nb_max, ops.where(found, dens[at], 0))
-        cand = ops.nonzero(dens >= nb_max)
+            nb_max = xp.maximum(nb_max, xp.where(found, dens[at], 0))
+        cand = xp.nonzero(dens >= nb_max)[0]
     else:
-        cand = ops.arange(n_cells)
+        cand = xp.arange(n_cells, device=dev)
     d = dens[cand]
     centre = (sums[cand] + (d // 2)[:, None]) // d[:, None]  # rounded mean, exact in integers
-    order = ops.argsort_stable(-d)  # densest first; ties by bin code (deterministic)
+    order = xp.argsort(-d, stable=True)  # densest first; ties by bin code (deterministic)
     centre = centre[order]
-    return centre[ops.nonzero(_nms(ops, centre, thr))]
+    return centre[xp.nonzero(_nms(xp, centre, thr))[0]]
 
 
-def _lloyd_step(ops: _Ops, rgb: Any, counts: Any, centres: Any, thr: int) -> tuple[Any, Any]:
+def _lloyd_step(xp: Any, rgb: Any, counts: Any, centres: Any, thr: int) -> tuple[Any, Any]:
     """One weighted k-means update using only colours within the tolerance of their centre.
     Returns (new centres, pixel weight per centre). Centres are rounded to integers so the next
     distance computation stays exact."""
-    idx, d2 = _nearest(ops, rgb, centres)
-    w = ops.where(d2 <= thr, counts, 0)
+    idx, d2 = _nearest(xp, rgb, centres)
+    w = xp.where(d2 <= thr, counts, 0)
     n = int(centres.shape[0])
-    weight = ops.segment_sum(idx, w, n)
-    sums = ops.stack([ops.segment_sum(idx, rgb[:, ch] * w, n) for ch in range(3)], 1)
-    safe = ops.maximum(weight, ops.full((n,), 1, ops.i64))
+    weight = _segment_sum(xp, idx, w, n)
+    sums = xp.stack([_segment_sum(xp, idx, rgb[:, ch] * w, n) for ch in range(3)], axis=1)
+    safe = xp.maximum(weight, 1)
     new = (sums + (safe // 2)[:, None]) // safe[:, None]
-    new = ops.where((weight > 0)[:, None], new, centres)
+    new = xp.where((weight > 0)[:, None], new, centres)
     return new, weight
 
 
 def _cluster_colors(
-    ops: _Ops, rgb: Any, counts: Any, tolerance: float, merge_radius: float, n_iter: int = 2
+    xp: Any, rgb: Any, counts: Any, tolerance: float, merge_radius: float, n_iter: int = 2
 ) -> tuple[Any, Any]:
     """Cluster distinct colours (M, 3) weighted by pixel counts.
 
@@ -853,16 +666,16 @@ def _cluster_colors(
     """
     thr = _tolerance_d2(tolerance)
     thr_merge = _tolerance_d2(merge_radius)
-    centres = _seed_colors(ops, rgb, counts, thr_merge, merge_radius)
+    centres = _seed_colors(xp, rgb, counts, thr_merge, merge_radius)
     for _ in range(max(1, n_iter)):
-        centres, weight = _lloyd_step(ops, rgb, counts, centres, thr)
+        centres, weight = _lloyd_step(xp, rgb, counts, centres, thr)
     # Merge: seeds in the noise tail of a colour drift towards it during the updates.
-    order = ops.argsort_stable(-weight)
+    order = xp.argsort(-weight, stable=True)
     centres = centres[order]
-    centres = centres[ops.nonzero(_nms(ops, centres, thr_merge))]
-    centres, _ = _lloyd_step(ops, rgb, counts, centres, thr)
-    idx, d2 = _nearest(ops, rgb, centres)
-    label = ops.where(d2 <= thr, idx, -1)
+    centres = centres[xp.nonzero(_nms(xp, centres, thr_merge))[0]]
+    centres, _ = _lloyd_step(xp, rgb, counts, centres, thr)
+    idx, d2 = _nearest(xp, rgb, centres)
+    label = xp.where(d2 <= thr, idx, -1)
     return centres, label
 
 
@@ -893,45 +706,47 @@ def decode_segmentation(
     into clusters. Palettes drawn with ``make_palette(..., min_distance=...)`` avoid the issue.
     Under noise a few far-tail pixels can form tiny extra clusters; ``min_pixels`` removes them.
     """
-    x, ops = _as_backend_array(colormap)
-    flat = _check_colormap(ops, x)
+    x, xp = _as_array(colormap)
+    flat = _check_colormap(xp, x)
+    dev = device_of(x)
     out_shape = tuple(x.shape[:-1])
     thr = _tolerance_d2(tolerance)
-    codes, inverse, counts = _unique_colors(ops, flat)
-    rgb = _unpack_rgb(ops, codes)
+    codes, inverse, counts = _unique_colors(xp, flat)
+    rgb = _unpack_rgb(xp, codes)
 
     if palette is not None:
-        pal_ids, pal_colors = _palette_arrays(ops, palette)
-        k, d2 = _nearest(ops, rgb, pal_colors)
-        uniq_ids = ops.where(d2 <= thr, pal_ids[k], 0)
+        pal_ids, pal_colors = _palette_arrays(xp, palette, dev)
+        k, d2 = _nearest(xp, rgb, pal_colors)
+        uniq_ids = xp.where(d2 <= thr, pal_ids[k], 0)
         if min_pixels > 0:
             # Pixel count per palette row, then drop small entities (never the background row).
-            rowcount = ops.segment_sum(k, ops.where(d2 <= thr, counts, 0), int(pal_ids.shape[0]))
+            rowcount = _segment_sum(xp, k, xp.where(d2 <= thr, counts, 0), int(pal_ids.shape[0]))
             small = rowcount < int(min_pixels)
-            uniq_ids = ops.where(small[k], 0, uniq_ids)
+            uniq_ids = xp.where(small[k], 0, uniq_ids)
         # int32 per the conventions, unless the palette's ids do not fit.
-        out_dtype = ops.i32 if int(palette.ids[-1]) <= np.iinfo(np.int32).max else ops.i64
-        return ops.astype(uniq_ids, out_dtype)[inverse].reshape(out_shape)
+        out_dtype = xp.int32 if int(palette.ids[-1]) <= np.iinfo(np.int32).max else xp.int64
+        return xp.astype(uniq_ids, out_dtype)[inverse].reshape(out_shape)
 
     if int(codes.shape[0]) == 0:
-        return ops.zeros(out_shape, ops.i32)
+        return xp.zeros(out_shape, dtype=xp.int32, device=dev)
     merge = tolerance if merge_radius is None else merge_radius
-    centres, label = _cluster_colors(ops, rgb, counts, tolerance, merge)
+    centres, label = _cluster_colors(xp, rgb, counts, tolerance, merge)
     n_c = int(centres.shape[0])
     assigned = label >= 0
-    lab = ops.where(assigned, label, 0)
-    pixcount = ops.segment_sum(lab, ops.where(assigned, counts, 0), n_c)
+    lab = xp.where(assigned, label, 0)
+    pixcount = _segment_sum(xp, lab, xp.where(assigned, counts, 0), n_c)
     keep = pixcount >= max(int(min_pixels), 1)
-    bg_idx, bg_d2 = _nearest(ops, ops.asarray([list(BACKGROUND_COLOR)], ops.i64), centres)
-    is_bg = (ops.arange(n_c) == bg_idx[0]) & (bg_d2[0] <= thr)
+    background = xp.asarray([BACKGROUND_COLOR], dtype=xp.int64, device=dev)
+    bg_idx, bg_d2 = _nearest(xp, background, centres)
+    is_bg = (xp.arange(n_c, device=dev) == bg_idx[0]) & (bg_d2[0] <= thr)
     keep = keep & ~is_bg
     # Number kept clusters 1..K by descending pixel count (stable: ties keep centre order).
-    order = ops.argsort_stable(-ops.where(keep, pixcount, -1))
-    rank = ops.zeros(n_c, ops.i64)
-    rank[order] = ops.arange(n_c) + 1
-    table = ops.where(keep, rank, 0)
-    uniq_ids = ops.where(assigned, table[lab], 0)
-    return ops.astype(uniq_ids, ops.i32)[inverse].reshape(out_shape)
+    order = xp.argsort(-xp.where(keep, pixcount, -1), stable=True)
+    rank = xp.zeros(n_c, dtype=xp.int64, device=dev)
+    rank[order] = xp.arange(n_c, device=dev) + 1
+    table = xp.where(keep, rank, 0)
+    uniq_ids = xp.where(assigned, table[lab], 0)
+    return xp.astype(uniq_ids, xp.int32)[inverse].reshape(out_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -970,8 +785,8 @@ def encode_location_aware(ids: Array, grid_size: int = 8) -> tuple[Array, Palett
     """
     if grid_size < 1:
         raise ValueError(f"grid_size must be >= 1, got {grid_size}")
-    x, ops = _as_backend_array(ids)
-    if not ops.is_integer(x):
+    x, xp = _as_array(ids)
+    if not xp.isdtype(x.dtype, _INTEGER_KINDS):
         raise TypeError(f"ids must be an integer array, got {x.dtype}")
     squeeze = x.ndim == 2
     if squeeze:
@@ -979,32 +794,34 @@ def encode_location_aware(ids: Array, grid_size: int = 8) -> tuple[Array, Palett
     if x.ndim != 3:
         raise ValueError(f"ids must have shape (T, H, W) or (H, W), got {tuple(x.shape)}")
     t_len, h, w = (int(s) for s in x.shape)
-    flat = ops.astype(x.reshape(-1), ops.i64)
-    if int(flat.shape[0]) and ops.min_all(flat) < 0:
+    dev = device_of(x)
+    flat = xp.astype(x.reshape(-1), xp.int64, copy=False)
+    if int(flat.shape[0]) and flat.min().item() < 0:
         raise ValueError(
-            f"entity ids must be non-negative (0 = background), got {ops.min_all(flat)}"
+            f"entity ids must be non-negative (0 = background), got {flat.min().item()}"
         )
-    uniq, inv, _ = ops.unique_inverse_counts(flat)
+    uniq, inv = xp.unique_inverse(flat)  # sorted (see Backends)
     n_u = int(uniq.shape[0])
-    # First frame of each distinct id: presence table (T, n_u) -> first True along T.
-    tt = ops.arange(int(flat.shape[0])) // (h * w)
-    present = ops.bincount(tt * n_u + inv, minlength=t_len * n_u).reshape(t_len, n_u) > 0
-    first_t = ops.argmax0(present)
+    # First frame of each distinct id: presence table (T, n_u) -> first True along T (as uint8:
+    # torch's argmax rejects bool).
+    tt = xp.arange(int(flat.shape[0]), device=dev) // (h * w)
+    present = xp.bincount(tt * n_u + inv, minlength=t_len * n_u).reshape(t_len, n_u) > 0
+    first_t = xp.argmax(xp.astype(present, xp.uint8), axis=0)
     # Centroid over that frame only, in pixel-centre coordinates, with exact integer sums.
-    sel = ops.nonzero(tt == first_t[inv])
+    sel = xp.nonzero(tt == first_t[inv])[0]
     inv_sel = inv[sel]
     pix = sel % (h * w)
-    cnt = ops.segment_sum(inv_sel, ops.full((int(sel.shape[0]),), 1, ops.i64), n_u)
-    ysum = ops.segment_sum(inv_sel, pix // w, n_u)
-    xsum = ops.segment_sum(inv_sel, pix % w, n_u)
+    cnt = xp.bincount(inv_sel, minlength=n_u)
+    ysum = _segment_sum(xp, inv_sel, pix // w, n_u)
+    xsum = _segment_sum(xp, inv_sel, pix % w, n_u)
     # cell = floor(((sum + n/2) / n) * g / size), in integers: (2*sum + n) * g // (2 * n * size)
-    row = ops.clip(((2 * ysum + cnt) * grid_size) // (2 * cnt * h), 0, grid_size - 1)
-    col = ops.clip(((2 * xsum + cnt) * grid_size) // (2 * cnt * w), 0, grid_size - 1)
-    grid = ops.asarray(_location_grid_colors(grid_size).astype(np.int64), ops.i64)
+    row = xp.clip(((2 * ysum + cnt) * grid_size) // (2 * cnt * h), 0, grid_size - 1)
+    col = xp.clip(((2 * xsum + cnt) * grid_size) // (2 * cnt * w), 0, grid_size - 1)
+    grid = _from_host(xp, _location_grid_colors(grid_size), xp.int64, dev)
     colors = grid[row * grid_size + col]
-    bg = ops.asarray(list(BACKGROUND_COLOR), ops.i64)[None, :]
-    colors = ops.where((uniq == 0)[:, None], bg, colors)
-    out = ops.astype(colors, ops.u8)[inv].reshape(tuple(x.shape) + (3,))
+    bg = xp.asarray([BACKGROUND_COLOR], dtype=xp.int64, device=dev)
+    colors = xp.where((uniq == 0)[:, None], bg, colors)
+    out = xp.astype(colors, xp.uint8)[inv].reshape(tuple(x.shape) + (3,))
     if squeeze:
         out = out[0]
     uniq_np = _small_to_numpy(uniq).astype(np.int64)
@@ -1053,8 +870,8 @@ def _model_range_table() -> np.ndarray:
     return out
 
 
-def _lut_arrays(ops: _Ops) -> tuple[Any, Any]:
-    lut = ops.asarray(depth_lut().astype(np.float32), ops.f32)
+def _lut_arrays(xp: Any, device: Any) -> tuple[Any, Any]:
+    lut = _from_host(xp, depth_lut(), xp.float32, device)
     return lut[:-1], lut[1:] - lut[:-1]  # segment starts and directions (integer-valued)
 
 
@@ -1067,23 +884,24 @@ def encode_depth(depth: Array) -> Array:
     around it -- the one that decodes best (see :func:`_depth_encode_table`). Values within 1e-6
     outside [0, 1] are clipped; NaN or anything farther out raises ``ValueError``.
     """
-    x, ops = _as_backend_array(depth)
-    if not ops.is_floating(x):
-        x = ops.astype(x, ops.f32)
-    flat = ops.astype(x.reshape(-1), ops.f32)
+    x, xp = _as_array(depth)
+    if not xp.isdtype(x.dtype, "real floating"):
+        x = xp.astype(x, xp.float32)
+    flat = xp.astype(x.reshape(-1), xp.float32, copy=False)
     if int(flat.shape[0]):
-        lo, hi = ops.min_all(flat), ops.max_all(flat)  # NaN propagates into min/max
+        lo, hi = flat.min().item(), flat.max().item()  # NaN propagates into min/max
         if math.isnan(lo) or math.isnan(hi):
-            raise ValueError(f"depth contains {int(ops.isnan(flat).sum())} NaN values")
+            raise ValueError(f"depth contains {int(xp.isnan(flat).sum())} NaN values")
         if lo < -1e-6 or hi > 1.0 + 1e-6:
             raise ValueError(
                 f"depth must lie in [0, 1] (normalised disparity), got values in "
                 f"[{lo:.6g}, {hi:.6g}]"
             )
-    table = ops.asarray(_depth_encode_table(), ops.u8)
+    table = _from_host(xp, _depth_encode_table(), xp.uint8, device_of(x))
     n_pos = int(table.shape[0]) - 1
-    pos = ops.rint(ops.clip(flat, 0.0, 1.0) * float(n_pos))  # in [0, n_pos] after the clip
-    return table[ops.astype(pos, ops.i64)].reshape(tuple(x.shape) + (3,))
+    # Round half to even (both backends); in [0, n_pos] after the clip.
+    pos = xp.round(xp.clip(flat, 0.0, 1.0) * float(n_pos))
+    return table[xp.astype(pos, xp.int64)].reshape(tuple(x.shape) + (3,))
 
 
 @functools.lru_cache(maxsize=1)
@@ -1111,14 +929,13 @@ def _depth_encode_table() -> np.ndarray:
         [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.float32
     )
     cand = np.clip(np.floor(exact)[:, None, :] + corners[None, :, :], 0, 255)  # (n, 8, 3)
-    ops = _NumpyOps()
-    codes, inverse, _ = _unique_colors(ops, cand.reshape(-1, 3).astype(np.uint8))
-    rgb = _unpack_rgb(ops, codes)
-    k, _ = _nearest(ops, rgb, depth_lut().astype(np.int64))
+    codes, inverse, _ = _unique_colors(numpy_xp, cand.reshape(-1, 3).astype(np.uint8))
+    rgb = _unpack_rgb(numpy_xp, codes)
+    k, _ = _nearest(numpy_xp, rgb, depth_lut().astype(np.int64))
     step = 1.0 / (DEPTH_LUT_SIZE - 1)
     target = j[:, None] / n_pos
     err_cont = np.abs(
-        _project_on_curve(ops, rgb).astype(np.float64)[inverse].reshape(-1, 8) - target
+        _project_on_curve(numpy_xp, rgb).astype(np.float64)[inverse].reshape(-1, 8) - target
     )
     err_near = np.abs((k * step)[inverse].reshape(-1, 8) - target)
     allowed = err_near <= np.maximum(0.5 * step + 1e-9, err_near.min(axis=1, keepdims=True))
@@ -1139,7 +956,7 @@ def _depth_encode_table() -> np.ndarray:
     return table
 
 
-def _project_on_curve(ops: _Ops, rgb: Any) -> Any:
+def _project_on_curve(xp: Any, rgb: Any) -> Any:
     """Depth of each distinct colour (M, 3): closest point on the piecewise-linear LUT curve.
 
     For every segment a -> a + d the closest point is ``t = clamp((p - a).d / |d|^2, 0, 1)``;
@@ -1147,7 +964,8 @@ def _project_on_curve(ops: _Ops, rgb: Any) -> Any:
     ((p - a).d, |p - a|^2) come from float32 matmuls that are exact (integers < 2**24); the rest
     is the same sequence of IEEE operations on both backends.
     """
-    start, direction = _lut_arrays(ops)
+    dev = device_of(rgb)
+    start, direction = _lut_arrays(xp, dev)
     n_seg = int(start.shape[0])
     a2 = start[:, 0] * start[:, 0] + start[:, 1] * start[:, 1] + start[:, 2] * start[:, 2]
     ad = (
@@ -1160,10 +978,8 @@ def _project_on_curve(ops: _Ops, rgb: Any) -> Any:
         + direction[:, 1] * direction[:, 1]
         + direction[:, 2] * direction[:, 2]
     )
-    dd = ops.maximum(
-        dd, ops.full((n_seg,), 1.0, ops.f32)
-    )  # no zero-length segments in Spectral; guard anyway
-    p_all = ops.astype(rgb, ops.f32)
+    dd = xp.maximum(dd, 1.0)  # no zero-length segments in Spectral; guard anyway
+    p_all = xp.astype(rgb, xp.float32, copy=False)
     rows = max(1, _CHUNK_ELEMS // (4 * n_seg))  # several (rows, 255) temporaries live at once
     parts = []
     for s in range(0, int(p_all.shape[0]), rows):  # bounded chunk loop
@@ -1171,16 +987,16 @@ def _project_on_curve(ops: _Ops, rgb: Any) -> Any:
         p2 = p[:, 0] * p[:, 0] + p[:, 1] * p[:, 1] + p[:, 2] * p[:, 2]
         pa2 = (p2[:, None] - 2.0 * (p @ start.T)) + a2[None, :]  # |p - a|^2
         num = (p @ direction.T) - ad[None, :]  # (p - a).d
-        t = ops.clip(num / dd[None, :], 0.0, 1.0)
+        t = xp.clip(num / dd[None, :], 0.0, 1.0)
         dist = (pa2 - (2.0 * t) * num) + (t * t) * dd[None, :]  # |p - a - t d|^2
-        k = ops.argmin1(dist)
-        tk = ops.take_along1(t, k)
-        parts.append(ops.astype(k, ops.f32) + tk)
+        k = xp.argmin(dist, axis=1)
+        tk = xp.take_along_axis(t, k[:, None], axis=1)[:, 0]
+        parts.append(xp.astype(k, xp.float32) + tk)
     if not parts:
-        return ops.zeros(0, ops.f32)
+        return xp.zeros(0, dtype=xp.float32, device=dev)
     # Divide by a (1,) array, not a Python scalar: PyTorch's CUDA kernel turns division by a
     # scalar into multiplication by its reciprocal (1 ulp off); array division is IEEE on all.
-    return ops.concat(parts) / ops.asarray([float(DEPTH_LUT_SIZE - 1)], ops.f32)
+    return xp.concat(parts) / xp.asarray([float(DEPTH_LUT_SIZE - 1)], dtype=xp.float32, device=dev)
 
 
 def decode_depth(colormap: Array, method: Literal["nearest", "continuous"] = "continuous") -> Array:
@@ -1193,17 +1009,16 @@ def decode_depth(colormap: Array, method: Literal["nearest", "continuous"] = "co
     """
     if method not in ("nearest", "continuous"):
         raise ValueError(f"method must be 'nearest' or 'continuous', got {method!r}")
-    x, ops = _as_backend_array(colormap)
-    flat = _check_colormap(ops, x)
+    x, xp = _as_array(colormap)
+    flat = _check_colormap(xp, x)
     out_shape = tuple(x.shape[:-1])
-    codes, inverse, _ = _unique_colors(ops, flat)
-    rgb = _unpack_rgb(ops, codes)
+    codes, inverse, _ = _unique_colors(xp, flat)
+    rgb = _unpack_rgb(xp, codes)
     if method == "nearest":
-        lut = ops.asarray(depth_lut().astype(np.int64), ops.i64)
-        k, _ = _nearest(ops, rgb, lut)
-        uniq_depth = ops.asarray(_lut_depths(), ops.f32)[k]
+        k, _ = _nearest(xp, rgb, _from_host(xp, depth_lut(), xp.int64, device_of(x)))
+        uniq_depth = _from_host(xp, _lut_depths(), xp.float32, device_of(x))[k]
     else:
-        uniq_depth = _project_on_curve(ops, rgb)
+        uniq_depth = _project_on_curve(xp, rgb)
     return uniq_depth[inverse].reshape(out_shape)
 
 
@@ -1218,24 +1033,23 @@ def to_model_range(colormap: Array) -> Array:
     Integer input must lie in [0, 255]; float input is rejected (it is probably already in model
     range).
     """
-    x, ops = _as_backend_array(colormap)
-    if not ops.is_integer(x):
+    x, xp = _as_array(colormap)
+    if not xp.isdtype(x.dtype, _INTEGER_KINDS):
         raise TypeError(f"to_model_range expects an integer (uint8) colormap, got {x.dtype}")
-    if x.dtype != ops.u8 and int(x.numel() if _is_torch(x) else x.size):
-        lo, hi = ops.min_all(x), ops.max_all(x)
+    if x.dtype != xp.uint8 and size_of(x):
+        lo, hi = x.min().item(), x.max().item()
         if lo < 0 or hi > 255:
             raise ValueError(f"colormap values must lie in [0, 255], got [{lo}, {hi}]")
     # numpy indexes with any integer dtype; torch would read uint8 as a mask, so cast there.
-    index = (
-        x if isinstance(ops, _NumpyOps) or x.dtype in (ops.i32, ops.i64) else ops.astype(x, ops.i64)
-    )
-    return ops.asarray(_model_range_table(), ops.f32)[index]
+    cast = is_torch_array(x) and x.dtype not in (xp.int32, xp.int64)
+    index = xp.astype(x, xp.int64) if cast else x
+    return _from_host(xp, _model_range_table(), xp.float32, device_of(x))[index]
 
 
 def from_model_range(x: Array) -> Array:
     """Float in [-1, 1] -> uint8 in [0, 255]: clamp, scale, round half to even. Same layout."""
-    arr, ops = _as_backend_array(x)
-    if not ops.is_floating(arr):
-        arr = ops.astype(arr, ops.f32)
-    y = (ops.clip(arr, -1.0, 1.0) + 1.0) * 127.5
-    return ops.astype(ops.clip(ops.rint(y), 0, 255), ops.u8)
+    arr, xp = _as_array(x)
+    if not xp.isdtype(arr.dtype, "real floating"):
+        arr = xp.astype(arr, xp.float32)
+    y = (xp.clip(arr, -1.0, 1.0) + 1.0) * 127.5
+    return xp.astype(xp.clip(xp.round(y), 0, 255), xp.uint8)
