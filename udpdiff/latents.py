@@ -100,7 +100,7 @@ class ClipInputs:
 @torch.no_grad()
 def _posteriors(vae: AutoencoderKLCogVideoX, videos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE posterior of each of ``videos`` (uint8, (B, T, H, W, 3)), float32 on the CPU."""
-    dist = vae.encode(to_model_input(videos).to(vae.device, vae.dtype)).latent_dist
+    dist = vae.encode(to_model_input(videos, vae.device).to(vae.dtype)).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 

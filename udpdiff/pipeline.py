@@ -228,7 +228,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
         videos = video if video.ndim == 5 else video[None]
         if len(videos) not in (1, batch):
             raise ValueError(f"video= holds {len(videos)} videos for {batch} prompts: give one, or one per prompt")
-        x = to_model_input(videos).to(self.vae.device, self.vae.dtype)
+        x = to_model_input(videos, self.vae.device).to(self.vae.dtype)
         clean = self.vae.encode(x).latent_dist.mode() * self.vae_scaling_factor_image  # (1|B,C,F,h,w)
         clean = clean.permute(0, 2, 1, 3, 4).expand(batch, -1, -1, -1, -1)  # (B,F,C,h,w)
         gen = generator[0] if isinstance(generator, list) else generator

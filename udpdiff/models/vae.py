@@ -109,7 +109,7 @@ def train_vae(
 @torch.no_grad()
 def calibrate_scaling_factor(vae: AutoencoderKLCogVideoX, videos: Sequence[np.ndarray]) -> float:
     """Set ``scaling_factor`` so scaled latents have unit variance (as Stable Diffusion did)."""
-    latents = torch.cat([vae.encode(to_model_input(v[None]).to(vae.device)).latent_dist.mode() for v in videos])
+    latents = torch.cat([vae.encode(to_model_input(v[None], vae.device)).latent_dist.mode() for v in videos])
     factor = float(1.0 / latents.std().clamp_min(1e-6))
     vae.register_to_config(scaling_factor=factor)
     return factor
@@ -118,7 +118,7 @@ def calibrate_scaling_factor(vae: AutoencoderKLCogVideoX, videos: Sequence[np.nd
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKLCogVideoX, video: np.ndarray) -> np.ndarray:
     """One uint8 ``(T, H, W, 3)`` video encoded (posterior mode) and decoded by ``vae``."""
-    x = to_model_input(video[None]).to(vae.device)
+    x = to_model_input(video[None], vae.device)
     return to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0]
 
 
