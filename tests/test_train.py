@@ -19,6 +19,7 @@ from udpdiff.train import (
     _free_port,
     latest_checkpoint,
     load_deepspeed_config,
+    lr_factors,
     make_batch,
     run_fingerprint,
     zero_stage,
@@ -44,9 +45,35 @@ def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
     assert a["v_target"].shape == a["noisy"].shape
 
 
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_lr_schedule_is_diffusers_one_update_on(tmp_path, name):
+    from diffusers.optimization import get_scheduler
+
+    p = tiny_train_params(tmp_path, steps=50, warmup_steps=10, lr_schedule=name).active.train
+    factors = [lr_factors(p)(s) for s in range(p.steps)]
+    # diffusers' scheduler, stepped as training steps it: update s runs at its factor for step s + 1
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = get_scheduler(name if name != "constant" else "constant_with_warmup", opt, num_warmup_steps=10,
+                        num_training_steps=51)
+    expected = []
+    for _ in range(p.steps):
+        opt.step()
+        ref.step()
+        expected.append(ref.get_last_lr()[0])
+    assert factors == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # linear warmup from 1/10 (the first update moves) to 1 at update 9
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    if name == "constant":  # what training always used before the option: tiny's runs are unchanged
+        assert factors == [min(1.0, (s + 1) / 10) for s in range(p.steps)]
+    else:  # a decay to (almost) 0 at the last update, never negative, never rising
+        assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+        assert 0 < factors[-1] < 0.03
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_with_identical_losses(tmp_path):
-    p = tiny_train_params(tmp_path)
+    # a decaying learning rate: the resumed run must restore the schedule's position, not restart it
+    p = tiny_train_params(tmp_path, lr_schedule="cosine")
     latents = random_latent_cache(tmp_path)
     _, full = train_tiny(p, latents, tmp_path / "full")
     assert full.steps_done == 6 and len(full.history) == 6
@@ -60,6 +87,9 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path):
     full_losses = [h["loss"] for h in full.history]
     resumed_losses = [h["loss"] for h in resumed.history]
     assert resumed_losses == pytest.approx(full_losses, rel=1e-5, abs=1e-7)
+    lrs = [h["lr"] for h in full.history]
+    assert [h["lr"] for h in resumed.history] == pytest.approx(lrs, rel=1e-12)
+    assert lrs == pytest.approx([p.active.train.lr * lr_factors(p.active.train)(s) for s in range(6)], rel=1e-12)
     # only the last `keep_last` checkpoints remain
     assert sorted(x.name for x in run_dir.glob("step-*")) == ["step-00000004", "step-00000006"]
 

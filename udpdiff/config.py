@@ -275,6 +275,10 @@ class TrainParams(_Strict):
     gradient_accumulation_steps: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
+    # the learning rate after the linear warmup, by diffusers.optimization's schedule of that name:
+    # constant (the paper), or a decay to 0 at `steps` (linear, cosine), which ends a fixed budget
+    # on a less noisy model than a constant rate does
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     # a DeepSpeed JSON (repo-relative or absolute); its "auto" values are filled from the fields

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from udpdiff.acceleration import accelerate, adamw, checkpoint_activations
-from udpdiff.config import Params, unrecorded
+from udpdiff.config import Params, TrainParams, unrecorded
 from udpdiff.extensions_lock import before_deepspeed_build
 from udpdiff.io.atomic import write_text
 from udpdiff.latents import LatentDataset, OnlineLatentDataset
@@ -207,6 +207,26 @@ def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 
     if data_digest:
         state["data_digest"] = data_digest
     return "run-" + hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def lr_factors(train: TrainParams) -> Callable[[int], float]:
+    """The factor on ``train.lr`` at each update (0-based): diffusers.optimization's schedule
+    ``train.lr_schedule`` with ``train.warmup_steps`` of linear warmup, one step on, so that the first
+    update already moves (diffusers' step 0 has lr 0) and the last one, at ``steps - 1``, is not 0."""
+    from diffusers.optimization import SchedulerType, get_scheduler
+
+    name = {"constant": SchedulerType.CONSTANT_WITH_WARMUP}.get(train.lr_schedule, SchedulerType(train.lr_schedule))
+    # diffusers builds a LambdaLR around the function; a throwaway optimizer hands it over untouched
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_scheduler(name, probe, num_warmup_steps=train.warmup_steps,
+                           num_training_steps=train.steps + 1).lr_lambdas[0]
+    return lambda update: factor(update + 1)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainParams) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train``'s learning-rate schedule on ``optimizer`` (DeepSpeed calls this with its optimizer and
+    saves and restores the scheduler's step with each checkpoint)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(train))
 
 
 def latest_checkpoint(ckpt_dir: Path) -> tuple[str, int] | None:
@@ -455,17 +475,13 @@ def train(
         logger.info("transformer blocks: %s; activation checkpointing: %s", "compiled" if acceleration.compiled_blocks
                     else f"eager ({acceleration.reason})", checkpointing)
 
-    warmup = max(t.warmup_steps, 1)
-
-    def linear_warmup(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-
     # AdamW, built by DeepSpeed when the config names it (its CPU Adam for ZeRO-Offload), else here
     # (fused on CUDA)
     optimizer = None if "optimizer" in ds_config else \
         adamw(transformer.parameters(), device, lr=t.lr, weight_decay=t.weight_decay)
-    engine, _, _, lr_schedule = deepspeed.initialize(model=transformer, model_parameters=transformer.parameters(),
-                                                     optimizer=optimizer, lr_scheduler=linear_warmup,
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=transformer, model_parameters=transformer.parameters(),
+                                                     optimizer=optimizer,
+                                                     lr_scheduler=functools.partial(lr_schedule, train=t),
                                                      config=ds_config)
     is_main = rank == 0
     log_fn = log_fn if is_main else None
@@ -501,6 +517,7 @@ def train(
     for step in bar:
         sums = {"loss": 0.0, "loss_rgb": 0.0, **({"loss_dense": 0.0} if dense else {})}
         per_task: dict[str, list[float]] = {}
+        lr = lr_scheduler.get_last_lr()[0]  # this update's: engine.step() moves the schedule on
         for micro in range(t.gradient_accumulation_steps):
             batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod, rank, world, device)
             kwargs = {"task_id": batch["task_ids"]} if num_tasks else {}
@@ -537,7 +554,7 @@ def train(
         local = {**sums, **{f"loss_dense_{k}": float(np.mean(per_task[k])) if k in per_task else float("nan")
                             for k in t.tasks}}
         row = {"step": done, **{k: v for k, v in _mean_over_ranks(local, device).items() if not math.isnan(v)},
-               "lr": lr_schedule.get_last_lr()[0],
+               "lr": lr,
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
