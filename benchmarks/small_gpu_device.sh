@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The `small` profile on a lent GPU machine (benchmarks/small_gpu.py; README "The small profile").
 # Runs from the repository root there; .whl holds the wheels the machine lacks (diffusers, pydantic,
-# av, deepspeed's sdist). Background work is started with setsid, so it outlives the call that
+# av, deepspeed's sdist; a wheel too big for the carry may come unzipped as NAME.unpacked.tar.xz).
+# Background work is started with setsid, so it outlives the call that
 # started it while the machine stays warm; `watch` follows it and packs what is done into $OUT.
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
 #   bash benchmarks/small_gpu_device.sh bench-vae ARGS # install, then seconds per VAE training step ($OUT/vae-train.json)
@@ -19,10 +20,19 @@ install() {
   [ -f $SITE/.done ] && return
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE .whl/*.whl &&
   DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-    --target $SITE .whl/deepspeed-*.tar.gz && touch $SITE/.done || exit 1
+    --target $SITE .whl/deepspeed-*.tar.gz || exit 1
+  # wheels carried unpacked and xz'd (PyAV: 36 MB as a wheel, 25 MB so) to fit the 64 MiB carry
+  for t in .whl/*.unpacked.tar.xz; do [ -e "$t" ] && { tar -xJf "$t" -C $SITE || exit 1; }; done
   mkdir -p $CODE && tar --exclude=./.whl -cf - . | tar -xf - -C $CODE  # a copy the next call's sync never touches
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, diffusers, deepspeed; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)"
+  # every stage imports now, not minutes later in a background job (a missing array_api_compat
+  # once cost a whole call): a module that fails names the wheel to add to .whl
+  (cd $CODE && python3 -c "
+import importlib
+for m in ('data', 'encode', 'autoencoder', 'latents', 'train', 'sample', 'evaluate', 'report'):
+    importlib.import_module('udpdiff.stages.' + m)") || { echo "install: a stage does not import: add the missing wheel to .whl"; exit 1; }
+  touch $SITE/.done
 }
 driver() { python3 $CODE/benchmarks/small_gpu.py "$@"; }
 case "$1" in
@@ -53,7 +63,13 @@ PY
     echo "prepare started" ;;
   variants)
     shift; install; mkdir -p $RUN/logs
-    setsid nohup bash -c "while [ ! -f $RUN/outputs/small/gpu_run/latents.done.json ]; do sleep 5; done;
+    # waits for prepare's latents, or gives up when prepare is gone without them (a failed prepare
+    # would otherwise keep `watch` waiting for the whole call)
+    setsid nohup bash -c "while [ ! -f $RUN/outputs/small/gpu_run/latents.done.json ]; do
+        pgrep -f '[s]mall_gpu.py prepare' > /dev/null ||
+          { sleep 5; [ -f $RUN/outputs/small/gpu_run/latents.done.json ] && break;
+            echo 'variants: prepare stopped without the latents (see prepare.log)'; exit 1; };
+        sleep 5; done;
       python3 $CODE/benchmarks/small_gpu.py variants --root $RUN $*;
       for d in $RUN/variants/*/outputs/small/samples/segmentation; do  # decode tolerance on predictions
         [ -d \$d ] && python3 $CODE/benchmarks/small_vae_ceiling.py --predictions \$d --out \$d/../../metrics/tolerance_sweep.json;
