@@ -46,7 +46,8 @@ PREPARE = ("data", "encode", "autoencoder", "latents")
 PER_VARIANT = ("train", "sample", "evaluate", "report")
 SHARED = ("data/{p}", "models/{p}/vae", "models/{p}/text_encoder")  # what every variant links, not redoes
 # what comes back (small files: the models and samples stay on the GPU machine)
-PACKED = ("*.json", "*.jsonl", "*.csv", "*.md", "*.html", "*.png", "*.gif")
+DENSE_PREDICTIONS = "dense_predictions.npz"  # metrics/: see dense_predictions()
+PACKED = ("*.json", "*.jsonl", "*.csv", "*.md", "*.html", "*.png", "*.gif", DENSE_PREDICTIONS)
 
 
 def load(overrides: list[str]) -> Params:
@@ -141,6 +142,29 @@ def prepare(root: Path, overrides: list[str]) -> None:
         run_stage(p, paths, stage)
 
 
+def dense_predictions(paths: ProjectPaths) -> Path | None:
+    """The dense maps predicted for the real clips (RGB half given), every task, in one small file
+    that comes back with the run: the sample stage's .npz files hold the videos too (~3 MB each for
+    ``small``), too big to pack, and the scores alone cannot say why one clip fails (the clips and
+    their ground truth regenerate from the seed on any machine, so they are not needed)."""
+    import numpy as np
+
+    arrays = {}
+    for f in sorted(paths.samples.glob("*/*.npz")):
+        with np.load(f) as sample:
+            if "conditioned_dense" in sample:
+                dense = sample["conditioned_dense"]
+                kind = np.float16 if dense.dtype.kind == "f" else np.int32
+                arrays[f"{f.parent.name}/{f.stem}"] = dense.astype(kind)
+    if not arrays:
+        return None
+    out = paths.metrics / DENSE_PREDICTIONS
+    tmp = out.with_name(f".tmp-{out.name}")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(out)
+    return out
+
+
 def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) -> None:
     base = load(overrides)
     mine_overrides = variants(base, tables)[name]
@@ -158,6 +182,7 @@ def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) 
         record = run_stage(p, paths, stage)
         if stage == "train" and not done_marker(paths, "train").exists():
             raise SystemExit(f"{name}: training unfinished ({record['metrics'].get('steps_done')} steps)")
+    dense_predictions(paths)
 
 
 def train_key(overrides: dict) -> str:
@@ -194,6 +219,7 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
                 "overrides": table[name], "profile_overrides": overrides, "trained_by": trained})
     for stage in PER_VARIANT[1:]:
         run_stage(p, paths, stage)
+    dense_predictions(paths)
 
 
 def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int, per_gpu: int = 1,

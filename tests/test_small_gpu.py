@@ -83,7 +83,20 @@ def test_prepare_variants_and_pack(gpu_run):
     packed = set(whole)
     assert "variants/udpdiff-multi-task/outputs/small/evaluation/metrics.json" in packed
     assert "variants/cogvideox/outputs/small/metrics/train_history.csv" in packed
-    assert not any(n.endswith((".pt", ".safetensors", ".npz", ".mp4")) for n in packed)  # small files only
+    assert not any(n.endswith((".pt", ".safetensors", ".mp4")) for n in packed)  # small files only
+    # of the .npz files, only each dense model's predictions of the real clips, every task and clip in one
+    assert {n for n in packed if n.endswith(".npz")} == {
+        f"variants/{n}/outputs/small/metrics/dense_predictions.npz" for n in ("udpdiff-multi-task", OURS)}
+    samples = root / "variants/udpdiff-multi-task/outputs/small/samples"
+    with np.load(samples.parent / "metrics/dense_predictions.npz") as predicted:
+        assert sorted(predicted) == sorted(f"{f.parent.name}/{f.stem}" for f in samples.glob("*/*.npz"))
+        for key in predicted:
+            with np.load(samples / f"{key}.npz") as sample:
+                exact = sample["conditioned_dense"]
+                if key.startswith("segmentation/"):  # entity ids, exactly
+                    assert np.array_equal(predicted[key], exact) and predicted[key].dtype == np.int32
+                else:  # depth, to float16's precision
+                    np.testing.assert_allclose(predicted[key].astype(np.float32), exact, rtol=1e-3, atol=1e-4)
 
     # a second run finds every stage done and redoes nothing
     before = {f: f.stat().st_mtime_ns for f in (root / "variants").rglob("*.done.json")}
