@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,27 @@ def done_marker(paths: ProjectPaths, stage: str) -> Path:
     return paths.outputs / "gpu_run" / f"{stage}.done.json"
 
 
+def step_series(path: Path) -> Callable[[dict[str, float], int], None]:
+    """An appender of per-step records to the JSONL ``path``. A resumed stage redoes the steps after
+    its last checkpoint, so its first record drops those the interrupted process had logged from that
+    step on: the series reads as one run, without a second value for any step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = True
+
+    def append(metrics: dict[str, float], step: int) -> None:
+        nonlocal first
+        if first and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            tmp.replace(path)
+        first = False
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+
+    return append
+
+
 def run_stage(p: Params, paths: ProjectPaths, stage: str) -> dict:
     """One stage as ``python -m flows stage`` runs it, minus Prefect and MLflow: its metrics JSON
     (``outputs/<p>/metrics/<stage>.json``, as DVC reads it), its per-step series (JSONL) and its wall time."""
@@ -84,12 +106,10 @@ def run_stage(p: Params, paths: ProjectPaths, stage: str) -> dict:
     if marker.exists():
         print(f"[{paths.root.name}] {stage}: done before, skipped", flush=True)
         return json.loads(marker.read_text())
-    series = paths.outputs / "gpu_run" / f"{stage}_steps.jsonl"
-    series.parent.mkdir(parents=True, exist_ok=True)
+    append = step_series(paths.outputs / "gpu_run" / f"{stage}_steps.jsonl")
 
     def log_fn(metrics: dict[str, float], step: int) -> None:
-        with open(series, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+        append(metrics, step)
         if any(k.startswith("val/") for k in metrics) or step % 100 == 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float | int))
             print(f"[{paths.root.name}] {stage} step {step}: {shown}", flush=True)

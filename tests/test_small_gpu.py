@@ -139,6 +139,25 @@ def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_p
                                    ["rgb-given"])
 
 
+def test_a_resumed_stage_replaces_the_steps_it_redoes_in_the_series(tmp_path):
+    """Killed after logging step 30 with its last checkpoint at 20, a training resumes at 21 and logs
+    step 30 again (and the validation at 20 stays): each step once, the resumed process's values."""
+    path = tmp_path / "train_steps.jsonl"
+    first = small_gpu.step_series(path)
+    for step in (10, 20, 30):
+        first({"loss": 1.0}, step)
+    first({"val/gt_miou": 0.5}, 20)
+    resumed = small_gpu.step_series(path)
+    resumed({"loss": 2.0}, 30)
+    resumed({"loss": 2.0}, 40)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 1.0}, {"step": 20, "val/gt_miou": 0.5},
+                    {"step": 30, "loss": 2.0}, {"step": 40, "loss": 2.0}]
+    # a process that logs on (no resume) only appends
+    resumed({"loss": 3.0}, 20)
+    assert len(path.read_text().splitlines()) == 6
+
+
 def _first_clip(workspace: Path, task: str) -> str:
     index = json.loads((workspace / "outputs/small/samples/index.json").read_text())
     return next(e["clip_id"] for e in index if e["task"] == task)
