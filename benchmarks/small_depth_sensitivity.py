@@ -61,6 +61,17 @@ def _ground_slope(factor: float) -> Callable[[dict, np.random.Generator], np.nda
     return degrade
 
 
+def _ground_moved(offset: float = 0.0, scale: float = 1.0) -> Callable[[dict, np.random.Generator], np.ndarray]:
+    """The ground's disparity scaled and offset against the entities' (its shape kept): a ground at the
+    wrong level, which a per-video scale-and-shift fit anchored by the entities cannot undo."""
+    def degrade(c: dict, rng: np.random.Generator) -> np.ndarray:
+        d = c["depth"].copy()
+        ground = (c["ids"] == 0) & (d > SKY)
+        d[ground] = np.clip(d[ground] * scale + offset, 0.0, 1.0)
+        return pixelplanes.encode_depth(d)
+    return degrade
+
+
 def _far_noise(sigma: float, below: float = 0.15) -> Callable[[dict, np.random.Generator], np.ndarray]:
     """iid disparity noise on the far pixels (the ground: disparity below ``below``)."""
     def degrade(c: dict, rng: np.random.Generator) -> np.ndarray:
@@ -91,6 +102,15 @@ def _entities_shuffled(c: dict, rng: np.random.Generator) -> np.ndarray:
     return pixelplanes.encode_depth(np.clip(d, 0.0, 1.0))
 
 
+def _inverted(c: dict, rng: np.random.Generator) -> np.ndarray:
+    """Near and far swapped on the scored pixels, linearly: the scale-and-shift fit may take a negative
+    scale, so both protocols forgive a depth read backwards (a property of the metric, worth knowing)."""
+    d = c["depth"].copy()
+    scored = d > SKY
+    d[scored] = d[scored].max() + d[scored].min() - d[scored]
+    return pixelplanes.encode_depth(d)
+
+
 DEGRADATIONS: dict[str, Callable[[dict, np.random.Generator], np.ndarray]] = {
     "exact": lambda c, rng: pixelplanes.encode_depth(c["depth"]),
     **{f"colormap noise, iid, sigma {s}": _noisy(s) for s in (3, 6, 10, 20)},
@@ -99,8 +119,11 @@ DEGRADATIONS: dict[str, Callable[[dict, np.random.Generator], np.ndarray]] = {
     **{f"disparity noise on the ground, sigma {s}": _far_noise(s) for s in (0.005, 0.01, 0.02)},
     "ground slope halved": _ground_slope(0.5),
     "ground flat (its per-frame mean)": _ground_slope(0.0),
+    **{f"ground offset {o:+g}": _ground_moved(offset=o) for o in (0.01, -0.01, 0.03, -0.03)},
+    **{f"ground scaled x{k:g}": _ground_moved(scale=k) for k in (0.5, 2.0)},
     "entities flat (each at its mean)": _entities_flat,
     "entities' depths shuffled": _entities_shuffled,
+    "near and far swapped": _inverted,
 }
 
 
