@@ -1,0 +1,93 @@
+"""Where a ``small`` model's depth predictions of real clips go wrong, clip by clip: the
+``dense_predictions.npz`` a GPU run returns (``small_gpu.py``), against the clips' exact disparity
+re-rendered from their seeds. Runs on the CPU (16 clips: about a minute).
+
+    python benchmarks/small_depth_errors.py dense_predictions.npz [--out errors.json]
+
+Per clip, beside the evaluate stage's δ1 (depth space, one scale-and-shift per video):
+- ``delta1_depth_per_frame_fit``: the same with a fit per frame; far above the per-video score, the
+  prediction drifts in level or scale over time;
+- ``delta1_depth_ground_fit`` / ``delta1_depth_entities_fit``: each region fitted and scored alone;
+  both high while the whole is low, the regions are right in themselves but not against each other;
+- ``ground_slope`` / ``ground_r2``: the predicted ground disparity regressed on the true one, per
+  frame, then averaged (1 / 1 is exact; a slope near 0 is a flat ground, below 0 a reversed ramp).
+See ``small_depth_sensitivity.py`` for what each kind of error costs the scores on these scenes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from small_depth_sensitivity import SKY
+from small_vae_ceiling import REPO, exact_clip
+
+from udpdiff.config import load_params
+from udpdiff.data.synthetic import exact_depth_range
+from udpdiff.evaluation.depth import depth_scores, depth_space_metrics
+
+
+def ground_fit(pred: np.ndarray, gt: np.ndarray, ground: np.ndarray) -> tuple[float, float]:
+    """Mean over frames of the least-squares slope and r² of predicted on true ground disparity."""
+    slopes, r2s = [], []
+    for p, g, m in zip(pred, gt, ground, strict=True):
+        x, y = g[m].astype(np.float64), p[m].astype(np.float64)
+        if m.sum() < 16 or x.std() == 0:
+            continue
+        slope, intercept = np.polyfit(x, y, 1)
+        residual = y - (slope * x + intercept)
+        slopes.append(slope)
+        r2s.append(1.0 - residual.var() / y.var() if y.var() > 0 else 0.0)
+    return float(np.mean(slopes)) if slopes else float("nan"), float(np.mean(r2s)) if r2s else float("nan")
+
+
+def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) -> dict[str, float]:
+    gt, ids = clip["depth"][: len(pred)], clip["ids"][: len(pred)]
+    pred = pred.astype(np.float32)
+    ground, entities = (ids == 0) & (gt > SKY), ids > 0
+    scores = depth_scores(pred, gt, depth_range=depth_range)
+    slope, r2 = ground_fit(pred, gt, ground)
+
+    def delta1(mask: np.ndarray | None = None, per_frame: bool = False) -> float:
+        return float(depth_space_metrics(pred, gt, depth_range, mask=mask, per_frame=per_frame)["delta1"])
+
+    return {"delta1": float(scores["delta1"]), "delta1_depth": float(scores["delta1_depth"]),
+            "abs_rel_depth": float(scores["abs_rel_depth"]), "delta1_depth_per_frame_fit": delta1(per_frame=True),
+            "delta1_depth_ground_fit": delta1(ground), "delta1_depth_entities_fit": delta1(entities),
+            "ground_slope": slope, "ground_r2": r2,
+            "ground_share": float(ground.sum() / max((gt > SKY).sum(), 1))}
+
+
+def depth_errors(p, predictions: Path) -> pd.DataFrame:
+    depth_range = exact_depth_range(p.active.data.source)
+    rows = {}
+    with np.load(predictions) as z:
+        keys = sorted(k for k in z.files if k.startswith("depth/"))
+        if not keys:
+            raise SystemExit(f"{predictions}: no depth/<clip> predictions (a dense_predictions.npz of a depth model?)")
+        for key in keys:
+            clip_id = key.split("/", 1)[1]
+            rows[clip_id] = clip_errors(z[key], exact_clip(p, clip_id), depth_range)
+            print(f"{clip_id}: δ1 depth space {rows[clip_id]['delta1_depth']:.3f}", flush=True)
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("clip")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("predictions", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="JSON of the per-clip rows (a .md table beside it)")
+    args = ap.parse_args(argv)
+    table = depth_errors(load_params(REPO / "params.yaml", profile="small"), args.predictions)
+    text = table.to_markdown(floatfmt=".3f")
+    print(text)
+    if args.out:
+        args.out.write_text(json.dumps({"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
+                                        "mean": table.mean().to_dict()}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

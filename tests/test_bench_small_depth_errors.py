@@ -1,0 +1,57 @@
+"""benchmarks/small_depth_errors.py: per-clip diagnostics of depth predictions, here on predictions made
+from the exact disparity with known errors, so each diagnostic must point at the error it was given."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import small_depth_errors as sde  # noqa: E402
+from small_vae_ceiling import exact_clip  # noqa: E402
+
+from udpdiff.config import load_params  # noqa: E402
+
+CLIPS = ["synth-1234-00033", "synth-1234-00044", "synth-1234-00065"]  # held-out clips of the small profile
+
+
+def test_each_diagnostic_points_at_the_error_it_was_given(tmp_path: Path):
+    p = load_params(ROOT / "params.yaml", profile="small")
+    exact = {c: exact_clip(p, c) for c in CLIPS}
+    preds = {}
+    preds[CLIPS[0]] = exact[CLIPS[0]]["depth"]  # right
+    flat = exact[CLIPS[1]]["depth"].copy()  # the ground flattened to each frame's mean
+    for t in range(len(flat)):
+        ground = (exact[CLIPS[1]]["ids"][t] == 0) & (flat[t] > sde.SKY)
+        flat[t][ground] = flat[t][ground].mean()
+    preds[CLIPS[1]] = flat
+    drift = exact[CLIPS[2]]["depth"] * np.linspace(1.0, 3.0, len(flat))[:, None, None]  # scale drifting in time
+    preds[CLIPS[2]] = drift / drift.max()
+    npz = tmp_path / "dense_predictions.npz"
+    np.savez_compressed(npz, **{f"depth/{c}": v.astype(np.float16) for c, v in preds.items()},
+                        **{f"segmentation/{c}": exact[c]["ids"] for c in CLIPS})
+    out = tmp_path / "errors.json"
+    assert sde.main([str(npz), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["clips"]
+    assert sorted(rows) == sorted(CLIPS) and out.with_suffix(".md").exists()
+    right, flat_ground, drifting = rows[CLIPS[0]], rows[CLIPS[1]], rows[CLIPS[2]]
+    assert right["delta1_depth"] > 0.99 and right["ground_slope"] == pytest.approx(1.0, abs=0.01)
+    assert right["ground_r2"] > 0.99
+    assert abs(flat_ground["ground_slope"]) < 0.05 and flat_ground["delta1_depth"] < 0.9
+    assert flat_ground["delta1_depth_entities_fit"] > 0.95  # the entities alone are right
+    # a drifting scale: a fit per frame repairs what one fit per video cannot
+    assert drifting["delta1_depth_per_frame_fit"] > 0.99 > drifting["delta1_depth"]
+    assert 0.3 < right["ground_share"] < 1.0
+
+
+def test_a_file_without_depth_predictions_is_named(tmp_path: Path):
+    npz = tmp_path / "dense_predictions.npz"
+    np.savez(npz, **{"segmentation/synth-1234-00033": np.zeros((2, 4, 4), np.int32)})
+    with pytest.raises(SystemExit, match="dense_predictions.npz: no depth/<clip> predictions"):
+        sde.main([str(npz)])
