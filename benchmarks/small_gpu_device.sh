@@ -73,6 +73,9 @@ PY
       python3 $CODE/benchmarks/small_gpu.py variants --root $RUN $*;
       for d in $RUN/variants/*/outputs/small/samples/segmentation; do  # decode tolerance on predictions
         [ -d \$d ] && python3 $CODE/benchmarks/small_vae_ceiling.py --predictions \$d --out \$d/../../metrics/tolerance_sweep.json;
+      done;
+      for f in $RUN/variants/*/outputs/small/metrics/dense_predictions.npz; do  # where depth goes wrong, per clip
+        [ -f \$f ] && python3 $CODE/benchmarks/small_depth_errors.py \$f --out \$(dirname \$f)/depth_errors.json;
       done" \
       >> $RUN/logs/variants.log 2>&1 < /dev/null &
     echo "variants queued: $*" ;;
