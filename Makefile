@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 VBENCH_SPEC ?= vbench==0.1.5
 
-.PHONY: setup repro test test-fast lint screenshots clean-outputs
+.PHONY: setup repro test test-fast lint screenshots gpu-wheels clean-outputs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -37,6 +37,10 @@ lint: setup
 # docs/images/mlflow-*.png for the README: the MLflow UI test's screenshots (needs chromium + chromium-driver)
 screenshots: setup
 	UDPDIFF_SCREENSHOT_DIR=docs/images $(BIN)/python -m pytest tests/test_mlflow_ui.py -q
+
+# .whl/: what a lent GPU machine lacks, for benchmarks/small_gpu_device.sh (carry it with `run`)
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_wheels.py --out .whl
 
 clean-outputs:
 	rm -rf data/*/ models/*/ outputs/*/ mlruns.db mlartifacts

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The `small` profile on a lent GPU machine (benchmarks/small_gpu.py; README "The small profile").
-# Runs from the repository root there; .whl holds the wheels the machine lacks (diffusers, pydantic,
-# av, deepspeed's sdist; a wheel too big for the carry may come unzipped as NAME.unpacked.tar.xz).
+# Runs from the repository root there; .whl holds the wheels the machine lacks (`make gpu-wheels`:
+# diffusers, pydantic, av, array-api-compat, deepspeed's sdist; av comes unzipped as NAME.unpacked.tar.xz).
 # Background work is started with setsid, so it outlives the call that
 # started it while the machine stays warm; `watch` follows it and packs what is done into $OUT.
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps

@@ -1,0 +1,86 @@
+"""The wheels a lent GPU machine lacks, for ``benchmarks/small_gpu_device.sh`` to install there
+(``run`` with ``carry: [".whl", ...]``): the machines have torch, numpy and transformers but no
+diffusers, DeepSpeed, pydantic, PyAV or array-api-compat, and no network.
+
+    python benchmarks/gpu_wheels.py [--out .whl] [--python 3.12]
+
+Versions are this environment's own (the ones CI tests), downloaded from the package index for the
+machine's Python and platform. DeepSpeed comes as its sdist (built there without ops). A wheel too
+big for the 64 MiB carry (PyAV, 36 MB) is unzipped and xz'd (``NAME.unpacked.tar.xz``, 25 MB), which
+the device script unpacks into its site folder. Prints what the carry will weigh with the checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import io
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+#: distributions the device image lacks; each pinned to this environment's version
+WHEELS = ("diffusers", "pydantic", "pydantic_core", "typing_inspection", "annotated_types", "av", "hjson",
+          "importlib_metadata", "array-api-compat")
+SDISTS = ("deepspeed",)
+UNPACK = ("av",)  # shipped unzipped and xz'd: too big for the carry as a wheel
+CARRY_LIMIT = 64 * 2**20
+
+
+def pins(names: tuple[str, ...]) -> list[str]:
+    return [f"{n}=={importlib.metadata.version(n)}" for n in names]
+
+
+def download(out: Path, python: str, platform: str) -> None:
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(out)]
+    # the older manylinux tag too: pip does not fall back to it by itself (pydantic_core is manylinux2014)
+    subprocess.run([*pip, "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+                    "--platform", platform, "--platform", "manylinux2014_x86_64", *pins(WHEELS)], check=True)
+    subprocess.run([*pip, "--no-binary=:all:", *pins(SDISTS)], check=True)
+
+
+def unpack_xz(wheel: Path) -> Path:
+    """``wheel`` as a tar.xz of its contents (what pip would put in site-packages), beside it."""
+    target = wheel.with_name(wheel.name.removesuffix(".whl") + ".unpacked.tar.xz")
+    tmp = target.with_name(f".tmp-{target.name}")
+    with zipfile.ZipFile(wheel) as z, tarfile.open(tmp, "w:xz", preset=9) as tar:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            member = tarfile.TarInfo(info.filename)
+            member.size, member.mode = info.file_size, 0o755 if info.filename.endswith(".so") else 0o644
+            tar.addfile(member, io.BytesIO(z.read(info)))
+    tmp.replace(target)
+    wheel.unlink()
+    return target
+
+
+def tracked_bytes() -> int:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    return sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / ".whl")
+    ap.add_argument("--python", default="3.12", help="the device's Python (its image: 3.12)")
+    ap.add_argument("--platform", default="manylinux_2_28_x86_64")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    download(args.out, args.python, args.platform)
+    for name in UNPACK:
+        for wheel in args.out.glob(f"{name}-*.whl"):
+            print(f"unzipped and xz'd: {unpack_xz(wheel).name}", flush=True)
+    wheels = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+    carry = REPO / ".gpu-carry"
+    extra = sum(f.stat().st_size for f in carry.iterdir() if f.is_file()) if carry.is_dir() else 0
+    total = wheels + extra + tracked_bytes()
+    print(f"{args.out}: {wheels / 2**20:.1f} MiB; with .gpu-carry and the checkout the carry is "
+          f"{total / 2**20:.1f} MiB of {CARRY_LIMIT / 2**20:.0f}", flush=True)
+    return 0 if total <= CARRY_LIMIT else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
