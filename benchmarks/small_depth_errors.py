@@ -10,7 +10,9 @@ Per clip, beside the evaluate stage's δ1 (depth space, one scale-and-shift per 
 - ``delta1_depth_ground_fit`` / ``delta1_depth_entities_fit``: each region fitted and scored alone;
   both high while the whole is low, the regions are right in themselves but not against each other;
 - ``ground_slope`` / ``ground_r2``: the predicted ground disparity regressed on the true one, per
-  frame, then averaged (1 / 1 is exact; a slope near 0 is a flat ground, below 0 a reversed ramp).
+  frame, then averaged (1 / 1 is exact; a slope near 0 is a flat ground, below 0 a reversed ramp);
+- ``fit_scale``: the per-video scale of the paper protocol's fit (below 0: the prediction is read
+  backwards, which the scale-and-shift fit forgives).
 See ``small_depth_sensitivity.py`` for what each kind of error costs the scores on these scenes.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from small_vae_ceiling import REPO, exact_clip
 
 from udpdiff.config import load_params
 from udpdiff.data.synthetic import exact_depth_range
-from udpdiff.evaluation.depth import depth_scores, depth_space_metrics
+from udpdiff.evaluation.depth import align_scale_shift, depth_scores, depth_space_metrics
 
 
 def ground_fit(pred: np.ndarray, gt: np.ndarray, ground: np.ndarray) -> tuple[float, float]:
@@ -57,6 +59,8 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
             "abs_rel_depth": float(scores["abs_rel_depth"]), "delta1_depth_per_frame_fit": delta1(per_frame=True),
             "delta1_depth_ground_fit": delta1(ground), "delta1_depth_entities_fit": delta1(entities),
             "ground_slope": slope, "ground_r2": r2,
+            # the paper protocol's scale: below 0 the fit reads the prediction backwards (and may still score)
+            "fit_scale": float(align_scale_shift(pred, gt, mask=gt > SKY).scale),
             "ground_share": float(ground.sum() / max((gt > SKY).sum(), 1))}
 
 

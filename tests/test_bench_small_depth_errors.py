@@ -18,7 +18,8 @@ from small_vae_ceiling import exact_clip  # noqa: E402
 
 from udpdiff.config import load_params  # noqa: E402
 
-CLIPS = ["synth-1234-00033", "synth-1234-00044", "synth-1234-00065"]  # held-out clips of the small profile
+# held-out clips of the small profile: predicted right, with a flat ground, drifting in scale, backwards
+CLIPS = ["synth-1234-00033", "synth-1234-00044", "synth-1234-00065", "synth-1234-00069"]
 
 
 def test_each_diagnostic_points_at_the_error_it_was_given(tmp_path: Path):
@@ -33,6 +34,10 @@ def test_each_diagnostic_points_at_the_error_it_was_given(tmp_path: Path):
     preds[CLIPS[1]] = flat
     drift = exact[CLIPS[2]]["depth"] * np.linspace(1.0, 3.0, len(flat))[:, None, None]  # scale drifting in time
     preds[CLIPS[2]] = drift / drift.max()
+    backwards = exact[CLIPS[3]]["depth"].copy()  # near and far swapped, linearly
+    scored = backwards > sde.SKY
+    backwards[scored] = backwards[scored].max() + backwards[scored].min() - backwards[scored]
+    preds[CLIPS[3]] = backwards
     npz = tmp_path / "dense_predictions.npz"
     np.savez_compressed(npz, **{f"depth/{c}": v.astype(np.float16) for c, v in preds.items()},
                         **{f"segmentation/{c}": exact[c]["ids"] for c in CLIPS})
@@ -40,14 +45,17 @@ def test_each_diagnostic_points_at_the_error_it_was_given(tmp_path: Path):
     assert sde.main([str(npz), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["clips"]
     assert sorted(rows) == sorted(CLIPS) and out.with_suffix(".md").exists()
-    right, flat_ground, drifting = rows[CLIPS[0]], rows[CLIPS[1]], rows[CLIPS[2]]
+    right, flat_ground, drifting, reversed_ = (rows[c] for c in CLIPS)
     assert right["delta1_depth"] > 0.99 and right["ground_slope"] == pytest.approx(1.0, abs=0.01)
-    assert right["ground_r2"] > 0.99
+    assert right["ground_r2"] > 0.99 and right["fit_scale"] == pytest.approx(1.0, abs=0.01)
     assert abs(flat_ground["ground_slope"]) < 0.05 and flat_ground["delta1_depth"] < 0.9
     assert flat_ground["delta1_depth_entities_fit"] > 0.95  # the entities alone are right
     # a drifting scale: a fit per frame repairs what one fit per video cannot
     assert drifting["delta1_depth_per_frame_fit"] > 0.99 > drifting["delta1_depth"]
     assert 0.3 < right["ground_share"] < 1.0
+    # read backwards: the fit's negative scale forgives it (δ1 stays), fit_scale and the ground's slope say so
+    assert reversed_["delta1"] > 0.99 and reversed_["fit_scale"] < 0 and reversed_["ground_slope"] < 0
+    assert drifting["fit_scale"] > 0
 
 
 def test_a_file_without_depth_predictions_is_named(tmp_path: Path):
