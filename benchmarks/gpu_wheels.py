@@ -20,6 +20,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from udpdiff.io.atomic import atomic_path
+
 REPO = Path(__file__).resolve().parents[1]
 #: distributions the device image lacks; each pinned to this environment's version
 WHEELS = ("diffusers", "pydantic", "pydantic_core", "typing_inspection", "annotated_types", "av", "hjson",
@@ -44,15 +46,13 @@ def download(out: Path, python: str, platform: str) -> None:
 def unpack_xz(wheel: Path) -> Path:
     """``wheel`` as a tar.xz of its contents (what pip would put in site-packages), beside it."""
     target = wheel.with_name(wheel.name.removesuffix(".whl") + ".unpacked.tar.xz")
-    tmp = target.with_name(f".tmp-{target.name}")
-    with zipfile.ZipFile(wheel) as z, tarfile.open(tmp, "w:xz", preset=9) as tar:
+    with atomic_path(target) as tmp, zipfile.ZipFile(wheel) as z, tarfile.open(tmp, "w:xz", preset=9) as tar:
         for info in z.infolist():
             if info.is_dir():
                 continue
             member = tarfile.TarInfo(info.filename)
             member.size, member.mode = info.file_size, 0o755 if info.filename.endswith(".so") else 0o644
             tar.addfile(member, io.BytesIO(z.read(info)))
-    tmp.replace(target)
     wheel.unlink()
     return target
 

@@ -84,10 +84,10 @@ def step_series(path: Path) -> Callable[[dict[str, float], int], None]:
     def append(metrics: dict[str, float], step: int) -> None:
         nonlocal first
         if first and path.exists():
+            from udpdiff.io.atomic import write_text
+
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
-            tmp = path.with_name(f".tmp-{path.name}")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            tmp.replace(path)
+            write_text(path, "".join(f"{line}\n" for line in kept))
         first = False
         with open(path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
@@ -178,10 +178,11 @@ def dense_predictions(paths: ProjectPaths) -> Path | None:
                 arrays[f"{f.parent.name}/{f.stem}"] = dense.astype(kind)
     if not arrays:
         return None
+    from udpdiff.io.atomic import atomic_path
+
     out = paths.metrics / DENSE_PREDICTIONS
-    tmp = out.with_name(f".tmp-{out.name}")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        np.savez_compressed(tmp, **arrays)
     return out
 
 
