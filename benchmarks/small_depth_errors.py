@@ -29,6 +29,7 @@ from small_vae_ceiling import REPO, exact_clip
 from udpdiff.config import load_params
 from udpdiff.data.synthetic import exact_depth_range
 from udpdiff.evaluation.depth import align_scale_shift, depth_scores, depth_space_metrics
+from udpdiff.io.atomic import write_text
 
 
 def ground_fit(pred: np.ndarray, gt: np.ndarray, ground: np.ndarray) -> tuple[float, float]:
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table.to_markdown(floatfmt=".3f")
     print(text)
     if args.out:
-        args.out.write_text(json.dumps({"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
-                                        "mean": table.mean().to_dict()}, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(text + "\n")
+        write_text(args.out, json.dumps({"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
+                                         "mean": table.mean().to_dict()}, indent=1) + "\n")
+        write_text(args.out.with_suffix(".md"), text + "\n")
     return 0
 
 

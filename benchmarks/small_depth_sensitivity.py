@@ -25,6 +25,7 @@ from udpdiff import pixelplanes
 from udpdiff.config import load_params
 from udpdiff.data.synthetic import exact_depth_range
 from udpdiff.evaluation.depth import depth_scores
+from udpdiff.io.atomic import write_text
 
 SKY = 1e-3  # the evaluation scores pixels with gt disparity above this (the sky is 0)
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p = load_params(REPO / "params.yaml", profile="small")
     out = sensitivity(p, json.loads(args.clips.read_text())["clips"], args.only)
     if args.out:
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_text(args.out, json.dumps(out, indent=1) + "\n")
     return 0
 
 
