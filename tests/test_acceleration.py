@@ -73,6 +73,25 @@ def test_compiled_blocks_equal_eager_and_keep_the_task_embedding(rotary):
     assert accelerate(model, ON, "cpu").reason == "already compiled"
 
 
+def test_compiled_blocks_take_more_batch_shapes_than_torchs_default_limit():
+    """One process trains, validates and samples at CFG batch 2 and at guidance 1 (batch 1): each a
+    static graph of the one shared block code object. At torch's default limit of 8 graphs a
+    fullgraph block raised "recompile limit exceeded" mid-sampling (small attempt 8); accelerate
+    lifts the limit. Here the limit starts at 2 so that four shapes would pass it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _model().eval()
+    x, text, t = _inputs()
+    batches = [tuple(v[:n] if n <= 2 else v[torch.arange(n) % 2] for v in (x, text, t)) for n in (1, 2, 3, 4)]
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        ref = [model(*b, task_id=1).sample for b in batches]
+        accelerate(model, ON, "cpu")
+        for b, r in zip(batches, ref, strict=True):
+            torch.testing.assert_close(model(*b, task_id=1).sample, r)
+        assert torch._dynamo.config.recompile_limit >= acceleration.STATIC_GRAPHS_PER_BLOCK
+
+
 def test_compiled_blocks_under_gradient_checkpointing_give_eager_gradients():
     """diffusers' ``_gradient_checkpointing_func(block, ...)`` calls ``block.__call__``: the compiled
     block, recomputed in the backward pass."""

@@ -140,6 +140,7 @@ def accelerate(transformer: torch.nn.Module, settings: AccelerationParams, devic
     # dynamic=False: a new batch size (CFG-parallel's half batch, a last smaller batch) compiles its
     # own static graph instead of turning every later call into a slower symbolic-shape graph
     options = dict(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode, backend=BACKEND)
+    _allow_static_recompiles()
     if cache is not None:  # first-block: its hooks wrap each block's forward, outside the graph
         _compile_forwards(transformer, **options)
     else:
@@ -148,6 +149,22 @@ def accelerate(transformer: torch.nn.Module, settings: AccelerationParams, devic
                 type(transformer).__name__, "/".join(transformer._repeated_blocks), mode,
                 ", beneath the cache hooks" if cache is not None else "")
     return Acceleration(compiled_blocks=True, compile_mode=mode)
+
+
+# Static graphs per shape: one process may train (micro-batch, last batch), validate, then sample at
+# CFG batch 2 and, at guidance 1, batch 1 (always its own graph), each with and without gradients.
+# That passes torch's default of 8 graphs per code object, and a fullgraph block then raises
+# instead of falling back. Every block shares the one code object, so the count is per shape only.
+STATIC_GRAPHS_PER_BLOCK = 64
+
+
+def _allow_static_recompiles() -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if config.recompile_limit < STATIC_GRAPHS_PER_BLOCK:
+        config.recompile_limit = STATIC_GRAPHS_PER_BLOCK
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * STATIC_GRAPHS_PER_BLOCK)
 
 
 def _compile_forwards(transformer: torch.nn.Module, **options) -> None:
