@@ -13,6 +13,10 @@ Per clip, beside the evaluate stage's δ1 (depth space, one scale-and-shift per 
   frame, then averaged (1 / 1 is exact; a slope near 0 is a flat ground, below 0 a reversed ramp);
 - ``fit_scale``: the per-video scale of the paper protocol's fit (below 0: the prediction is read
   backwards, which the scale-and-shift fit forgives).
+Over all clips' entities (``entities`` in the JSON): how their predicted mean disparities follow the
+true ones (correlation, mean absolute error beside that of guessing the prior's median for every
+entity, and how often a pair's near/far order is right). Near 0, 0.5 and above the guess, the model
+does not see how far the entities are: it guesses.
 See ``small_depth_sensitivity.py`` for what each kind of error costs the scores on these scenes.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ from small_depth_sensitivity import SKY
 from small_vae_ceiling import REPO, exact_clip
 
 from udpdiff.config import load_params
-from udpdiff.data.synthetic import exact_depth_range
+from udpdiff.data.synthetic import ENTITY_Z_RANGE, disparity_from_z, exact_depth_range
 from udpdiff.evaluation.depth import align_scale_shift, depth_scores, depth_space_metrics
 from udpdiff.io.atomic import write_text
 
@@ -65,18 +69,37 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
             "ground_share": float(ground.sum() / max((gt > SKY).sum(), 1))}
 
 
-def depth_errors(p, predictions: Path) -> pd.DataFrame:
+def entity_depths(pairs: list[tuple[np.ndarray, dict]]) -> dict[str, float]:
+    """How (prediction, clip) pairs' per-entity mean disparities follow the truth (module docstring)."""
+    true, pred, order = [], [], []
+    for p, clip in pairs:
+        gt, ids = clip["depth"][: len(p)], clip["ids"][: len(p)]
+        means = [(gt[ids == e].mean(), p[ids == e].astype(np.float64).mean()) for e in np.unique(ids) if e]
+        true += [t for t, _ in means]
+        pred += [q for _, q in means]
+        order += [(ta > tb) == (qa > qb) for i, (ta, qa) in enumerate(means) for tb, qb in means[i + 1:] if ta != tb]
+    true, pred = np.asarray(true), np.asarray(pred)
+    median_guess = disparity_from_z(np.sqrt(np.prod(ENTITY_Z_RANGE)))  # the log-uniform prior's median depth
+    return {"entities": len(true), "correlation": float(np.corrcoef(true, pred)[0, 1]),
+            "mean_abs_error": float(np.abs(pred - true).mean()),
+            "mean_abs_error_of_the_prior_median": float(np.abs(median_guess - true).mean()),
+            "pair_order_right": float(np.mean(order)) if order else float("nan")}
+
+
+def depth_errors(p, predictions: Path) -> tuple[pd.DataFrame, dict[str, float]]:
     depth_range = exact_depth_range(p.active.data.source)
-    rows = {}
+    rows, pairs = {}, []
     with np.load(predictions) as z:
         keys = sorted(k for k in z.files if k.startswith("depth/"))
         if not keys:
             raise SystemExit(f"{predictions}: no depth/<clip> predictions (a dense_predictions.npz of a depth model?)")
         for key in keys:
             clip_id = key.split("/", 1)[1]
-            rows[clip_id] = clip_errors(z[key], exact_clip(p, clip_id), depth_range)
+            clip = exact_clip(p, clip_id)
+            rows[clip_id] = clip_errors(z[key], clip, depth_range)
+            pairs.append((z[key], clip))
             print(f"{clip_id}: δ1 depth space {rows[clip_id]['delta1_depth']:.3f}", flush=True)
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("clip")
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("clip"), entity_depths(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("predictions", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="JSON of the per-clip rows (a .md table beside it)")
     args = ap.parse_args(argv)
-    table = depth_errors(load_params(REPO / "params.yaml", profile="small"), args.predictions)
-    text = table.to_markdown(floatfmt=".3f")
+    table, entities = depth_errors(load_params(REPO / "params.yaml", profile="small"), args.predictions)
+    text = table.to_markdown(floatfmt=".3f") + "\n\nEntities' mean disparity, all clips: " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{v} {k}" for k, v in entities.items())
     print(text)
     if args.out:
         write_text(args.out, json.dumps({"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
-                                         "mean": table.mean().to_dict()}, indent=1) + "\n")
+                                         "mean": table.mean().to_dict(), "entities": entities}, indent=1) + "\n")
         write_text(args.out.with_suffix(".md"), text + "\n")
     return 0
 

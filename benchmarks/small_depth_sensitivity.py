@@ -23,7 +23,7 @@ from small_vae_ceiling import REPO, exact_clip
 
 from udpdiff import pixelplanes
 from udpdiff.config import load_params
-from udpdiff.data.synthetic import exact_depth_range
+from udpdiff.data.synthetic import ENTITY_Z_RANGE, disparity_from_z, exact_depth_range
 from udpdiff.evaluation.depth import depth_scores
 from udpdiff.io.atomic import write_text
 
@@ -103,6 +103,24 @@ def _entities_shuffled(c: dict, rng: np.random.Generator) -> np.ndarray:
     return pixelplanes.encode_depth(np.clip(d, 0.0, 1.0))
 
 
+def _entities_guessed(draw: bool) -> Callable[[dict, np.random.Generator], np.ndarray]:
+    """Each entity moved (its relief kept) to a depth that ignores the pixels: the prior's median
+    (``draw`` False, what a regression to the mean predicts) or a draw from the prior (``draw`` True,
+    what a diffusion model samples where the pixels do not say): the score of a model that cannot see
+    how far the entities are."""
+    lo, hi = np.log(ENTITY_Z_RANGE)
+
+    def degrade(c: dict, rng: np.random.Generator) -> np.ndarray:
+        d = c["depth"].copy()
+        for e in np.unique(c["ids"]):
+            if e:
+                m = c["ids"] == e
+                z = np.exp(rng.uniform(lo, hi) if draw else (lo + hi) / 2)
+                d[m] = c["depth"][m] - c["depth"][m].mean() + disparity_from_z(z)
+        return pixelplanes.encode_depth(np.clip(d, 0.0, 1.0))
+    return degrade
+
+
 def _inverted(c: dict, rng: np.random.Generator) -> np.ndarray:
     """Near and far swapped on the scored pixels, linearly: the scale-and-shift fit may take a negative
     scale, so both protocols forgive a depth read backwards (a property of the metric, worth knowing)."""
@@ -124,6 +142,8 @@ DEGRADATIONS: dict[str, Callable[[dict, np.random.Generator], np.ndarray]] = {
     **{f"ground scaled x{k:g}": _ground_moved(scale=k) for k in (0.5, 2.0)},
     "entities flat (each at its mean)": _entities_flat,
     "entities' depths shuffled": _entities_shuffled,
+    "entities at the prior's median depth": _entities_guessed(draw=False),
+    "entities at depths drawn from the prior": _entities_guessed(draw=True),
     "near and far swapped": _inverted,
 }
 

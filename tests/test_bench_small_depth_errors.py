@@ -63,3 +63,19 @@ def test_a_file_without_depth_predictions_is_named(tmp_path: Path):
     np.savez(npz, **{"segmentation/synth-1234-00033": np.zeros((2, 4, 4), np.int32)})
     with pytest.raises(SystemExit, match="dense_predictions.npz: no depth/<clip> predictions"):
         sde.main([str(npz)])
+
+
+def test_entity_summary_tells_seeing_from_guessing():
+    p = load_params(ROOT / "params.yaml", profile="small")
+    clips = [exact_clip(p, c) for c in CLIPS[:2]]
+    exact = sde.entity_depths([(c["depth"], c) for c in clips])
+    assert exact["entities"] == sum(len(np.unique(c["ids"])) - 1 for c in clips)
+    assert exact["correlation"] > 0.999 and exact["pair_order_right"] == 1.0 and exact["mean_abs_error"] < 1e-6
+    assert exact["mean_abs_error_of_the_prior_median"] > 0.05
+    flipped = []  # every entity mirrored about the clip's mean entity disparity: near and far swapped
+    for c in clips:
+        d, entities = c["depth"].copy(), c["ids"] > 0
+        d[entities] = 2 * c["depth"][entities].mean() - d[entities]
+        flipped.append((d, c))
+    wrong = sde.entity_depths(flipped)
+    assert wrong["pair_order_right"] == 0.0 and wrong["correlation"] < 0.5
