@@ -112,6 +112,42 @@ def test_fixed_depth_scale_shared_across_clips(clips: list[syn.SyntheticClip]) -
     assert syn.disparity_from_z(syn.Z_FAR) == pytest.approx(0.0)
 
 
+def test_entity_depth_is_observable_from_its_image_size() -> None:
+    """Every entity has about one metric size, so its rendered width says its depth (a monocular cue a
+    model can learn): width x depth / focal is the same within the size jitter and a pixel."""
+    focal = syn.FOCAL_FRAC * W
+    widths, depths = [], []
+    for seed in range(40):
+        scene = syn.render_clip(seed, 1, H, W).scene
+        for e in scene.entities:
+            if e.shape not in ("sphere", "disc", "ring"):  # round: the width is the diameter
+                continue
+            mask, _ = syn.entity_layer(e, scene, 0)
+            cols = np.flatnonzero(mask.any(axis=0))
+            if cols.size == 0 or cols[0] == 0 or cols[-1] == W - 1:  # cut by the frame edge
+                continue
+            widths.append(cols[-1] - cols[0] + 1)
+            depths.append(e.z_at(0))
+    widths, depths = np.asarray(widths, float), np.asarray(depths)
+    assert len(widths) > 30
+    metric = widths * depths / focal / 2  # the radius the image implies
+    slack = depths / focal  # a pixel of rounding at each edge
+    assert np.all(metric >= syn.ENTITY_RADIUS * (1 - syn.ENTITY_SIZE_JITTER) - slack)
+    assert np.all(metric <= syn.ENTITY_RADIUS * (1 + syn.ENTITY_SIZE_JITTER) + slack)
+    assert np.corrcoef(np.log(widths), np.log(depths))[0, 1] < -0.95
+
+
+def test_ground_disparity_follows_from_the_horizon(clips: list[syn.SyntheticClip]) -> None:
+    """One camera height: the ground gains the same disparity per row in every clip, so where the
+    horizon is says how far every ground pixel is."""
+    slopes = []
+    for c in clips:
+        ground = (c.ids[0] == 0) & (c.depth[0] > 0)
+        rows, cols = np.nonzero(ground)
+        slopes.append(np.polyfit(rows, c.depth[0][rows, cols], 1)[0])
+    np.testing.assert_allclose(slopes, syn.GROUND_DISPARITY_PER_HEIGHT / H, rtol=1e-4)
+
+
 def test_ids_stable_over_time(clips: list[syn.SyntheticClip]) -> None:
     """An entity keeps its id: in every frame, pixels with id k lie inside entity k's own shape
     (rendered independently from its trajectory), and it stays visible in most frames."""

@@ -13,6 +13,11 @@ Geometry and depth scale
   cap / a torus tube); discs, boxes and triangles are flat and face the camera.
 * The ground is a plane seen from above: its disparity is exactly linear in the image row below
   the horizon (a "slanted ground-plane ramp"); the sky is at infinity (disparity 0).
+* Depth is observable from the pixels, as in real footage: every entity has about the same metric
+  size (:data:`ENTITY_RADIUS`, ±8 %), so its image size says how far it is, and the camera height is
+  the same in every clip, so the ground's disparity follows from the horizon row. (Before, sizes and
+  the ground's slope were drawn independently of depth: a model could only guess each entity's depth,
+  and a diffusion model samples a guess; the ``small`` attempt-8 write-up measures this.)
 * Depth is stored as normalised disparity ``(1/z - 1/Z_FAR) / (1/Z_NEAR - 1/Z_FAR)`` with the
   scene-wide constants :data:`Z_NEAR`, :data:`Z_FAR`: **not** normalised per clip, so one value
   means the same distance in every clip (1 = at ``Z_NEAR``, 0 = at or beyond ``Z_FAR``).
@@ -56,7 +61,13 @@ Z_NEAR = 1.0  #: metric depth mapped to disparity 1
 Z_FAR = 20.0  #: metric depth mapped to disparity 0 (and the sky)
 FOCAL_FRAC = 1.0  #: focal length in units of the frame width (about 53 degrees horizontal FOV)
 ENTITY_Z_RANGE = (1.4, 4.0)  #: metric depth range of entity centres
-GROUND_BOTTOM_DISPARITY = (0.06, 0.12)  #: ground disparity at the bottom row (far behind entities)
+#: Metric radius of every entity (jittered by ENTITY_SIZE_JITTER): like objects of one kind in a real
+#: scene, their image size says how far they are (image radius ``FOCAL_FRAC * width * radius / z``).
+ENTITY_RADIUS = 0.32
+ENTITY_SIZE_JITTER = 0.08
+#: Ground disparity gained per frame height below the horizon: one camera height in every clip, so the
+#: ground's disparity follows from where its horizon is (0.064-0.10 at the bottom row, behind entities).
+GROUND_DISPARITY_PER_HEIGHT = 0.13
 
 SHAPES = ("sphere", "disc", "box", "triangle", "ring")
 
@@ -242,7 +253,6 @@ def _sample_background(rng: np.random.Generator, h: int) -> BackgroundSpec:
     ground_name = str(rng.choice(["green", "teal", "brown", "gray", "yellow", "orange", "purple"]))
     pattern = str(rng.choice(GROUND_PATTERNS, p=[0.35, 0.25, 0.25, 0.15]))
     horizon0 = float(rng.uniform(0.22, 0.5) * h)
-    d_bottom = float(rng.uniform(*GROUND_BOTTOM_DISPARITY))
     noise = tuple(
         (
             float(rng.uniform(0.3, 1.2)),
@@ -260,7 +270,7 @@ def _sample_background(rng: np.random.Generator, h: int) -> BackgroundSpec:
         pattern=pattern,
         tile=float(rng.uniform(0.8, 1.6)),
         horizon0=horizon0,
-        disparity_per_row=d_bottom / (h - 1 - horizon0),
+        disparity_per_row=GROUND_DISPARITY_PER_HEIGHT / h,
         noise=noise,
     )
 
@@ -285,7 +295,6 @@ def _sample_scene(rng: np.random.Generator, num_frames: int, h: int, w: int) -> 
     n = int(rng.integers(2, 6))
     names = [c for c in PALETTE if c != bg.ground_name]
     colours = rng.choice(names, size=n, replace=False)
-    focal = FOCAL_FRAC * w
     t_mid = (num_frames - 1) / 2.0
     entities = []
     for k in range(n):
@@ -296,8 +305,7 @@ def _sample_scene(rng: np.random.Generator, num_frames: int, h: int, w: int) -> 
             z1 = float(np.clip(z0 * rng.choice([0.65, 1.5]), *ENTITY_Z_RANGE))
             if abs(z1 - z0) > 0.25 * z0:
                 vz = (z1 - z0) / (num_frames - 1)
-        r_px = float(rng.uniform(0.09, 0.2) * min(h, w))
-        radius = r_px * z0 / focal
+        radius = ENTITY_RADIUS * float(rng.uniform(1.0 - ENTITY_SIZE_JITTER, 1.0 + ENTITY_SIZE_JITTER))
 
         if rng.random() < 0.15:
             vx = vy = 0.0
