@@ -285,6 +285,21 @@ def test_depth_alignment_per_video_or_per_frame():
     assert per_video["rmse"] > 0.05 and per_video["delta1"] < 1.0
 
 
+def test_a_depth_read_backwards_scores_but_is_flagged():
+    """The scale-and-shift fit may take a negative scale, so near and far swapped (linearly) still
+    scores δ1 1 in both protocols; ``fit_reversed`` says so, per video or per frame."""
+    from udpdiff.evaluation.depth import depth_scores
+
+    gt = np.random.default_rng(2).uniform(0.1, 0.9, (4, 8, 8)).astype(np.float32)
+    backwards = 1.0 - gt
+    for per_frame in (False, True):
+        right, wrong = depth_scores(gt, gt, per_frame=per_frame), depth_scores(backwards, gt, per_frame=per_frame)
+        assert right["fit_reversed"] == 0.0 and wrong["fit_reversed"] == 1.0
+        assert wrong["delta1"] == pytest.approx(1.0)  # what the flag is for: the score alone cannot tell
+    half = np.concatenate([gt[:2], backwards[2:]])  # the last two frames backwards
+    assert depth_scores(half, gt, per_frame=True)["fit_reversed"] == 0.5
+
+
 def test_clips_longer_than_num_frames_are_scored_on_their_first_frames(tmp_path):
     """Curated clips may be longer than the profile's num_frames: generation, ground truth, the real row
     and the FVD reference all use the same first num_frames frames."""

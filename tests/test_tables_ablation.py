@@ -115,3 +115,15 @@ def test_table_from_frame_formats_floats_and_blanks_missing_values():
     assert t.columns == ["variant", "δ1", "steps", "overrides"]
     assert t.rows == [["a", "0.123", "10", "{}"], ["b", "", "20", ""]]
     assert t.footnotes == ["n"] and not t.markdown().startswith("###")
+
+
+def test_ground_truth_depth_table_says_when_a_fit_flipped_the_prediction():
+    from udpdiff.evaluation.tables import ground_truth_tables
+
+    def notes(reversed_: float) -> str:
+        m = {"depth": {"gt_delta1": 0.9, "gt_abs_rel": 0.1, "gt_rmse": 0.05, "gt_fit_reversed": reversed_}}
+        (table,) = ground_truth_tables(m)
+        return " ".join(table.footnotes)
+
+    assert "negative scale" not in notes(0.0)
+    assert "25% of the predictions were aligned with a negative scale" in notes(0.25)

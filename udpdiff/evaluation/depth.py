@@ -257,10 +257,16 @@ def depth_scores(pred: ArrayLike, gt: ArrayLike, per_frame: bool = False,
                  depth_range: tuple[float, float] | None = None) -> dict[str, float]:
     """δ1, AbsRel, RMSE of one video after least-squares scale-and-shift alignment (per video, or per
     frame) in normalised disparity (the paper's protocol); with ``depth_range`` also δ1, AbsRel and
-    RMSE in depth space (``*_depth``: the protocol of DepthCrafter and Depth Anything)."""
+    RMSE in depth space (``*_depth``: the protocol of DepthCrafter and Depth Anything).
+
+    ``fit_reversed``: the fraction of those fits (the video's, or its frames') whose scale is negative.
+    Both protocols' fits may flip a prediction, so a depth read backwards (near and far swapped) can
+    still score δ1 1; this says when it happened."""
     # disparity 0 is "infinitely far" (sky): ratios are undefined there, so score where gt > 0
     m = depth_metrics(pred, gt, mask=gt > 1e-3, per_frame=per_frame)
     out = {k: m[k] for k in ("delta1", "abs_rel", "rmse")}
+    scale = torch.as_tensor(align_scale_shift(pred, gt, mask=gt > 1e-3, per_frame=per_frame).scale).detach().cpu()
+    out["fit_reversed"] = float((scale < 0).double().mean())
     if depth_range is not None:
         d = depth_space_metrics(pred, gt, depth_range, mask=gt > 1e-3, per_frame=per_frame)
         out.update({f"{k}_depth": d[k] for k in ("delta1", "abs_rel", "rmse")})

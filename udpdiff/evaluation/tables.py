@@ -140,6 +140,9 @@ def ground_truth_tables(metrics: Mapping[str, Mapping[str, float]]) -> list[Tabl
             row += [_fmt(d["gt_delta1_depth"], digits=4), _fmt(d.get("gt_abs_rel_depth"), digits=4)]
             notes.append("Depth space: aligned in true disparity, converted to depth and scored there (the protocol "
                          "of DepthCrafter and Depth Anything; comparable with the literature's figures).")
+        if d.get("gt_fit_reversed", 0.0) > 0:  # the fit flipped these: near and far swapped, forgiven by δ1
+            notes.append(f"{d['gt_fit_reversed']:.0%} of the predictions were aligned with a negative scale: read "
+                         "backwards (near and far swapped), which the scale-and-shift fit forgives.")
         out.append(Table("Depth of real validation clips vs ground truth", header, [row], notes))
     if "gt_miou" in s or "pseudo_miou" in s:
         out.append(Table("Entity segmentation", ["Model", "mIoU vs GT (↑)", "temporal id consistency (↑)",
