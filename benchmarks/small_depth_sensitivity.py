@@ -6,7 +6,7 @@ prediction (δ1 / AbsRel in normalised disparity, the paper's protocol, and in d
 
 CLIPS_JSON holds a ``clips`` list of ids ``synth-<seed>-<index>`` (``small_reference_scores.py``'s
 output). Runs on the CPU (16 clips: about three minutes). It answers what a depth score means on
-these scenes: a ground plane whose disparity ramps from 0 at the horizon to 0.065-0.10 at the bottom
+these scenes: a ground plane whose disparity ramps from 0 at the horizon to 0.064-0.10 at the bottom
 row, covering most scored pixels, with the entities nearer than any of it and the sky (disparity 0)
 left out of every score. A model's δ1 read against these rows says which kind of error it makes.
 """
