@@ -199,12 +199,19 @@ def depth_metrics(
     is dominated by near-zero ground truth; pass e.g. ``mask=gt > 0.01`` if that is undesired.
     With no valid pixels all metrics are NaN.
     """
+    return _metrics_and_scale(pred, gt, mask, align, per_frame, eps)[0]
+
+
+def _metrics_and_scale(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike | None, align: bool, per_frame: bool,
+                       eps: float) -> tuple[dict[str, float | int], torch.Tensor | None]:
+    """:func:`depth_metrics` and the fit's scale (``None`` unaligned), so a caller needing both fits once."""
     _check_shapes(pred, gt)
     p = _to_tensor(pred)
     dtype = _work_dtype(p)
     p = p.to(dtype)
     g = _to_tensor(gt).to(device=p.device, dtype=dtype)
     valid = _valid_mask(p, g, mask)
+    scale = None
     if align:
         scale, shift = _fit(p, g, valid, (-2, -1) if per_frame else (-3, -2, -1))
         n_dims = 2 if per_frame else 3
@@ -212,7 +219,7 @@ def depth_metrics(
             *shift.shape, *([1] * n_dims)
         )
     pv, gv = p[valid], g[valid]
-    return _pooled_scores(pv.clamp_min(eps), gv.clamp_min(eps), pv, gv, "depth_metrics")
+    return _pooled_scores(pv.clamp_min(eps), gv.clamp_min(eps), pv, gv, "depth_metrics"), scale
 
 
 def depth_space_metrics(
@@ -263,9 +270,8 @@ def depth_scores(pred: ArrayLike, gt: ArrayLike, per_frame: bool = False,
     Both protocols' fits may flip a prediction, so a depth read backwards (near and far swapped) can
     still score δ1 1; this says when it happened."""
     # disparity 0 is "infinitely far" (sky): ratios are undefined there, so score where gt > 0
-    m = depth_metrics(pred, gt, mask=gt > 1e-3, per_frame=per_frame)
+    m, scale = _metrics_and_scale(pred, gt, gt > 1e-3, True, per_frame, 1e-6)
     out = {k: m[k] for k in ("delta1", "abs_rel", "rmse")}
-    scale = torch.as_tensor(align_scale_shift(pred, gt, mask=gt > 1e-3, per_frame=per_frame).scale).detach().cpu()
     out["fit_reversed"] = float((scale < 0).double().mean())
     if depth_range is not None:
         d = depth_space_metrics(pred, gt, depth_range, mask=gt > 1e-3, per_frame=per_frame)
