@@ -81,6 +81,10 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: (r["profiles"]["tiny"]["sample"].update(reconstruction_guidance=2.0),
                     r["profiles"]["tiny"]["train"].update(rgb_given_prob=0.5)),
          r"profiles\.tiny: .*set one of them to 0"),
+        (lambda r: r["profiles"]["tiny"]["sample"].update(dense_guidance_scale=0.5), r"dense_guidance_scale"),
+        (lambda r: (r["profiles"]["tiny"]["sample"].update(dense_guidance_scale=1.0),
+                    r["profiles"]["tiny"]["acceleration"]["approximate"].update(cache={"type": "faster"})),
+         r"profiles\.tiny: .*needs sample\.dense_guidance_scale > 1, got 1\.0"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):
@@ -88,6 +92,14 @@ def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):
     with pytest.raises(ParamsError, match=message) as err:
         load_params(path)
     assert str(path) in str(err.value)
+
+
+def test_real_clips_are_guided_by_dense_guidance_scale_or_else_guidance_scale():
+    s = load_params(REPO / "params.yaml", profile="tiny").active.sample
+    assert s.dense_guidance_scale is None and s.guidance_for_real_clips() == s.guidance_scale == 3.0
+    s = load_params(REPO / "params.yaml", profile="small").active.sample
+    assert (s.guidance_scale, s.guidance_for_real_clips()) == (6.0, 1.0)
+    assert s.model_copy(update={"dense_guidance_scale": 2.5}).guidance_for_real_clips() == 2.5
 
 
 def test_missing_or_broken_file(tmp_path):

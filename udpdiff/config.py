@@ -320,12 +320,21 @@ class SampleParams(_Strict):
     num_samples: int = Field(4, gt=0)
     num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = Field(3.0, ge=1.0)
+    # text guidance (CFG) for dense prediction of real clips, their RGB half given; null = guidance_scale.
+    # With the video given the caption adds little: 1 (no CFG, half the compute) scored best on both
+    # tasks for the small RGB-given model (benchmarks/results/small-h200-attempt9.md)
+    dense_guidance_scale: float | None = Field(None, ge=1.0)
     split: Literal["train", "val"] = "val"
     gallery_size: int = Field(4, ge=1)        # samples per task stacked in the MLflow gallery
     runtime_trials: int = Field(1, ge=0)      # timed runs of ours and the stock architecture (Tab 4)
     # w_r of Ho et al.'s reconstruction guidance for dense prediction of real clips (UDPDiffPipeline
     # reconstruction_guidance; 0 = the plain replacement sampler, the paper's); a backward pass per step
     reconstruction_guidance: float = Field(0.0, ge=0)
+
+    def guidance_for_real_clips(self) -> float:
+        """The text guidance scale of dense prediction of real clips (``dense_guidance_scale``, or
+        ``guidance_scale`` when that is null)."""
+        return self.guidance_scale if self.dense_guidance_scale is None else self.dense_guidance_scale
 
 
 def _timestep_range(v: tuple[int, int]) -> tuple[int, int]:
@@ -469,6 +478,17 @@ class ProfileParams(_Strict):
         if self.sample.reconstruction_guidance and self.train.rgb_given_prob:
             raise ValueError("sample.reconstruction_guidance guides a model that sees the given RGB half noised; one "
                              "trained with train.rgb_given_prob > 0 is given it clean: set one of them to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _faster_cache_needs_cfg(self) -> ProfileParams:
+        # FasterCache approximates the unconditional CFG half: refuse now, not after the first samples
+        if isinstance(self.acceleration.approximate.cache, FasterCacheParams):
+            for key in ("guidance_scale", "dense_guidance_scale"):
+                value = getattr(self.sample, key)
+                if value is not None and value <= 1:
+                    raise ValueError(f"acceleration.approximate.cache type 'faster' approximates the unconditional "
+                                     f"CFG half: it needs sample.{key} > 1, got {value}")
         return self
 
 
