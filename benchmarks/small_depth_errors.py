@@ -12,7 +12,12 @@ Per clip, beside the evaluate stage's δ1 (depth space, one scale-and-shift per 
 - ``ground_slope`` / ``ground_r2``: the predicted ground disparity regressed on the true one, per
   frame, then averaged (1 / 1 is exact; a slope near 0 is a flat ground, below 0 a reversed ramp);
 - ``fit_scale``: the per-video scale of the paper protocol's fit (below 0: the prediction is read
-  backwards, which the scale-and-shift fit forgives).
+  backwards, which the scale-and-shift fit forgives);
+- ``delta1_depth_true_entities`` / ``delta1_depth_true_ground``: the evaluate stage's δ1 with one region's
+  prediction replaced by the truth, the rest as predicted: what that region's errors cost (one fit
+  covers both regions, so entity errors also shift the far ground, where depth is most sensitive);
+- ``delta1_depth_entity_medians``: each entity's pixels set to its median prediction: what the spread
+  inside entities (ragged edges, blotches) costs beside their level.
 Over all clips' entities (``entities`` in the JSON): how their predicted mean disparities follow the
 true ones (correlation, mean absolute error beside that of guessing the prior's median for every
 entity, and how often a pair's near/far order is right). Near 0, 0.5 and above the guess, the model
@@ -60,9 +65,19 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
     def delta1(mask: np.ndarray | None = None, per_frame: bool = False) -> float:
         return float(depth_space_metrics(pred, gt, depth_range, mask=mask, per_frame=per_frame)["delta1"])
 
+    def delta1_with(replaced: np.ndarray) -> float:
+        return float(depth_scores(replaced, gt, depth_range=depth_range)["delta1_depth"])
+
+    medians = pred.copy()
+    for entity in np.unique(ids[entities]):
+        medians[ids == entity] = np.median(pred[ids == entity])
+
     return {"delta1": float(scores["delta1"]), "delta1_depth": float(scores["delta1_depth"]),
             "abs_rel_depth": float(scores["abs_rel_depth"]), "delta1_depth_per_frame_fit": delta1(per_frame=True),
             "delta1_depth_ground_fit": delta1(ground), "delta1_depth_entities_fit": delta1(entities),
+            "delta1_depth_true_entities": delta1_with(np.where(entities, gt, pred)),
+            "delta1_depth_true_ground": delta1_with(np.where(ground, gt, pred)),
+            "delta1_depth_entity_medians": delta1_with(medians),
             "ground_slope": slope, "ground_r2": r2,
             # the paper protocol's scale: below 0 the fit reads the prediction backwards (and may still score)
             "fit_scale": float(align_scale_shift(pred, gt, mask=gt > SKY).scale),

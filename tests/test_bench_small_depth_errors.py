@@ -18,8 +18,9 @@ from small_vae_ceiling import exact_clip  # noqa: E402
 
 from udpdiff.config import load_params  # noqa: E402
 
-# held-out clips of the small profile: predicted right, with a flat ground, drifting in scale, backwards
-CLIPS = ["synth-1234-00033", "synth-1234-00044", "synth-1234-00065", "synth-1234-00069"]
+# held-out clips of the small profile: predicted right, with a flat ground, drifting in scale, backwards,
+# with every entity at one guessed disparity
+CLIPS = ["synth-1234-00033", "synth-1234-00044", "synth-1234-00065", "synth-1234-00069", "synth-1234-00143"]
 
 
 def test_each_diagnostic_points_at_the_error_it_was_given(tmp_path: Path):
@@ -38,6 +39,10 @@ def test_each_diagnostic_points_at_the_error_it_was_given(tmp_path: Path):
     scored = backwards > sde.SKY
     backwards[scored] = backwards[scored].max() + backwards[scored].min() - backwards[scored]
     preds[CLIPS[3]] = backwards
+    guessed = exact[CLIPS[4]]["depth"].copy()  # every entity as far as the farthest of them
+    entities = exact[CLIPS[4]]["ids"] > 0
+    guessed[entities] = guessed[entities].min()
+    preds[CLIPS[4]] = guessed
     npz = tmp_path / "dense_predictions.npz"
     np.savez_compressed(npz, **{f"depth/{c}": v.astype(np.float16) for c, v in preds.items()},
                         **{f"segmentation/{c}": exact[c]["ids"] for c in CLIPS})
@@ -45,11 +50,18 @@ def test_each_diagnostic_points_at_the_error_it_was_given(tmp_path: Path):
     assert sde.main([str(npz), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["clips"]
     assert sorted(rows) == sorted(CLIPS) and out.with_suffix(".md").exists()
-    right, flat_ground, drifting, reversed_ = (rows[c] for c in CLIPS)
+    right, flat_ground, drifting, reversed_, guessed = (rows[c] for c in CLIPS)
     assert right["delta1_depth"] > 0.99 and right["ground_slope"] == pytest.approx(1.0, abs=0.01)
     assert right["ground_r2"] > 0.99 and right["fit_scale"] == pytest.approx(1.0, abs=0.01)
     assert abs(flat_ground["ground_slope"]) < 0.05 and flat_ground["delta1_depth"] < 0.9
     assert flat_ground["delta1_depth_entities_fit"] > 0.95  # the entities alone are right
+    # the true ground repairs it; true entities, or entities at their medians, do not
+    assert flat_ground["delta1_depth_true_ground"] > 0.99
+    assert max(flat_ground["delta1_depth_true_entities"], flat_ground["delta1_depth_entity_medians"]) < 0.9
+    assert right["delta1_depth_entity_medians"] > 0.97  # the exact entities are nearly flat already
+    # guessed entities: the truth in their place repairs it, the true ground does not
+    assert guessed["delta1_depth_true_entities"] > 0.99 and guessed["delta1_depth_true_ground"] < 0.9
+    assert guessed["delta1_depth"] < 0.9
     # a drifting scale: a fit per frame repairs what one fit per video cannot
     assert drifting["delta1_depth_per_frame_fit"] > 0.99 > drifting["delta1_depth"]
     assert 0.3 < right["ground_share"] < 1.0
