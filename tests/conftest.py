@@ -337,9 +337,10 @@ def _save_fake_i3d(path: Path) -> None:
     torch.jit.script(Detector()).save(str(path))
 
 
-def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "noised"):
+def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "noised", tokenizer: str = "byt5"):
     """A tiny random UDPDiffPipeline (2 tasks with the task embedding unless ``conditioning`` says
-    otherwise; 9 frames, latent 8x8 = 32x32 video), built as the train stage saves it."""
+    otherwise; 9 frames, latent 8x8 = 32x32 video), built as the train stage saves it. ``tokenizer``
+    ``words`` learns its words from two captions about cubes and spheres."""
     import torch
     from diffusers import AutoencoderKLCogVideoX
 
@@ -348,8 +349,9 @@ def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "nois
     from udpdiff.models.transformer import UDPDiffTransformer3DModel
     from udpdiff.pipeline import UDPDiffPipeline
 
-    tokenizer, encoder = build_text_encoder({"config": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2,
-                                                        "d_kv": 16}}, seed=0)
+    tokenizer, encoder = build_text_encoder({"tokenizer": tokenizer, "config": {"d_model": 32, "d_ff": 64,
+                                                        "num_layers": 1, "num_heads": 2, "d_kv": 16}}, seed=0,
+                                            captions=["A red cube slides left.", "A blue sphere rolls, spinning."])
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
                                  up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),

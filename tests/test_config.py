@@ -128,3 +128,4 @@ def test_the_small_profile_builds_the_sizes_its_comment_states():
     cfg = a.transformer.config
     assert tuple(z.shape[2:]) == ((cfg["sample_frames"] - 1) // 4 + 1, cfg["sample_height"], cfg["sample_width"])
     assert cfg["text_embed_dim"] == a.text_encoder.config["d_model"] and a.data.source == "synthetic"
+    assert cfg["max_text_seq_length"] == a.text_encoder.max_length and a.text_encoder.tokenizer == "words"

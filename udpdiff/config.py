@@ -223,7 +223,8 @@ class VaeParams(_Strict):
 
 class TextEncoderParams(_Strict):
     pretrained: str | None = None
-    tokenizer: str = "byt5"
+    # a random encoder's tokenizer (udpdiff.models.text): byt5 bytes, or the training captions' words
+    tokenizer: Literal["byt5", "words"] = "byt5"
     max_length: int = Field(64, gt=0)
     config: dict[str, Any] = {}
 

@@ -1,37 +1,78 @@
 """T5 text encoder and tokenizer (CogVideoX conditions on T5-XXL hidden states).
 
 Large profiles load both from a CogVideoX directory or hub id with ``from_pretrained``. The
-``tiny`` profile builds a small randomly initialised ``T5EncoderModel`` of the same class and
-pairs it with ByT5's byte-level tokenizer, which needs no vocabulary file and so no download.
+``tiny`` and ``small`` profiles build a small randomly initialised ``T5EncoderModel`` of the same
+class, with a tokenizer that needs no download: ByT5's byte-level one (``byt5``), or a word-level
+one whose vocabulary is the training captions' words (``words``; the ``tokenizers`` library). At
+``max_length`` 96, bytes cover the first ~95 characters of a caption: the synthetic long captions
+(200-500 bytes) would lose their ground, sky and camera, which words keep (46-105 tokens).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
+from transformers import (
+    AutoTokenizer,
+    ByT5Tokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def build_text_encoder(spec: dict, seed: int) -> tuple[PreTrainedTokenizerBase, T5EncoderModel]:
+RANDOM_ENCODER_TOKENIZERS = ("byt5", "words")
+# T5's special-token ids (T5Config's pad_token_id 0 and eos_token_id 1), then the unknown word
+WORD_SPECIALS = ("<pad>", "</s>", "<unk>")
+
+
+def build_text_encoder(spec: dict, seed: int,
+                       captions: Iterable[str] | None = None) -> tuple[PreTrainedTokenizerBase, T5EncoderModel]:
     """``spec`` is params.yaml ``text_encoder``: ``pretrained`` (a CogVideoX dir/id with
-    ``tokenizer/`` and ``text_encoder/`` subfolders, or a folder we saved) or a T5 ``config``."""
+    ``tokenizer/`` and ``text_encoder/`` subfolders, or a folder we saved) or a T5 ``config`` and a
+    ``tokenizer`` (``byt5``, or ``words``, which learns its vocabulary from ``captions``)."""
     pretrained = spec.get("pretrained")
     if pretrained:
         tokenizer = _load_tokenizer(pretrained)
         encoder = T5EncoderModel.from_pretrained(pretrained, subfolder=_subfolder(pretrained, "text_encoder"))
         return tokenizer, encoder.eval().requires_grad_(False)
-    if spec.get("tokenizer", "byt5") != "byt5":
-        raise ValueError("a randomly initialised text encoder pairs with the offline 'byt5' tokenizer only")
-    tokenizer = ByT5Tokenizer()
+    kind = spec.get("tokenizer", "byt5")
+    if kind == "words":
+        if captions is None:
+            raise ValueError("text_encoder.tokenizer 'words' learns its vocabulary from the training captions: "
+                             "none were given")
+        tokenizer = word_tokenizer(captions)
+    elif kind == "byt5":
+        tokenizer = ByT5Tokenizer()
+    else:
+        raise ValueError(f"text_encoder.tokenizer {kind!r}: a randomly initialised text encoder pairs with one of "
+                         f"{', '.join(RANDOM_ENCODER_TOKENIZERS)}")
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tokenizer), **spec.get("config", {}))
     encoder = T5EncoderModel(config)
     logger.info("built a random T5 encoder (%d parameters)", sum(p.numel() for p in encoder.parameters()))
     return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def word_tokenizer(captions: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``captions``' words and punctuation, lower-cased, with T5's
+    ``<pad>`` 0, ``</s>`` 1 (appended to every sequence) and ``<unk>`` 2 for words it never saw. The
+    vocabulary is sorted, so the same captions give the same ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    normalizer, pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    words = sorted({w for text in captions for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
+                   - set(WORD_SPECIALS))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*WORD_SPECIALS, *words])}, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def _subfolder(root: str, name: str) -> str | None:

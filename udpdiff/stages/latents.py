@@ -19,6 +19,8 @@ from udpdiff.stages.loading import clip_inputs, load_vae
 from udpdiff.workers import read_ahead
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from udpdiff.config import Params
     from udpdiff.paths import ProjectPaths
 
@@ -33,7 +35,8 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     from udpdiff.models.text import build_text_encoder, encode_text
 
     te = p.active.text_encoder
-    tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed)
+    df = read_manifest(paths.manifest)
+    tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed, captions=_vocabulary_texts(df))
     tmp_te = fresh_tmp_dir(paths.text_encoder)
     if te.pretrained:
         write_json(tmp_te / "SOURCE.json", {"pretrained": te.pretrained})
@@ -43,7 +46,6 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     replace_dir(tmp_te, paths.text_encoder)
     device = default_device()
     vae, encoder = load_vae(p, paths).to(device), encoder.to(device)
-    df = read_manifest(paths.manifest)
     if p.active.train.latents == "online":
         df = df.iloc[:0]
     tmp = fresh_tmp_dir(paths.latents)
@@ -54,3 +56,12 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
                            total=len(df))
     replace_dir(tmp, paths.latents)
     return StepResult(metrics={"cached_clips": float(len(written))})
+
+
+def _vocabulary_texts(df: pd.DataFrame) -> list[str]:
+    """What a word-level tokenizer learns its words from: the training split's captions and the
+    task-named prompts (Tab 5). Validation captions stay out; a word only they use is ``<unk>``."""
+    from udpdiff.tasks import TASK_IDS, task_prompt
+
+    train = df[df.split == "train"]
+    return [*train.caption_long, *train.caption_short, *(task_prompt(t, "") for t in TASK_IDS)]

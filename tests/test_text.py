@@ -1,0 +1,63 @@
+"""udpdiff.models.text: the random encoders' tokenizers, here the word-level one learnt from captions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from udpdiff.data.synthetic import render_clip
+from udpdiff.models.text import build_text_encoder, encode_text, word_tokenizer
+from udpdiff.pipeline import UDPDiffPipeline
+
+CONFIG = {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 16}
+
+
+@pytest.fixture(scope="module")
+def captions() -> list[str]:
+    clips = [render_clip(seed, num_frames=3, height=32, width=32) for seed in range(12)]
+    return [c.caption_long for c in clips] + [c.caption_short for c in clips]
+
+
+def test_a_long_synthetic_caption_fits_whole_in_words_where_bytes_cut_its_scene(captions):
+    words, _ = build_text_encoder({"tokenizer": "words", "config": CONFIG}, 0, captions=captions)
+    byt5, _ = build_text_encoder({"tokenizer": "byt5", "config": CONFIG}, 0)
+    long = max(captions, key=len)
+    assert long.index(" ground") > 96  # at 96 bytes the ground (and the sky, the camera) would be cut
+    ids = words(long).input_ids
+    assert len(ids) < 128 < len(byt5(long).input_ids)
+    assert ids[-1] == words.eos_token_id == 1 and words.unk_token_id not in ids and words.pad_token_id == 0
+    assert words.decode(ids, skip_special_tokens=True).replace(" ", "") == long.lower().replace(" ", "")
+
+
+def test_the_vocabulary_is_the_captions_words_in_a_fixed_order(captions):
+    a, b = word_tokenizer(captions), word_tokenizer(list(reversed(captions)))
+    assert a.get_vocab() == b.get_vocab()
+    assert a("The RED zebra.").input_ids == [a.convert_tokens_to_ids(w) for w in ("the", "red")] + [
+        a.unk_token_id, a.convert_tokens_to_ids("."), a.eos_token_id]
+
+
+def test_words_needs_captions_and_other_names_are_refused():
+    with pytest.raises(ValueError, match="'words' learns its vocabulary from the training captions"):
+        build_text_encoder({"tokenizer": "words", "config": CONFIG}, 0)
+    with pytest.raises(ValueError, match="tokenizer 'bpe'"):
+        build_text_encoder({"tokenizer": "bpe", "config": CONFIG}, 0)
+
+
+def test_saved_words_tokenizer_and_pipeline_load_back_the_same(tmp_path, captions, tiny_pipeline):
+    tokenizer, encoder = build_text_encoder({"tokenizer": "words", "config": CONFIG}, 0, captions=captions)
+    tokenizer.save_pretrained(tmp_path / "te")
+    encoder.save_pretrained(tmp_path / "te")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "te")
+    before, after = (encode_text(t, encoder, captions[:3], 128) for t in (tokenizer, loaded))
+    assert torch.equal(before, after)
+    pipe = tiny_pipeline(tokenizer="words")
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = UDPDiffPipeline.from_pretrained(tmp_path / "pipe")
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=1.5, max_sequence_length=16)
+    for p in (pipe, again):
+        p.set_progress_bar_config(disable=True)
+    a = pipe("a red cube slides left", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    b = again("a red cube slides left", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    assert np.array_equal(a.videos, b.videos) and np.array_equal(a.dense, b.dense)
