@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from udpdiff.data.synthetic import render_clip
-from udpdiff.models.text import build_text_encoder, encode_text, word_tokenizer
+from udpdiff.models.text import build_text_encoder, encode_text, unknown_words, word_tokenizer
 from udpdiff.pipeline import UDPDiffPipeline
 
 CONFIG = {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 16}
@@ -61,3 +61,22 @@ def test_saved_words_tokenizer_and_pipeline_load_back_the_same(tmp_path, caption
     a = pipe("a red cube slides left", task="depth", generator=torch.Generator().manual_seed(0), **kw)
     b = again("a red cube slides left", task="depth", generator=torch.Generator().manual_seed(0), **kw)
     assert np.array_equal(a.videos, b.videos) and np.array_equal(a.dense, b.dense)
+
+
+def test_unknown_words_are_named_and_bytes_have_none(captions):
+    words, _ = build_text_encoder({"tokenizer": "words", "config": CONFIG}, 0, captions=captions)
+    byt5, _ = build_text_encoder({"tokenizer": "byt5", "config": CONFIG}, 0)
+    assert unknown_words(words, "A red zebra grazes, Quietly.") == ["zebra", "grazes", "Quietly"]
+    assert unknown_words(words, captions[0]) == [] and unknown_words(byt5, "A red zebra") == []
+
+
+def test_generate_names_the_prompt_words_the_pipeline_never_saw(tmp_path, tiny_pipeline, caplog):
+    from udpdiff import cli
+
+    tiny_pipeline(tokenizer="words").save_pretrained(tmp_path / "pipeline")
+    args = ["generate", "--prompt", "a red zebra slides left", "--pipeline", str(tmp_path / "pipeline"), "--steps", "1",
+            "--height", "32", "--width", "32", "--num-frames", "9", "--out", str(tmp_path / "out")]
+    with caplog.at_level("WARNING", logger="udpdiff.cli"):
+        assert cli.main(args) == 0
+    assert "never saw 'zebra' in training; encoded as <unk>" in caplog.text
+    assert (tmp_path / "out" / "depth-seed0.mp4").exists()

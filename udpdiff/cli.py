@@ -30,6 +30,7 @@ def _generate_on(args: argparse.Namespace, ranks) -> int:
     from udpdiff.acceleration import accelerate_pipeline
     from udpdiff.config import AccelerationParams
     from udpdiff.devices import default_device
+    from udpdiff.models.text import unknown_words
     from udpdiff.parallel import split_cfg_batch
     from udpdiff.pipeline import UDPDiffPipeline
     from udpdiff.stages.common import dense_picture
@@ -44,6 +45,11 @@ def _generate_on(args: argparse.Namespace, ranks) -> int:
               "leave out --task", file=sys.stderr)
         return 2
     task = (args.task or "depth") if pipe.dense else None
+    unknown = unknown_words(pipe.tokenizer, args.prompt) if pipe.tokenizer is not None else []
+    if unknown:  # a words tokenizer (small profile) knows only its training captions' words
+        logging.getLogger(__name__).warning("%s: the text encoder never saw %s in training; encoded as %s",
+                                            args.pipeline, ", ".join(repr(w) for w in unknown),
+                                            pipe.tokenizer.unk_token)
     pipe.to(default_device())
     compile_blocks = {"true": True, "false": False}.get(args.compile_blocks, args.compile_blocks)
     approximate = {"float8": args.float8, "cache": None if args.cache == "none" else {"type": args.cache}}

@@ -75,6 +75,16 @@ def word_tokenizer(captions: Iterable[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The words of ``text`` that ``tokenizer`` encodes as its unknown token (a ``words`` tokenizer's
+    words absent from the training captions); [] for tokenizers that never produce it (bytes)."""
+    if not tokenizer.is_fast or tokenizer.unk_token_id is None:
+        return []
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    return [text[a:b] for i, (a, b) in zip(enc.input_ids, enc.offset_mapping, strict=True)
+            if i == tokenizer.unk_token_id]
+
+
 def _subfolder(root: str, name: str) -> str | None:
     path = Path(root)
     if path.is_dir() and not (path / name).is_dir():
