@@ -208,16 +208,18 @@ def test_pipeline_given_rgb_is_what_the_transformer_sees(tmp_path, tiny_pipeline
         tiny_pipeline(given_rgb="sometimes")
 
 
-def test_pipeline_save_and_load_round_trip(tmp_path, tiny_pipeline):
-    pipe = tiny_pipeline("text-prompt")
+@pytest.mark.parametrize("conditioning, tokenizer", [("text-prompt", "byt5"), ("embedding", "words")])
+def test_pipeline_save_and_load_round_trip(tmp_path, tiny_pipeline, conditioning, tokenizer):
+    pipe = tiny_pipeline(conditioning, tokenizer=tokenizer)
     pipe.save_pretrained(tmp_path)
     loaded = UDPDiffPipeline.from_pretrained(tmp_path)
-    assert loaded.config.task_conditioning == "text-prompt"
+    assert loaded.config.task_conditioning == conditioning
+    assert loaded.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=1.5, max_sequence_length=16)
     for p in (pipe, loaded):
         p.set_progress_bar_config(disable=True)
-    a = pipe("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
-    b = loaded("a cube", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    a = pipe("a red cube slides", task="depth", generator=torch.Generator().manual_seed(0), **kw)
+    b = loaded("a red cube slides", task="depth", generator=torch.Generator().manual_seed(0), **kw)
     assert np.array_equal(a.videos, b.videos) and np.array_equal(a.colormaps, b.colormaps)
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from udpdiff.data.synthetic import render_clip
 from udpdiff.models.text import build_text_encoder, encode_text, unknown_words, word_tokenizer
-from udpdiff.pipeline import UDPDiffPipeline
 
 CONFIG = {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 16}
 
@@ -45,22 +43,14 @@ def test_words_needs_captions_and_other_names_are_refused():
         build_text_encoder({"tokenizer": "bpe", "config": CONFIG}, 0)
 
 
-def test_saved_words_tokenizer_and_pipeline_load_back_the_same(tmp_path, captions, tiny_pipeline):
+def test_a_saved_words_tokenizer_loads_back_the_same(tmp_path, captions):
+    """(A pipeline holding one round-trips in tests/test_models.py.)"""
     tokenizer, encoder = build_text_encoder({"tokenizer": "words", "config": CONFIG}, 0, captions=captions)
-    tokenizer.save_pretrained(tmp_path / "te")
-    encoder.save_pretrained(tmp_path / "te")
-    loaded = AutoTokenizer.from_pretrained(tmp_path / "te")
+    tokenizer.save_pretrained(tmp_path)
+    encoder.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
     before, after = (encode_text(t, encoder, captions[:3], 128) for t in (tokenizer, loaded))
     assert torch.equal(before, after)
-    pipe = tiny_pipeline(tokenizer="words")
-    pipe.save_pretrained(tmp_path / "pipe")
-    again = UDPDiffPipeline.from_pretrained(tmp_path / "pipe")
-    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=1.5, max_sequence_length=16)
-    for p in (pipe, again):
-        p.set_progress_bar_config(disable=True)
-    a = pipe("a red cube slides left", task="depth", generator=torch.Generator().manual_seed(0), **kw)
-    b = again("a red cube slides left", task="depth", generator=torch.Generator().manual_seed(0), **kw)
-    assert np.array_equal(a.videos, b.videos) and np.array_equal(a.dense, b.dense)
 
 
 def test_unknown_words_are_named_and_bytes_have_none(captions):

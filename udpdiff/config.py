@@ -322,8 +322,8 @@ class SampleParams(_Strict):
     num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = Field(3.0, ge=1.0)
     # text guidance (CFG) for dense prediction of real clips, their RGB half given; null = guidance_scale.
-    # With the video given the caption adds little: 1 (no CFG, half the compute) scored best on both
-    # tasks for the small RGB-given model (benchmarks/results/small-h200-attempt9.md)
+    # With the video given the caption adds little: 1 (no CFG) scored best on both tasks for the small
+    # RGB-given model (benchmarks/results/small-h200-attempt9.md)
     dense_guidance_scale: float | None = Field(None, ge=1.0)
     split: Literal["train", "val"] = "val"
     gallery_size: int = Field(4, ge=1)        # samples per task stacked in the MLflow gallery

@@ -36,7 +36,8 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
 
     te = p.active.text_encoder
     df = read_manifest(paths.manifest)
-    tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed, captions=_vocabulary_texts(df))
+    words = te.tokenizer == "words" and not te.pretrained  # a vocabulary to learn from the captions
+    tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed, captions=_vocabulary_texts(df) if words else None)
     tmp_te = fresh_tmp_dir(paths.text_encoder)
     if te.pretrained:
         write_json(tmp_te / "SOURCE.json", {"pretrained": te.pretrained})

@@ -146,8 +146,8 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
             real = read_clip(p, paths, row.video_path)  # one clip at a time
             cond = pipe(row.caption_long, task=task, video=real, reconstruction_guidance=s.reconstruction_guidance,
                         generator=torch.Generator().manual_seed(entry["seed"]),
-                        **{**{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")},
-                           "guidance_scale": s.guidance_for_real_clips()})
+                        **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")}
+                        | {"guidance_scale": s.guidance_for_real_clips()})
             arrays.update(colormap=out.colormaps[0], dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
                           conditioned_dense=cond.dense[0])
         # the mp4 is written last: an npz without its mp4 is an interrupted sample and is redone

@@ -227,7 +227,7 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
                             prompt_embeds=torch.stack([clip["prompts"][key] for clip in validation]).to(device, dtype),
                             negative_prompt_embeds=negative(len(validation)),
                             generator=torch.Generator(device).manual_seed(p.seed),
-                            **{**call, "guidance_scale": s.guidance_for_real_clips()})
+                            **call | {"guidance_scale": s.guidance_for_real_clips()})
                 predictions = [(dense, clip["gt"][task]) for dense, clip in zip(cond.dense, validation, strict=True)]
         scores.update(validation_scores(task, out.videos[0], predictions, exact_depth_range(d.source)))
         columns[0].append(out.videos[0])
