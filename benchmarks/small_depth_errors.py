@@ -65,8 +65,8 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
     def delta1(mask: np.ndarray | None = None, per_frame: bool = False) -> float:
         return float(depth_space_metrics(pred, gt, depth_range, mask=mask, per_frame=per_frame)["delta1"])
 
-    def delta1_with(replaced: np.ndarray) -> float:
-        return float(depth_scores(replaced, gt, depth_range=depth_range)["delta1_depth"])
+    def delta1_with(replaced: np.ndarray) -> float:  # the evaluate stage's delta1_depth (depth_scores), alone
+        return float(depth_space_metrics(replaced, gt, depth_range, mask=gt > 1e-3)["delta1"])
 
     medians = pred.copy()
     for entity in np.unique(ids[entities]):
