@@ -6,14 +6,17 @@ diffusers, DeepSpeed, pydantic, PyAV or array-api-compat, and no network.
 
 Versions are this environment's own (the ones CI tests), downloaded from the package index for the
 machine's Python and platform. DeepSpeed comes as its sdist (built there without ops). A wheel too
-big for the 64 MiB carry (PyAV, 36 MB) is unzipped and xz'd (``NAME.unpacked.tar.xz``, 25 MB), which
-the device script unpacks into its site folder. Prints what the carry will weigh with the checkout.
+big for the 64 MiB carry (PyAV, 36 MB) is unzipped, its shared objects' debug sections stripped (PyAV's
+own extensions ship them: 31 of its 36 MB) and xz'd (``NAME.unpacked.tar.xz``, 20 MB), which the device
+script unpacks into its site folder. Prints what the carry will weigh with the checkout.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import io
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -29,6 +32,7 @@ WHEELS = ("diffusers", "pydantic", "pydantic_core", "typing_inspection", "annota
 SDISTS = ("deepspeed",)
 UNPACK = ("av",)  # shipped unzipped and xz'd: too big for the carry as a wheel
 CARRY_LIMIT = 64 * 2**20
+SHARED_OBJECT = re.compile(r"\.so(\.\d+)*$")
 
 
 def pins(names: tuple[str, ...]) -> list[str]:
@@ -43,16 +47,32 @@ def download(out: Path, python: str, platform: str) -> None:
     subprocess.run([*pip, "--no-binary=:all:", *pins(SDISTS)], check=True)
 
 
+def strip_debug(data: bytes, scratch: Path) -> bytes:
+    """A shared object without its debug sections (``strip --strip-debug``: code and symbols stay), or
+    ``data`` unchanged where binutils is missing or the file is not one strip reads."""
+    if not data.startswith(b"\x7fELF") or shutil.which("strip") is None:
+        return data
+    scratch.write_bytes(data)
+    done = subprocess.run(["strip", "--strip-debug", str(scratch)], capture_output=True)
+    return scratch.read_bytes() if done.returncode == 0 else data
+
+
 def unpack_xz(wheel: Path) -> Path:
-    """``wheel`` as a tar.xz of its contents (what pip would put in site-packages), beside it."""
+    """``wheel`` as a tar.xz of its contents (what pip would put in site-packages, shared objects
+    without debug sections), beside it."""
     target = wheel.with_name(wheel.name.removesuffix(".whl") + ".unpacked.tar.xz")
+    scratch = wheel.with_name(wheel.name + ".strip")
     with atomic_path(target) as tmp, zipfile.ZipFile(wheel) as z, tarfile.open(tmp, "w:xz", preset=9) as tar:
         for info in z.infolist():
             if info.is_dir():
                 continue
+            data, shared = z.read(info), bool(SHARED_OBJECT.search(info.filename))
+            if shared:
+                data = strip_debug(data, scratch)
             member = tarfile.TarInfo(info.filename)
-            member.size, member.mode = info.file_size, 0o755 if info.filename.endswith(".so") else 0o644
-            tar.addfile(member, io.BytesIO(z.read(info)))
+            member.size, member.mode = len(data), 0o755 if shared else 0o644
+            tar.addfile(member, io.BytesIO(data))
+    scratch.unlink(missing_ok=True)
     wheel.unlink()
     return target
 
