@@ -1,13 +1,14 @@
 """Figures of a ``small`` GPU run (``benchmarks/small_gpu.py``), from its unpacked tarballs.
 
-    python benchmarks/small_gpu_figures.py RUN_DIR OUT_DIR [--gallery-rows 4]
+    python benchmarks/small_gpu_figures.py RUN_DIR OUT_DIR [--gallery-rows 4] [--gallery-variant NAME]
 
 Writes, beside the per-variant plots the stages already make:
 - ``fig8_validation.png``: the Fig 8 validation scores of every variant over training steps
   (segmentation mIoU and depth δ1 in depth space, of held-out real clips against exact ground truth);
 - ``train_loss.png``: the dense and RGB halves' losses of every variant;
-- ``gallery.gif``: the first rows of the full method's text-to-video gallery, segmentation beside depth
-  (each row: generated video | colormap | decoded map), for the README.
+- ``gallery.gif``: the first rows of a variant's text-to-video gallery (the full method's unless
+  ``--gallery-variant`` names another), segmentation beside depth (each row: generated video |
+  colormap | decoded map), for the README.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", type=Path, help="the unpacked tarball(s): holds variants/<name>/")
     ap.add_argument("out", type=Path)
     ap.add_argument("--gallery-rows", type=int, default=4)
+    ap.add_argument("--gallery-variant", default=FULL_METHOD, help="whose text-to-video gallery (default: %(default)s)")
     args = ap.parse_args(argv)
     # a variant that only resampled another's model (variant.json "trained_by") has that run's curves
     variants = {d.name: series(d / "outputs/small/gpu_run/train_steps.jsonl")
@@ -70,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
               for key in ("loss_dense", "loss_rgb") if (c := curves(rows, key))[0]}
     viz.plot_curves(args.out / "train_loss.png", losses, title="training loss (v-prediction MSE)", ylabel="loss",
                     logy=True)
-    samples = args.run / "variants" / FULL_METHOD / "outputs/small/samples"
+    samples = args.run / "variants" / args.gallery_variant / "outputs/small/samples"
     seg, depth = samples / "gallery_segmentation.gif", samples / "gallery_depth.gif"
     if seg.exists() and depth.exists():
         a, b = gallery_rows(seg, args.gallery_rows), gallery_rows(depth, args.gallery_rows)
         gap = np.full((a.shape[0], a.shape[1], 8, 3), 255, np.uint8)
         write_gif(args.out / "gallery.gif", np.concatenate([a, gap, b], axis=2), fps=8)
+    elif args.gallery_variant != FULL_METHOD:  # asked for by name: say so rather than skip it
+        raise SystemExit(f"{samples}: no gallery_segmentation.gif and gallery_depth.gif")
     print(f"figures of {', '.join(variants)} -> {args.out}")
     return 0
 

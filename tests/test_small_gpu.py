@@ -286,6 +286,13 @@ def test_figures_of_a_run(gpu_run, tmp_path):
     samples = root / "variants" / NAMES[0] / "outputs/small/samples"
     with Image.open(samples / "gallery_segmentation.gif") as seg, Image.open(tmp_path / "gallery.gif") as both:
         assert both.size == (2 * seg.size[0] + 8, seg.size[1]) and both.n_frames == seg.n_frames  # one row: all of it
+    # another variant's gallery by name; a name without one is an error, not a silent skip
+    other = tmp_path / "other"
+    assert small_gpu_figures.main([str(root), str(other), "--gallery-rows", "1",
+                                   "--gallery-variant", "udpdiff-multi-task-rgb-given"]) == 0
+    assert (other / "gallery.gif").exists()
+    with pytest.raises(SystemExit, match="no gallery"):
+        small_gpu_figures.main([str(root), str(other), "--gallery-variant", "no-such-variant"])
 
 
 def test_reference_scores_order_by_detail(tmp_path):
