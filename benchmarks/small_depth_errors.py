@@ -21,7 +21,9 @@ Per clip, beside the evaluate stage's δ1 (depth space, one scale-and-shift per 
 Over all clips' entities (``entities`` in the JSON): how their predicted mean disparities follow the
 true ones (correlation, mean absolute error beside that of guessing the prior's median for every
 entity, and how often a pair's near/far order is right). Near 0, 0.5 and above the guess, the model
-does not see how far the entities are: it guesses.
+does not see how far the entities are: it guesses. ``slope`` (the predicted means regressed on the
+true ones) and the two spreads tell a compressed estimate (slope below 1, its spread below the
+truth's: entities pulled towards the middle) from a noisy one.
 See ``small_depth_sensitivity.py`` for what each kind of error costs the scores on these scenes.
 """
 from __future__ import annotations
@@ -98,7 +100,8 @@ def entity_depths(pairs: list[tuple[np.ndarray, dict]]) -> dict[str, float]:
     return {"entities": len(true), "correlation": float(np.corrcoef(true, pred)[0, 1]),
             "mean_abs_error": float(np.abs(pred - true).mean()),
             "mean_abs_error_of_the_prior_median": float(np.abs(median_guess - true).mean()),
-            "pair_order_right": float(np.mean(order)) if order else float("nan")}
+            "pair_order_right": float(np.mean(order)) if order else float("nan"),
+            "slope": float(np.polyfit(true, pred, 1)[0]), "spread": float(pred.std()), "true_spread": float(true.std())}
 
 
 def depth_errors(p, predictions: Path) -> tuple[pd.DataFrame, dict[str, float]]:

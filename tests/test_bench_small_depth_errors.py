@@ -84,6 +84,16 @@ def test_entity_summary_tells_seeing_from_guessing():
     assert exact["entities"] == sum(len(np.unique(c["ids"])) - 1 for c in clips)
     assert exact["correlation"] > 0.999 and exact["pair_order_right"] == 1.0 and exact["mean_abs_error"] < 1e-6
     assert exact["mean_abs_error_of_the_prior_median"] > 0.05
+    assert exact["slope"] == pytest.approx(1.0) and exact["spread"] == pytest.approx(exact["true_spread"])
+    middle = 0.5  # every entity pulled halfway to one disparity: order kept, slope and spread halved
+    halfway = []
+    for c in clips:
+        d, entities = c["depth"].copy(), c["ids"] > 0
+        d[entities] = (d[entities] + middle) / 2
+        halfway.append((d, c))
+    compressed = sde.entity_depths(halfway)
+    assert compressed["pair_order_right"] == 1.0 and compressed["slope"] == pytest.approx(0.5, abs=1e-3)
+    assert compressed["spread"] == pytest.approx(compressed["true_spread"] / 2, rel=1e-3)
     flipped = []  # every entity mirrored about the clip's mean entity disparity: near and far swapped
     for c in clips:
         d, entities = c["depth"].copy(), c["ids"] > 0
