@@ -1,6 +1,7 @@
 """The sample, evaluate and report steps.
 
-- perfect dense predictions score perfectly; configured metric models (tiny random DINO/CLIP, a
+- perfect dense predictions score perfectly, and videos that are their captions' clips show the
+  captioned sky and ground; configured metric models (tiny random DINO/CLIP, a
   TorchScript I3D stand-in) add SC, BC and FVD; FVD of a set against itself is 0;
 - streaming: chunk size does not change any number;
 - the FVD reference statistics are cached per split and recomputed when a clip changes;
@@ -79,7 +80,8 @@ def _perfect_samples(paths: ProjectPaths, num_clips: int = 4, clip_frames: int =
             npz.parent.mkdir(parents=True, exist_ok=True)
             np.savez(npz, video=video, colormap=colormap, dense=gt, conditioned_colormap=colormap,
                      conditioned_dense=gt)
-            index.append({"task": task, "clip_id": row.clip_id, "npz": f"{task}/{row.clip_id}.npz"})
+            index.append({"task": task, "clip_id": row.clip_id, "npz": f"{task}/{row.clip_id}.npz",
+                          "prompt": row.caption_long})
     (paths.samples / "index.json").write_text(json.dumps(index))
 
 
@@ -114,7 +116,11 @@ def test_perfect_predictions_score_perfectly_and_configured_models_add_columns(t
 
     md = (paths.evaluation / "tables.md").read_text()
     rows = markdown_rows(md)
-    assert ["Model", "SC (↑)", "BC (↑)", "MS† (↑)", "FVD (↓)", "videos", "frames"] in rows
+    assert ["Model", "SC (↑)", "BC (↑)", "MS† (↑)", "FVD (↓)", "sky as captioned (↑)", "ground as captioned (↑)",
+            "videos", "frames"] in rows
+    # the "generated" videos are the clips their prompts describe: every sky and ground as captioned
+    for s in ("segmentation", "depth", "real"):
+        assert m[f"{s}/caption_sky"] == 1.0 and m[f"{s}/caption_ground"] == 1.0
     assert next(r for r in rows if r[0] == "UDPDiff (depth)")[4] == "0.00"  # FVD with two decimals
     html = (paths.evaluation / "tables.html").read_text()
     assert html.startswith("<!doctype html>") and "<th>SC (↑)</th>" in html and "not comparable" in html

@@ -23,7 +23,7 @@ from udpdiff.evaluation.tables import (
 ROWS = [
     {"variant": "base (params.yaml)", "depth/subject_consistency": 0.91, "depth/motion_smoothness_flow": 0.97,
      "depth/fvd": 410.5, "depth/gt_delta1": 0.62, "segmentation/gt_miou": 0.41, "depth/num_videos": 8,
-     "rgb/pixel_frame_consistency": 0.88},
+     "rgb/pixel_frame_consistency": 0.88, "rgb/caption_sky": 0.75},
     {"variant": "text-prompt", "depth/subject_consistency": 0.90, "depth/motion_smoothness_flow": 0.96,
      "segmentation/background_consistency": 0.93, "depth/gt_delta1": None},
 ]
@@ -39,6 +39,7 @@ def test_columns_in_the_papers_order_and_only_those_some_row_has():
         ("depth/gt_delta1", "depth δ1 GT (↑)"),
         ("segmentation/gt_miou", "seg mIoU GT (↑)"),
         ("rgb/pixel_frame_consistency", "rgb pixel consistency (↑)"),
+        ("rgb/caption_sky", "rgb sky as captioned (↑)"),  # text following last: not a paper column
     ]
 
 
@@ -50,7 +51,8 @@ def test_amt_motion_smoothness_is_ms_and_flow_prior_is_ms_dagger():
 def test_frame_one_row_per_variant():
     df = ablation_frame(ROWS, OVERRIDES)
     assert list(df.columns) == ["variant", "depth SC (↑)", "depth MS† (↑)", "depth FVD (↓)", "seg BC (↑)",
-                                "depth δ1 GT (↑)", "seg mIoU GT (↑)", "rgb pixel consistency (↑)", "overrides"]
+                                "depth δ1 GT (↑)", "seg mIoU GT (↑)", "rgb pixel consistency (↑)",
+                                "rgb sky as captioned (↑)", "overrides"]
     assert list(df["variant"]) == ["base (params.yaml)", "text-prompt"]
     assert df.loc[0, "depth FVD (↓)"] == 410.5 and math.isnan(df.loc[1, "depth FVD (↓)"])
     assert math.isnan(df.loc[1, "depth δ1 GT (↑)"])  # None: not computed

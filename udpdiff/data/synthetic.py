@@ -96,6 +96,8 @@ SKIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "dark night": ((8, 12, 35), (45, 55, 95)),
 }
 GROUND_PATTERNS = ("checkered", "striped", "mottled", "plain")
+#: the :data:`PALETTE` names a ground is drawn in (entities take the others)
+GROUND_COLOURS = ("green", "teal", "brown", "gray", "yellow", "orange", "purple")
 
 _VERBS = {
     "sphere": "rolls",
@@ -250,7 +252,7 @@ def _jittered(rng: np.random.Generator, name: str) -> tuple[float, float, float]
 def _sample_background(rng: np.random.Generator, h: int) -> BackgroundSpec:
     sky = str(rng.choice(list(SKIES)))
     top, hor = SKIES[sky]
-    ground_name = str(rng.choice(["green", "teal", "brown", "gray", "yellow", "orange", "purple"]))
+    ground_name = str(rng.choice(list(GROUND_COLOURS)))
     pattern = str(rng.choice(GROUND_PATTERNS, p=[0.35, 0.25, 0.25, 0.15]))
     horizon0 = float(rng.uniform(0.22, 0.5) * h)
     noise = tuple(

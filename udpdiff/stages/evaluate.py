@@ -14,6 +14,7 @@ from udpdiff import viz
 from udpdiff.data.synthetic import exact_depth_range
 from udpdiff.distributed import Ranks, inference_ranks
 from udpdiff.evaluation.ground_truth import ground_truth_scores
+from udpdiff.evaluation.scene_following import scene_following
 from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.io.manifest import read_manifest, resolve
 from udpdiff.io.video import read_video
@@ -142,7 +143,8 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
     task = None if name == RGB_ONLY else name
     arrays = [_load_sample(paths.samples / x["npz"], task) for x in chunk]
     videos = _stack([a["video"] for a in arrays], paths.samples / chunk[0]["npz"])
-    scores = suite.score_videos(videos)
+    # an index written by hand (tests, other tools) may carry no prompts: then no caption scores
+    scores = suite.score_videos(videos) | _caption_following(videos, [x.get("prompt", "") for x in chunk])
     if task is not None:
         scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
         for x, a in zip(chunk, arrays, strict=True):
@@ -159,9 +161,15 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
 def _score_real(p: Params, paths: ProjectPaths, df: pd.DataFrame, suite, chunk: list[str]) -> dict:
     """One chunk of the real clips the prompts came from: their per-video rows and frame count."""
     videos = np.stack([read_clip(p, paths, df.loc[c].video_path) for c in chunk])
-    scores = suite.score_videos(videos)
+    scores = suite.score_videos(videos) | _caption_following(videos, [df.loc[c].caption_long for c in chunk])
     return {"rows": [{"set": "real", "clip_id": c, **{k: v[j] for k, v in scores.items()}}
                      for j, c in enumerate(chunk)], "frames": int(videos.shape[1])}
+
+
+def _caption_following(videos: np.ndarray, prompts: list[str]) -> dict[str, list[float]]:
+    """Sky and ground as the prompts name them (``scene_following``), where they name a synthetic scene."""
+    scores = scene_following(videos, prompts)
+    return scores if any(np.isfinite(scores["caption_sky"])) else {}
 
 
 def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
@@ -170,7 +178,7 @@ def _plot_scores(path: Path, results: dict[str, dict[str, float]]) -> Path:
 
     keys = ["subject_consistency", "background_consistency", "motion_smoothness", "motion_smoothness_flow",
             "pixel_frame_consistency", "gt_delta1", "gt_delta1_depth", "pseudo_delta1", "gt_miou", "pseudo_miou",
-            "gt_temporal_id_consistency"]
+            "gt_temporal_id_consistency", "caption_sky", "caption_ground"]
     shown = [k for k in keys if any(k in m for m in results.values())]
     order = sorted(results, key=lambda s: s != "real")  # the real clips' ceiling first
     return viz.plot_grouped_bars(path, {set_label(s): results[s] for s in order}, shown,
