@@ -8,7 +8,10 @@ Writes, beside the per-variant plots the stages already make:
 - ``train_loss.png``: the dense and RGB halves' losses of every variant;
 - ``gallery.gif``: the first rows of a variant's text-to-video gallery (the full method's unless
   ``--gallery-variant`` names another), segmentation beside depth (each row: generated video |
-  colormap | decoded map), for the README.
+  colormap | decoded map), for the README;
+- ``caption_following.json``: whether that gallery's generated videos show their caption's sky and
+  ground colour (``udpdiff.evaluation.scene_following``, read from the gallery's frames: runs whose
+  sample stage predates that score in the evaluate stage).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from udpdiff import viz
+from udpdiff.evaluation.scene_following import scene_following
+from udpdiff.io.atomic import write_text
 from udpdiff.io.video import write_gif
 
 FULL_METHOD = "udpdiff-multi-task"
@@ -34,14 +39,35 @@ def curves(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def gallery_rows(path: Path, rows: int) -> np.ndarray:
-    """The label band and first ``rows`` samples of a sample-stage gallery (``viz.side_by_side``:
+def _gallery(path: Path) -> tuple[np.ndarray, int, int]:
+    """A sample-stage gallery's frames, its label band's height and its row height (``viz.side_by_side``:
     a band of 14-32 px above samples stacked at ``viz.MIN_DISPLAY_HEIGHT`` px each for small clips)."""
     with Image.open(path) as im:
         frames = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
     row = viz.MIN_DISPLAY_HEIGHT
-    band = frames.shape[1] - (frames.shape[1] - 14) // row * row
+    return frames, frames.shape[1] - (frames.shape[1] - 14) // row * row, row
+
+
+def gallery_rows(path: Path, rows: int) -> np.ndarray:
+    """The label band and first ``rows`` samples of a sample-stage gallery."""
+    frames, band, row = _gallery(path)
     return frames[:, : band + rows * row]
+
+
+def gallery_caption_following(samples: Path) -> dict[str, dict[str, float]]:
+    """Per task gallery in ``samples``: the fraction of its generated videos (the first column; square
+    clips) that show the sky and the ground colour their prompt (``index.json``) names."""
+    index = json.loads((samples / "index.json").read_text())
+    out = {}
+    for gif in sorted(samples.glob("gallery_*.gif")):
+        task = gif.stem.removeprefix("gallery_")
+        frames, band, row = _gallery(gif)
+        n = (frames.shape[1] - band) // row
+        videos = [frames[:, band + i * row: band + (i + 1) * row, :row] for i in range(n)]
+        prompts = [e["prompt"] for e in index if e["task"] == task][:n]
+        scores = scene_following(videos, prompts)
+        out[task] = {"videos": n, **{k: float(np.nanmean(v)) for k, v in scores.items()}}
+    return out
 
 
 def _trained_by_another(workspace: Path) -> bool:
@@ -78,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         a, b = gallery_rows(seg, args.gallery_rows), gallery_rows(depth, args.gallery_rows)
         gap = np.full((a.shape[0], a.shape[1], 8, 3), 255, np.uint8)
         write_gif(args.out / "gallery.gif", np.concatenate([a, gap, b], axis=2), fps=8)
+        following = gallery_caption_following(samples)
+        write_text(args.out / "caption_following.json", json.dumps(following, indent=1) + "\n")
+        print(f"caption following of {args.gallery_variant}'s gallery: {following}")
     elif args.gallery_variant != FULL_METHOD:  # asked for by name: say so rather than skip it
         raise SystemExit(f"{samples}: no gallery_segmentation.gif and gallery_depth.gif")
     print(f"figures of {', '.join(variants)} -> {args.out}")
