@@ -483,11 +483,15 @@ def run_recaption(bench: Bench) -> None:
                      params_m=n_params(model) / 1e6, dtype=_dtype_name(bench.dtype), build_s=built["build_s"],
                      weights_gib=bench.allocated_gib(), num_frames=cap.num_frames, max_new_tokens=n)
     if "median_s" in row and "prefill_s" in row:
+        # two medians of separate runs: on a loaded machine a tiny model's decode can vanish in their
+        # noise, and a negative time is no measurement
         decode = row["median_s"] - row["prefill_s"]
-        row["decode_s"] = decode
+        row["decode_s"] = decode if decode > 0 else None
         row["decode_tokens_per_s"] = (n - 1) / decode if decode > 0 and n > 1 else None
         row["notes"] = (f"{cap.num_frames} frames, {row.get('prompt_tokens')} prompt tokens, {row.get('new_tokens')} "
-                        f"new tokens (greedy, forced); prefill {row['prefill_s']:.3f} s + decode {decode:.3f} s"
+                        f"new tokens (greedy, forced); prefill {row['prefill_s']:.3f} s + "
+                        + (f"decode {decode:.3f} s" if decode > 0 else
+                           f"decode not resolved ({n} tokens' median within the timing noise of 1 token's)")
                         + (f" = {row['decode_tokens_per_s']:.1f} tok/s" if row["decode_tokens_per_s"] else ""))
         bench.result["summary"] = summary(bench.result["rows"])
         bench.save()
@@ -600,7 +604,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"{_f(s.get('clips_per_model_hour'), '{:.0f}')} clips per hour; the CPU steps "
                   f"{s['cpu_s_per_clip']:.2f} s/clip on the host CPU (they can overlap other clips' model steps)."]
         for x in r.get("rows", []):
-            if x["step"] == "recaption" and "prefill_s" in x and "decode_s" in x:
+            if x["step"] == "recaption" and "prefill_s" in x and x.get("decode_s") is not None:
                 lines.append(f"Re-captioning: prefill {x['prefill_s']:.3f} s, decode {x['decode_s']:.3f} s "
                              f"({_f(x.get('decode_tokens_per_s'), '{:.1f}')} tokens/s).")
             if x["step"] == "depth_anything_v2" and "processor_s" in x:
