@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 # what a fresh clone would not have: outputs of earlier runs, caches, the venv
 TOP_LEVEL_SKIP = {".git", ".venv", "data", "models", "outputs", "mlruns.db", "mlartifacts", ".prefect", ".whl",
-                  ".device-out", ".pytest_cache", ".hypothesis"}
+                  ".gpu-carry", ".device-out", ".pytest_cache", ".ruff_cache", ".hypothesis"}
 ANYWHERE_SKIP = shutil.ignore_patterns("__pycache__", "*.egg-info")
 
 
