@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from udpdiff.data.synthetic import GROUND_COLOURS, PALETTE, SKIES
+from udpdiff.data.synthetic import GROUND_COLOURS, GROUND_PATTERNS, PALETTE, SKIES
 
-#: the caption's scene clause (``_captions`` in udpdiff.data.synthetic writes it)
-SCENE_CLAUSE = re.compile(r"over an? (?:(?:checkered|striped|mottled) )?(?P<ground>[a-z]+) ground "
-                          r"under an? (?P<sky>[a-z ]+?) sky")
+#: the caption's scene clause (``_captions`` in udpdiff.data.synthetic writes it; a plain ground is unnamed)
+SCENE_CLAUSE = re.compile(rf"over an? (?:(?:{'|'.join(p for p in GROUND_PATTERNS if p != 'plain')}) )?"
+                          r"(?P<ground>[a-z]+) ground under an? (?P<sky>[a-z ]+?) sky")
 SKY_BAND = 0.08  # of the frame's height: above the lowest horizon the generator draws (22 %)
 GROUND_BAND = 0.12
 
