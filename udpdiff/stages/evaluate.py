@@ -143,8 +143,7 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
     task = None if name == RGB_ONLY else name
     arrays = [_load_sample(paths.samples / x["npz"], task) for x in chunk]
     videos = _stack([a["video"] for a in arrays], paths.samples / chunk[0]["npz"])
-    # an index written by hand (tests, other tools) may carry no prompts: then no caption scores
-    scores = suite.score_videos(videos) | _caption_following(videos, [x.get("prompt", "") for x in chunk])
+    scores = suite.score_videos(videos) | _caption_following(videos, [x["prompt"] for x in chunk])
     if task is not None:
         scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
         for x, a in zip(chunk, arrays, strict=True):
