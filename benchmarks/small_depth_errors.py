@@ -2,7 +2,7 @@
 ``dense_predictions.npz`` a GPU run returns (``small_gpu.py``), against the clips' exact disparity
 re-rendered from their seeds. Runs on the CPU (16 clips: about a minute).
 
-    python benchmarks/small_depth_errors.py dense_predictions.npz [--out errors.json]
+    python benchmarks/small_depth_errors.py dense_predictions.npz [--out errors.json] [--compare other.npz]
 
 Per clip, beside the evaluate stage's δ1 (depth space, one scale-and-shift per video):
 - ``delta1_depth_per_frame_fit``: the same with a fit per frame; far above the per-video score, the
@@ -23,7 +23,16 @@ true ones (correlation, mean absolute error beside that of guessing the prior's 
 entity, and how often a pair's near/far order is right). Near 0, 0.5 and above the guess, the model
 does not see how far the entities are: it guesses. ``slope`` (the predicted means regressed on the
 true ones) and the two spreads tell a compressed estimate (slope below 1, its spread below the
-truth's: entities pulled towards the middle) from a noisy one.
+truth's: entities pulled towards the middle) from a noisy one. ``size_r2_truth`` is how much of the true
+disparities' variance the entities' image size explains (their image radius, from the scene; the
+generator gives every entity about one metric size, so near 1 the pixels show the depth),
+``size_r2_predicted`` the same for the predictions, and ``size_slope_ratio`` how steeply the predictions
+follow image size against the truth (1: the size cue fully used, 0: ignored).
+
+``--compare other.npz``: the same clips predicted by another run (or seed). ``entity_error_correlation``
+near 1 means both runs put the same entities wrong (errors the model or the shared seeds make
+systematically, not sampling noise); ``delta1_depth_of_the_mean`` scores the two predictions averaged: a
+gain over both is what an ensemble of such runs would buy.
 See ``small_depth_sensitivity.py`` for what each kind of error costs the scores on these scenes.
 """
 from __future__ import annotations
@@ -38,7 +47,7 @@ from small_depth_sensitivity import SKY
 from small_vae_ceiling import REPO, exact_clip
 
 from udpdiff.config import load_params
-from udpdiff.data.synthetic import ENTITY_Z_RANGE, disparity_from_z, exact_depth_range
+from udpdiff.data.synthetic import ENTITY_Z_RANGE, FOCAL_FRAC, disparity_from_z, exact_depth_range
 from udpdiff.evaluation.depth import align_scale_shift, depth_scores, depth_space_metrics
 from udpdiff.io.atomic import write_text
 
@@ -86,22 +95,70 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
             "ground_share": float(ground.sum() / max((gt > SKY).sum(), 1))}
 
 
+def entity_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:
+    """Per visible entity of a clip: its true and predicted mean disparity over the predicted frames and
+    its image radius in pixels (at its mean depth over those frames; from the scene, occlusion ignored)."""
+    gt, ids, scene = clip["depth"][: len(pred)], clip["ids"][: len(pred)], clip["scene"]
+    rows = []
+    for e in scene.entities:
+        mask = ids == e.id
+        if mask.any():
+            z = np.mean([e.z_at(t) for t in range(len(pred))])
+            rows.append({"id": e.id, "true": float(gt[mask].mean()),
+                         "predicted": float(pred[mask].astype(np.float64).mean()),
+                         "image_radius": FOCAL_FRAC * scene.width * e.radius / z})
+    return pd.DataFrame(rows)
+
+
+def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of y on x and the share of y's variance it explains."""
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(1.0 - (y - slope * x - intercept).var() / y.var()) if y.var() > 0 else 0.0
+
+
 def entity_depths(pairs: list[tuple[np.ndarray, dict]]) -> dict[str, float]:
     """How (prediction, clip) pairs' per-entity mean disparities follow the truth (module docstring)."""
-    true, pred, order = [], [], []
+    frames, order = [], []
     for p, clip in pairs:
-        gt, ids = clip["depth"][: len(p)], clip["ids"][: len(p)]
-        means = [(gt[ids == e].mean(), p[ids == e].astype(np.float64).mean()) for e in np.unique(ids) if e]
-        true += [t for t, _ in means]
-        pred += [q for _, q in means]
+        m = entity_means(p, clip)
+        frames.append(m)
+        means = list(zip(m.true, m.predicted, strict=True))
         order += [(ta > tb) == (qa > qb) for i, (ta, qa) in enumerate(means) for tb, qb in means[i + 1:] if ta != tb]
-    true, pred = np.asarray(true), np.asarray(pred)
+    m = pd.concat(frames, ignore_index=True)
+    true, pred, size = m.true.to_numpy(), m.predicted.to_numpy(), m.image_radius.to_numpy()
     median_guess = disparity_from_z(np.sqrt(np.prod(ENTITY_Z_RANGE)))  # the log-uniform prior's median depth
+    (true_on_size, size_r2_truth), (pred_on_size, size_r2_predicted) = _fit(size, true), _fit(size, pred)
     return {"entities": len(true), "correlation": float(np.corrcoef(true, pred)[0, 1]),
             "mean_abs_error": float(np.abs(pred - true).mean()),
             "mean_abs_error_of_the_prior_median": float(np.abs(median_guess - true).mean()),
             "pair_order_right": float(np.mean(order)) if order else float("nan"),
-            "slope": float(np.polyfit(true, pred, 1)[0]), "spread": float(pred.std()), "true_spread": float(true.std())}
+            "slope": float(np.polyfit(true, pred, 1)[0]), "spread": float(pred.std()), "true_spread": float(true.std()),
+            "size_r2_truth": size_r2_truth, "size_r2_predicted": size_r2_predicted,
+            "size_slope_ratio": pred_on_size / true_on_size}
+
+
+def compare(p, predictions: Path, other: Path) -> dict[str, float]:
+    """Two runs' depth predictions of the same clips (module docstring, ``--compare``)."""
+    depth_range = exact_depth_range(p.active.data.source)
+    with np.load(predictions) as a, np.load(other) as b:
+        keys = sorted(k for k in a.files if k.startswith("depth/"))
+        missing = [k for k in keys if k not in b.files]
+        if missing or not keys:
+            raise SystemExit(f"{other}: lacks {len(missing)} of {predictions}'s {len(keys)} depth predictions "
+                             f"({missing[:3]})")
+        errors, scores = [], {"a": [], "b": [], "mean": []}
+        for key in keys:
+            clip = exact_clip(p, key.split("/", 1)[1])
+            pa, pb = a[key].astype(np.float32), b[key].astype(np.float32)
+            ma, mb = entity_means(pa, clip), entity_means(pb, clip)
+            errors.append(np.stack([ma.predicted - ma.true, mb.predicted - mb.true], axis=1))
+            for name, pred in (("a", pa), ("b", pb), ("mean", (pa + pb) / 2)):
+                gt = clip["depth"][: len(pred)]
+                scores[name].append(float(depth_scores(pred, gt, depth_range=depth_range)["delta1_depth"]))
+    e = np.concatenate(errors)
+    return {"entities": len(e), "entity_error_correlation": float(np.corrcoef(e[:, 0], e[:, 1])[0, 1]),
+            "delta1_depth": float(np.mean(scores["a"])), "delta1_depth_other": float(np.mean(scores["b"])),
+            "delta1_depth_of_the_mean": float(np.mean(scores["mean"]))}
 
 
 def depth_errors(p, predictions: Path) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -124,14 +181,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("predictions", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="JSON of the per-clip rows (a .md table beside it)")
+    ap.add_argument("--compare", type=Path, default=None, metavar="OTHER_NPZ",
+                    help="another run's dense_predictions.npz of the same clips (module docstring)")
     args = ap.parse_args(argv)
-    table, entities = depth_errors(load_params(REPO / "params.yaml", profile="small"), args.predictions)
-    text = table.to_markdown(floatfmt=".3f") + "\n\nEntities' mean disparity, all clips: " + ", ".join(
-        f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{v} {k}" for k, v in entities.items())
+    p = load_params(REPO / "params.yaml", profile="small")
+    table, entities = depth_errors(p, args.predictions)
+
+    def summary(d: dict) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{v} {k}" for k, v in d.items())
+
+    text = table.to_markdown(floatfmt=".3f") + "\n\nEntities' mean disparity, all clips: " + summary(entities)
+    compared = compare(p, args.predictions, args.compare) if args.compare else None
+    if compared:
+        text += f"\n\nAgainst {args.compare}: " + summary(compared)
     print(text)
     if args.out:
-        write_text(args.out, json.dumps({"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
-                                         "mean": table.mean().to_dict(), "entities": entities}, indent=1) + "\n")
+        report = {"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
+                  "mean": table.mean().to_dict(), "entities": entities}
+        if compared:
+            report |= {"compared_with": str(args.compare), "compared": compared}
+        write_text(args.out, json.dumps(report, indent=1) + "\n")
         write_text(args.out.with_suffix(".md"), text + "\n")
     return 0
 

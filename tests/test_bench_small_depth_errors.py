@@ -85,6 +85,9 @@ def test_entity_summary_tells_seeing_from_guessing():
     assert exact["correlation"] > 0.999 and exact["pair_order_right"] == 1.0 and exact["mean_abs_error"] < 1e-6
     assert exact["mean_abs_error_of_the_prior_median"] > 0.05
     assert exact["slope"] == pytest.approx(1.0) and exact["spread"] == pytest.approx(exact["true_spread"])
+    # the generator's one metric size: image size shows depth, and exact predictions follow it as the truth does
+    assert exact["size_r2_truth"] > 0.8 and exact["size_r2_predicted"] == pytest.approx(exact["size_r2_truth"])
+    assert exact["size_slope_ratio"] == pytest.approx(1.0)
     middle = 0.5  # every entity pulled halfway to one disparity: order kept, slope and spread halved
     halfway = []
     for c in clips:
@@ -94,6 +97,8 @@ def test_entity_summary_tells_seeing_from_guessing():
     compressed = sde.entity_depths(halfway)
     assert compressed["pair_order_right"] == 1.0 and compressed["slope"] == pytest.approx(0.5, abs=1e-3)
     assert compressed["spread"] == pytest.approx(compressed["true_spread"] / 2, rel=1e-3)
+    assert compressed["size_slope_ratio"] == pytest.approx(0.5, abs=1e-3)
+    assert compressed["size_r2_predicted"] == pytest.approx(exact["size_r2_truth"], abs=1e-3)
     flipped = []  # every entity mirrored about the clip's mean entity disparity: near and far swapped
     for c in clips:
         d, entities = c["depth"].copy(), c["ids"] > 0
@@ -101,3 +106,39 @@ def test_entity_summary_tells_seeing_from_guessing():
         flipped.append((d, c))
     wrong = sde.entity_depths(flipped)
     assert wrong["pair_order_right"] == 0.0 and wrong["correlation"] < 0.5
+
+
+def _entities_shifted(clip: dict, shifts: dict[int, float]) -> np.ndarray:
+    d = clip["depth"].copy()
+    for entity, shift in shifts.items():
+        d[clip["ids"] == entity] += shift
+    return d
+
+
+def test_compare_tells_shared_errors_from_independent_ones(tmp_path: Path):
+    """Two runs that put the same entities wrong correlate 1 and gain nothing averaged; runs whose
+    errors cancel correlate -1 and their mean is the truth."""
+    p = load_params(ROOT / "params.yaml", profile="small")
+    clips = {c: exact_clip(p, c) for c in CLIPS[:3]}
+    shifts = {c: {int(e): (0.15 if k % 2 else -0.15) for k, e in enumerate(np.unique(x["ids"])) if e}
+              for c, x in clips.items()}
+
+    def save(name: str, sign: float) -> Path:
+        path = tmp_path / name
+        np.savez_compressed(path, **{f"depth/{c}": _entities_shifted(x, {e: sign * v for e, v in shifts[c].items()})
+                                     for c, x in clips.items()})
+        return path
+
+    a, same, opposite = save("a.npz", 1.0), save("same.npz", 1.0), save("opposite.npz", -1.0)
+    shared = sde.compare(p, a, same)
+    assert shared["entity_error_correlation"] == pytest.approx(1.0)
+    assert shared["delta1_depth_of_the_mean"] == pytest.approx(shared["delta1_depth"]) and shared["delta1_depth"] < 0.99
+    cancel = sde.compare(p, a, opposite)
+    assert cancel["entity_error_correlation"] == pytest.approx(-1.0)
+    assert cancel["delta1_depth_of_the_mean"] > 0.99 > cancel["delta1_depth"]
+    out = tmp_path / "errors.json"
+    assert sde.main([str(a), "--compare", str(opposite), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["compared"]["entity_error_correlation"] == pytest.approx(-1.0)
+    np.savez_compressed(tmp_path / "fewer.npz", **{f"depth/{CLIPS[0]}": clips[CLIPS[0]]["depth"]})
+    with pytest.raises(SystemExit, match="fewer.npz: lacks 2 of"):
+        sde.compare(p, a, tmp_path / "fewer.npz")
