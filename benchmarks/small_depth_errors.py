@@ -3,6 +3,7 @@
 re-rendered from their seeds. Runs on the CPU (16 clips: about a minute).
 
     python benchmarks/small_depth_errors.py dense_predictions.npz [--out errors.json] [--compare other.npz]
+        [--prefix depth_single]
 
 Per clip, beside the evaluate stage's δ1 (depth space, one scale-and-shift per video):
 - ``delta1_depth_per_frame_fit``: the same with a fit per frame; far above the per-video score, the
@@ -161,13 +162,14 @@ def compare(p, predictions: Path, other: Path) -> dict[str, float]:
             "delta1_depth_of_the_mean": float(np.mean(scores["mean"]))}
 
 
-def depth_errors(p, predictions: Path) -> tuple[pd.DataFrame, dict[str, float]]:
+def depth_errors(p, predictions: Path, prefix: str = "depth") -> tuple[pd.DataFrame, dict[str, float]]:
     depth_range = exact_depth_range(p.active.data.source)
     rows, pairs = {}, []
     with np.load(predictions) as z:
-        keys = sorted(k for k in z.files if k.startswith("depth/"))
+        keys = sorted(k for k in z.files if k.startswith(f"{prefix}/"))
         if not keys:
-            raise SystemExit(f"{predictions}: no depth/<clip> predictions (a dense_predictions.npz of a depth model?)")
+            raise SystemExit(f"{predictions}: no {prefix}/<clip> predictions "
+                             "(a dense_predictions.npz of a depth model?)")
         for key in keys:
             clip_id = key.split("/", 1)[1]
             clip = exact_clip(p, clip_id)
@@ -183,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON of the per-clip rows (a .md table beside it)")
     ap.add_argument("--compare", type=Path, default=None, metavar="OTHER_NPZ",
                     help="another run's dense_predictions.npz of the same clips (module docstring)")
+    ap.add_argument("--prefix", default="depth", choices=["depth", "depth_single"],
+                    help="which predictions: depth (the evaluated ones; an ensemble where sample.dense_ensemble_size "
+                         "> 1) or depth_single (an ensemble's first member alone)")
     args = ap.parse_args(argv)
     p = load_params(REPO / "params.yaml", profile="small")
-    table, entities = depth_errors(p, args.predictions)
+    table, entities = depth_errors(p, args.predictions, args.prefix)
 
     def summary(d: dict) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{v} {k}" for k, v in d.items())

@@ -166,16 +166,20 @@ def dense_predictions(paths: ProjectPaths) -> Path | None:
     """The dense maps predicted for the real clips (RGB half given), every task, in one small file
     that comes back with the run: the sample stage's .npz files hold the videos too (~3 MB each for
     ``small``), too big to pack, and the scores alone cannot say why one clip fails (the clips and
-    their ground truth regenerate from the seed on any machine, so they are not needed)."""
+    their ground truth regenerate from the seed on any machine, so they are not needed). An ensembled
+    depth prediction (``sample.dense_ensemble_size``) adds its first member alone (``depth_single/<clip>``)
+    and the members' disagreement (``depth_uncertainty/<clip>``)."""
     import numpy as np
 
     arrays = {}
     for f in sorted(paths.samples.glob("*/*.npz")):
         with np.load(f) as sample:
-            if "conditioned_dense" in sample:
-                dense = sample["conditioned_dense"]
-                kind = np.float16 if dense.dtype.kind == "f" else np.int32
-                arrays[f"{f.parent.name}/{f.stem}"] = dense.astype(kind)
+            for key, prefix in (("conditioned_dense", f.parent.name), ("conditioned_dense_single", "depth_single"),
+                                ("conditioned_uncertainty", "depth_uncertainty")):
+                if key in sample.files:
+                    dense = sample[key]
+                    kind = np.float16 if dense.dtype.kind == "f" else np.int32
+                    arrays[f"{prefix}/{f.stem}"] = dense.astype(kind)
     if not arrays:
         return None
     from udpdiff.io.atomic import atomic_path

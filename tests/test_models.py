@@ -359,3 +359,59 @@ def test_pipeline_reconstruction_guidance_changes_only_the_dense_half(tiny_pipel
     with pytest.raises(ValueError, match="given_rgb='noised'"):
         clean_given("a cube", video=video, reconstruction_guidance=1.0, **kw)
     assert clean_given._rgb_start is None  # refused before the given video was set up for the next call
+
+
+def test_ensemble_depth_video_aligns_members_and_cancels_their_noise():
+    """Members that are one map in other scales and shifts fuse to that map, without uncertainty; members
+    with independent errors fuse to a map nearer the truth than any one of them (scored as the
+    evaluation scores: after one least-squares scale and shift per video)."""
+    from udpdiff.pipeline import ensemble_depth_video
+
+    rng = np.random.default_rng(0)
+    truth = np.clip(np.cumsum(rng.normal(size=(5, 16, 16)), axis=1) / 8 + 0.5, 0, 1).astype(np.float32)
+    truth = (truth - truth.min()) / (truth.max() - truth.min())
+    affine = np.stack([truth * s + t for s, t in [(1.0, 0.0), (0.5, 0.2), (0.8, 0.1), (0.3, 0.6)]])
+    fused, spread = ensemble_depth_video(affine)
+    assert fused.shape == spread.shape == truth.shape and 0 <= fused.min() and fused.max() <= 1
+    assert np.abs(fused - truth).max() < 0.02 and spread.max() < 0.02
+
+    def fit_error(pred: np.ndarray) -> float:
+        a = np.stack([pred.ravel(), np.ones(pred.size)], axis=1)
+        coef, *_ = np.linalg.lstsq(a, truth.ravel(), rcond=None)
+        return float(np.sqrt(np.mean((a @ coef - truth.ravel()) ** 2)))
+
+    noisy = np.clip(truth + rng.normal(0, 0.1, (7, *truth.shape)), 0, 1).astype(np.float32) * 0.6 + 0.2
+    fused, spread = ensemble_depth_video(noisy)
+    assert fit_error(fused) < 0.6 * min(fit_error(m) for m in noisy)
+    assert 0.02 < float(np.median(spread)) < 0.2  # the members' disagreement, in the fused map's units
+
+
+def test_pipeline_ensembles_depth_of_a_given_video(tiny_pipeline):
+    """ensemble_size=N: N members per video from N generators, the first one the prediction a single call
+    with that generator makes; their ensemble and its uncertainty; refused where it means nothing."""
+    from udpdiff.pipeline import ensemble_depth_video
+
+    pipe = tiny_pipeline(given_rgb="clean")
+    pipe.set_progress_bar_config(disable=True)
+    videos = np.random.default_rng(2).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
+    kw = dict(task="depth", num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16)
+
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    out = pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=generators(0, 1, 2, 3, 4, 5), **kw)
+    assert out.members.shape == (2, 3, 9, 32, 32) and out.dense.shape == out.uncertainty.shape == (2, 9, 32, 32)
+    assert out.videos.shape == out.colormaps.shape == videos.shape
+    single = pipe("a sphere", video=videos[1], generator=generators(3)[0], **kw)
+    assert np.abs(out.members[1, 0] - single.dense[0]).mean() < 0.01  # member 0 of video 1: generator 3
+    assert np.abs(out.members[1, 0] - out.members[1, 1]).mean() > 0.01  # the seeds differ
+    fused, spread = ensemble_depth_video(out.members[1])
+    assert np.allclose(out.dense[1], fused) and np.allclose(out.uncertainty[1], spread)
+    from udpdiff import pixelplanes
+    assert np.array_equal(out.colormaps, pixelplanes.encode_depth(out.dense))  # the picture shows the ensemble
+    with pytest.raises(ValueError, match="needs task='depth' and video="):
+        pipe("a cube", video=videos[0], ensemble_size=2, **{**kw, "task": "segmentation"})
+    with pytest.raises(ValueError, match="needs task='depth' and video="):
+        pipe("a cube", ensemble_size=2, num_frames=9, height=32, width=32, **kw)
+    with pytest.raises(ValueError, match="takes 6 generators"):
+        pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=generators(0, 1), **kw)

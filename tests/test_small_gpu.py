@@ -310,3 +310,25 @@ def test_reference_scores_order_by_detail(tmp_path):
     assert seg["GT at the 8x8 token grid"]["miou"] > seg["GT at a 16x16 grid"]["miou"]
     assert all(0 <= v["miou"] <= 1 for v in seg.values())
     assert all(0 <= v["delta1_depth"] <= 1 for v in depth.values())
+
+
+def test_dense_predictions_pack_an_ensembles_first_member_and_uncertainty(tmp_path):
+    """Every task's predictions of the real clips; for an ensembled depth prediction also its first member
+    and the members' disagreement, under their own prefixes (small_depth_errors.py --prefix)."""
+    from udpdiff.paths import ProjectPaths
+
+    paths = ProjectPaths(tmp_path, "small")
+    rng = np.random.default_rng(0)
+    depth, single, spread = (rng.random((3, 4, 4), dtype=np.float32) for _ in range(3))
+    ids = rng.integers(0, 3, (3, 4, 4)).astype(np.int32)
+    for task, arrays in (("depth", {"conditioned_dense": depth, "conditioned_dense_single": single,
+                                    "conditioned_uncertainty": spread.astype(np.float16)}),
+                         ("segmentation", {"conditioned_dense": ids})):
+        (paths.samples / task).mkdir(parents=True)
+        np.savez(paths.samples / task / "clip-1.npz", video=np.zeros((3, 4, 4, 3), np.uint8), **arrays)
+    paths.metrics.mkdir(parents=True)
+    with np.load(small_gpu.dense_predictions(paths)) as z:
+        assert sorted(z.files) == ["depth/clip-1", "depth_single/clip-1", "depth_uncertainty/clip-1",
+                                   "segmentation/clip-1"]
+        assert np.array_equal(z["depth_single/clip-1"], single.astype(np.float16))
+        assert np.array_equal(z["segmentation/clip-1"], ids) and z["depth/clip-1"].dtype == np.float16

@@ -33,12 +33,31 @@ RECONSTRUCTION_GUIDANCE_HOOK = "udpdiff_reconstruction_guidance"
 class UDPDiffPipelineOutput(BaseOutput):
     """``videos`` and ``colormaps`` are uint8 (B,T,H,W,3); ``dense`` is depth float32 (B,T,H,W)
     in [0,1] (1 = near) for ``task="depth"`` or int32 entity ids for ``"segmentation"``. An
-    RGB-only pipeline (the 16-channel baseline) returns ``videos`` alone (the rest ``None``)."""
+    RGB-only pipeline (the 16-channel baseline) returns ``videos`` alone (the rest ``None``).
+    An ensembled depth prediction (``ensemble_size`` > 1) also returns its ``members`` (B,N,T,H,W) and
+    their ``uncertainty`` (B,T,H,W): the median absolute deviation of the aligned members, in units of
+    ``dense``."""
 
     videos: np.ndarray
     colormaps: np.ndarray | None
     dense: np.ndarray | None
     task: str | None
+    members: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+
+
+def ensemble_depth_video(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Depth predictions (N,T,H,W) of one video (disparity, affine-invariant) -> their ensemble and its
+    uncertainty, both (T,H,W), the ensemble in [0, 1]. Marigold's test-time ensembling (diffusers'
+    ``MarigoldDepthPipeline.ensemble_depth``: each member aligned in scale and shift, pixel-wise median),
+    with one scale and shift per member for the whole video, as the evaluation fits them."""
+    from diffusers import MarigoldDepthPipeline
+
+    n, t, h, w = members.shape
+    as_image = torch.from_numpy(np.ascontiguousarray(members, dtype=np.float32)).reshape(n, 1, t * h, w)
+    fused, spread = MarigoldDepthPipeline.ensemble_depth(as_image, scale_invariant=True, shift_invariant=True,
+                                                         output_uncertainty=True, reduction="median")
+    return fused.reshape(t, h, w).clamp(0, 1).numpy(), spread.reshape(t, h, w).numpy()
 
 
 class UDPDiffPipeline(CogVideoXPipeline):
@@ -79,6 +98,7 @@ class UDPDiffPipeline(CogVideoXPipeline):
         depth_decode: Literal["nearest", "continuous"] = "continuous",
         video: np.ndarray | None = None,
         reconstruction_guidance: float = 0.0,
+        ensemble_size: int = 1,
         **kwargs,
     ) -> UDPDiffPipelineOutput:
         """Generate ``num_frames`` of RGB video and the ``task`` prediction for ``prompt``.
@@ -97,7 +117,18 @@ class UDPDiffPipeline(CogVideoXPipeline):
         each step's dense x0 estimate moves against the gradient of how badly the model's RGB x0
         estimate reconstructs the given video, so the generated half agrees with the given one.
         It costs a backward pass through the transformer per step.
+
+        ``ensemble_size`` (N > 1; depth of a given ``video`` only) predicts each video N times in one
+        batch, member k from the k-th of N generators per video (a list of B*N, video-major) or from
+        one generator, and returns the members' ensemble (``ensemble_depth_video``): errors that differ
+        from seed to seed cancel; the output's ``uncertainty`` says where the members disagree.
         """
+        if ensemble_size != 1:
+            return self._ensemble(ensemble_size, prompt=prompt, task=task, negative_prompt=negative_prompt,
+                                  generator=generator, video=video, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
+                                  segmentation_tolerance=segmentation_tolerance, depth_decode=depth_decode,
+                                  reconstruction_guidance=reconstruction_guidance, **kwargs)
         if not self.dense and task is not None:
             raise ValueError(f"this pipeline is RGB-only (16-channel transformer): it has no {task!r} output; "
                              "pass task=None")
@@ -160,6 +191,33 @@ class UDPDiffPipeline(CogVideoXPipeline):
         dense = np.stack([d.cpu().numpy() if isinstance(d, torch.Tensor) else d for d in decoded])
         self.maybe_free_model_hooks()
         return UDPDiffPipelineOutput(videos=videos, colormaps=colormaps, dense=dense, task=task)
+
+    def _ensemble(self, n: int, prompt, task: str | None, negative_prompt, generator, video: np.ndarray | None,
+                  **call) -> UDPDiffPipelineOutput:
+        """``ensemble_size=n`` (``__call__``): the batch repeated n times per video, then fused per video."""
+        if n < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {n}")
+        if task != "depth" or video is None:
+            raise ValueError(f"ensemble_size={n} ensembles depth predictions of a given video: it needs task='depth' "
+                             f"and video=, got task={task!r}{'' if video is not None else ' and no video'}")
+        if call.get("prompt_embeds") is not None:
+            raise ValueError("ensemble_size > 1 takes a prompt, not prompt_embeds")
+        videos = video if video.ndim == 5 else video[None]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(videos):
+            raise ValueError(f"{len(prompts)} prompts for {len(videos)} videos")
+        if isinstance(generator, list) and len(generator) != n * len(videos):
+            raise ValueError(f"ensemble_size={n} of {len(videos)} videos takes {n * len(videos)} generators "
+                             f"(or one), got {len(generator)}")
+        if isinstance(negative_prompt, list):
+            negative_prompt = [q for q in negative_prompt for _ in range(n)]
+        out = self(prompt=[q for q in prompts for _ in range(n)], task=task, negative_prompt=negative_prompt,
+                   generator=generator, video=np.repeat(videos, n, axis=0), **call)
+        members = out.dense.reshape(len(videos), n, *out.dense.shape[1:])
+        fused, spread = zip(*(ensemble_depth_video(m) for m in members), strict=True)
+        dense = np.stack(fused)
+        return UDPDiffPipelineOutput(videos=out.videos[::n], colormaps=pixelplanes.encode_depth(dense), dense=dense,
+                                     task=task, members=members, uncertainty=np.stack(spread))
 
     def _fresh_cache(self, guidance_scale: float) -> None:
         """A diffusers step cache (``acceleration.approximate.cache``) starts every sample empty:

@@ -147,10 +147,23 @@ def ground_truth_tables(metrics: Mapping[str, Mapping[str, float]]) -> list[Tabl
             row += [_fmt(d["gt_delta1_depth"], digits=4), _fmt(d.get("gt_abs_rel_depth"), digits=4)]
             notes.append("Depth space: aligned in true disparity, converted to depth and scored there (the protocol "
                          "of DepthCrafter and Depth Anything; comparable with the literature's figures).")
+        rows = [row]
+        if "gt_delta1_single" in d:  # sample.dense_ensemble_size > 1: one member alone, beside the ensemble
+            single = ["UDPDiff (depth), one sample", _fmt(d["gt_delta1_single"], digits=4),
+                      _fmt(d.get("gt_abs_rel_single"), digits=4), _fmt(d.get("gt_rmse_single"), digits=4)]
+            if "gt_delta1_depth" in d:
+                single += [_fmt(d.get("gt_delta1_depth_single"), digits=4),
+                           _fmt(d.get("gt_abs_rel_depth_single"), digits=4)]
+            row[0] = "UDPDiff (depth), ensemble"
+            rows.append(single)
+            notes.append(f"Ensemble: each clip predicted with several seeds, the members aligned in scale and shift "
+                         f"and fused by their median (Marigold's test-time ensembling, sample.dense_ensemble_size); "
+                         f"one sample: its first member alone. The members disagree by "
+                         f"{_fmt(d.get('ensemble_uncertainty'), digits=3)} (median absolute deviation, mean).")
         if d.get("gt_fit_reversed", 0.0) > 0:  # the fit flipped these: near and far swapped, forgiven by δ1
             notes.append(f"{d['gt_fit_reversed']:.0%} of the predictions were aligned with a negative scale: read "
                          "backwards (near and far swapped), which the scale-and-shift fit forgives.")
-        out.append(Table("Depth of real validation clips vs ground truth", header, [row], notes))
+        out.append(Table("Depth of real validation clips vs ground truth", header, rows, notes))
     if "gt_miou" in s or "pseudo_miou" in s:
         out.append(Table("Entity segmentation", ["Model", "mIoU vs GT (↑)", "temporal id consistency (↑)",
                                                  "mIoU vs annotator on generated (↑)"],

@@ -150,6 +150,11 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
             for k, v in ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
                                             paths.manifest, suite.depth_per_frame, suite.depth_range).items():
                 scores.setdefault(k, []).append(v)
+            if "conditioned_dense_single" in a:  # an ensembled depth prediction: its first member alone, beside it
+                for k, v in ground_truth_scores(task, a["conditioned_dense_single"], df.loc[x["clip_id"]],
+                                                paths.manifest, suite.depth_per_frame, suite.depth_range).items():
+                    scores.setdefault(f"{k}_single", []).append(v)
+                scores.setdefault("ensemble_uncertainty", []).append(float(a["conditioned_uncertainty"].mean()))
     out = {"rows": [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
                     for j, x in enumerate(chunk)], "frames": int(videos.shape[1])}
     if features is not None:
@@ -191,9 +196,10 @@ def _chunks(items: list, size: int):
 
 def _load_sample(path: Path, task: str | None) -> dict[str, np.ndarray]:
     keys = ("video",) if task is None else ("video", "dense", "conditioned_dense")
+    ensembled = ("conditioned_dense_single", "conditioned_uncertainty")  # sample.dense_ensemble_size > 1
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in keys}
+            return {k: z[k] for k in keys} | {k: z[k] for k in ensembled if task is not None and k in z.files}
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"{path}: unreadable sample ({type(err).__name__}: {err}); rerun the sample stage") from err
 

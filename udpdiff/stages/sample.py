@@ -144,12 +144,16 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
         arrays = {"video": out.videos[0]}
         if task is not None:
             real = read_clip(p, paths, row.video_path)  # one clip at a time
+            members = s.dense_ensemble_size if task == "depth" else 1  # entity ids of two samples do not average
             cond = pipe(row.caption_long, task=task, video=real, reconstruction_guidance=s.reconstruction_guidance,
-                        generator=torch.Generator().manual_seed(entry["seed"]),
+                        generator=member_generators(entry["seed"], members), ensemble_size=members,
                         **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")}
                         | {"guidance_scale": s.guidance_for_real_clips()})
             arrays.update(colormap=out.colormaps[0], dense=out.dense[0], conditioned_colormap=cond.colormaps[0],
                           conditioned_dense=cond.dense[0])
+            if members > 1:  # the first member alone is what one sample gives: the evaluation scores both
+                arrays.update(conditioned_dense_single=cond.members[0, 0],
+                              conditioned_uncertainty=cond.uncertainty[0].astype(np.float16))
         # the mp4 is written last: an npz without its mp4 is an interrupted sample and is redone
         with atomic_path(f"{stem}.npz") as tmp:
             np.savez_compressed(tmp, **arrays)
@@ -194,6 +198,15 @@ def _publish(p: Params, paths: ProjectPaths, work: Path, names: list[str], index
                "attention_fa3": float(acceleration.attention == "fa3")}
     metrics.update({f"runtime/{k}/{m}": v for k, r in runtime.items() for m, v in r.items()})
     return StepResult(metrics=metrics, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
+
+
+def member_generators(seed: int, members: int) -> torch.Generator | list[torch.Generator]:
+    """The generator of one sample, or of each of its ensemble members: the first one the sample's own, so
+    its first member is the prediction one sample gives."""
+    if members == 1:
+        return torch.Generator().manual_seed(seed)
+    seeds = [seed] + [int(np.random.SeedSequence([seed, k]).generate_state(1)[0]) for k in range(1, members)]
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def _timing_file(work: Path, entry: dict) -> Path:
