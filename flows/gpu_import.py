@@ -120,10 +120,18 @@ def _machine(root: Path) -> str:
     return "unknown machine"
 
 
+#: what a GPU run packs beside a stage's own artifacts (under outputs/<profile>/), logged with that stage's
+#: run: the validation previews (Fig 8's pictures) and the real clips' predictions with their diagnosis
+PACKED_BESIDE = {"train": ("train_samples/*.gif",),
+                 "evaluate": ("metrics/dense_predictions.npz", "metrics/depth_errors.*",
+                              "metrics/tolerance_sweep.json")}
+
+
 def _log_workspace(p: Params, workspace: Path, variant: str | None, tag_variant: bool = True) -> dict[str, float]:
     """A stage run per stage this workspace ran (its own, not the shared ones it links); returns the
     evaluate stage's final metrics ({} when it never finished)."""
-    gpu_run = workspace / "outputs" / p.profile / "gpu_run"
+    outputs = workspace / "outputs" / p.profile
+    gpu_run = outputs / "gpu_run"
     stages = dict.fromkeys(f.name.split(".")[0] for f in sorted(gpu_run.glob("*.done.json")))
     stages.update(dict.fromkeys(f.name.removesuffix("_steps.jsonl") for f in sorted(gpu_run.glob("*_steps.jsonl"))))
     final: dict[str, float] = {}
@@ -135,6 +143,7 @@ def _log_workspace(p: Params, workspace: Path, variant: str | None, tag_variant:
             client = mlflow.MlflowClient()
             _log_series(client, run.info.run_id, gpu_run / f"{stage}_steps.jsonl")
             artifacts = [workspace / a for a in record.get("artifacts", [])]
+            artifacts += [f for pattern in PACKED_BESIDE.get(stage, ()) for f in sorted(outputs.glob(pattern))]
             log_result(StepResult(metrics=record.get("metrics", {}), artifacts=[a for a in artifacts if a.exists()]))
             _set_tags(run.info.run_id, {"finished": str(bool(record)).lower(),
                                         **({"seconds": f"{record['seconds']:.1f}", "gpu": record["gpu"]}

@@ -195,6 +195,10 @@ def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
     assert train.data.tags["finished"] == "true" and train.data.params["train.steps"] == "2"
     assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [2]
     assert client.get_metric_history(train.info.run_id, "val/segmentation/gt_miou")  # Fig 8's series
+    # the validation previews and the real clips' predictions, packed beside the stages, come along
+    assert any(a.path.endswith(".gif") for a in client.list_artifacts(train.info.run_id))
+    evaluated = {a.path for a in client.list_artifacts(stages["evaluate · udpdiff-multi-task"].info.run_id)}
+    assert small_gpu.DENSE_PREDICTIONS in evaluated
     variant = top["udpdiff-multi-task"].data.metrics
     assert 0 <= variant["segmentation/gt_miou"] <= 1 and "depth/gt_delta1_depth" in variant
     assert "ablation_table.json" in {a.path for a in client.list_artifacts(parent_id)}
