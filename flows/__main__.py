@@ -4,7 +4,7 @@
     python -m flows stage train            # one stage (what dvc.yaml runs): a Prefect flow + an MLflow run
     python -m flows run train              # the `udpdiff` flow's job: brings its DVC target up to date
     python -m flows ablation tab5          # a paper ablation (params.yaml `ablations`) as DVC experiments
-    python -m flows import-run small*.tar.gz  # log a run benchmarks/small_gpu.py packed on a GPU machine
+    python -m flows import-run small*.tar.gz  # log a run benchmarks/small_gpu.py packed on a GPU machine (once)
     torchrun --nproc_per_node 8 -m flows stage train   # train on 8 GPUs (params.yaml train_launcher)
     torchrun --nproc_per_node 8 -m flows stage sample  # sample on 8 GPUs (params.yaml inference_launcher)
 """
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "MLflow) to MLflow: the ablation's parent, variants and stages")
     im.add_argument("tarballs", type=Path, nargs="+", help="small.tar.gz and its volumes small-2.tar.gz, ...")
     im.add_argument("--profile", default=None, help="the profile it ran (default: small)")
+    im.add_argument("--replace", action="store_true", help="delete an earlier import of the same tarballs and log "
+                                                           "them again (an import is otherwise done once)")
     args = parser.parse_args(argv)
 
     problem = _environment_problem()
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "import-run":
             from flows.gpu_import import import_run
 
-            print(import_run(args.tarballs, args.profile))
+            print(import_run(args.tarballs, args.profile, replace=args.replace))
         elif args.command == "ablation":
             from flows.ablation import ablation_flow
 

@@ -10,10 +10,15 @@ run named after the table, a stage run per shared stage beneath it, a child run 
 that variant's stage runs, the variants' final metrics and the ablation table. A stage that never
 finished (the machine went back) is logged with what it reached and the tag ``finished=false``;
 the table is logged only when at least two variants were evaluated.
+
+Importing is idempotent: the parents carry the tarballs' SHA-256 (``tarball_sha256``), and a tarball
+imported before is not logged twice; ``--replace`` deletes the earlier import and logs it again (after
+the importer itself changed, say).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tarfile
@@ -26,7 +31,15 @@ import mlflow
 from mlflow.entities import Metric
 
 from flows.common import REPO_ROOT, load
-from flows.tracking import ablation_run, log_ablation_table, log_result, log_variant_metrics, stage_run, variant_run
+from flows.tracking import (
+    ablation_run,
+    log_ablation_table,
+    log_result,
+    log_variant_metrics,
+    stage_run,
+    use_experiment,
+    variant_run,
+)
 from udpdiff.config import Params, parse_overrides
 from udpdiff.evaluation.tables import ablation_frame
 from udpdiff.stages.common import StepResult
@@ -36,15 +49,18 @@ logger = logging.getLogger(__name__)
 SERIES_BATCH = 1000  # MLflow's log_batch takes at most 1,000 metrics per call
 
 
-def import_run(tarballs: Path | list[Path], profile: str | None = None, table_dir: Path | None = None) -> str:
+def import_run(tarballs: Path | list[Path], profile: str | None = None, table_dir: Path | None = None,
+               replace: bool = False) -> str:
     """Log the packed run ``tarballs`` (``small.tar.gz`` and its volumes ``small-2.tar.gz``, ...) to
     MLflow, a parent run per ablation table in it; returns the first's id. The tables' files go to
-    ``table_dir`` (default ``outputs/<profile>/ablations``, as the ablation flow's)."""
+    ``table_dir`` (default ``outputs/<profile>/ablations``, as the ablation flow's). A run imported
+    before returns its first parent's id and logs nothing, unless ``replace`` (module docstring)."""
     tarballs = [Path(t) for t in (tarballs if isinstance(tarballs, list | tuple) else [tarballs])]
     for t in tarballs:
         if not t.is_file():
             raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs)")
     tarball = min(tarballs, key=lambda t: len(t.name))  # small.tar.gz, not small-2.tar.gz: the run's name
+    digest = _sha256(tarballs)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for t in tarballs:
@@ -56,12 +72,46 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
         infos = {ws: json.loads(_only(ws.glob("outputs/*/gpu_run/variant.json"), tarball).read_text())
                  for ws in variants}
         base = _params(profile, next(iter(infos.values()))["profile_overrides"])
+        earlier = _earlier_imports(base, digest)
+        if earlier and not replace:
+            logger.info("%s was imported before as MLflow run %s: nothing logged (--replace imports it again)",
+                        tarball, earlier[0])
+            return earlier[0]
+        for run_id in earlier:
+            _delete_with_children(run_id)
+            logger.info("deleted the earlier import of %s, MLflow run %s", tarball, run_id)
         # a workspace can serve several tables (the full method is in Tabs 1-2 and in ours): a parent each
         tables = dict.fromkeys(t for info in infos.values() for t in _tables(info))
-        run_ids = [_import_table(root, tarball, base, table,
+        run_ids = [_import_table(root, tarball, digest, base, table,
                                  {ws: i for ws, i in infos.items() if table in _tables(i)}, table_dir)
                    for table in tables]
         return run_ids[0]
+
+
+def _sha256(tarballs: list[Path]) -> str:
+    """One digest of the run's tarballs (its volumes in name order): what identifies an import."""
+    h = hashlib.sha256()
+    for t in sorted(tarballs, key=lambda t: t.name):
+        with t.open("rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _earlier_imports(p: Params, digest: str) -> list[str]:
+    """The parent runs (one per table, oldest first) of an earlier import of the same tarballs."""
+    experiment = use_experiment(p)
+    runs = mlflow.MlflowClient().search_runs([experiment], f"tags.tarball_sha256 = '{digest}'",
+                                            order_by=["attributes.start_time ASC"])
+    return [r.info.run_id for r in runs]
+
+
+def _delete_with_children(run_id: str) -> None:
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    for child in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_id}'"):
+        _delete_with_children(child.info.run_id)
+    client.delete_run(run_id)
 
 
 def _tables(info: dict) -> list[str]:
@@ -69,13 +119,14 @@ def _tables(info: dict) -> list[str]:
     return info.get("tables") or [info["table"]]
 
 
-def _import_table(root: Path, tarball: Path, base: Params, table: str, infos: dict[Path, dict],
+def _import_table(root: Path, tarball: Path, digest: str, base: Params, table: str, infos: dict[Path, dict],
                   table_dir: Path | None) -> str:
     spec = base.ablations[table]
     machine = _machine(root)
     rows, overrides_of = [], {}
     with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
-        _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball.name})
+        _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball.name,
+                                       "tarball_sha256": digest})
         _log_workspace(base, root, None, tag_variant=False)
         for workspace, info in infos.items():
             p = base.with_overrides(info["overrides"])

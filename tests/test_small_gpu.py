@@ -211,6 +211,14 @@ def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
     assert "ablation_table.json" in {a.path for a in client.list_artifacts(ours[0].info.run_id)}
     info = json.loads((gpu_run[0] / "variants" / NAMES[0] / "outputs/small/gpu_run/variant.json").read_text())
     assert info["tables"] == ["tab1-2", "rgb-given"]
+    # the same tarballs again: nothing logged twice; with replace, logged anew and the first import deleted
+    assert import_run(volumes, table_dir=tmp_path / "ablations") == parent_id
+    assert len(client.search_runs([experiment], "tags.kind = 'ablation'")) == 2
+    again = import_run(volumes, table_dir=tmp_path / "ablations", replace=True)
+    assert again != parent_id and client.get_run(parent_id).info.lifecycle_stage == "deleted"
+    assert client.get_run(train.info.run_id).info.lifecycle_stage == "deleted"  # its descendants with it
+    assert len(client.search_runs([experiment], "tags.kind = 'ablation'")) == 2
+    assert set(children(again)) == {*small_gpu.PREPARE, *NAMES}
 
 
 @pytest.mark.slow
