@@ -137,25 +137,21 @@ def ground_truth_tables(metrics: Mapping[str, Mapping[str, float]]) -> list[Tabl
     out = []
     d, s = metrics.get("depth", {}), metrics.get("segmentation", {})
     if "gt_delta1" in d:
-        header, row = ["Model", "δ1 (↑)", "AbsRel (↓)", "RMSE (↓)"], [
-            "UDPDiff (depth)", _fmt(d["gt_delta1"], digits=4), _fmt(d.get("gt_abs_rel"), digits=4),
-            _fmt(d.get("gt_rmse"), digits=4)]
+        keys = ["gt_delta1", "gt_abs_rel", "gt_rmse"]
+        header = ["Model", "δ1 (↑)", "AbsRel (↓)", "RMSE (↓)"]
         notes = ["δ1 / AbsRel / RMSE: normalised disparity aligned by least-squares scale and shift (the paper's "
                  "protocol)."]
         if "gt_delta1_depth" in d:
+            keys += ["gt_delta1_depth", "gt_abs_rel_depth"]
             header += ["δ1, depth space (↑)", "AbsRel, depth space (↓)"]
-            row += [_fmt(d["gt_delta1_depth"], digits=4), _fmt(d.get("gt_abs_rel_depth"), digits=4)]
             notes.append("Depth space: aligned in true disparity, converted to depth and scored there (the protocol "
                          "of DepthCrafter and Depth Anything; comparable with the literature's figures).")
-        rows = [row]
-        if "gt_delta1_single" in d:  # sample.dense_ensemble_size > 1: one member alone, beside the ensemble
-            single = ["UDPDiff (depth), one sample", _fmt(d["gt_delta1_single"], digits=4),
-                      _fmt(d.get("gt_abs_rel_single"), digits=4), _fmt(d.get("gt_rmse_single"), digits=4)]
-            if "gt_delta1_depth" in d:
-                single += [_fmt(d.get("gt_delta1_depth_single"), digits=4),
-                           _fmt(d.get("gt_abs_rel_depth_single"), digits=4)]
-            row[0] = "UDPDiff (depth), ensemble"
-            rows.append(single)
+        # sample.dense_ensemble_size > 1: the ensemble, and its first member alone (the ``_single`` scores)
+        ensembled = "gt_delta1_single" in d
+        rows = [[label, *(_fmt(d.get(k + suffix), digits=4) for k in keys)] for label, suffix in (
+            [("UDPDiff (depth), ensemble", ""), ("UDPDiff (depth), one sample", "_single")] if ensembled
+            else [("UDPDiff (depth)", "")])]
+        if ensembled:
             notes.append(f"Ensemble: each clip predicted with several seeds, the members aligned in scale and shift "
                          f"and fused by their median (Marigold's test-time ensembling, sample.dense_ensemble_size); "
                          f"one sample: its first member alone. The members disagree by "

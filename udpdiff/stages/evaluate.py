@@ -147,13 +147,13 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
     if task is not None:
         scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
         for x, a in zip(chunk, arrays, strict=True):
-            for k, v in ground_truth_scores(task, a["conditioned_dense"], df.loc[x["clip_id"]],
-                                            paths.manifest, suite.depth_per_frame, suite.depth_range).items():
-                scores.setdefault(k, []).append(v)
-            if "conditioned_dense_single" in a:  # an ensembled depth prediction: its first member alone, beside it
-                for k, v in ground_truth_scores(task, a["conditioned_dense_single"], df.loc[x["clip_id"]],
-                                                paths.manifest, suite.depth_per_frame, suite.depth_range).items():
-                    scores.setdefault(f"{k}_single", []).append(v)
+            # an ensembled depth prediction (sample.dense_ensemble_size): its first member alone too, beside it
+            for suffix, key in (("", "conditioned_dense"), ("_single", "conditioned_dense_single")):
+                if key in a:
+                    for k, v in ground_truth_scores(task, a[key], df.loc[x["clip_id"]], paths.manifest,
+                                                    suite.depth_per_frame, suite.depth_range).items():
+                        scores.setdefault(k + suffix, []).append(v)
+            if "conditioned_uncertainty" in a:
                 scores.setdefault("ensemble_uncertainty", []).append(float(a["conditioned_uncertainty"].mean()))
     out = {"rows": [{"set": name, "clip_id": x["clip_id"], **{k: v[j] for k, v in scores.items()}}
                     for j, x in enumerate(chunk)], "frames": int(videos.shape[1])}
