@@ -47,17 +47,27 @@ class UDPDiffPipelineOutput(BaseOutput):
 
 
 def ensemble_depth_video(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Depth predictions (N,T,H,W) of one video (disparity, affine-invariant) -> their ensemble and its
-    uncertainty, both (T,H,W), the ensemble in [0, 1]. Marigold's test-time ensembling (diffusers'
+    """Depth predictions (N,T,H,W) of one video (normalised disparity, affine-ambiguous) -> their ensemble
+    and its uncertainty, both (T,H,W). Marigold's test-time ensembling (diffusers'
     ``MarigoldDepthPipeline.ensemble_depth``: each member aligned in scale and shift, pixel-wise median),
-    with one scale and shift per member for the whole video, as the evaluation fits them."""
+    with one scale and shift per member for the whole video, as the evaluation fits them.
+
+    Marigold stretches its ensemble to [0, 1], right for a model of relative depth; ours are trained on
+    their targets' own scale (scene-wide for the synthetic clips), which every member shares. So the
+    ensemble is brought back to it: one least-squares scale and shift onto the members' pixel-wise median."""
     from diffusers import MarigoldDepthPipeline
 
     n, t, h, w = members.shape
     as_image = torch.from_numpy(np.ascontiguousarray(members, dtype=np.float32)).reshape(n, 1, t * h, w)
     fused, spread = MarigoldDepthPipeline.ensemble_depth(as_image, scale_invariant=True, shift_invariant=True,
                                                          output_uncertainty=True, reduction="median")
-    return fused.reshape(t, h, w).clamp(0, 1).numpy(), spread.reshape(t, h, w).numpy()
+    fused, spread = fused.reshape(-1).double(), spread.reshape(t, h, w)
+    level = as_image.median(dim=0).values.reshape(-1).double()
+    centred = fused - fused.mean()
+    scale = float((centred * (level - level.mean())).sum() / (centred * centred).sum().clamp_min(1e-12))
+    if scale > 0:  # not for a degenerate (constant) ensemble: it keeps Marigold's [0, 1]
+        fused, spread = scale * centred + level.mean(), spread * scale
+    return fused.reshape(t, h, w).clamp(0, 1).float().numpy(), spread.numpy()
 
 
 class UDPDiffPipeline(CogVideoXPipeline):
