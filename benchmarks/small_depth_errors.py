@@ -138,19 +138,20 @@ def entity_depths(pairs: list[tuple[np.ndarray, dict]]) -> dict[str, float]:
             "size_slope_ratio": pred_on_size / true_on_size}
 
 
-def compare(p, predictions: Path, other: Path) -> dict[str, float]:
-    """Two runs' depth predictions of the same clips (module docstring, ``--compare``)."""
+def compare(p, predictions: Path, other: Path, prefix: str = "depth") -> dict[str, float]:
+    """Two runs' depth predictions of the same clips (module docstring, ``--compare``): ``predictions``'
+    ``prefix`` ones against ``other``'s evaluated ones (``depth/``)."""
     depth_range = exact_depth_range(p.active.data.source)
     with np.load(predictions) as a, np.load(other) as b:
-        keys = sorted(k for k in a.files if k.startswith("depth/"))
-        missing = [k for k in keys if k not in b.files]
+        keys = sorted(k for k in a.files if k.startswith(f"{prefix}/"))
+        missing = [k for k in keys if "depth/" + k.split("/", 1)[1] not in b.files]
         if missing or not keys:
             raise SystemExit(f"{other}: lacks {len(missing)} of {predictions}'s {len(keys)} depth predictions "
                              f"({missing[:3]})")
         errors, scores = [], {"a": [], "b": [], "mean": []}
         for key in keys:
             clip = exact_clip(p, key.split("/", 1)[1])
-            pa, pb = a[key].astype(np.float32), b[key].astype(np.float32)
+            pa, pb = a[key].astype(np.float32), b["depth/" + key.split("/", 1)[1]].astype(np.float32)
             ma, mb = entity_means(pa, clip), entity_means(pb, clip)
             errors.append(np.stack([ma.predicted - ma.true, mb.predicted - mb.true], axis=1))
             for name, pred in (("a", pa), ("b", pb), ("mean", (pa + pb) / 2)):
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{v} {k}" for k, v in d.items())
 
     text = table.to_markdown(floatfmt=".3f") + "\n\nEntities' mean disparity, all clips: " + summary(entities)
-    compared = compare(p, args.predictions, args.compare) if args.compare else None
+    compared = compare(p, args.predictions, args.compare, args.prefix) if args.compare else None
     if compared:
         text += f"\n\nAgainst {args.compare}: " + summary(compared)
     print(text)

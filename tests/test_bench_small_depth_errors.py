@@ -139,6 +139,13 @@ def test_compare_tells_shared_errors_from_independent_ones(tmp_path: Path):
     out = tmp_path / "errors.json"
     assert sde.main([str(a), "--compare", str(opposite), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["compared"]["entity_error_correlation"] == pytest.approx(-1.0)
+    # an ensemble's file: its first member (depth_single/) is compared with --prefix depth_single
+    with np.load(a) as single, np.load(opposite) as fused:
+        np.savez_compressed(tmp_path / "ensemble.npz", **{k: fused[k] for k in fused.files},
+                            **{k.replace("depth/", "depth_single/"): single[k] for k in single.files})
+    for prefix, correlation in (("depth", -1.0), ("depth_single", 1.0)):
+        compared = sde.compare(p, tmp_path / "ensemble.npz", same, prefix)
+        assert compared["entity_error_correlation"] == pytest.approx(correlation)
     np.savez_compressed(tmp_path / "fewer.npz", **{f"depth/{CLIPS[0]}": clips[CLIPS[0]]["depth"]})
     with pytest.raises(SystemExit, match="fewer.npz: lacks 2 of"):
         sde.compare(p, a, tmp_path / "fewer.npz")
