@@ -1,6 +1,7 @@
 """A run made where the orchestration tools are absent, logged to MLflow here.
 
-    python -m flows import-run small*.tar.gz     # the tarball(s) benchmarks/small_gpu.py packed on a GPU machine
+    python -m flows import-run small.tar.gz     # the tarball benchmarks/small_gpu.py packed on a GPU machine
+                                                # (its volumes small-2.tar.gz, ... beside it come along)
 
 The lent GPU machines have no MLflow, so ``benchmarks/small_gpu.py`` writes what the stage flows would
 have logged to files: per workspace, ``outputs/<profile>/gpu_run/<stage>.done.json`` (final metrics,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tarfile
 import tempfile
 import time
@@ -59,6 +61,7 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
     for t in tarballs:
         if not t.is_file():
             raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs)")
+    tarballs = _with_volumes(tarballs)
     tarball = min(tarballs, key=lambda t: len(t.name))  # small.tar.gz, not small-2.tar.gz: the run's name
     digest = _sha256(tarballs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,6 +89,18 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
                                  {ws: i for ws, i in infos.items() if table in _tables(i)}, table_dir)
                    for table in tables]
         return run_ids[0]
+
+
+def _with_volumes(tarballs: list[Path]) -> list[Path]:
+    """``tarballs`` and the volumes beside them (``small-2.tar.gz``, ... next to ``small.tar.gz``) not
+    named: a run's big files (its predictions) travel in those, and an import without them is short."""
+    named = {t.resolve() for t in tarballs}
+    found = [v for t in tarballs if not re.search(r"-\d+\.tar\.gz$", t.name)
+             for v in sorted(t.parent.glob(t.name.removesuffix(".tar.gz") + "-*.tar.gz"))
+             if re.fullmatch(r"-\d+\.tar\.gz", v.name[len(t.name) - len(".tar.gz"):]) and v.resolve() not in named]
+    if found:
+        logger.info("importing the volumes beside it as well: %s", ", ".join(v.name for v in found))
+    return tarballs + found
 
 
 def _sha256(tarballs: list[Path]) -> str:

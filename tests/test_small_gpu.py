@@ -213,6 +213,8 @@ def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
     assert info["tables"] == ["tab1-2", "rgb-given"]
     # the same tarballs again: nothing logged twice; with replace, logged anew and the first import deleted
     assert import_run(volumes, table_dir=tmp_path / "ablations") == parent_id
+    # the first volume alone is the same run: the volumes beside it come along
+    assert len(volumes) > 1 and import_run(volumes[0], table_dir=tmp_path / "ablations") == parent_id
     assert len(client.search_runs([experiment], "tags.kind = 'ablation'")) == 2
     again = import_run(volumes, table_dir=tmp_path / "ablations", replace=True)
     assert again != parent_id and client.get_run(parent_id).info.lifecycle_stage == "deleted"
