@@ -27,7 +27,7 @@ CPU_SIZES = [
     " use_rotary_positional_embeddings: true}",
     "train.steps=2", "train.micro_batch_size=2", "train.sample_every=2", "train.validation_clips=1",
     "train.checkpoint_every=2", "train.precision=fp32", "sample.num_samples=1", "sample.num_inference_steps=2",
-    "sample.gallery_size=1", "sample.runtime_trials=0", "evaluate.batch_size=2",
+    "sample.gallery_size=1", "sample.runtime_trials=0", "sample.dense_ensemble_size=2", "evaluate.batch_size=2",
 ]
 
 
@@ -89,8 +89,11 @@ def test_prepare_variants_and_pack(gpu_run):
         f"variants/{n}/outputs/small/metrics/dense_predictions.npz" for n in ("udpdiff-multi-task", OURS)}
     samples = root / "variants/udpdiff-multi-task/outputs/small/samples"
     with np.load(samples.parent / "metrics/dense_predictions.npz") as predicted:
-        assert sorted(predicted) == sorted(f"{f.parent.name}/{f.stem}" for f in samples.glob("*/*.npz"))
-        for key in predicted:
+        made = [f"{f.parent.name}/{f.stem}" for f in samples.glob("*/*.npz")]
+        ensembled = [f"depth_{part}/{k.split('/')[1]}" for k in made if k.startswith("depth/") for part in
+                     ("single", "uncertainty")]  # the profile's depth ensemble: its first member, its spread
+        assert ensembled and sorted(predicted) == sorted(made + ensembled)
+        for key in made:
             with np.load(samples / f"{key}.npz") as sample:
                 exact = sample["conditioned_dense"]
                 if key.startswith("segmentation/"):  # entity ids, exactly
