@@ -143,15 +143,15 @@ def compare(p, predictions: Path, other: Path, prefix: str = "depth") -> dict[st
     ``prefix`` ones against ``other``'s evaluated ones (``depth/``)."""
     depth_range = exact_depth_range(p.active.data.source)
     with np.load(predictions) as a, np.load(other) as b:
-        keys = sorted(k for k in a.files if k.startswith(f"{prefix}/"))
-        missing = [k for k in keys if "depth/" + k.split("/", 1)[1] not in b.files]
-        if missing or not keys:
-            raise SystemExit(f"{other}: lacks {len(missing)} of {predictions}'s {len(keys)} depth predictions "
+        clip_ids = sorted(k.split("/", 1)[1] for k in a.files if k.startswith(f"{prefix}/"))
+        missing = [c for c in clip_ids if f"depth/{c}" not in b.files]
+        if missing or not clip_ids:
+            raise SystemExit(f"{other}: lacks {len(missing)} of {predictions}'s {len(clip_ids)} depth predictions "
                              f"({missing[:3]})")
         errors, scores = [], {"a": [], "b": [], "mean": []}
-        for key in keys:
-            clip = exact_clip(p, key.split("/", 1)[1])
-            pa, pb = a[key].astype(np.float32), b["depth/" + key.split("/", 1)[1]].astype(np.float32)
+        for clip_id in clip_ids:
+            clip = exact_clip(p, clip_id)
+            pa, pb = a[f"{prefix}/{clip_id}"].astype(np.float32), b[f"depth/{clip_id}"].astype(np.float32)
             ma, mb = entity_means(pa, clip), entity_means(pb, clip)
             errors.append(np.stack([ma.predicted - ma.true, mb.predicted - mb.true], axis=1))
             for name, pred in (("a", pa), ("b", pb), ("mean", (pa + pb) / 2)):

@@ -57,17 +57,17 @@ def ensemble_depth_video(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ensemble is brought back to it: one least-squares scale and shift onto the members' pixel-wise median."""
     from diffusers import MarigoldDepthPipeline
 
+    from udpdiff.evaluation.depth import align_scale_shift
+
     n, t, h, w = members.shape
     as_image = torch.from_numpy(np.ascontiguousarray(members, dtype=np.float32)).reshape(n, 1, t * h, w)
     fused, spread = MarigoldDepthPipeline.ensemble_depth(as_image, scale_invariant=True, shift_invariant=True,
                                                          output_uncertainty=True, reduction="median")
-    fused, spread = fused.reshape(-1).double(), spread.reshape(t, h, w)
-    level = as_image.median(dim=0).values.reshape(-1).double()
-    centred = fused - fused.mean()
-    scale = float((centred * (level - level.mean())).sum() / (centred * centred).sum().clamp_min(1e-12))
-    if scale > 0:  # not for a degenerate (constant) ensemble: it keeps Marigold's [0, 1]
-        fused, spread = scale * centred + level.mean(), spread * scale
-    return fused.reshape(t, h, w).clamp(0, 1).float().numpy(), spread.numpy()
+    fused, spread = fused.reshape(t, h, w), spread.reshape(t, h, w)
+    back = align_scale_shift(fused, as_image.median(dim=0).values.reshape(t, h, w))
+    if float(back.scale) > 0:  # not for a degenerate (constant) ensemble: it keeps Marigold's [0, 1]
+        fused, spread = back.aligned, spread * float(back.scale)
+    return fused.clamp(0, 1).numpy(), spread.numpy()
 
 
 class UDPDiffPipeline(CogVideoXPipeline):
