@@ -167,15 +167,16 @@ def dense_predictions(paths: ProjectPaths) -> Path | None:
     that comes back with the run: the sample stage's .npz files hold the videos too (~3 MB each for
     ``small``), too big to pack, and the scores alone cannot say why one clip fails (the clips and
     their ground truth regenerate from the seed on any machine, so they are not needed). An ensembled
-    depth prediction (``sample.dense_ensemble_size``) adds its first member alone (``depth_single/<clip>``)
-    and the members' disagreement (``depth_uncertainty/<clip>``)."""
+    prediction (``sample.dense_ensemble_size``) adds its first member alone (``<task>_single/<clip>``,
+    e.g. ``depth_single/``) and the members' disagreement (``<task>_uncertainty/<clip>``)."""
     import numpy as np
 
     arrays = {}
     for f in sorted(paths.samples.glob("*/*.npz")):
         with np.load(f) as sample:
-            for key, prefix in (("conditioned_dense", f.parent.name), ("conditioned_dense_single", "depth_single"),
-                                ("conditioned_uncertainty", "depth_uncertainty")):
+            task = f.parent.name
+            for key, prefix in (("conditioned_dense", task), ("conditioned_dense_single", f"{task}_single"),
+                                ("conditioned_uncertainty", f"{task}_uncertainty")):
                 if key in sample.files:
                     dense = sample[key]
                     kind = np.float16 if dense.dtype.kind == "f" else np.int32

@@ -394,10 +394,45 @@ def test_ensemble_depth_video_aligns_members_and_cancels_their_noise():
     assert np.abs(fused - (truth * 0.6 + 0.2)).mean() < 0.03  # at the members' scale and shift
 
 
-def test_pipeline_ensembles_depth_of_a_given_video(tiny_pipeline):
+def test_ensemble_segmentation_video_matches_the_members_entities_and_votes():
+    """Members that name the same entities differently fuse to those entities; members each wrong on their
+    own pixels fuse to the truth, even when the first member (the reference) has a wrong layout; the
+    disagreement is the share of members outvoted at each pixel."""
+    from udpdiff.evaluation.segmentation import hungarian_miou
+    from udpdiff.pipeline import ensemble_segmentation_video
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((4, 24, 24), np.int32)
+    truth[:, 2:10, 2:10], truth[:, 12:22, 4:12], truth[:, 6:18, 14:22] = 1, 2, 3
+
+    def renamed(ids: np.ndarray, names: list[int]) -> np.ndarray:
+        return np.asarray([0, *names], np.int32)[ids]
+
+    fused, disagreement = ensemble_segmentation_video(np.stack([renamed(truth, [5, 9, 2]), renamed(truth, [1, 2, 3]),
+                                                                renamed(truth, [7, 4, 8])]))
+    assert hungarian_miou(fused, truth)["miou"] == 1.0 and sorted(np.unique(fused)) == [0, 1, 2, 3]
+    assert disagreement.max() == 0
+
+    members = []
+    for _ in range(5):
+        member = renamed(truth, list(rng.permutation([3, 6, 11])))
+        wrong = rng.random(truth.shape) < 0.2  # each member wrong on its own fifth of the pixels
+        member[wrong] = rng.integers(0, 12, wrong.sum())
+        members.append(member)
+    members[0][:, :, :12] = 0  # the first member misses half the scene
+    fused, disagreement = ensemble_segmentation_video(np.stack(members))
+    assert hungarian_miou(fused, truth)["miou"] > 0.95 > max(hungarian_miou(m, truth)["miou"] for m in members)
+    assert 0.1 < float(disagreement.mean()) < 0.4 and disagreement.dtype == np.float32
+    single, none = ensemble_segmentation_video(members[1][None])
+    assert hungarian_miou(single, members[1])["miou"] == 1.0 and none.max() == 0  # one member is itself
+
+
+def test_pipeline_ensembles_dense_predictions_of_a_given_video(tiny_pipeline):
     """ensemble_size=N: N members per video from N generators, the first one the prediction a single call
-    with that generator makes; their ensemble and its uncertainty; refused where it means nothing."""
-    from udpdiff.pipeline import ensemble_depth_video
+    with that generator makes; their ensemble and its uncertainty, for depth and segmentation; refused where
+    it means nothing."""
+    from udpdiff import pixelplanes
+    from udpdiff.pipeline import ensemble_depth_video, ensemble_segmentation_video
 
     pipe = tiny_pipeline(given_rgb="clean")
     pipe.set_progress_bar_config(disable=True)
@@ -415,11 +450,16 @@ def test_pipeline_ensembles_depth_of_a_given_video(tiny_pipeline):
     assert np.abs(out.members[1, 0] - out.members[1, 1]).mean() > 0.01  # the seeds differ
     fused, spread = ensemble_depth_video(out.members[1])
     assert np.allclose(out.dense[1], fused) and np.allclose(out.uncertainty[1], spread)
-    from udpdiff import pixelplanes
     assert np.array_equal(out.colormaps, pixelplanes.encode_depth(out.dense))  # the picture shows the ensemble
-    with pytest.raises(ValueError, match="needs task='depth' and video="):
-        pipe("a cube", video=videos[0], ensemble_size=2, **{**kw, "task": "segmentation"})
-    with pytest.raises(ValueError, match="needs task='depth' and video="):
+    with pytest.raises(ValueError, match="needs a dense task and video="):
         pipe("a cube", ensemble_size=2, num_frames=9, height=32, width=32, **kw)
+    # segmentation: the members' entities voted, the picture the ensemble's
+    seg = pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=generators(0, 1, 2, 3, 4, 5),
+               **{**kw, "task": "segmentation"})
+    assert seg.members.shape == (2, 3, 9, 32, 32) and seg.dense.shape == seg.uncertainty.shape == (2, 9, 32, 32)
+    fused, disagreement = ensemble_segmentation_video(seg.members[0])
+    assert np.array_equal(seg.dense[0], fused) and np.array_equal(seg.uncertainty[0], disagreement)
+    for colormap, ids in zip(seg.colormaps, seg.dense, strict=True):
+        assert np.array_equal(colormap, pixelplanes.encode_segmentation(ids)[0])
     with pytest.raises(ValueError, match="takes 6 generators"):
         pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=generators(0, 1), **kw)

@@ -22,32 +22,37 @@ def test_text_to_video_keeps_guidance_scale_and_real_clips_get_dense_guidance_sc
     assert sorted(calls) == [(False, 3.0), (False, 3.0), (True, 1.0), (True, 1.0)]
 
 
-def test_depth_ensemble_keeps_its_first_member_and_the_evaluation_scores_both(inference_project):
-    """sample.dense_ensemble_size: depth of each real clip from N seeds, the first the sample's own (what one
-    sample gives, bit for bit the prediction of a run without ensemble), fused; segmentation stays one sample.
-    The evaluation scores the ensemble and its first member, and the depth table shows both."""
+def test_dense_ensemble_keeps_its_first_member_and_the_evaluation_scores_both(inference_project):
+    """sample.dense_ensemble_size: each real clip's dense map from N seeds, the first the sample's own (what
+    one sample gives: the prediction of a run without ensemble), fused. The evaluation scores the ensemble
+    and its first member, and both tasks' tables show both."""
     import json
 
     import numpy as np
 
+    from udpdiff.evaluation.segmentation import hungarian_miou
     from udpdiff.stages import evaluate
 
     p, paths = inference_project
     p = p.with_overrides({"sample.num_samples": 2})
     sample.run(p, paths)
-    single = {f.stem: np.load(f)["conditioned_dense"] for f in (paths.samples / "depth").glob("*.npz")}
+    single = {f"{f.parent.name}/{f.stem}": np.load(f)["conditioned_dense"] for f in paths.samples.glob("*/*.npz")}
     ensembled = p.with_overrides({"sample.dense_ensemble_size": 3})
     sample.run(ensembled, paths)
     for f in (paths.samples / "depth").glob("*.npz"):
         with np.load(f) as z:
-            assert np.abs(z["conditioned_dense_single"] - single[f.stem]).mean() < 0.01
+            assert np.abs(z["conditioned_dense_single"] - single[f"depth/{f.stem}"]).mean() < 0.01
             assert z["conditioned_uncertainty"].shape == z["conditioned_dense"].shape
-            assert np.abs(z["conditioned_dense"] - single[f.stem]).mean() > 0.01  # fused from 3 seeds
+            assert np.abs(z["conditioned_dense"] - single[f"depth/{f.stem}"]).mean() > 0.01  # fused from 3 seeds
     for f in (paths.samples / "segmentation").glob("*.npz"):
-        assert "conditioned_dense_single" not in np.load(f).files
+        with np.load(f) as z:  # entity ids: the first member names its entities as the single run does
+            assert hungarian_miou(z["conditioned_dense_single"], single[f"segmentation/{f.stem}"])["miou"] > 0.95
+            assert 0 <= z["conditioned_uncertainty"].min() and z["conditioned_uncertainty"].max() <= 1
     evaluate.run(ensembled, paths)
-    depth = json.loads((paths.evaluation / "metrics.json").read_text())["metrics"]["depth"]
+    metrics = json.loads((paths.evaluation / "metrics.json").read_text())["metrics"]
+    depth, seg = metrics["depth"], metrics["segmentation"]
     assert {"gt_delta1_single", "gt_delta1_depth_single", "ensemble_uncertainty"} <= set(depth)
     assert depth["gt_delta1_single"] != depth["gt_delta1"]
+    assert {"gt_miou_single", "gt_temporal_id_consistency_single", "ensemble_uncertainty"} <= set(seg)
     tables = (paths.evaluation / "tables.md").read_text()
-    assert "UDPDiff (depth), ensemble" in tables and "UDPDiff (depth), one sample" in tables
+    assert all(f"UDPDiff ({t}), {row}" in tables for t in ("depth", "seg") for row in ("ensemble", "one sample"))

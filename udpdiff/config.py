@@ -331,8 +331,9 @@ class SampleParams(_Strict):
     # w_r of Ho et al.'s reconstruction guidance for dense prediction of real clips (UDPDiffPipeline
     # reconstruction_guidance; 0 = the plain replacement sampler, the paper's); a backward pass per step
     reconstruction_guidance: float = Field(0.0, ge=0)
-    # depth of real clips: members sampled with their own seeds, aligned and fused by their median
-    # (Marigold's test-time ensembling; UDPDiffPipeline ensemble_size); 1 = one sample, the paper's
+    # dense prediction of real clips from members sampled with their own seeds (UDPDiffPipeline
+    # ensemble_size): depth aligned and fused by the median (Marigold's test-time ensembling), entities
+    # matched across members and voted per pixel; 1 = one sample, the paper's
     dense_ensemble_size: int = Field(1, ge=1)
 
     def guidance_for_real_clips(self) -> float:

@@ -34,9 +34,9 @@ class UDPDiffPipelineOutput(BaseOutput):
     """``videos`` and ``colormaps`` are uint8 (B,T,H,W,3); ``dense`` is depth float32 (B,T,H,W)
     in [0,1] (1 = near) for ``task="depth"`` or int32 entity ids for ``"segmentation"``. An
     RGB-only pipeline (the 16-channel baseline) returns ``videos`` alone (the rest ``None``).
-    An ensembled depth prediction (``ensemble_size`` > 1) also returns its ``members`` (B,N,T,H,W) and
-    their ``uncertainty`` (B,T,H,W): the median absolute deviation of the aligned members, in units of
-    ``dense``."""
+    An ensembled prediction (``ensemble_size`` > 1) also returns its ``members`` (B,N,T,H,W) and their
+    ``uncertainty`` (B,T,H,W): for depth the median absolute deviation of the aligned members, in units
+    of ``dense``; for segmentation the share of members whose entity differs from the ensemble's."""
 
     videos: np.ndarray
     colormaps: np.ndarray | None
@@ -68,6 +68,50 @@ def ensemble_depth_video(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if float(back.scale) > 0:  # not for a degenerate (constant) ensemble: it keeps Marigold's [0, 1]
         fused, spread = back.aligned, spread * float(back.scale)
     return fused.clamp(0, 1).numpy(), spread.numpy()
+
+
+def ensemble_segmentation_video(members: np.ndarray, rounds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Entity-id predictions (N,T,H,W) of one video -> their ensemble and its disagreement, both (T,H,W):
+    the share of members whose entity at a pixel is not the ensemble's.
+
+    Two samples name their entities arbitrarily, so each member's entities are first matched to a
+    reference's (Hungarian on whole-video IoU, as the evaluation matches them to the ground truth; an
+    entity without a partner keeps a name of its own). Then each pixel takes the entity most members
+    give it, ties going to the first member (the sample's own). The reference is the member that agrees
+    best with the others (the highest mean matched IoU), then the previous round's vote: one member with a
+    wrong layout does not name the rest."""
+    from udpdiff.evaluation.segmentation import hungarian_miou
+
+    members = np.asarray(members)
+    n = len(members)
+    agreement = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            agreement[i, j] = agreement[j, i] = hungarian_miou(members[i], members[j])["miou"]
+    fused, votes = members[int(np.argmax(np.nan_to_num(agreement).sum(1)))], np.full(members.shape[1:], n)
+    for _ in range(rounds if n > 1 else 0):
+        named, fresh = np.empty(members.shape, np.int64), int(fused.max()) + 1
+        for k, member in enumerate(members):
+            labels, index = np.unique(member, return_inverse=True)
+            partner = {int(a): int(b) for a, b, _ in hungarian_miou(member, fused)["matches"]}
+            target = np.empty(len(labels), np.int64)
+            for i, label in enumerate(labels.tolist()):
+                if label == 0 or label in partner:
+                    target[i] = partner.get(label, 0)
+                else:
+                    target[i], fresh = fresh, fresh + 1
+            named[k] = target[index.reshape(member.shape)]
+        best, votes = named[0], np.zeros(members.shape[1:], np.int64)
+        for label in np.unique(named):
+            count = (named == label).sum(0)
+            wins = (count > votes) | ((count == votes) & (named[0] == label))
+            best, votes = np.where(wins, label, best), np.where(wins, count, votes)
+        fused = best
+    labels = np.unique(fused)  # the ensemble's names, 1.. in order, 0 (background) kept
+    entities = labels[labels != 0]
+    compact = np.zeros_like(fused)
+    compact[fused != 0] = np.searchsorted(entities, fused[fused != 0]) + 1
+    return compact.astype(members.dtype), (1 - votes / n).astype(np.float32)
 
 
 class UDPDiffPipeline(CogVideoXPipeline):
@@ -128,10 +172,11 @@ class UDPDiffPipeline(CogVideoXPipeline):
         estimate reconstructs the given video, so the generated half agrees with the given one.
         It costs a backward pass through the transformer per step.
 
-        ``ensemble_size`` (N > 1; depth of a given ``video`` only) predicts each video N times in one
-        batch, member k from the k-th of N generators per video (a list of B*N, video-major) or from
-        one generator, and returns the members' ensemble (``ensemble_depth_video``): errors that differ
-        from seed to seed cancel; the output's ``uncertainty`` says where the members disagree.
+        ``ensemble_size`` (N > 1; dense prediction of a given ``video`` only) predicts each video N times
+        in one batch, member k from the k-th of N generators per video (a list of B*N, video-major) or
+        from one generator, and returns the members' ensemble (``ensemble_depth_video``,
+        ``ensemble_segmentation_video``): errors that differ from seed to seed cancel; the output's
+        ``uncertainty`` says where the members disagree.
         """
         if ensemble_size != 1:
             return self._ensemble(ensemble_size, prompt=prompt, task=task, negative_prompt=negative_prompt,
@@ -207,8 +252,8 @@ class UDPDiffPipeline(CogVideoXPipeline):
         """``ensemble_size=n`` (``__call__``): the batch repeated n times per video, then fused per video."""
         if n < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {n}")
-        if task != "depth" or video is None:
-            raise ValueError(f"ensemble_size={n} ensembles depth predictions of a given video: it needs task='depth' "
+        if task not in ("depth", "segmentation") or video is None:
+            raise ValueError(f"ensemble_size={n} ensembles dense predictions of a given video: it needs a dense task "
                              f"and video=, got task={task!r}{'' if video is not None else ' and no video'}")
         if call.get("prompt_embeds") is not None:
             raise ValueError("ensemble_size > 1 takes a prompt, not prompt_embeds")
@@ -224,10 +269,13 @@ class UDPDiffPipeline(CogVideoXPipeline):
         out = self(prompt=[q for q in prompts for _ in range(n)], task=task, negative_prompt=negative_prompt,
                    generator=generator, video=np.repeat(videos, n, axis=0), **call)
         members = out.dense.reshape(len(videos), n, *out.dense.shape[1:])
-        fused, spread = zip(*(ensemble_depth_video(m) for m in members), strict=True)
+        ensemble = ensemble_depth_video if task == "depth" else ensemble_segmentation_video
+        fused, spread = zip(*(ensemble(m) for m in members), strict=True)
         dense = np.stack(fused)
-        return UDPDiffPipelineOutput(videos=out.videos[::n], colormaps=pixelplanes.encode_depth(dense), dense=dense,
-                                     task=task, members=members, uncertainty=np.stack(spread))
+        colormaps = (pixelplanes.encode_depth(dense) if task == "depth"
+                     else np.stack([pixelplanes.encode_segmentation(ids)[0] for ids in dense]))
+        return UDPDiffPipelineOutput(videos=out.videos[::n], colormaps=colormaps, dense=dense, task=task,
+                                     members=members, uncertainty=np.stack(spread))
 
     def _fresh_cache(self, guidance_scale: float) -> None:
         """A diffusers step cache (``acceleration.approximate.cache``) starts every sample empty:

@@ -146,12 +146,8 @@ def ground_truth_tables(metrics: Mapping[str, Mapping[str, float]]) -> list[Tabl
             header += ["δ1, depth space (↑)", "AbsRel, depth space (↓)"]
             notes.append("Depth space: aligned in true disparity, converted to depth and scored there (the protocol "
                          "of DepthCrafter and Depth Anything; comparable with the literature's figures).")
-        # sample.dense_ensemble_size > 1: the ensemble, and its first member alone (the ``_single`` scores)
-        ensembled = "gt_delta1_single" in d
-        rows = [[label, *(_fmt(d.get(k + suffix), digits=4) for k in keys)] for label, suffix in (
-            [("UDPDiff (depth), ensemble", ""), ("UDPDiff (depth), one sample", "_single")] if ensembled
-            else [("UDPDiff (depth)", "")])]
-        if ensembled:
+        rows = _ensemble_rows("UDPDiff (depth)", d, keys)
+        if "gt_delta1_single" in d:
             notes.append(f"Ensemble: each clip predicted with several seeds, the members aligned in scale and shift "
                          f"and fused by their median (Marigold's test-time ensembling, sample.dense_ensemble_size); "
                          f"one sample: its first member alone. The members disagree by "
@@ -161,14 +157,27 @@ def ground_truth_tables(metrics: Mapping[str, Mapping[str, float]]) -> list[Tabl
                          "backwards (near and far swapped), which the scale-and-shift fit forgives.")
         out.append(Table("Depth of real validation clips vs ground truth", header, rows, notes))
     if "gt_miou" in s or "pseudo_miou" in s:
+        notes = ["mIoU after Hungarian matching of decoded entities per video; temporal id consistency = fraction "
+                 "of pixels inside a ground-truth entity whose predicted id is unchanged between consecutive frames."]
+        if "gt_miou_single" in s:
+            notes.append(f"Ensemble: each clip predicted with several seeds, the members' entities matched to each "
+                         f"other (Hungarian on IoU) and voted per pixel (sample.dense_ensemble_size); one sample: its "
+                         f"first member alone. The members disagree on {_fmt(s.get('ensemble_uncertainty'), digits=3)} "
+                         f"of the pixels (mean). The annotator's score is of the generated videos, not ensembled.")
         out.append(Table("Entity segmentation", ["Model", "mIoU vs GT (↑)", "temporal id consistency (↑)",
                                                  "mIoU vs annotator on generated (↑)"],
-                         [["UDPDiff (seg)", _fmt(s.get("gt_miou"), digits=4),
-                           _fmt(s.get("gt_temporal_id_consistency"), digits=4), _fmt(s.get("pseudo_miou"), digits=4)]],
-                         ["mIoU after Hungarian matching of decoded entities per video; temporal id consistency = "
-                          "fraction of pixels inside a ground-truth entity whose predicted id is unchanged between "
-                          "consecutive frames."]))
+                         _ensemble_rows("UDPDiff (seg)", s, ["gt_miou", "gt_temporal_id_consistency", "pseudo_miou"]),
+                         notes))
     return out
+
+
+def _ensemble_rows(model: str, metrics: Mapping[str, float], keys: list[str]) -> list[list[str]]:
+    """One row of ``keys``; with sample.dense_ensemble_size > 1 two: the ensemble, and its first member alone
+    (the ``_single`` scores, where a key has them)."""
+    if f"{keys[0]}_single" not in metrics:
+        return [[model, *(_fmt(metrics.get(k), digits=4) for k in keys)]]
+    return [[f"{model}, {label}", *(_fmt(metrics.get(k + suffix), digits=4) for k in keys)]
+            for label, suffix in (("ensemble", ""), ("one sample", "_single"))]
 
 
 def runtime_table(runtime: Mapping[str, Mapping[str, float]] | None) -> Table | None:

@@ -147,7 +147,7 @@ def _score_samples(paths: ProjectPaths, df: pd.DataFrame, suite, name: str, chun
     if task is not None:
         scores.update(suite.score_pseudo_gt(task, videos, np.stack([a["dense"] for a in arrays])))
         for x, a in zip(chunk, arrays, strict=True):
-            # an ensembled depth prediction (sample.dense_ensemble_size): its first member alone too, beside it
+            # an ensembled prediction (sample.dense_ensemble_size): its first member alone too, beside it
             for suffix, key in (("", "conditioned_dense"), ("_single", "conditioned_dense_single")):
                 if key in a:
                     for k, v in ground_truth_scores(task, a[key], df.loc[x["clip_id"]], paths.manifest,

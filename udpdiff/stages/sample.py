@@ -144,7 +144,7 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
         arrays = {"video": out.videos[0]}
         if task is not None:
             real = read_clip(p, paths, row.video_path)  # one clip at a time
-            members = s.dense_ensemble_size if task == "depth" else 1  # entity ids of two samples do not average
+            members = s.dense_ensemble_size
             cond = pipe(row.caption_long, task=task, video=real, reconstruction_guidance=s.reconstruction_guidance,
                         generator=member_generators(entry["seed"], members), ensemble_size=members,
                         **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")}
