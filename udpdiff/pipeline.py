@@ -90,28 +90,43 @@ def ensemble_segmentation_video(members: np.ndarray, rounds: int = 2) -> tuple[n
             agreement[i, j] = agreement[j, i] = hungarian_miou(members[i], members[j])["miou"]
     fused, votes = members[int(np.argmax(np.nan_to_num(agreement).sum(1)))], np.full(members.shape[1:], n)
     for _ in range(rounds if n > 1 else 0):
-        named, fresh = np.empty(members.shape, np.int64), int(fused.max()) + 1
-        for k, member in enumerate(members):
-            labels, index = np.unique(member, return_inverse=True)
-            partner = {int(a): int(b) for a, b, _ in hungarian_miou(member, fused)["matches"]}
-            target = np.empty(len(labels), np.int64)
-            for i, label in enumerate(labels.tolist()):
-                if label == 0 or label in partner:
-                    target[i] = partner.get(label, 0)
-                else:
-                    target[i], fresh = fresh, fresh + 1
-            named[k] = target[index.reshape(member.shape)]
-        best, votes = named[0], np.zeros(members.shape[1:], np.int64)
-        for label in np.unique(named):
-            count = (named == label).sum(0)
-            wins = (count > votes) | ((count == votes) & (named[0] == label))
-            best, votes = np.where(wins, label, best), np.where(wins, count, votes)
-        fused = best
+        named, fresh = [], int(fused.max()) + 1
+        for member in members:
+            renamed, fresh = _named_as(member, fused, fresh)
+            named.append(renamed)
+        fused, votes = _pixel_vote(np.stack(named))
     labels = np.unique(fused)  # the ensemble's names, 1.. in order, 0 (background) kept
     entities = labels[labels != 0]
     compact = np.zeros_like(fused)
     compact[fused != 0] = np.searchsorted(entities, fused[fused != 0]) + 1
     return compact.astype(members.dtype), (1 - votes / n).astype(np.float32)
+
+
+def _named_as(member: np.ndarray, reference: np.ndarray, fresh: int) -> tuple[np.ndarray, int]:
+    """``member``'s entities renamed as their Hungarian partners in ``reference``; background stays 0, an
+    entity without a partner gets a new name from ``fresh`` on. Returns it and the next new name."""
+    from udpdiff.evaluation.segmentation import hungarian_miou
+
+    labels, index = np.unique(member, return_inverse=True)
+    partner = {int(a): int(b) for a, b, _ in hungarian_miou(member, reference)["matches"]}
+    target = np.empty(len(labels), np.int64)
+    for i, label in enumerate(labels.tolist()):
+        if label == 0 or label in partner:
+            target[i] = partner.get(label, 0)
+        else:
+            target[i], fresh = fresh, fresh + 1
+    return target[index.reshape(member.shape)], fresh
+
+
+def _pixel_vote(named: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of (N,...) commonly named members: the name most members give it (ties: the first
+    member's) and how many give it."""
+    best, votes = named[0], np.zeros(named.shape[1:], np.int64)
+    for label in np.unique(named):
+        count = (named == label).sum(0)
+        wins = (count > votes) | ((count == votes) & (named[0] == label))
+        best, votes = np.where(wins, label, best), np.where(wins, count, votes)
+    return best, votes
 
 
 class UDPDiffPipeline(CogVideoXPipeline):
