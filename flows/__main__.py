@@ -4,7 +4,8 @@
     python -m flows stage train            # one stage (what dvc.yaml runs): a Prefect flow + an MLflow run
     python -m flows run train              # the `udpdiff` flow's job: brings its DVC target up to date
     python -m flows ablation tab5          # a paper ablation (params.yaml `ablations`) as DVC experiments
-    python -m flows import-run small*.tar.gz  # log a run benchmarks/small_gpu.py packed on a GPU machine (once)
+    python -m flows import-run small.tar.gz   # log a run benchmarks/small_gpu.py packed on a GPU machine (once;
+                                              # its volumes small-2.tar.gz, ... beside it come along)
     torchrun --nproc_per_node 8 -m flows stage train   # train on 8 GPUs (params.yaml train_launcher)
     torchrun --nproc_per_node 8 -m flows stage sample  # sample on 8 GPUs (params.yaml inference_launcher)
 """
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ab.add_argument("--force", action="store_true", help="rerun variants whose experiment is up to date")
     im = sub.add_parser("import-run", help="log a run packed by benchmarks/small_gpu.py (a GPU machine without "
                                            "MLflow) to MLflow: the ablation's parent, variants and stages")
-    im.add_argument("tarballs", type=Path, nargs="+", help="small.tar.gz and its volumes small-2.tar.gz, ...")
+    im.add_argument("tarballs", type=Path, nargs="+",
+                    help="small.tar.gz (its volumes small-2.tar.gz, ... beside it come along)")
     im.add_argument("--profile", default=None, help="the profile it ran (default: small)")
     im.add_argument("--replace", action="store_true", help="delete an earlier import of the same tarballs and log "
                                                            "them again (an import is otherwise done once)")

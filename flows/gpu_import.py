@@ -94,10 +94,14 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
 def _with_volumes(tarballs: list[Path]) -> list[Path]:
     """``tarballs`` and the volumes beside them (``small-2.tar.gz``, ... next to ``small.tar.gz``) not
     named: a run's big files (its predictions) travel in those, and an import without them is short."""
-    named = {t.resolve() for t in tarballs}
-    found = [v for t in tarballs if not re.search(r"-\d+\.tar\.gz$", t.name)
-             for v in sorted(t.parent.glob(t.name.removesuffix(".tar.gz") + "-*.tar.gz"))
-             if re.fullmatch(r"-\d+\.tar\.gz", v.name[len(t.name) - len(".tar.gz"):]) and v.resolve() not in named]
+    named, found = {t.resolve() for t in tarballs}, []
+    for t in tarballs:
+        stem, dot, ext = t.name.partition(".")  # as benchmarks/small_gpu.py's volume_path names them
+        volume = re.compile(rf"{re.escape(stem)}-\d+{re.escape(dot + ext)}")
+        for v in sorted(t.parent.iterdir()):
+            if volume.fullmatch(v.name) and v.resolve() not in named:
+                named.add(v.resolve())
+                found.append(v)
     if found:
         logger.info("importing the volumes beside it as well: %s", ", ".join(v.name for v in found))
     return tarballs + found
