@@ -123,6 +123,23 @@ def test_worker_ranks_run_only_the_launched_stages():
     assert "only the train, sample, evaluate stages run under a multi-process launcher" in proc.stderr
 
 
+def test_the_cli_runs_the_exit_handlers_and_keeps_the_exit_code_when_it_skips_teardown(tmp_path):
+    """`python -m flows` leaves with os._exit after main (Python's teardown costs seconds per stage
+    process): the exit handlers still run, logs reach their files, and the code is main's."""
+    log = tmp_path / "stage.log"
+    code = ("import atexit, logging, sys\n"
+            "from flows.__main__ import exit_without_teardown\n"
+            f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
+            "logging.getLogger('x').info('written before exit')\n"
+            "atexit.register(lambda: print('handler ran', flush=True))\n"
+            "sys.stdout.write('buffered, not flushed')\n"
+            "exit_without_teardown(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "handler ran" in proc.stdout and "buffered, not flushed" in proc.stdout
+    assert "written before exit" in log.read_text()
+
+
 def test_a_stage_outside_the_venv_says_how_to_activate_it():
     """dvc.yaml's commands say `python`; run by an interpreter without the project's packages
     (here: ours with site-packages switched off) the stage names the problem instead of failing
