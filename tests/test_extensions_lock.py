@@ -120,17 +120,26 @@ def test_a_build_killed_with_kill_9_no_longer_blocks_torch(tmp_path):
     assert FileBaton(str(op / "lock")).try_acquire()
 
 
-def test_one_cpu_process_builds_no_deepspeed_op(tmp_path):
-    """The tiny path (one CPU process, ZeRO-2 with torch's AdamW) compiles nothing: no lock to go stale."""
-    script = textwrap.dedent("""
-        import os
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
-        from udpdiff.extensions_lock import before_deepspeed_build
-        before_deepspeed_build(1)
-        import deepspeed
-        deepspeed.init_distributed(dist_backend="gloo")
-        print("ok")
-        """)
+@pytest.mark.parametrize("entry", ["before_deepspeed_build", "udpdiff.train.init_distributed"])
+def test_one_cpu_process_builds_no_deepspeed_op(tmp_path, entry):
+    """The tiny path (one CPU process, ZeRO-2 with torch's AdamW) compiles nothing: no lock to go stale.
+    Also through the process-group setup that training and benchmarks/bench_gpu.py call directly
+    (which once built DeepSpeed's shm comm op, 25 s of every CI run)."""
+    calls = {
+        "before_deepspeed_build": """
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
+            from udpdiff.extensions_lock import before_deepspeed_build
+            before_deepspeed_build(1)
+            import deepspeed
+            deepspeed.init_distributed(dist_backend="gloo")
+            """,
+        "udpdiff.train.init_distributed": """
+            import torch
+            from udpdiff.train import init_distributed
+            init_distributed(torch.device("cpu"))
+            """,
+    }
+    script = textwrap.dedent("import os\n") + textwrap.dedent(calls[entry]) + "print('ok')\n"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -66,10 +66,13 @@ def _free_port() -> int:
 
 def init_distributed(device: torch.device) -> None:
     """Single-process runs get a one-rank process group; launchers (deepspeed, torchrun) set the
-    env vars themselves."""
+    env vars themselves. Every caller (training, the benchmarks) goes through here first."""
     import deepspeed
     import torch.distributed as dist
 
+    # DeepSpeed JIT-builds ops from here on (init_distributed: its CPU shm comm op, ~25 s on 2 cores):
+    # skip what one CPU process does not need and never hang on a lock left by a killed build
+    before_deepspeed_build(int(os.environ.get("WORLD_SIZE", 1)))
     if dist.is_initialized():
         return
     os.environ.setdefault("RANK", "0")
@@ -446,9 +449,6 @@ def train(
     device = train_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # DeepSpeed JIT-builds ops from here on (init_distributed: its CPU shm comm op): skip what one
-    # CPU process does not need and never hang on a lock left by a killed build
-    before_deepspeed_build(int(os.environ.get("WORLD_SIZE", 1)))
     init_distributed(device)
     rank, world = rank_and_world()
     if not isinstance(ds_config, dict):  # a path (or None: params' own), read once the world size is known
