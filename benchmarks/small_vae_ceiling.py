@@ -14,7 +14,9 @@ would score these numbers: a prediction above them is impossible, one near them 
 With ``--predictions`` it sweeps the same tolerances over a trained model's predictions instead: the
 sample stage's ``samples/segmentation/*.npz`` (``conditioned_colormap``, the dense prediction of a real
 clip), scored against the clip's exact ids re-rendered from its seed. Predictions are noisier than a
-VAE round trip, so their best tolerance need not be the ceiling's.
+VAE round trip, so their best tolerance need not be the ceiling's. In a run with
+``sample.dense_ensemble_size`` > 1 that colormap is the vote's, encoded again from its ids: the sweep
+reads the first member's own colormap (``conditioned_colormap_single``) instead, as the model made it.
 """
 from __future__ import annotations
 
@@ -85,13 +87,17 @@ def prediction_sweep(p, samples: Path) -> dict:
     files = sorted(samples.glob("*.npz"))
     if not files:
         raise SystemExit(f"{samples}: no *.npz samples (the sample stage's samples/segmentation folder?)")
-    clips = []
+    clips, keys = [], set()
     for f in files:
         with np.load(f) as z:
             if "conditioned_colormap" not in z:
                 raise SystemExit(f"{f}: no conditioned_colormap: not a segmentation sample")
-            clips.append({**exact_clip(p, f.stem), "predicted": z["conditioned_colormap"]})
-    return {"predictions": str(samples), "clips": [f.stem for f in files],
+            # an ensemble's conditioned_colormap is its vote encoded again (a palette of its own, no tolerance
+            # to find): its first member's colormap is the model's
+            key = "conditioned_colormap_single" if "conditioned_colormap_single" in z else "conditioned_colormap"
+            clips.append({**exact_clip(p, f.stem), "predicted": z[key]})
+            keys.add(key)
+    return {"predictions": str(samples), "clips": [f.stem for f in files], "colormaps": sorted(keys),
             "profile_decode_tolerance": p.active.pixelplanes.decode_tolerance,
             # palette-free only: a model picks its own colours for the entities (paper §3.2), so the
             # clip's palette is no reference for a prediction

@@ -79,6 +79,20 @@ def test_prediction_sweep_scores_saved_samples_against_their_clips(tmp_path):
     assert max(json.loads(out.read_text())["segmentation_miou"]["palette_free"].values()) < 0.5
 
 
+def test_prediction_sweep_of_an_ensemble_reads_its_first_members_colormap(tmp_path):
+    """With sample.dense_ensemble_size > 1 a sample's conditioned_colormap is the vote encoded again; the
+    sweep scores the first member's own colormap (exact here, the vote's another clip's)."""
+    p = small_vae_ceiling.load_params(small_vae_ceiling.REPO / "params.yaml", profile="small")
+    exact = [small_vae_ceiling.exact_clip(p, cid)["exact_seg"] for cid in CLIPS]
+    for cid, own, other in zip(CLIPS, exact, reversed(exact), strict=True):
+        np.savez_compressed(tmp_path / f"{cid}.npz", conditioned_colormap=other, conditioned_colormap_single=own)
+    out = tmp_path / "sweep.json"
+    assert small_vae_ceiling.main(["--predictions", str(tmp_path), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["colormaps"] == ["conditioned_colormap_single"]
+    assert all(v == 1.0 for t, v in r["segmentation_miou"]["palette_free"].items() if int(t) <= 60)
+
+
 def test_prediction_sweep_names_a_folder_without_samples(tmp_path):
     with pytest.raises(SystemExit, match=str(tmp_path)):
         small_vae_ceiling.main(["--predictions", str(tmp_path)])

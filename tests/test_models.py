@@ -447,6 +447,10 @@ def test_pipeline_ensembles_dense_predictions_of_a_given_video(tiny_pipeline):
     assert out.videos.shape == out.colormaps.shape == videos.shape
     single = pipe("a sphere", video=videos[1], generator=generators(3)[0], **kw)
     assert np.abs(out.members[1, 0] - single.dense[0]).mean() < 0.01  # member 0 of video 1: generator 3
+    # the model's own colormap of each member (what a decode tolerance acts on), not the re-encoded fusion
+    assert out.member_colormaps.shape == (2, 3, *videos.shape[1:])
+    assert np.abs(out.member_colormaps[1, 0].astype(int) - single.colormaps[0]).mean() < 1
+    assert np.array_equal(pixelplanes.decode_depth(out.member_colormaps[0, 2]), out.members[0, 2])
     assert np.abs(out.members[1, 0] - out.members[1, 1]).mean() > 0.01  # the seeds differ
     fused, spread = ensemble_depth_video(out.members[1])
     assert np.allclose(out.dense[1], fused) and np.allclose(out.uncertainty[1], spread)

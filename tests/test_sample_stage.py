@@ -37,6 +37,8 @@ def test_dense_ensemble_keeps_its_first_member_and_the_evaluation_scores_both(in
     p = p.with_overrides({"sample.num_samples": 2})
     sample.run(p, paths)
     single = {f"{f.parent.name}/{f.stem}": np.load(f)["conditioned_dense"] for f in paths.samples.glob("*/*.npz")}
+    single_colormaps = {f"{f.parent.name}/{f.stem}": np.load(f)["conditioned_colormap"]
+                        for f in paths.samples.glob("*/*.npz")}
     ensembled = p.with_overrides({"sample.dense_ensemble_size": 3})
     sample.run(ensembled, paths)
     for f in (paths.samples / "depth").glob("*.npz"):
@@ -47,6 +49,9 @@ def test_dense_ensemble_keeps_its_first_member_and_the_evaluation_scores_both(in
     for f in (paths.samples / "segmentation").glob("*.npz"):
         with np.load(f) as z:  # entity ids: the first member names its entities as the single run does
             assert hungarian_miou(z["conditioned_dense_single"], single[f"segmentation/{f.stem}"])["miou"] > 0.95
+            # and the colormap the model made for it, which the decode-tolerance sweep reads
+            assert np.abs(z["conditioned_colormap_single"].astype(int)
+                          - single_colormaps[f"segmentation/{f.stem}"]).mean() < 1
             assert 0 <= z["conditioned_uncertainty"].min() and z["conditioned_uncertainty"].max() <= 1
     evaluate.run(ensembled, paths)
     metrics = json.loads((paths.evaluation / "metrics.json").read_text())["metrics"]

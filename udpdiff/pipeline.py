@@ -34,15 +34,18 @@ class UDPDiffPipelineOutput(BaseOutput):
     """``videos`` and ``colormaps`` are uint8 (B,T,H,W,3); ``dense`` is depth float32 (B,T,H,W)
     in [0,1] (1 = near) for ``task="depth"`` or int32 entity ids for ``"segmentation"``. An
     RGB-only pipeline (the 16-channel baseline) returns ``videos`` alone (the rest ``None``).
-    An ensembled prediction (``ensemble_size`` > 1) also returns its ``members`` (B,N,T,H,W) and their
-    ``uncertainty`` (B,T,H,W): for depth the median absolute deviation of the aligned members, in units
-    of ``dense``; for segmentation the share of members whose entity differs from the ensemble's."""
+    An ensembled prediction (``ensemble_size`` > 1) also returns its ``members`` (B,N,T,H,W), the
+    colormaps the model made for them (``member_colormaps``, B,N,T,H,W,3: ``colormaps`` is the fused map
+    encoded again) and their ``uncertainty`` (B,T,H,W): for depth the median absolute deviation of the
+    aligned members, in units of ``dense``; for segmentation the share of members whose entity differs
+    from the ensemble's."""
 
     videos: np.ndarray
     colormaps: np.ndarray | None
     dense: np.ndarray | None
     task: str | None
     members: np.ndarray | None = None
+    member_colormaps: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
 
 
@@ -289,8 +292,9 @@ class UDPDiffPipeline(CogVideoXPipeline):
         dense = np.stack(fused)
         colormaps = (pixelplanes.encode_depth(dense) if task == "depth"
                      else np.stack([pixelplanes.encode_segmentation(ids)[0] for ids in dense]))
+        member_colormaps = out.colormaps.reshape(members.shape[:2] + out.colormaps.shape[1:])
         return UDPDiffPipelineOutput(videos=out.videos[::n], colormaps=colormaps, dense=dense, task=task,
-                                     members=members, uncertainty=np.stack(spread))
+                                     members=members, member_colormaps=member_colormaps, uncertainty=np.stack(spread))
 
     def _fresh_cache(self, guidance_scale: float) -> None:
         """A diffusers step cache (``acceleration.approximate.cache``) starts every sample empty:

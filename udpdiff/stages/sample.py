@@ -153,6 +153,7 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
                           conditioned_dense=cond.dense[0])
             if members > 1:  # the first member alone is what one sample gives: the evaluation scores both
                 arrays.update(conditioned_dense_single=cond.members[0, 0],
+                              conditioned_colormap_single=cond.member_colormaps[0, 0],
                               conditioned_uncertainty=cond.uncertainty[0].astype(np.float16))
         # the mp4 is written last: an npz without its mp4 is an interrupted sample and is redone
         with atomic_path(f"{stem}.npz") as tmp:
