@@ -29,6 +29,9 @@ disparities' variance the entities' image size explains (their image radius, fro
 generator gives every entity about one metric size, so near 1 the pixels show the depth),
 ``size_r2_predicted`` the same for the predictions, and ``size_slope_ratio`` how steeply the predictions
 follow image size against the truth (1: the size cue fully used, 0: ignored).
+``by_shape``: the entities' mean disparity error per generator shape, after each clip's scale-and-shift fit
+(the evaluation's): every shape has the same metric size, so a shape put consistently too far or too near
+is one whose image the model misreads (attempt 14: rings and triangles, which fill less of their extent).
 
 ``--compare other.npz``: the same clips predicted by another run (or seed). ``entity_error_correlation``
 near 1 means both runs put the same entities wrong (errors the model or the shared seeds make
@@ -97,18 +100,30 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
 
 
 def entity_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:
-    """Per visible entity of a clip: its true and predicted mean disparity over the predicted frames and
-    its image radius in pixels (at its mean depth over those frames; from the scene, occlusion ignored)."""
+    """Per visible entity of a clip: its shape, its true and predicted mean disparity over the predicted
+    frames (``aligned``: the prediction after the clip's scale-and-shift fit, as the evaluation fits it)
+    and its image radius in pixels (at its mean depth over those frames; from the scene, occlusion ignored)."""
     gt, ids, scene = clip["depth"][: len(pred)], clip["ids"][: len(pred)], clip["scene"]
+    aligned = align_scale_shift(pred.astype(np.float64), gt.astype(np.float64), mask=gt > SKY).aligned
     rows = []
     for e in scene.entities:
         mask = ids == e.id
         if mask.any():
             z = np.mean([e.z_at(t) for t in range(len(pred))])
-            rows.append({"id": e.id, "true": float(gt[mask].mean()),
+            rows.append({"id": e.id, "shape": e.shape, "true": float(gt[mask].mean()),
                          "predicted": float(pred[mask].astype(np.float64).mean()),
+                         "aligned": float(aligned[mask].mean()),
                          "image_radius": FOCAL_FRAC * scene.width * e.radius / z})
     return pd.DataFrame(rows)
+
+
+def errors_by_shape(pairs: list[tuple[np.ndarray, dict]]) -> pd.DataFrame:
+    """Per generator shape: its entities and their mean aligned disparity error (predicted - true) with
+    its standard error (module docstring, ``by_shape``)."""
+    m = pd.concat([entity_means(p, clip) for p, clip in pairs], ignore_index=True)
+    error = (m.aligned - m.true).groupby(m["shape"])
+    return pd.DataFrame({"entities": error.size(), "mean_error": error.mean(),
+                         "standard_error": error.std() / np.sqrt(error.size())})
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -163,7 +178,7 @@ def compare(p, predictions: Path, other: Path, prefix: str = "depth") -> dict[st
             "delta1_depth_of_the_mean": float(np.mean(scores["mean"]))}
 
 
-def depth_errors(p, predictions: Path, prefix: str = "depth") -> tuple[pd.DataFrame, dict[str, float]]:
+def depth_errors(p, predictions: Path, prefix: str = "depth") -> tuple[pd.DataFrame, dict[str, float], pd.DataFrame]:
     depth_range = exact_depth_range(p.active.data.source)
     rows, pairs = {}, []
     with np.load(predictions) as z:
@@ -177,7 +192,8 @@ def depth_errors(p, predictions: Path, prefix: str = "depth") -> tuple[pd.DataFr
             rows[clip_id] = clip_errors(z[key], clip, depth_range)
             pairs.append((z[key], clip))
             print(f"{clip_id}: δ1 depth space {rows[clip_id]['delta1_depth']:.3f}", flush=True)
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("clip"), entity_depths(pairs)
+    return (pd.DataFrame.from_dict(rows, orient="index").rename_axis("clip"), entity_depths(pairs),
+            errors_by_shape(pairs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,19 +207,22 @@ def main(argv: list[str] | None = None) -> int:
                          "> 1) or depth_single (an ensemble's first member alone)")
     args = ap.parse_args(argv)
     p = load_params(REPO / "params.yaml", profile="small")
-    table, entities = depth_errors(p, args.predictions, args.prefix)
+    table, entities, by_shape = depth_errors(p, args.predictions, args.prefix)
 
     def summary(d: dict) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{v} {k}" for k, v in d.items())
 
-    text = table.to_markdown(floatfmt=".3f") + "\n\nEntities' mean disparity, all clips: " + summary(entities)
+    text = (table.to_markdown(floatfmt=".3f") + "\n\nEntities' mean disparity, all clips: " + summary(entities)
+            + "\n\nEntities' mean disparity error by shape (after each clip's fit):\n\n"
+            + by_shape.to_markdown(floatfmt=".3f"))
     compared = compare(p, args.predictions, args.compare, args.prefix) if args.compare else None
     if compared:
         text += f"\n\nAgainst {args.compare}: " + summary(compared)
     print(text)
     if args.out:
         report = {"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
-                  "mean": table.mean().to_dict(), "entities": entities}
+                  "mean": table.mean().to_dict(), "entities": entities,
+                  "by_shape": by_shape.to_dict(orient="index")}
         if compared:
             report |= {"compared_with": str(args.compare), "compared": compared}
         write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -149,3 +149,29 @@ def test_compare_tells_shared_errors_from_independent_ones(tmp_path: Path):
     np.savez_compressed(tmp_path / "fewer.npz", **{f"depth/{CLIPS[0]}": clips[CLIPS[0]]["depth"]})
     with pytest.raises(SystemExit, match="fewer.npz: lacks 2 of"):
         sde.compare(p, a, tmp_path / "fewer.npz")
+
+
+def test_by_shape_finds_the_shape_that_is_put_too_far(tmp_path: Path):
+    """Every ring's disparity lowered by 0.1, the rest exact: ``by_shape`` puts rings well below 0 and the
+    other shapes near it (each clip's scale-and-shift fit takes up part of the rings' error, in a clip
+    of a sphere and a big ring most of it)."""
+    p = load_params(ROOT / "params.yaml", profile="small")
+    clips = ["synth-1234-00033", "synth-1234-00069", "synth-1234-00130", "synth-1234-00178"]
+    preds = {}
+    for c in clips:
+        clip = exact_clip(p, c)
+        depth = clip["depth"].copy()
+        for e in clip["scene"].entities:
+            if e.shape == "ring":
+                depth[clip["ids"] == e.id] -= 0.1
+        preds[c] = depth
+    npz = tmp_path / "dense_predictions.npz"
+    np.savez_compressed(npz, **{f"depth/{c}": v for c, v in preds.items()})
+    out = tmp_path / "errors.json"
+    assert sde.main([str(npz), "--out", str(out)]) == 0
+    by_shape = json.loads(out.read_text())["by_shape"]
+    ring = by_shape["ring"]["mean_error"]
+    assert by_shape["ring"]["entities"] == 3 and -0.1 <= ring < -0.05
+    others = [v["mean_error"] for k, v in by_shape.items() if k != "ring"]
+    assert len(others) >= 3 and all(abs(e) < 0.03 and e > ring + 0.05 for e in others)
+    assert "by shape" in out.with_suffix(".md").read_text()
