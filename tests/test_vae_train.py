@@ -38,3 +38,63 @@ def test_benchmark_writes_a_row_per_width_and_batch(tmp_path):
     assert all(r["median_s"] > 0 and abs(r["videos_per_s"] - r["batch"] / r["median_s"]) < 1e-9 for r in rows)
     assert rows[2]["params"] > rows[0]["params"]
     assert "| [32, 32]" in out.with_suffix(".md").read_text()
+
+
+def test_random_crops_are_parts_of_their_own_videos_placed_anywhere():
+    import numpy as np
+
+    from udpdiff.models.vae import random_crops
+
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 255, (3, 9, 16, 24, 3), dtype=np.uint8)
+    seen = set()
+    for _ in range(40):
+        crops = random_crops(videos, (5, 8, 8), rng)
+        assert crops.shape == (3, 5, 8, 8, 3)
+        for v, c in zip(videos, crops, strict=True):  # each crop is a window of its own video
+            hits = [(a, b, d) for a in range(5) for b in range(9) for d in range(17)
+                    if np.array_equal(v[a:a + 5, b:b + 8, d:d + 8], c)]
+            assert hits
+            seen.add(hits[0])
+    assert len(seen) > 30  # placed anywhere, not at one corner
+
+
+def test_a_vae_trained_on_crops_reconstructs_whole_clips(tmp_path):
+    """vae.train.crop: the VAE fits on random crops and is then used on whole clips (it is convolutional):
+    after training on crops its whole-clip reconstruction beats the untrained one's."""
+    import numpy as np
+
+    from udpdiff.models.vae import psnr, reconstruct, train_vae
+
+    rng = np.random.default_rng(1)
+    # smooth videos: colour blobs drifting, so that a small VAE can learn them in a few steps
+    yy, xx = np.mgrid[:24, :24]
+    videos = []
+    for _ in range(6):
+        cy, cx, r = rng.uniform(6, 18, 2).tolist() + [rng.uniform(4, 8)]
+        frames = [np.where(((yy - cy - t) ** 2 + (xx - cx) ** 2 < r * r)[..., None], rng.integers(0, 255, 3), 40)
+                  for t in range(9)]
+        videos.append(np.stack(frames).astype(np.uint8))
+    vae = build_vae(TINY, seed=0)
+    before = np.mean([psnr(reconstruct(vae.eval(), v), v) for v in videos])
+    history = train_vae(vae, videos, steps=15, batch_size=2, lr=3e-3, kl_weight=1e-6, seed=0, crop=(5, 16, 16))
+    after = np.mean([psnr(reconstruct(vae, v), v) for v in videos])
+    assert len(history) == 15 and after > before + 3  # 9 -> 16 dB
+
+
+def test_a_crop_larger_than_the_clips_is_refused():
+    import numpy as np
+    import pytest
+
+    from udpdiff.config import load_params
+    from udpdiff.models.vae import train_vae
+
+    with pytest.raises(ValueError, match="larger than the videos"):
+        train_vae(build_vae(TINY, seed=0), [np.zeros((5, 16, 16, 3), np.uint8)], steps=1, batch_size=1, lr=1e-3,
+                  kl_weight=0, seed=0, crop=(9, 16, 16))
+    p = load_params(ROOT / "params.yaml", profile="tiny")
+    with pytest.raises(ValueError, match="larger than the clips"):
+        p.with_overrides({"vae.train.crop": [9, 64, 48]})
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        p.with_overrides({"vae.train.crop": [4, 16, 16]})
+    assert p.with_overrides({"vae.train.crop": [5, 24, 24]}).active.vae.train.crop == (5, 24, 24)

@@ -212,6 +212,16 @@ class VaeTrainParams(_Strict):
     batch_size: int = Field(4, gt=0)
     lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
+    # [frames, height, width]: train on random crops of the clips (the VAE is convolutional and is used on
+    # whole clips); null = whole clips. Frames 1 + 4k (the causal 4x temporal compression), sides multiples of 8.
+    crop: tuple[int, int, int] | None = None
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_shape(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and ((v[0] - 1) % 4 or v[0] < 1 or v[1] % 8 or v[2] % 8 or min(v[1:]) < 8):
+            raise ValueError(f"crop must be [1 + 4k frames, height, width] with sides multiples of 8, got {list(v)}")
+        return v
 
 
 class VaeParams(_Strict):
@@ -483,6 +493,15 @@ class ProfileParams(_Strict):
         if self.sample.reconstruction_guidance and self.train.rgb_given_prob:
             raise ValueError("sample.reconstruction_guidance guides a model that sees the given RGB half noised; one "
                              "trained with train.rgb_given_prob > 0 is given it clean: set one of them to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _vae_crop_fits_the_clips(self) -> ProfileParams:
+        crop, d = self.vae.train.crop, self.data
+        if crop is not None and not self.vae.pretrained and (crop[0] > d.num_frames or crop[1] > d.height
+                                                             or crop[2] > d.width):
+            raise ValueError(f"vae.train.crop {list(crop)} is larger than the clips "
+                             f"({d.num_frames} frames of {d.height}x{d.width})")
         return self
 
     @model_validator(mode="after")

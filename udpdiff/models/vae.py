@@ -80,15 +80,20 @@ def train_vae(
     kl_weight: float,
     seed: int,
     log_fn: Callable[[dict[str, float], int], None] | None = None,
+    crop: tuple[int, int, int] | None = None,
 ) -> list[dict[str, float]]:
     """Fit the VAE to uint8 videos (RGB clips and their colormaps alike) with :class:`VaeTrainStep`,
-    on the VAE's device, ``batch_size`` videos drawn without replacement per step.
+    on the VAE's device, ``batch_size`` videos drawn without replacement per step; with ``crop``
+    (frames, height, width) each a random crop of itself (a convolutional VAE learns from parts of
+    clips at a fraction of a whole clip's cost, and is used on whole ones).
 
     Returns the per-step history; ``log_fn(metrics, step)`` is called every 10 steps.
     """
     if not videos:
         raise ValueError("train_vae needs at least one video")
     data = np.stack(videos)  # uint8, a quarter of float32's memory; each batch is converted on its own
+    if crop is not None and any(c > n for c, n in zip(crop, data.shape[1:4], strict=True)):
+        raise ValueError(f"crop {list(crop)} is larger than the videos {list(data.shape[1:4])}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     train_step = VaeTrainStep(vae, steps, lr, kl_weight)
@@ -96,7 +101,8 @@ def train_vae(
     history: list[dict[str, float]] = []
     for step in tqdm(range(1, steps + 1), desc="vae", leave=False):
         idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
-        row = {k: v.item() for k, v in train_step(to_model_input(data[idx], vae.device)).items()}
+        batch = data[idx] if crop is None else random_crops(data[idx], crop, rng)
+        row = {k: v.item() for k, v in train_step(to_model_input(batch, vae.device)).items()}
         if not np.isfinite(row["vae_loss"]):
             raise FloatingPointError(f"VAE loss is {row['vae_loss']} at step {step}")
         history.append(row)
@@ -104,6 +110,13 @@ def train_vae(
             log_fn(row, step)
     vae.eval()
     return history
+
+
+def random_crops(videos: np.ndarray, crop: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """(B,T,H,W,C) videos -> (B,*crop,C): each video's own uniformly placed crop (frames, height, width)."""
+    t, h, w = crop
+    starts = [rng.integers(0, n - c + 1, size=len(videos)) for n, c in zip(videos.shape[1:4], crop, strict=True)]
+    return np.stack([v[a:a + t, b:b + h, c:c + w] for v, a, b, c in zip(videos, *starts, strict=True)])
 
 
 @torch.no_grad()

@@ -106,7 +106,7 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResu
     if not spec.pretrained:
         history = train_vae(vae, [v for vs in train_videos.values() for v in vs], steps=spec.train.steps,
                             batch_size=spec.train.batch_size, lr=spec.train.lr, kl_weight=spec.train.kl_weight,
-                            seed=p.seed, log_fn=log_fn)
+                            seed=p.seed, log_fn=log_fn, crop=spec.train.crop)
         calibrate_scaling_factor(vae, train_videos["rgb"])
     rec = {k: [reconstruct(vae, v) for v in vs] for k, vs in val_videos.items()}
     metrics = {f"psnr_{k}": float(np.mean([psnr(r, v) for r, v in zip(rec[k], vs, strict=True)]))
