@@ -95,6 +95,8 @@ def test_a_crop_larger_than_the_clips_is_refused():
     p = load_params(ROOT / "params.yaml", profile="tiny")
     with pytest.raises(ValueError, match="larger than the clips"):
         p.with_overrides({"vae.train.crop": [9, 64, 48]})
-    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
-        p.with_overrides({"vae.train.crop": [4, 16, 16]})
-    assert p.with_overrides({"vae.train.crop": [5, 24, 24]}).active.vae.train.crop == (5, 24, 24)
+    with pytest.raises(ValueError, match="1 \\+ 8k"):  # 5 frames: 2 latent frames, decoded to 8
+        p.with_overrides({"vae.train.crop": [5, 16, 16]})
+    with pytest.raises(ValueError, match="multiples of 8"):
+        p.with_overrides({"vae.train.crop": [9, 20, 24]})
+    assert p.with_overrides({"vae.train.crop": [9, 24, 24]}).active.vae.train.crop == (9, 24, 24)

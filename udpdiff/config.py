@@ -213,14 +213,14 @@ class VaeTrainParams(_Strict):
     lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
     # [frames, height, width]: train on random crops of the clips (the VAE is convolutional and is used on
-    # whole clips); null = whole clips. Frames 1 + 4k (the causal 4x temporal compression), sides multiples of 8.
+    # whole clips); null = whole clips. Sides multiples of 8; frames as the profile's VAE takes them (below).
     crop: tuple[int, int, int] | None = None
 
     @field_validator("crop")
     @classmethod
     def _crop_shape(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-        if v is not None and ((v[0] - 1) % 4 or v[0] < 1 or v[1] % 8 or v[2] % 8 or min(v[1:]) < 8):
-            raise ValueError(f"crop must be [1 + 4k frames, height, width] with sides multiples of 8, got {list(v)}")
+        if v is not None and (v[0] < 1 or v[1] % 8 or v[2] % 8 or min(v[1:]) < 8):
+            raise ValueError(f"crop must be [frames, height, width] with sides multiples of 8, got {list(v)}")
         return v
 
 
@@ -498,10 +498,17 @@ class ProfileParams(_Strict):
     @model_validator(mode="after")
     def _vae_crop_fits_the_clips(self) -> ProfileParams:
         crop, d = self.vae.train.crop, self.data
-        if crop is not None and not self.vae.pretrained and (crop[0] > d.num_frames or crop[1] > d.height
-                                                             or crop[2] > d.width):
+        if crop is None or self.vae.pretrained:
+            return self
+        if crop[0] > d.num_frames or crop[1] > d.height or crop[2] > d.width:
             raise ValueError(f"vae.train.crop {list(crop)} is larger than the clips "
                              f"({d.num_frames} frames of {d.height}x{d.width})")
+        # CogVideoX's decoder gives an odd number of latent frames back as 1 + r (n - 1) frames, an even
+        # number as r n: only 1 + 2rk frames come back as many as went in
+        period = 2 * int(self.vae.config.get("temporal_compression_ratio", 4))
+        if (crop[0] - 1) % period:
+            raise ValueError(f"vae.train.crop frames must be 1 + {period}k (what this VAE decodes back to as many "
+                             f"frames), got {crop[0]}")
         return self
 
     @model_validator(mode="after")
