@@ -84,6 +84,19 @@ def new_workspace(dest: Path) -> Workspace:
     return ws
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_temporary_servers():
+    """A flow run in this process without PREFECT_API_URL starts Prefect's temporary server, which Prefect
+    stops at interpreter exit: by then pytest has closed the stream Prefect logs that to ("--- Logging
+    error ---" after the summary). Stopped here, while the session is still up."""
+    yield
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
 @pytest.fixture(scope="session")
 def repro_workspace(tmp_path_factory) -> Workspace:
     """The whole `tiny` pipeline run once, exactly as `make repro` runs it (venv not activated,
