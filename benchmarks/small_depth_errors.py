@@ -101,10 +101,9 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
 
 def entity_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:
     """Per visible entity of a clip: its shape, its true and predicted mean disparity over the predicted
-    frames (``aligned``: the prediction after the clip's scale-and-shift fit, as the evaluation fits it)
-    and its image radius in pixels (at its mean depth over those frames; from the scene, occlusion ignored)."""
+    frames and its image radius in pixels (at its mean depth over those frames; from the scene, occlusion
+    ignored)."""
     gt, ids, scene = clip["depth"][: len(pred)], clip["ids"][: len(pred)], clip["scene"]
-    aligned = align_scale_shift(pred.astype(np.float64), gt.astype(np.float64), mask=gt > SKY).aligned
     rows = []
     for e in scene.entities:
         mask = ids == e.id
@@ -112,7 +111,6 @@ def entity_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:
             z = np.mean([e.z_at(t) for t in range(len(pred))])
             rows.append({"id": e.id, "shape": e.shape, "true": float(gt[mask].mean()),
                          "predicted": float(pred[mask].astype(np.float64).mean()),
-                         "aligned": float(aligned[mask].mean()),
                          "image_radius": FOCAL_FRAC * scene.width * e.radius / z})
     return pd.DataFrame(rows)
 
@@ -120,8 +118,12 @@ def entity_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:
 def errors_by_shape(pairs: list[tuple[np.ndarray, dict]]) -> pd.DataFrame:
     """Per generator shape: its entities and their mean aligned disparity error (predicted - true) with
     its standard error (module docstring, ``by_shape``)."""
-    m = pd.concat([entity_means(p, clip) for p, clip in pairs], ignore_index=True)
-    error = (m.aligned - m.true).groupby(m["shape"])
+    def aligned_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:  # after the clip's fit, as the evaluation's
+        gt = clip["depth"][: len(pred)].astype(np.float64)
+        return entity_means(align_scale_shift(pred.astype(np.float64), gt, mask=gt > SKY).aligned, clip)
+
+    m = pd.concat([aligned_means(p, clip) for p, clip in pairs], ignore_index=True)
+    error = (m.predicted - m.true).groupby(m["shape"])
     return pd.DataFrame({"entities": error.size(), "mean_error": error.mean(),
                          "standard_error": error.std() / np.sqrt(error.size())})
 
