@@ -366,6 +366,18 @@ def save_vae(root: Path, out: Path, overrides: list[str]) -> Path | None:
     return out
 
 
+def with_unset_fields(saved: dict, now: dict) -> dict:
+    """``saved`` with the fields it lacks and ``now`` leaves unset (None) added: a field added to the
+    config after a VAE was saved (``vae.train.crop``) defaults to the behaviour that trained it."""
+    out = dict(saved)
+    for key, value in now.items():
+        if key not in out and value is None:
+            out[key] = None
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = with_unset_fields(out[key], value)
+    return out
+
+
 def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
     """Put a :func:`save_vae` tarball under ``root``, refusing one trained for other settings."""
     p = load(overrides)
@@ -374,7 +386,7 @@ def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
         saved_inputs = json.load(tar.extractfile(str((paths.outputs / "gpu_run" / "autoencoder.inputs.json")
                                                      .relative_to(root))))
         saved_inputs["pixelplanes"].pop("decode_tolerance", None)  # recorded by earlier versions
-        if saved_inputs != vae_inputs(p):
+        if with_unset_fields(saved_inputs, vae_inputs(p)) != vae_inputs(p):
             raise SystemExit(f"{tarball}: the VAE in it was trained for other settings than these; delete it to "
                              f"retrain. Saved: {saved_inputs}; now: {vae_inputs(p)}")
         tar.extractall(root, filter="data")

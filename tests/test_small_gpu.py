@@ -291,6 +291,17 @@ def test_a_carried_vae_lets_a_fresh_machine_skip_the_autoencoder(gpu_run, tmp_pa
     assert (other / vae).read_bytes() == (root / vae).read_bytes()
 
 
+def test_a_vae_saved_before_a_config_field_existed_is_restored_while_that_field_is_unset():
+    """A VAE record from before ``vae.train.crop`` existed (attempt 14's) matches settings that leave it
+    unset, not ones that set it (attempt 15's first call refused it)."""
+    now = {"vae": {"train": {"steps": 2500, "crop": None}}, "seed": 1234}
+    saved = {"vae": {"train": {"steps": 2500}}, "seed": 1234}
+    assert small_gpu.with_unset_fields(saved, now) == now
+    cropped = {"vae": {"train": {"steps": 2500, "crop": [9, 64, 64]}}, "seed": 1234}
+    assert small_gpu.with_unset_fields(saved, cropped) != cropped
+    assert small_gpu.with_unset_fields({"seed": 7}, now) != now  # other values still differ
+
+
 @pytest.mark.slow
 def test_figures_of_a_run(gpu_run, tmp_path):
     """Fig 8, the loss plot and the README gallery from a run's files: the gallery keeps the label band
