@@ -378,6 +378,18 @@ def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "nois
                            given_rgb=given_rgb)
 
 
+@pytest.fixture(scope="session")
+def random_vae_dir(tmp_path_factory) -> Path:
+    """A small random (untrained) AutoencoderKLCogVideoX saved as the autoencoder stage saves one."""
+    from udpdiff.models.vae import build_vae
+
+    path = tmp_path_factory.mktemp("random-vae") / "vae"
+    spec = {"config": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+                       "latent_channels": 16, "temporal_compression_ratio": 4}}
+    build_vae(spec, seed=0).save_pretrained(path)
+    return path
+
+
 def _save_tiny_pipeline(path: Path) -> None:
     _build_tiny_pipeline().save_pretrained(path)
 

@@ -18,15 +18,9 @@ import small_vae_ceiling  # noqa: E402
 CLIPS = ["synth-1234-00033", "synth-1234-00044"]  # held-out clips of the small profile's data set
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> Path:
-    from udpdiff.models.vae import build_vae
-
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    spec = {"config": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
-                       "latent_channels": 16, "temporal_compression_ratio": 4}}
-    build_vae(spec, seed=0).save_pretrained(path)
-    return path
+@pytest.fixture
+def vae_dir(random_vae_dir) -> Path:
+    return random_vae_dir
 
 
 def _run(vae_dir: Path, tmp_path: Path) -> dict:
