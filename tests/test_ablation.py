@@ -84,8 +84,8 @@ def test_all_tables_on_tiny_runs_the_ones_that_can_and_names_the_others(monkeypa
                                                                                                    variants))
     with pytest.raises(RuntimeError, match="stop"):
         fa.ablation_flow.fn(None, "tiny")
-    assert planned[-1] == ["tab1", "tab2", "tab1-2", "rgb-given", "reconstruction-guidance", "dense-guidance",
-                          "tab5", "tab6", "tab7"]
+    assert planned[-1] == ["tab1", "tab2", "tab1-2", "rgb-given", "token-size", "reconstruction-guidance",
+                          "dense-guidance", "tab5", "tab6", "tab7"]
 
 
 def test_the_small_scale_tabs_1_2_are_one_command_of_four_variants():
@@ -98,9 +98,15 @@ def test_the_small_scale_tabs_1_2_are_one_command_of_four_variants():
     assert not any(k.startswith(("train.steps", "seed", "sample.")) for _, _, o in rows for k in o)
 
 
-def test_paper_profiles_accept_every_table():
+def test_paper_profiles_accept_every_table_but_an_architecture_change_of_pretrained_weights():
     p = load_params(REPO / "params.yaml", profile="cogvideox-5b")
-    assert len(plan(p, None, None)) == sum(len(a.variants) for a in p.ablations.values())
+    tables = [t for t in p.ablations if t != "token-size"]
+    assert len(plan(p, tables, None)) == sum(len(p.ablations[t].variants) for t in tables)
+    # the weights fix the patch size: refused before any work, naming the key (small trains from scratch)
+    with pytest.raises(ParamsError, match=r"patch-1: override transformer\.config\.patch_size: profile 'cogvideox-5b' "
+                                          r"loads pretrained weights"):
+        plan(p, ["token-size"], None)
+    assert len(plan(load_params(REPO / "params.yaml", profile="small"), ["token-size"], None)) == 2
 
 
 def test_from_scratch_builds_the_profiles_architecture():

@@ -630,6 +630,10 @@ class Params(_Strict):
             if key == "transformer.channel_expansion" and not a.transformer.pretrained:
                 problems.append(f"{key}: profile {q.profile!r} trains its transformer from scratch "
                                 "(transformer.pretrained: null): there are no pretrained channels to expand")
+            if key.startswith("transformer.config") and a.transformer.pretrained:
+                problems.append(f"{key}: profile {q.profile!r} loads pretrained weights (transformer.pretrained: "
+                                f"{a.transformer.pretrained}), whose architecture the config only checks; "
+                                "an architecture ablation needs transformer.pretrained: null")
             if key == "transformer.pretrained" and overrides[key] is None and not self.active.transformer.pretrained \
                     and "profile" not in overrides:
                 problems.append(f"{key}: profile {q.profile!r} already trains from scratch")
