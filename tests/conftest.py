@@ -350,7 +350,8 @@ def _save_fake_i3d(path: Path) -> None:
     torch.jit.script(Detector()).save(str(path))
 
 
-def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "noised", tokenizer: str = "byt5"):
+def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "noised", tokenizer: str = "byt5",
+                         patch_size: int = 2, rotary: bool = False):
     """A tiny random UDPDiffPipeline (2 tasks with the task embedding unless ``conditioning`` says
     otherwise; 9 frames, latent 8x8 = 32x32 video), built as the train stage saves it. ``tokenizer``
     ``words`` learns its words from two captions about cubes and spheres."""
@@ -371,7 +372,8 @@ def _build_tiny_pipeline(conditioning: str = "embedding", given_rgb: str = "nois
                                  latent_channels=16, layers_per_block=1, norm_num_groups=4)
     transformer = UDPDiffTransformer3DModel(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32,
                                             text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8,
-                                            sample_frames=9, patch_size=2, max_text_seq_length=16,
+                                            sample_frames=9, patch_size=patch_size, max_text_seq_length=16,
+                                            use_rotary_positional_embeddings=rotary,
                                             num_tasks=2 if conditioning == "embedding" else 0)
     return UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae.eval(), transformer=transformer.eval(),
                            scheduler=build_scheduler({"type": "ddim"}), task_conditioning=conditioning,
@@ -396,7 +398,8 @@ def _save_tiny_pipeline(path: Path) -> None:
 
 @pytest.fixture
 def tiny_pipeline():
-    """``tiny_pipeline(conditioning="embedding")``: a fresh tiny random UDPDiffPipeline (same weights each call)."""
+    """``tiny_pipeline(conditioning="embedding", patch_size=2, rotary=False, ...)``: a fresh tiny random
+    UDPDiffPipeline (same weights each call)."""
     return _build_tiny_pipeline
 
 

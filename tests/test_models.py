@@ -130,6 +130,24 @@ def test_pipeline_returns_video_colormap_and_decoded_dense(task, tiny_pipeline):
         assert np.issubdtype(out.dense.dtype, np.integer)
 
 
+def test_a_transformer_at_patch_1_has_a_token_per_latent_pixel_and_samples(tiny_pipeline):
+    """The token-size ablation (params.yaml ``token-size``): patch 1 gives 4x the tokens, with rotary
+    tables to match, and the pipeline samples the same shapes as at patch 2."""
+    from udpdiff.train import rotary_embeddings
+
+    outputs = {}
+    for patch in (2, 1):
+        pipe = tiny_pipeline(patch_size=patch, rotary=True)
+        pipe.set_progress_bar_config(disable=True)
+        cos, _ = rotary_embeddings(pipe.transformer, pipe.vae_scale_factor_spatial, 32, 32, 3, torch.device("cpu"))
+        assert cos.shape[0] == 3 * (8 // patch) ** 2  # latent frames x tokens per latent frame
+        out = pipe("a red sphere", task="depth", num_frames=9, height=32, width=32, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), max_sequence_length=16)
+        assert out.videos.shape == (1, 9, 32, 32, 3) and out.dense.shape == (1, 9, 32, 32)
+        outputs[patch] = out.videos
+    assert not np.array_equal(outputs[1], outputs[2])
+
+
 def test_pipeline_is_deterministic_and_task_dependent(tiny_pipeline):
     pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
