@@ -52,14 +52,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from small_depth_sensitivity import SKY
-from small_vae_ceiling import REPO, exact_clip
+from small_vae_ceiling import REPO, depth_through_vae, exact_clip, load_vae
 
-from udpdiff import pixelplanes
 from udpdiff.config import load_params
 from udpdiff.data.synthetic import ENTITY_Z_RANGE, FOCAL_FRAC, disparity_from_z, exact_depth_range
 from udpdiff.evaluation.depth import align_scale_shift, depth_scores, depth_space_metrics
 from udpdiff.io.atomic import write_text
-from udpdiff.models.vae import reconstruct
 
 
 def ground_fit(pred: np.ndarray, gt: np.ndarray, ground: np.ndarray) -> tuple[float, float]:
@@ -186,19 +184,11 @@ def compare(p, predictions: Path, other: Path, prefix: str = "depth") -> dict[st
             "delta1_depth_of_the_mean": float(np.mean(scores["mean"]))}
 
 
-def vae_round_trip(vae_dir: Path):
-    """Exact disparity -> its Pixelplanes colormap -> encoded and decoded by the VAE at ``vae_dir`` -> disparity."""
-    from diffusers import AutoencoderKLCogVideoX
-
-    vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir).eval()
-    return lambda depth: pixelplanes.decode_depth(reconstruct(vae, pixelplanes.encode_depth(depth)))
-
-
 def depth_errors(p, predictions: Path, prefix: str = "depth",
                  through_vae: Path | None = None) -> tuple[pd.DataFrame, dict[str, float], pd.DataFrame]:
     depth_range = exact_depth_range(p.active.data.source)
     rows, pairs = {}, []
-    round_trip = vae_round_trip(through_vae) if through_vae else None
+    vae = load_vae(through_vae) if through_vae else None
     with np.load(predictions) as z:
         keys = sorted(k for k in z.files if k.startswith(f"{prefix}/"))
         if not keys:
@@ -207,7 +197,7 @@ def depth_errors(p, predictions: Path, prefix: str = "depth",
         for key in keys:
             clip_id = key.split("/", 1)[1]
             clip = exact_clip(p, clip_id)
-            pred = round_trip(clip["depth"][: len(z[key])]) if round_trip else z[key]
+            pred = depth_through_vae(vae, clip["depth"][: len(z[key])]) if vae else z[key]
             rows[clip_id] = clip_errors(pred, clip, depth_range)
             pairs.append((pred, clip))
             print(f"{clip_id}: δ1 depth space {rows[clip_id]['delta1_depth']:.3f}", flush=True)

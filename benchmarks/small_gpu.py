@@ -386,9 +386,10 @@ def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
         saved_inputs = json.load(tar.extractfile(str((paths.outputs / "gpu_run" / "autoencoder.inputs.json")
                                                      .relative_to(root))))
         saved_inputs["pixelplanes"].pop("decode_tolerance", None)  # recorded by earlier versions
-        if with_unset_fields(saved_inputs, vae_inputs(p)) != vae_inputs(p):
+        now = vae_inputs(p)
+        if with_unset_fields(saved_inputs, now) != now:
             raise SystemExit(f"{tarball}: the VAE in it was trained for other settings than these; delete it to "
-                             f"retrain. Saved: {saved_inputs}; now: {vae_inputs(p)}")
+                             f"retrain. Saved: {saved_inputs}; now: {now}")
         tar.extractall(root, filter="data")
     print(f"restored the trained VAE from {tarball}: the autoencoder stage will be skipped", flush=True)
 

@@ -61,21 +61,30 @@ def miou_per_tolerance(clips: list[dict], key: str, with_palette: bool = False,
             for t in tolerances}
 
 
-def ceiling(p, vae_dir: Path, ids: list[str]) -> dict:
+def load_vae(vae_dir: Path):
     from diffusers import AutoencoderKLCogVideoX
 
-    vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir).eval()
+    return AutoencoderKLCogVideoX.from_pretrained(vae_dir).eval()
+
+
+def depth_through_vae(vae, depth: np.ndarray) -> np.ndarray:
+    """Exact disparity -> its Pixelplanes colormap -> encoded and decoded by ``vae`` -> disparity."""
+    return pixelplanes.decode_depth(reconstruct(vae, pixelplanes.encode_depth(depth)))
+
+
+def ceiling(p, vae_dir: Path, ids: list[str]) -> dict:
+    vae = load_vae(vae_dir)
     clips = []
     for cid in ids:
         c = exact_clip(p, cid)
-        c.update(seg=reconstruct(vae, c["exact_seg"]), depth_map=reconstruct(vae, pixelplanes.encode_depth(c["depth"])))
+        c.update(seg=reconstruct(vae, c["exact_seg"]), depth_through=depth_through_vae(vae, c["depth"]))
         clips.append(c)
         print(f"{cid}: {len(np.unique(c['ids'])) - 1} entities", flush=True)
     err = np.concatenate([np.linalg.norm(c["seg"].astype(np.float32) - c["exact_seg"].astype(np.float32), axis=-1)
                           .ravel() for c in clips])
     percentiles = np.percentile(err, [50, 90, 95, 99]).round(1).tolist()
     depth_range = exact_depth_range(p.active.data.source)
-    depth = [depth_scores(pixelplanes.decode_depth(c["depth_map"]), c["depth"], depth_range=depth_range) for c in clips]
+    depth = [depth_scores(c["depth_through"], c["depth"], depth_range=depth_range) for c in clips]
     return {"vae": str(vae_dir), "clips": ids, "profile_decode_tolerance": p.active.pixelplanes.decode_tolerance,
             "colormap_error_percentiles": dict(zip(["p50", "p90", "p95", "p99"], percentiles, strict=True)),
             "depth": {k: float(np.nanmean([s[k] for s in depth])) for k in depth[0]},

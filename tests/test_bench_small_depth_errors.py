@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import small_depth_errors as sde  # noqa: E402
+import small_vae_ceiling  # noqa: E402
 from small_vae_ceiling import exact_clip  # noqa: E402
 
 from udpdiff.config import load_params  # noqa: E402
@@ -186,7 +187,7 @@ def test_through_vae_analyses_the_exact_depth_round_trip(tmp_path: Path, random_
     # predictions every entity of which is wrong: through the VAE they are not read
     np.savez_compressed(npz, **{f"depth/{c}": np.zeros_like(exact_clip(p, c)["depth"][:9]) for c in CLIPS[:2]})
     out = tmp_path / "vae.json"
-    monkeypatch.setattr(sde, "reconstruct", lambda vae, video: video)
+    monkeypatch.setattr(small_vae_ceiling, "reconstruct", lambda vae, video: video)
     assert sde.main([str(npz), "--through-vae", str(random_vae_dir), "--out", str(out)]) == 0
     lossless = json.loads(out.read_text())
     assert sorted(lossless["clips"]) == CLIPS[:2] and lossless["through_vae"] == str(random_vae_dir)
