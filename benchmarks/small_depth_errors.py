@@ -32,6 +32,9 @@ follow image size against the truth (1: the size cue fully used, 0: ignored).
 ``by_shape``: the entities' mean disparity error per generator shape, after each clip's scale-and-shift fit
 (the evaluation's): every shape has the same metric size, so a shape put consistently too far or too near
 is one whose image the model misreads (attempt 14: rings and triangles, which fill less of their extent).
+``shape_bias_cost``: the evaluation's δ1 with each shape's mean error (``by_shape``) taken off its entities'
+aligned predictions, one shape at a time and all at once; ``leave_one_clip_out`` measures the bias on the
+other clips only, so a gain there is a bias consistent enough to correct without knowing the clip.
 
 ``--compare other.npz``: the same clips predicted by another run (or seed). ``entity_error_correlation``
 near 1 means both runs put the same entities wrong (errors the model or the shared seeds make
@@ -119,17 +122,45 @@ def entity_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def aligned(pred: np.ndarray, clip: dict) -> np.ndarray:
+    """``pred`` after the clip's one scale-and-shift fit to the truth, as the evaluation fits it."""
+    gt = clip["depth"][: len(pred)].astype(np.float64)
+    return align_scale_shift(pred.astype(np.float64), gt, mask=gt > SKY).aligned
+
+
 def errors_by_shape(pairs: list[tuple[np.ndarray, dict]]) -> pd.DataFrame:
     """Per generator shape: its entities and their mean aligned disparity error (predicted - true) with
     its standard error (module docstring, ``by_shape``)."""
-    def aligned_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:  # after the clip's fit, as the evaluation's
-        gt = clip["depth"][: len(pred)].astype(np.float64)
-        return entity_means(align_scale_shift(pred.astype(np.float64), gt, mask=gt > SKY).aligned, clip)
-
-    m = pd.concat([aligned_means(p, clip) for p, clip in pairs], ignore_index=True)
+    m = pd.concat([entity_means(aligned(p, clip), clip) for p, clip in pairs], ignore_index=True)
     error = (m.predicted - m.true).groupby(m["shape"])
     return pd.DataFrame({"entities": error.size(), "mean_error": error.mean(),
                          "standard_error": error.std() / np.sqrt(error.size())})
+
+
+def shape_bias_cost(pairs: list[tuple[np.ndarray, dict]], depth_range: tuple[float, float]) -> pd.DataFrame:
+    """What each shape's bias costs δ1 (module docstring, ``shape_bias_cost``): per shape, and for all
+    shapes at once, the mean δ1 (depth space) with that bias taken off its entities' aligned predictions,
+    the bias measured on all clips (``in_sample``) or on the other clips only (``leave_one_clip_out``)."""
+    fitted = [(aligned(p, clip), clip) for p, clip in pairs]
+    means = [entity_means(a, clip) for a, clip in fitted]
+
+    def bias(leave_out: int | None = None) -> pd.Series:
+        m = pd.concat([x for i, x in enumerate(means) if i != leave_out], ignore_index=True)
+        return (m.predicted - m.true).groupby(m["shape"]).mean()
+
+    def delta1(i: int, b: pd.Series, shapes: set[str]) -> float:
+        pred, clip = fitted[i]
+        pred, ids = pred.copy(), clip["ids"][: len(pred)]
+        for e in clip["scene"].entities:
+            if e.shape in shapes and e.shape in b:
+                pred[ids == e.id] -= b[e.shape]
+        return float(depth_scores(pred, clip["depth"][: len(pred)], depth_range=depth_range)["delta1_depth"])
+
+    everywhere, rows = bias(), {}
+    for name, shapes in [("all shapes", set(everywhere.index)), *((s, {s}) for s in everywhere.index)]:
+        rows[name] = {"in_sample": np.mean([delta1(i, everywhere, shapes) for i in range(len(fitted))]),
+                      "leave_one_clip_out": np.mean([delta1(i, bias(i), shapes) for i in range(len(fitted))])}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("bias taken off")
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -185,7 +216,7 @@ def compare(p, predictions: Path, other: Path, prefix: str = "depth") -> dict[st
 
 
 def depth_errors(p, predictions: Path, prefix: str = "depth",
-                 through_vae: Path | None = None) -> tuple[pd.DataFrame, dict[str, float], pd.DataFrame]:
+                 through_vae: Path | None = None) -> tuple[pd.DataFrame, dict[str, float], pd.DataFrame, pd.DataFrame]:
     depth_range = exact_depth_range(p.active.data.source)
     rows, pairs = {}, []
     vae = load_vae(through_vae) if through_vae else None
@@ -202,7 +233,7 @@ def depth_errors(p, predictions: Path, prefix: str = "depth",
             pairs.append((pred, clip))
             print(f"{clip_id}: δ1 depth space {rows[clip_id]['delta1_depth']:.3f}", flush=True)
     return (pd.DataFrame.from_dict(rows, orient="index").rename_axis("clip"), entity_depths(pairs),
-            errors_by_shape(pairs))
+            errors_by_shape(pairs), shape_bias_cost(pairs, depth_range))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,14 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.through_vae and args.compare:
         ap.error("--through-vae analyses the VAE's round trip, --compare two runs' predictions: one at a time")
     p = load_params(REPO / "params.yaml", profile="small")
-    table, entities, by_shape = depth_errors(p, args.predictions, args.prefix, args.through_vae)
+    table, entities, by_shape, bias_cost = depth_errors(p, args.predictions, args.prefix, args.through_vae)
 
     def summary(d: dict) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{v} {k}" for k, v in d.items())
 
     text = (table.to_markdown(floatfmt=".3f") + "\n\nEntities' mean disparity, all clips: " + summary(entities)
             + "\n\nEntities' mean disparity error by shape (after each clip's fit):\n\n"
-            + by_shape.to_markdown(floatfmt=".3f"))
+            + by_shape.to_markdown(floatfmt=".3f")
+            + f"\n\nδ1 (depth space, {table.delta1_depth.mean():.3f} as predicted) with a shape's mean error taken "
+            "off its entities, measured on all clips or on the other clips only:\n\n"
+            + bias_cost.to_markdown(floatfmt=".3f"))
     compared = compare(p, args.predictions, args.compare, args.prefix) if args.compare else None
     if compared:
         text += f"\n\nAgainst {args.compare}: " + summary(compared)
@@ -237,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"predictions": str(args.predictions), "clips": table.to_dict(orient="index"),
                   **({"through_vae": str(args.through_vae)} if args.through_vae else {}),
                   "mean": table.mean().to_dict(), "entities": entities,
-                  "by_shape": by_shape.to_dict(orient="index")}
+                  "by_shape": by_shape.to_dict(orient="index"), "shape_bias_cost": bias_cost.to_dict(orient="index")}
         if compared:
             report |= {"compared_with": str(args.compare), "compared": compared}
         write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -178,6 +178,32 @@ def test_by_shape_finds_the_shape_that_is_put_too_far(tmp_path: Path):
     assert "by shape" in out.with_suffix(".md").read_text()
 
 
+def test_shape_bias_cost_prices_a_bias_shared_by_clips(tmp_path: Path):
+    """Every ring put 0.3 too far in three clips: taking the rings' mean error off repairs δ1, also with
+    the bias measured on the other clips only; taking off another shape's (near 0) changes little."""
+    p = load_params(ROOT / "params.yaml", profile="small")
+    clips = ["synth-1234-00033", "synth-1234-00069", "synth-1234-00107"]  # one ring each
+    preds = {}
+    for c in clips:
+        clip = exact_clip(p, c)
+        depth = clip["depth"].copy()
+        for e in clip["scene"].entities:
+            if e.shape == "ring":
+                depth[clip["ids"] == e.id] -= 0.3
+        preds[c] = depth.clip(0, 1)
+    npz = tmp_path / "dense_predictions.npz"
+    np.savez_compressed(npz, **{f"depth/{c}": v for c, v in preds.items()})
+    out = tmp_path / "errors.json"
+    assert sde.main([str(npz), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    cost, as_predicted = report["shape_bias_cost"], report["mean"]["delta1_depth"]
+    assert set(cost) == {"all shapes", *report["by_shape"]} and as_predicted < 0.95
+    ring = cost["ring"]
+    assert ring["in_sample"] > as_predicted + 0.03 and ring["leave_one_clip_out"] > as_predicted + 0.03
+    assert abs(cost["sphere"]["leave_one_clip_out"] - as_predicted) < 0.01
+    assert "taken off" in out.with_suffix(".md").read_text()
+
+
 def test_through_vae_analyses_the_exact_depth_round_trip(tmp_path: Path, random_vae_dir, monkeypatch):
     """``--through-vae``: the clips the predictions name, their exact depth through the VAE instead of the
     predictions. A lossless round trip leaves no shape bias and scores ~1 whatever was predicted; an
