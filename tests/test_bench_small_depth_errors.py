@@ -152,22 +152,28 @@ def test_compare_tells_shared_errors_from_independent_ones(tmp_path: Path):
         sde.compare(p, a, tmp_path / "fewer.npz")
 
 
-def test_by_shape_finds_the_shape_that_is_put_too_far(tmp_path: Path):
-    """Every ring's disparity lowered by 0.1, the rest exact: ``by_shape`` puts rings well below 0 and the
-    other shapes near it (each clip's scale-and-shift fit takes up part of the rings' error, in a clip
-    of a sphere and a big ring most of it)."""
+def _rings_put_far(clips: list[str], shift: float, tmp_path: Path) -> Path:
+    """A dense_predictions.npz of the clips' exact disparity with every ring's lowered by ``shift``."""
     p = load_params(ROOT / "params.yaml", profile="small")
-    clips = ["synth-1234-00033", "synth-1234-00069"]  # two rings among seven entities of four other shapes
     preds = {}
     for c in clips:
         clip = exact_clip(p, c)
         depth = clip["depth"].copy()
         for e in clip["scene"].entities:
             if e.shape == "ring":
-                depth[clip["ids"] == e.id] -= 0.1
-        preds[c] = depth
+                depth[clip["ids"] == e.id] -= shift
+        preds[c] = depth.clip(0, 1)
     npz = tmp_path / "dense_predictions.npz"
     np.savez_compressed(npz, **{f"depth/{c}": v for c, v in preds.items()})
+    return npz
+
+
+def test_by_shape_finds_the_shape_that_is_put_too_far(tmp_path: Path):
+    """Every ring's disparity lowered by 0.1, the rest exact: ``by_shape`` puts rings well below 0 and the
+    other shapes near it (each clip's scale-and-shift fit takes up part of the rings' error, in a clip
+    of a sphere and a big ring most of it)."""
+    # two rings among seven entities of four other shapes
+    npz = _rings_put_far(["synth-1234-00033", "synth-1234-00069"], 0.1, tmp_path)
     out = tmp_path / "errors.json"
     assert sde.main([str(npz), "--out", str(out)]) == 0
     by_shape = json.loads(out.read_text())["by_shape"]
@@ -181,18 +187,7 @@ def test_by_shape_finds_the_shape_that_is_put_too_far(tmp_path: Path):
 def test_shape_bias_cost_prices_a_bias_shared_by_clips(tmp_path: Path):
     """Every ring put 0.3 too far in three clips: taking the rings' mean error off repairs δ1, also with
     the bias measured on the other clips only; taking off another shape's (near 0) changes little."""
-    p = load_params(ROOT / "params.yaml", profile="small")
-    clips = ["synth-1234-00033", "synth-1234-00069", "synth-1234-00107"]  # one ring each
-    preds = {}
-    for c in clips:
-        clip = exact_clip(p, c)
-        depth = clip["depth"].copy()
-        for e in clip["scene"].entities:
-            if e.shape == "ring":
-                depth[clip["ids"] == e.id] -= 0.3
-        preds[c] = depth.clip(0, 1)
-    npz = tmp_path / "dense_predictions.npz"
-    np.savez_compressed(npz, **{f"depth/{c}": v for c, v in preds.items()})
+    npz = _rings_put_far(["synth-1234-00033", "synth-1234-00069", "synth-1234-00107"], 0.3, tmp_path)  # a ring each
     out = tmp_path / "errors.json"
     assert sde.main([str(npz), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
