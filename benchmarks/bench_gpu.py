@@ -1221,12 +1221,22 @@ TRAIN_VARIANTS = {
 }
 
 
+def train_fast_key(arch: str, world: int, ds_config: dict[str, Any], memory_cap_gib: float | None) -> str:
+    """The result's key: the ZeRO stage and offload the JSON actually sets (``2b_zero1_1gpu`` for a
+    stage-1 config, not the default's name), and the memory cap."""
+    zero = ds_config.get("zero_optimization", {})
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    return (f"{arch}_zero{zero.get('stage', 0)}_{world}gpu" + ("" if offload == "none" else f"_offload-{offload}")
+            + (f"_cap{memory_cap_gib:g}gib" if memory_cap_gib else ""))
+
+
 def run_train_fast(bench: Bench, arch: str) -> None:
-    """Ours under ZeRO-2 (as ``train``: micro batch 1, bf16), one row per ``--train-variants``
-    entry (``TRAIN_VARIANTS``), same initial weights and batch: seconds per step, the compile (the
-    first step's excess over the median), peak memory and the loss of every step beside the eager
-    row's (step 1 compares forwards of equal weights; later steps include the updates' drift). The
-    JSON is written after each variant; a variant that runs out of memory is recorded as such."""
+    """Ours under ``--deepspeed-config`` (ZeRO-2 by default, as ``train``: micro batch 1, bf16), one
+    row per ``--train-variants`` entry (``TRAIN_VARIANTS``), same initial weights and batch: seconds
+    per step, the compile (the first step's excess over the median), peak memory and the loss of
+    every step beside the eager row's (step 1 compares forwards of equal weights; later steps include
+    the updates' drift). The JSON is written after each variant; a variant that runs out of memory
+    is recorded as such."""
     import torch.distributed as dist
 
     a = bench.args
@@ -1243,9 +1253,7 @@ def run_train_fast(bench: Bench, arch: str) -> None:
     world = dist.get_world_size()
     torch._dynamo.reset()  # training compiles its own graphs (forward, backward); time them cold
     bench.compiled_archs.clear()
-    key = f"{arch}_zero2_{world}gpu" + ("" if offload == "none" else f"_offload-{offload}") + (
-        f"_cap{a.memory_cap_gib:g}gib" if a.memory_cap_gib else "")
-    entry = bench.result.setdefault("train_fast", {})[key] = {
+    entry = bench.result.setdefault("train_fast", {})[train_fast_key(arch, world, ds_config, a.memory_cap_gib)] = {
         "arch": arch, "gpus": world, "deepspeed_config": ds_config, "deepspeed_config_file": a.deepspeed_config,
         "optimizer_offload": offload, "memory_cap_gib": a.memory_cap_gib, "micro_batch": 1,
         "loss": "v-prediction MSE (fp32)",

@@ -209,3 +209,14 @@ def test_two_rank_smoke_run_splits_one_sample_and_matches_one_gpu(tmp_path, torc
     assert e["split"]["vae_decodes"] == 2 and e["vs_one_gpu"]["latents"]["rel_l2"] < 1e-4
     assert e["vs_one_gpu"]["videos"]["max_abs"] <= 1
     assert "CFG-parallel" in out.with_suffix(".md").read_text()
+
+
+def test_train_fast_key_names_the_zero_stage_and_offload_the_config_sets():
+    """A stage-1 or stage-0 JSON given to ``--deepspeed-config`` is not filed under ``zero2``."""
+    train_fast_key = _module().train_fast_key
+    shipped = json.loads((REPO / "infra/deepspeed/zero2.json").read_text())
+    offload = json.loads((REPO / "infra/deepspeed/zero2-offload.json").read_text())
+    assert train_fast_key("2b", 1, shipped, None) == "2b_zero2_1gpu"
+    assert train_fast_key("2b", 1, {**shipped, "zero_optimization": {"stage": 1}}, None) == "2b_zero1_1gpu"
+    assert train_fast_key("2b", 1, {"bf16": {"enabled": True}}, None) == "2b_zero0_1gpu"
+    assert train_fast_key("5b", 1, offload, 80) == "5b_zero2_1gpu_offload-cpu_cap80gib"
