@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage" and int(os.environ.get("RANK", 0)) != 0:
             # a worker rank under torchrun/deepspeed: the same step, without a flow or MLflow run
             # of its own (rank 0 runs those and logs for all ranks)
-            from flows.common import LAUNCHERS, load
+            from flows.common import load
+            from udpdiff.stages import LAUNCHERS
 
             if args.stage not in LAUNCHERS:
                 print(f"error: only the {', '.join(LAUNCHERS)} stages run under a multi-process launcher, "

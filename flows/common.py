@@ -20,14 +20,3 @@ def load(profile: str | None = None) -> tuple[Params, ProjectPaths]:
     """Params and paths of the active profile (``profile`` overrides params.yaml's)."""
     p = load_params(REPO_ROOT / "params.yaml", profile=profile)
     return p, ProjectPaths(REPO_ROOT, p.profile)
-
-
-# the stages that run under a multi-process launcher, and the params.yaml key naming it
-LAUNCHERS = {"train": "train_launcher", "sample": "inference_launcher", "evaluate": "inference_launcher"}
-
-
-def stage_launcher(p: Params, stage: str) -> str | None:
-    """The launcher ``stage`` runs under, or ``None`` for one plain process (``python -m``)."""
-    key = LAUNCHERS.get(stage)
-    launcher = getattr(p, key) if key else None
-    return None if launcher is None or launcher.split() == ["python", "-m"] else launcher

@@ -17,12 +17,12 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import REPO_ROOT, load, stage_launcher
+from flows.common import REPO_ROOT, load
 from flows.curation import shard_mapper
 from flows.subflows import PARENT_ENV
 from flows.tracking import log_result, log_step_artifact, log_step_metrics, stage_run
 from udpdiff.distributed import launched
-from udpdiff.stages import STAGES
+from udpdiff.stages import STAGES, stage_launcher
 from udpdiff.stages.common import StepResult, write_json
 
 logger = logging.getLogger(__name__)

@@ -88,8 +88,8 @@ def test_stages_start_under_the_configured_launcher(tmp_path, monkeypatch, stage
     import json
 
     import flows.stage as fp
-    from flows.common import stage_launcher
     from udpdiff.config import load_params
+    from udpdiff.stages import stage_launcher
 
     plain = load_params(REPO / "params.yaml")
     assert all(stage_launcher(plain, s) is None for s in ("train", "sample", "evaluate", "report"))
