@@ -8,6 +8,7 @@ files to MLflow as a Tab 1/2 ablation (a parent run, one child per variant), her
 
     python3 benchmarks/small_gpu.py prepare --root /tmp/small        # data, encode, autoencoder, latents
     python3 benchmarks/small_gpu.py variants --root /tmp/small       # the tab1-2 variants over every GPU
+    python3 benchmarks/small_gpu.py variants --root /tmp/small --gpus-per-variant 2   # each on 2 GPUs (torchrun)
     python3 benchmarks/small_gpu.py pack --root /tmp/small --out results.tar.gz   # + results-2.tar.gz, ... if big
     python3 benchmarks/small_gpu.py all --root /tmp/small --out ...  # all three (resumes what is done)
     python3 benchmarks/small_gpu.py save-vae --root /tmp/small --out vae.tar      # carry it to a fresh machine
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -39,7 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from udpdiff.config import Params, load_params, parse_overrides  # noqa: E402
+from udpdiff.distributed import launched  # noqa: E402
 from udpdiff.paths import ProjectPaths  # noqa: E402
+from udpdiff.stages import stage_launcher  # noqa: E402
 
 PROFILE = "small"
 TABLES = ["tab1-2"]  # the paper's Tabs 1-2 at equal compute; `--tables tab1-2 rgb-given` adds ours
@@ -51,8 +55,15 @@ DENSE_PREDICTIONS = "dense_predictions.npz"  # metrics/: see dense_predictions()
 PACKED = ("*.json", "*.jsonl", "*.csv", "*.md", "*.html", "*.png", "*.gif", DENSE_PREDICTIONS)
 
 
-def load(overrides: list[str]) -> Params:
-    return load_params(REPO / "params.yaml", profile=PROFILE).with_overrides(parse_overrides(overrides))
+def load(overrides: list[str], ranks: int = 1) -> Params:
+    """The profile with ``overrides``; with ``ranks`` > 1 the train, sample and evaluate stages run
+    under torchrun on that many GPUs (``train_launcher``, ``inference_launcher``, as ``python -m
+    flows`` runs them; ``--standalone`` picks a free port, so several such variants can run at once)."""
+    p = load_params(REPO / "params.yaml", profile=PROFILE).with_overrides(parse_overrides(overrides))
+    if ranks == 1:
+        return p
+    launcher = f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nproc_per_node {ranks} -m"
+    return Params.model_validate({**p.model_dump(), "train_launcher": launcher, "inference_launcher": launcher})
 
 
 def variants(p: Params, tables: list[str]) -> dict[str, dict]:
@@ -95,9 +106,11 @@ def step_series(path: Path) -> Callable[[dict[str, float], int], None]:
     return append
 
 
-def run_stage(p: Params, paths: ProjectPaths, stage: str) -> dict:
+def run_stage(p: Params, paths: ProjectPaths, stage: str, relaunch: list[str] | None = None) -> dict:
     """One stage as ``python -m flows stage`` runs it, minus Prefect and MLflow: its metrics JSON
-    (``outputs/<p>/metrics/<stage>.json``, as DVC reads it), its per-step series (JSONL) and its wall time."""
+    (``outputs/<p>/metrics/<stage>.json``, as DVC reads it), its per-step series (JSONL) and its wall time.
+    A stage with a launcher (:func:`load`'s ``ranks``) runs under it as ``small_gpu.py stage`` with
+    ``relaunch``'s arguments (which name the variant); its rank 0 writes what one process would."""
     import importlib
 
     from udpdiff.stages.common import write_json
@@ -106,9 +119,12 @@ def run_stage(p: Params, paths: ProjectPaths, stage: str) -> dict:
     if marker.exists():
         print(f"[{paths.root.name}] {stage}: done before, skipped", flush=True)
         return json.loads(marker.read_text())
+    if not launched() and (launcher := stage_launcher(p, stage)) is not None:
+        return launch_stage(paths, stage, launcher, relaunch)
+    main_rank = int(os.environ.get("RANK", 0)) == 0
     append = step_series(paths.outputs / "gpu_run" / f"{stage}_steps.jsonl")
 
-    def log_fn(metrics: dict[str, float], step: int) -> None:
+    def log_fn(metrics: dict[str, float], step: int) -> None:  # the stages call it on rank 0 only
         append(metrics, step)
         if any(k.startswith("val/") for k in metrics) or step % 100 == 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float | int))
@@ -116,13 +132,17 @@ def run_stage(p: Params, paths: ProjectPaths, stage: str) -> dict:
 
     run_fn = importlib.import_module(f"udpdiff.stages.{stage}").run
     kwargs = {"log_fn": log_fn} if stage in ("autoencoder", "train") else {}
-    print(f"[{paths.root.name}] {stage}: starting", flush=True)
+    if main_rank:
+        print(f"[{paths.root.name}] {stage}: starting", flush=True)
     start = time.perf_counter()
     result = run_fn(p, paths, **kwargs)
     seconds = time.perf_counter() - start
-    write_json(paths.metrics / f"{stage}.json", result.metrics)
     record = {"stage": stage, "seconds": seconds, "metrics": result.metrics, "gpu": gpu_name(),
+              "ranks": int(os.environ.get("WORLD_SIZE", 1)) if launched() else 1,
               "artifacts": [str(a.relative_to(paths.root)) for a in result.artifacts if a.is_relative_to(paths.root)]}
+    if not main_rank:
+        return record
+    write_json(paths.metrics / f"{stage}.json", result.metrics)
     if stage == "train" and result.metrics.get("steps_done", 0) < p.active.train.steps:
         print(f"[{paths.root.name}] train stopped at step {result.metrics.get('steps_done')}: run again to resume",
               flush=True)
@@ -130,6 +150,21 @@ def run_stage(p: Params, paths: ProjectPaths, stage: str) -> dict:
     write_json(marker, record)
     print(f"[{paths.root.name}] {stage}: done in {seconds:.0f} s", flush=True)
     return record
+
+
+def launch_stage(paths: ProjectPaths, stage: str, launcher: str, relaunch: list[str] | None) -> dict:
+    """``stage`` under ``launcher``: every rank runs ``small_gpu.py stage STAGE <relaunch>``; the
+    record its rank 0 wrote (the done marker, or the metrics of a training that stopped early)."""
+    if relaunch is None:
+        raise SystemExit(f"{paths.root.name}: {stage} has a launcher ({launcher!r}) but no variant to relaunch")
+    cmd = [*shlex.split(launcher), "benchmarks.small_gpu", "stage", stage, *relaunch]
+    print(f"[{paths.root.name}] {stage}: launching {' '.join(cmd)}", flush=True)
+    if (code := subprocess.call(cmd, cwd=REPO)) != 0:
+        raise SystemExit(f"{paths.root.name}: {stage} under {launcher!r} failed with exit code {code}")
+    marker = done_marker(paths, stage)
+    if marker.exists():
+        return json.loads(marker.read_text())
+    return {"stage": stage, "metrics": json.loads((paths.metrics / f"{stage}.json").read_text())}
 
 
 def gpu_name() -> str:
@@ -191,11 +226,23 @@ def dense_predictions(paths: ProjectPaths) -> Path | None:
     return out
 
 
-def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) -> None:
-    base = load(overrides)
+def variant_params(root: Path, name: str, overrides: list[str], tables: list[str],
+                   ranks: int = 1) -> tuple[Params, ProjectPaths, Params]:
+    """``name``'s params, its workspace's paths, and the tables' base params it was derived from."""
+    base = load(overrides, ranks)
+    p = base.with_overrides(variants(base, tables)[name])
+    return p, ProjectPaths(variant_root(root, name, p), p.profile), base
+
+
+def relaunch_args(root: Path, name: str, overrides: list[str], tables: list[str], ranks: int) -> list[str]:
+    """What ``small_gpu.py stage STAGE`` needs to rebuild ``name``'s params on every rank."""
+    return [name, "--root", str(root), "--tables", *tables, *[a for kv in overrides for a in ("--set", kv)],
+            "--gpus-per-variant", str(ranks)]
+
+
+def run_variant(root: Path, name: str, overrides: list[str], tables: list[str], ranks: int = 1) -> None:
+    p, paths, base = variant_params(root, name, overrides, tables, ranks)
     mine_overrides = variants(base, tables)[name]
-    p = base.with_overrides(mine_overrides)
-    paths = ProjectPaths(variant_root(root, name, p), p.profile)
     from udpdiff.stages.common import write_json
 
     info = paths.outputs / "gpu_run" / "variant.json"
@@ -203,9 +250,10 @@ def run_variant(root: Path, name: str, overrides: list[str], tables: list[str]) 
     earlier = json.loads(info.read_text()).get("tables", []) if info.exists() else []
     mine = [t for t in tables if name in base.ablations[t].variants]
     write_json(info, {"tables": list(dict.fromkeys([*earlier, *mine])), "variant": name,
-                      "overrides": mine_overrides, "profile_overrides": overrides})
+                      "overrides": mine_overrides, "profile_overrides": overrides, "gpus": ranks})
+    relaunch = relaunch_args(root, name, overrides, tables, ranks)
     for stage in PER_VARIANT:
-        record = run_stage(p, paths, stage)
+        record = run_stage(p, paths, stage, relaunch)
         if stage == "train" and not done_marker(paths, "train").exists():
             raise SystemExit(f"{name}: training unfinished ({record['metrics'].get('steps_done')} steps)")
     dense_predictions(paths)
@@ -217,17 +265,17 @@ def train_key(overrides: dict) -> str:
     return json.dumps({k: v for k, v in overrides.items() if not k.startswith("sample.")}, sort_keys=True, default=str)
 
 
-def resample_variant(root: Path, name: str, trained: str, overrides: list[str], tables: list[str]) -> None:
+def resample_variant(root: Path, name: str, trained: str, overrides: list[str], tables: list[str],
+                     ranks: int = 1) -> None:
     """``name``'s sample, evaluate and report stages on the model ``trained`` (a variant of the same
     :func:`train_key`, already trained): its pipeline is linked and its training records copied in."""
     import shutil
 
-    base = load(overrides)
+    base = load(overrides, ranks)
     table = variants(base, tables)
     if train_key(table[name]) != train_key(table[trained]):
         raise SystemExit(f"{name} and {trained} differ in more than sample.*: {name} needs its own training")
-    p = base.with_overrides(table[name])
-    paths = ProjectPaths(variant_root(root, name, p), p.profile)
+    p, paths, _ = variant_params(root, name, overrides, tables, ranks)
     src = ProjectPaths(root / "variants" / trained, p.profile)
     if not done_marker(src, "train").exists():
         raise SystemExit(f"{name}: {trained} has not finished training")
@@ -242,27 +290,34 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
         shutil.copy2(f, dest)
     write_json(paths.outputs / "gpu_run" / "variant.json",
                {"tables": [t for t in tables if name in base.ablations[t].variants], "variant": name,
-                "overrides": table[name], "profile_overrides": overrides, "trained_by": trained})
+                "overrides": table[name], "profile_overrides": overrides, "trained_by": trained, "gpus": ranks})
+    relaunch = relaunch_args(root, name, overrides, tables, ranks)
     for stage in PER_VARIANT[1:]:
-        run_stage(p, paths, stage)
+        run_stage(p, paths, stage, relaunch)
     dense_predictions(paths)
 
 
 def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int, per_gpu: int = 1,
-                 tables: list[str] = TABLES) -> int:
-    """Every variant in its own process, ``per_gpu`` of them on each of ``gpus`` GPUs at a time;
+                 tables: list[str] = TABLES, gpus_per_variant: int = 1) -> int:
+    """Every variant in its own process, ``per_gpu`` of them on each of ``gpus`` GPUs at a time, or
+    each on ``gpus_per_variant`` GPUs of its own (data parallel under torchrun, :func:`load`);
     returns the number that failed. Each process gets its share of the CPU cores for its thread
     pools (as torchrun does): 4 processes with a pool of every core each spent their time in
     thread contention, not on the GPU (benchmarks/results/small-h200x2-attempt1.md)."""
     from udpdiff.workers import available_cores
 
+    if gpus_per_variant > 1 and (per_gpu != 1 or gpus_per_variant > gpus):
+        raise SystemExit(f"--gpus-per-variant {gpus_per_variant}: needs as many GPUs (there are {gpus}) "
+                         f"and --per-gpu 1 (not {per_gpu})")
     table = variants(load(overrides), tables)
     groups: dict[str, list[str]] = {}  # one process per training run: the first trains, the rest resample
     for name in names or list(table):
         groups.setdefault(train_key(table[name]), []).append(name)
     queue, running, failed = list(groups.values()), {}, 0
-    free = [slot % gpus for slot in range(gpus * per_gpu)]
-    threads = max(1, available_cores() // len(free))
+    # the GPUs each process gets ("0", or "0,1" with two GPUs per variant)
+    free = [",".join(str(slot % gpus + k) for k in range(gpus_per_variant))
+            for slot in range(0, gpus * per_gpu - gpus_per_variant + 1, gpus_per_variant)]
+    threads = max(1, available_cores() // (len(free) * gpus_per_variant))
     while queue or running:
         while queue and free:
             gpu, group = free.pop(0), queue.pop(0)
@@ -270,8 +325,8 @@ def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus
             log = root / "logs" / f"{group[0]}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, __file__, "variant", *group, "--root", str(root), "--tables", *tables,
-                   *[a for kv in overrides for a in ("--set", kv)]]
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
+                   *[a for kv in overrides for a in ("--set", kv)], "--gpus-per-variant", str(gpus_per_variant)]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1",
                    "OMP_NUM_THREADS": str(threads)}
             print(f"variant {name} on GPU {gpu} (log {log})", flush=True)
             running[subprocess.Popen(cmd, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT)] = (name, gpu)
@@ -396,9 +451,11 @@ def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["prepare", "variant", "variants", "pack", "all", "save-vae", "restore-vae"])
+    ap.add_argument("command", choices=["prepare", "variant", "variants", "pack", "all", "save-vae", "restore-vae",
+                                        "stage"])
     ap.add_argument("names", nargs="*", help="command variant: the variant to train, then variants that differ "
-                                             "from it only in sample.* (sampled with its model)")
+                                             "from it only in sample.* (sampled with its model); command stage "
+                                             "(what a launcher's ranks run): STAGE VARIANT")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None,
                     help="tarball of the small outputs (pack, all; volumes NAME, NAME-2, ... past 15 MiB) "
@@ -409,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tables", nargs="+", default=TABLES, help="params.yaml ablations whose variants run")
     ap.add_argument("--gpus", type=int, default=None, help="default: every visible GPU")
     ap.add_argument("--per-gpu", type=int, default=1, help="variants sharing one GPU at a time")
+    ap.add_argument("--gpus-per-variant", type=int, default=1,
+                    help="GPUs each variant trains, samples and evaluates on (data parallel; train.micro_batch_size "
+                         "is per GPU, so halve it on 2 GPUs for the same global batch)")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     if args.command == "save-vae":
@@ -420,9 +480,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "variant":
         if not args.names:
             ap.error("variant: name the variant")
-        run_variant(root, args.names[0], args.overrides, args.tables)
+        run_variant(root, args.names[0], args.overrides, args.tables, args.gpus_per_variant)
         for name in args.names[1:]:
-            resample_variant(root, name, args.names[0], args.overrides, args.tables)
+            resample_variant(root, name, args.names[0], args.overrides, args.tables, args.gpus_per_variant)
+        return 0
+    if args.command == "stage":
+        if len(args.names) != 2:
+            ap.error("stage: STAGE VARIANT")
+        stage, name = args.names
+        p, paths, _ = variant_params(root, name, args.overrides, args.tables, args.gpus_per_variant)
+        run_stage(p, paths, stage)
         return 0
     if args.command in ("prepare", "all"):
         prepare(root, args.overrides)
@@ -431,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         gpus = args.gpus or max(torch.cuda.device_count(), 1)
-        failed = run_variants(root, args.overrides, args.variants, gpus, args.per_gpu, args.tables)
+        failed = run_variants(root, args.overrides, args.variants, gpus, args.per_gpu, args.tables,
+                              args.gpus_per_variant)
     if args.command in ("pack", "all") and args.out is not None:
         pack(root, args.out)
     return 1 if failed else 0

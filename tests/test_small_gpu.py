@@ -145,6 +145,39 @@ def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_p
                                    ["rgb-given"])
 
 
+@pytest.mark.slow
+def test_a_variant_on_two_gpus_runs_its_stages_under_torchrun(gpu_run, tmp_path):
+    """``--gpus-per-variant 2``: one variant's train, sample and evaluate stages run on two ranks
+    (torchrun, here two CPU processes), rank 0 writing what a one-process run writes; a second run
+    finds them done."""
+    import shutil
+
+    root = shutil.copytree(gpu_run[0], tmp_path / "run", symlinks=True)
+    name = "udpdiff-multi-task-rgb-given-patch-1"  # the token-size table's: trained by no earlier run
+    args = ["variants", "--root", str(root), "--gpus", "2", "--gpus-per-variant", "2", "--tables", "token-size",
+            "--variants", name, *OVERRIDES]
+    assert small_gpu.main(args) == 0, (root / f"logs/{name}.log").read_text()[-4000:]
+    v = root / "variants" / name / "outputs/small"
+    assert json.loads((v / "gpu_run/variant.json").read_text())["gpus"] == 2
+    for stage in small_gpu.PER_VARIANT:
+        record = json.loads((v / "gpu_run" / f"{stage}.done.json").read_text())
+        assert record["ranks"] == (2 if stage != "report" else 1), stage
+    steps = [json.loads(line) for line in (v / "gpu_run/train_steps.jsonl").read_text().splitlines()]
+    trained = [r for r in steps if "tokens_per_s" in r]
+    assert trained and all(r["tokens_per_s"] == pytest.approx(2 * r["tokens_per_s_per_gpu"]) for r in trained)
+    assert max(r["step"] for r in steps if "loss" in r) == 2  # logged once per step, by rank 0 alone
+    assert len([r for r in steps if r.get("step") == 2 and "loss" in r]) == 1
+    scores = json.loads((v / "evaluation/metrics.json").read_text())["metrics"]
+    assert set(scores) == {"segmentation", "depth", "real"}
+    log = (root / f"logs/{name}.log").read_text()
+    assert "train: launching" in log and "--nproc_per_node 2" in log
+    before = {f: f.stat().st_mtime_ns for f in v.rglob("*.done.json")}
+    assert small_gpu.main(args) == 0
+    assert {f: f.stat().st_mtime_ns for f in v.rglob("*.done.json")} == before
+    with pytest.raises(SystemExit, match="needs as many GPUs"):
+        small_gpu.run_variants(root, OVERRIDES[1::2], [name], gpus=1, tables=["token-size"], gpus_per_variant=2)
+
+
 def test_a_resumed_stage_replaces_the_steps_it_redoes_in_the_series(tmp_path):
     """Killed after logging step 30 with its last checkpoint at 20, a training resumes at 21 and logs
     step 30 again (and the validation at 20 stays): each step once, the resumed process's values."""
