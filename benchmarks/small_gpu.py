@@ -152,6 +152,18 @@ def run_stage(p: Params, paths: ProjectPaths, stage: str, relaunch: list[str] | 
     return record
 
 
+# what a launcher sets for its ranks: a variant's process is a new top-level process, whatever its
+# parent's environment holds (DeepSpeed sets RANK and WORLD_SIZE in a process that trained in-process)
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def top_level_env(**extra: str) -> dict[str, str]:
+    """This process's environment less any launcher's rank variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    return {**env, **extra}
+
+
 def launch_stage(paths: ProjectPaths, stage: str, launcher: str, relaunch: list[str] | None) -> dict:
     """``stage`` under ``launcher``: every rank runs ``small_gpu.py stage STAGE <relaunch>``; the
     record its rank 0 wrote (the done marker, or the metrics of a training that stopped early)."""
@@ -159,7 +171,7 @@ def launch_stage(paths: ProjectPaths, stage: str, launcher: str, relaunch: list[
         raise SystemExit(f"{paths.root.name}: {stage} has a launcher ({launcher!r}) but no variant to relaunch")
     cmd = [*shlex.split(launcher), "benchmarks.small_gpu", "stage", stage, *relaunch]
     print(f"[{paths.root.name}] {stage}: launching {' '.join(cmd)}", flush=True)
-    if (code := subprocess.call(cmd, cwd=REPO)) != 0:
+    if (code := subprocess.call(cmd, cwd=REPO, env=top_level_env())) != 0:
         raise SystemExit(f"{paths.root.name}: {stage} under {launcher!r} failed with exit code {code}")
     marker = done_marker(paths, stage)
     if marker.exists():
@@ -326,8 +338,7 @@ def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, __file__, "variant", *group, "--root", str(root), "--tables", *tables,
                    *[a for kv in overrides for a in ("--set", kv)], "--gpus-per-variant", str(gpus_per_variant)]
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1",
-                   "OMP_NUM_THREADS": str(threads)}
+            env = top_level_env(CUDA_VISIBLE_DEVICES=gpu, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
             print(f"variant {name} on GPU {gpu} (log {log})", flush=True)
             running[subprocess.Popen(cmd, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT)] = (name, gpu)
         time.sleep(5)

@@ -146,11 +146,16 @@ def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_p
 
 
 @pytest.mark.slow
-def test_a_variant_on_two_gpus_runs_its_stages_under_torchrun(gpu_run, tmp_path):
+def test_a_variant_on_two_gpus_runs_its_stages_under_torchrun(gpu_run, tmp_path, monkeypatch):
     """``--gpus-per-variant 2``: one variant's train, sample and evaluate stages run on two ranks
     (torchrun, here two CPU processes), rank 0 writing what a one-process run writes; a second run
-    finds them done."""
+    finds them done. Rank variables left in the caller's environment (DeepSpeed sets them in a
+    process that trained in-process, as this test session has) do not make the variant a rank."""
     import shutil
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
 
     root = shutil.copytree(gpu_run[0], tmp_path / "run", symlinks=True)
     name = "udpdiff-multi-task-rgb-given-patch-1"  # the token-size table's: trained by no earlier run
