@@ -324,35 +324,19 @@ def sam2_config(smoke: bool):
     return cfg, "tiny (smoke)"
 
 
-SVD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    interpolation_type="linear",
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    sigma_max=700.0,
-    sigma_min=0.002,
-    steps_offset=1,
-    timestep_spacing="leading",
-    timestep_type="continuous",
-    use_karras_sigmas=True,
-)
-
-
 def depthcrafter_pipeline(smoke: bool, frames: int, device: torch.device | str = "cpu"):
     """The DepthCrafter pipeline; its networks are built on ``device`` (the scheduler's tables stay on the CPU)."""
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPImageProcessor
 
-    from udpdiff.annotators.depth import DepthCrafterPipeline
+    from udpdiff.annotators.depth import SVD_SCHEDULER_CONFIG, DepthCrafterPipeline
 
     with seeded_on(torch.device(device)):
         unet, vae, clip = _depthcrafter_networks(smoke, frames)
     return DepthCrafterPipeline(
         vae=vae,
         image_encoder=clip,
-        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER),
+        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
         feature_extractor=CLIPImageProcessor(),
         unet=unet,
     )

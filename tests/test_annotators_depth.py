@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from udpdiff.annotators.depth import (
+    SVD_SCHEDULER_CONFIG,
     DepthAnnotator,
     DepthAnythingV2Annotator,
     DepthCrafterAnnotator,
@@ -42,22 +43,6 @@ from udpdiff.annotators.depth import (
 from udpdiff.evaluation.consistency import IMAGENET_MEAN, IMAGENET_STD, MetricModelUnavailable
 
 T, H, W = 9, 40, 56  # odd sizes on purpose: DepthCrafter works at 64x64, DA-V2 at 364x518
-
-# stabilityai/stable-video-diffusion-img2vid-xt scheduler/scheduler_config.json (EDM-style Euler).
-SVD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    interpolation_type="linear",
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    sigma_max=700.0,
-    sigma_min=0.002,
-    steps_offset=1,
-    timestep_spacing="leading",
-    timestep_type="continuous",
-    use_karras_sigmas=True,
-)
 
 UNET_KW = dict(
     sample_size=8,
@@ -115,7 +100,7 @@ def tiny_depthcrafter_parts(seed: int = 0) -> dict[str, object]:
                 projection_dim=32,
             )
         ),
-        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER),
+        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
         feature_extractor=CLIPImageProcessor(),
     )
 

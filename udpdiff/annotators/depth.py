@@ -77,6 +77,7 @@ __all__ = [
     "FramewiseUNetSpatioTemporalConditionModel",
     "MetricModelUnavailable",
     "DEPTH_ANYTHING_V2_PROCESSOR_SETTINGS",
+    "SVD_SCHEDULER_CONFIG",
     "depth_anything_v2_processor",
     "depthcrafter_processing_size",
     "normalize_per_video",
@@ -103,6 +104,24 @@ DEPTH_ANYTHING_V2_PROCESSOR_SETTINGS: dict[str, object] = {
     "image_mean": list(IMAGENET_MEAN),
     "image_std": list(IMAGENET_STD),
     "do_pad": False,
+}
+
+# The scheduler/scheduler_config.json of stabilityai/stable-video-diffusion-img2vid-xt (EDM-style
+# Euler, v-prediction), which DepthCrafter samples with: what a pipeline assembled from parts needs
+# (the random-weight ones of the tests and the benchmarks' smoke runs).
+SVD_SCHEDULER_CONFIG: dict[str, object] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "use_karras_sigmas": True,
 }
 
 # DepthCrafter's fixed SVD micro-conditioning (depth_crafter_ppl.py passes these literally, no fps - 1).
