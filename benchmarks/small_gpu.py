@@ -238,12 +238,10 @@ def dense_predictions(paths: ProjectPaths) -> Path | None:
     return out
 
 
-def variant_params(root: Path, name: str, overrides: list[str], tables: list[str],
-                   ranks: int = 1) -> tuple[Params, ProjectPaths, Params]:
-    """``name``'s params, its workspace's paths, and the tables' base params it was derived from."""
-    base = load(overrides, ranks)
+def variant_params(root: Path, name: str, base: Params, tables: list[str]) -> tuple[Params, ProjectPaths]:
+    """``name``'s params (the tables' ``base`` with its overrides) and its workspace's paths."""
     p = base.with_overrides(variants(base, tables)[name])
-    return p, ProjectPaths(variant_root(root, name, p), p.profile), base
+    return p, ProjectPaths(variant_root(root, name, p), p.profile)
 
 
 def relaunch_args(root: Path, name: str, overrides: list[str], tables: list[str], ranks: int) -> list[str]:
@@ -253,8 +251,9 @@ def relaunch_args(root: Path, name: str, overrides: list[str], tables: list[str]
 
 
 def run_variant(root: Path, name: str, overrides: list[str], tables: list[str], ranks: int = 1) -> None:
-    p, paths, base = variant_params(root, name, overrides, tables, ranks)
+    base = load(overrides, ranks)
     mine_overrides = variants(base, tables)[name]
+    p, paths = variant_params(root, name, base, tables)
     from udpdiff.stages.common import write_json
 
     info = paths.outputs / "gpu_run" / "variant.json"
@@ -287,7 +286,7 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
     table = variants(base, tables)
     if train_key(table[name]) != train_key(table[trained]):
         raise SystemExit(f"{name} and {trained} differ in more than sample.*: {name} needs its own training")
-    p, paths, _ = variant_params(root, name, overrides, tables, ranks)
+    p, paths = variant_params(root, name, base, tables)
     src = ProjectPaths(root / "variants" / trained, p.profile)
     if not done_marker(src, "train").exists():
         raise SystemExit(f"{name}: {trained} has not finished training")
@@ -499,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.names) != 2:
             ap.error("stage: STAGE VARIANT")
         stage, name = args.names
-        p, paths, _ = variant_params(root, name, args.overrides, args.tables, args.gpus_per_variant)
-        run_stage(p, paths, stage)
+        run_stage(*variant_params(root, name, load(args.overrides, args.gpus_per_variant), args.tables), stage)
         return 0
     if args.command in ("prepare", "all"):
         prepare(root, args.overrides)
