@@ -1221,12 +1221,17 @@ TRAIN_VARIANTS = {
 }
 
 
+def optimizer_offload(ds_config: dict[str, Any]) -> str:
+    """Where a DeepSpeed JSON keeps the optimizer states: ``none`` (the GPU), ``cpu`` or ``nvme``."""
+    return (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+
+
 def train_fast_key(arch: str, world: int, ds_config: dict[str, Any], memory_cap_gib: float | None) -> str:
     """The result's key: the ZeRO stage and offload the JSON actually sets (``2b_zero1_1gpu`` for a
     stage-1 config, not the default's name), and the memory cap."""
-    zero = ds_config.get("zero_optimization", {})
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-    return (f"{arch}_zero{zero.get('stage', 0)}_{world}gpu" + ("" if offload == "none" else f"_offload-{offload}")
+    offload = optimizer_offload(ds_config)
+    return (f"{arch}_zero{ds_config.get('zero_optimization', {}).get('stage', 0)}_{world}gpu"
+            + ("" if offload == "none" else f"_offload-{offload}")
             + (f"_cap{memory_cap_gib:g}gib" if memory_cap_gib else ""))
 
 
@@ -1241,7 +1246,7 @@ def run_train_fast(bench: Bench, arch: str) -> None:
 
     a = bench.args
     ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16, path=a.deepspeed_config)
-    offload = (ds_config["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
+    offload = optimizer_offload(ds_config)
     if arch == "5b" and bench.world < 2 and offload == "none":
         reason = (f"5B ZeRO-2 needs 2 GPUs (see train) or an optimizer offload (--deepspeed-config "
                   f"infra/deepspeed/zero2-offload.json); this run has {bench.world} process(es)"
