@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from udpdiff.config import Params, load_params, parse_overrides  # noqa: E402
-from udpdiff.distributed import launched  # noqa: E402
+from udpdiff.distributed import launched, top_level_env  # noqa: E402
 from udpdiff.paths import ProjectPaths  # noqa: E402
 from udpdiff.stages import stage_launcher  # noqa: E402
 
@@ -150,18 +150,6 @@ def run_stage(p: Params, paths: ProjectPaths, stage: str, relaunch: list[str] | 
     write_json(marker, record)
     print(f"[{paths.root.name}] {stage}: done in {seconds:.0f} s", flush=True)
     return record
-
-
-# what a launcher sets for its ranks: a variant's process is a new top-level process, whatever its
-# parent's environment holds (DeepSpeed sets RANK and WORLD_SIZE in a process that trained in-process)
-RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
-
-
-def top_level_env(**extra: str) -> dict[str, str]:
-    """This process's environment less any launcher's rank variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
-    return {**env, **extra}
 
 
 def launch_stage(paths: ProjectPaths, stage: str, launcher: str, relaunch: list[str] | None) -> dict:

@@ -21,7 +21,7 @@ from flows.common import REPO_ROOT, load
 from flows.curation import shard_mapper
 from flows.subflows import PARENT_ENV
 from flows.tracking import log_result, log_step_artifact, log_step_metrics, stage_run
-from udpdiff.distributed import launched
+from udpdiff.distributed import launched, top_level_env
 from udpdiff.stages import STAGES, stage_launcher
 from udpdiff.stages.common import StepResult, write_json
 
@@ -67,7 +67,7 @@ def launch_stage(p, stage: str, launcher: str) -> dict[str, float]:
     cmd = [*shlex.split(launcher), "flows", "stage", stage, "--profile", p.profile]
     logger.info("launching %s: %s", stage, " ".join(cmd))
     # the launcher's own `python` must be this environment's
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = top_level_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     # rank 0 re-enters this flow: it must not show up as a second subflow of the job
     env.pop(PARENT_ENV, None)
     code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)

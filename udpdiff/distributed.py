@@ -35,9 +35,22 @@ T = TypeVar("T")
 TIMEOUT = timedelta(hours=6)
 
 
+# what a launcher sets for its ranks (torchrun's elastic agent adds TORCHELASTIC_*)
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched() -> bool:
     """True in a process started by torchrun/deepspeed (they set the rank variables)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def top_level_env(**extra: str) -> dict[str, str]:
+    """This process's environment less any launcher's rank variables, plus ``extra``: for starting
+    a new top-level process (a launcher, a worker of its own), whatever this process's environment
+    holds (DeepSpeed sets RANK and WORLD_SIZE in a process that trained in-process)."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    return {**env, **extra}
 
 
 def local_device() -> torch.device:
