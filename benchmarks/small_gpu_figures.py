@@ -5,6 +5,10 @@
 Writes, beside the per-variant plots the stages already make:
 - ``fig8_validation.png``: the Fig 8 validation scores of every variant over training steps
   (segmentation mIoU and depth δ1 in depth space, of held-out real clips against exact ground truth);
+- ``fig8_gpu_time.png``: the same scores over training seconds (each run's training wall time,
+  validations included, spread evenly over its steps), with any ``--compare LABEL=JSONL@SECONDS``
+  curves of earlier runs (a committed ``train_steps.jsonl`` and its training seconds): variants of
+  unequal cost per step (the ``token-size`` table) compared at equal GPU time;
 - ``train_loss.png``: the dense and RGB halves' losses of every variant;
 - ``gallery.gif``: the first rows of a variant's text-to-video gallery (the full method's unless
   ``--gallery-variant`` names another), segmentation beside depth (each row: generated video |
@@ -37,6 +41,26 @@ def series(path: Path) -> list[dict]:
 def curves(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in rows if key in r]
     return [s for s, _ in points], [v for _, v in points]
+
+
+def seconds_axis(rows: list[dict], key: str, seconds: float) -> tuple[list[float], list[float]]:
+    """``curves`` over training seconds: step ``s`` of a run whose training took ``seconds`` for its
+    last logged step is put at ``s / last * seconds`` (validations spread evenly over the steps)."""
+    steps, values = curves(rows, key)
+    last = max(r["step"] for r in rows)
+    return [s / last * seconds for s in steps], values
+
+
+def compared_run(spec: str) -> tuple[str, list[dict], float]:
+    """``LABEL=PATH@SECONDS`` (``--compare``): an earlier run's ``train_steps.jsonl`` and its training seconds."""
+    label, sep, rest = spec.partition("=")
+    path, sep2, seconds = rest.rpartition("@")
+    if not (sep and sep2 and label and path):
+        raise SystemExit(f"--compare {spec!r}: expected LABEL=PATH/train_steps.jsonl@SECONDS")
+    try:
+        return label, series(Path(path)), float(seconds)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--compare {spec!r}: {e}") from e
 
 
 def _gallery(path: Path) -> tuple[np.ndarray, int, int]:
@@ -81,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--gallery-rows", type=int, default=4)
     ap.add_argument("--gallery-variant", default=FULL_METHOD, help="whose text-to-video gallery (default: %(default)s)")
+    ap.add_argument("--compare", action="append", default=[], metavar="LABEL=JSONL@SECONDS",
+                    help="an earlier run's train_steps.jsonl and training seconds, added to fig8_gpu_time.png")
     args = ap.parse_args(argv)
     # a variant that only resampled another's model (variant.json "trained_by") has that run's curves
     variants = {d.name: series(d / "outputs/small/gpu_run/train_steps.jsonl")
@@ -89,11 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     if not variants:
         raise SystemExit(f"{args.run}: no variants/<name>/outputs/small/gpu_run/train_steps.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
+    scores = (("val/segmentation/gt_miou", "seg mIoU"), ("val/depth/gt_delta1_depth", "depth δ1"))
     fig8 = {f"{name}: {label}": c for name, rows in variants.items()
-            for key, label in (("val/segmentation/gt_miou", "seg mIoU"), ("val/depth/gt_delta1_depth", "depth δ1"))
-            if (c := curves(rows, key))[0]}
+            for key, label in scores if (c := curves(rows, key))[0]}
     viz.plot_curves(args.out / "fig8_validation.png", fig8, title="Fig 8: held-out real clips vs exact ground truth",
                     ylabel="score (higher is better)")
+    timed = [(name, rows, json.loads((args.run / "variants" / name / "outputs/small/gpu_run/train.done.json")
+                                     .read_text())["seconds"])
+             for name, rows in variants.items()
+             if (args.run / "variants" / name / "outputs/small/gpu_run/train.done.json").exists()]
+    timed += [compared_run(spec) for spec in args.compare]
+    by_time = {f"{name}: {label}": c for name, rows, seconds in timed
+               for key, label in scores if (c := seconds_axis(rows, key, seconds))[0]}
+    if by_time:
+        viz.plot_curves(args.out / "fig8_gpu_time.png", by_time, xlabel="training seconds (validations included)",
+                        title="Fig 8 at equal GPU time: held-out real clips", ylabel="score (higher is better)")
     losses = {f"{name}: {key}": c for name, rows in variants.items()
               for key in ("loss_dense", "loss_rgb") if (c := curves(rows, key))[0]}
     viz.plot_curves(args.out / "train_loss.png", losses, title="training loss (v-prediction MSE)", ylabel="loss",

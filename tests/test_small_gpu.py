@@ -349,7 +349,7 @@ def test_figures_of_a_run(gpu_run, tmp_path):
 
     root, _ = gpu_run
     assert small_gpu_figures.main([str(root), str(tmp_path), "--gallery-rows", "1"]) == 0
-    for name in ("fig8_validation.png", "train_loss.png"):
+    for name in ("fig8_validation.png", "fig8_gpu_time.png", "train_loss.png"):
         with Image.open(tmp_path / name) as im:
             assert im.size[0] > 300 and im.size[1] > 200
     samples = root / "variants" / NAMES[0] / "outputs/small/samples"
@@ -362,6 +362,24 @@ def test_figures_of_a_run(gpu_run, tmp_path):
     assert (other / "gallery.gif").exists()
     with pytest.raises(SystemExit, match="no gallery"):
         small_gpu_figures.main([str(root), str(other), "--gallery-variant", "no-such-variant"])
+
+
+def test_fig8_over_training_seconds_spreads_each_run_over_its_own_time(tmp_path):
+    """fig8_gpu_time.png's axis: a run's steps spread over its training seconds, so two runs of unequal
+    cost per step line up by GPU time; an earlier run comes in as LABEL=JSONL@SECONDS, and a malformed
+    or missing one is an error naming it."""
+    import small_gpu_figures
+
+    rows = [{"step": 10, "loss": 1.0}, {"step": 500, "val/segmentation/gt_miou": 0.3},
+            {"step": 1000, "val/segmentation/gt_miou": 0.34}]
+    assert small_gpu_figures.seconds_axis(rows, "val/segmentation/gt_miou", 972.0) == ([486.0, 972.0], [0.3, 0.34])
+    earlier = tmp_path / "train_steps.jsonl"
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    label, got, seconds = small_gpu_figures.compared_run(f"patch 2={earlier}@1114")
+    assert (label, got, seconds) == ("patch 2", rows, 1114.0)
+    for bad in (f"{earlier}@1114", f"patch 2={earlier}", f"x={tmp_path / 'none.jsonl'}@5", f"x={earlier}@soon"):
+        with pytest.raises(SystemExit, match="--compare"):
+            small_gpu_figures.compared_run(bad)
 
 
 def test_reference_scores_order_by_detail(tmp_path):
