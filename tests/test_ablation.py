@@ -84,8 +84,8 @@ def test_all_tables_on_tiny_runs_the_ones_that_can_and_names_the_others(monkeypa
                                                                                                    variants))
     with pytest.raises(RuntimeError, match="stop"):
         fa.ablation_flow.fn(None, "tiny")
-    assert planned[-1] == ["tab1", "tab2", "tab1-2", "rgb-given", "token-size", "reconstruction-guidance",
-                          "dense-guidance", "tab5", "tab6", "tab7"]
+    assert planned[-1] == ["tab1", "tab2", "tab1-2", "rgb-given", "token-size", "train-vs-held-out",
+                          "reconstruction-guidance", "dense-guidance", "tab5", "tab6", "tab7"]
 
 
 def test_the_small_scale_tabs_1_2_are_one_command_of_four_variants():

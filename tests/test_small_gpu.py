@@ -146,6 +146,34 @@ def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_p
 
 
 @pytest.mark.slow
+def test_training_clips_are_predicted_with_the_held_out_clips_model(gpu_run, tmp_path):
+    """The train-vs-held-out table: the training clips' variant samples the RGB-given model (not
+    retrained) on clips of the training split, and scores them against their exact ground truth, as
+    the held-out variant scores validation clips."""
+    import shutil
+
+    import pandas as pd
+
+    root = shutil.copytree(gpu_run[0], tmp_path / "run", symlinks=True)
+    name = OURS + "-train-clips"
+    trained = root / "variants" / OURS / "outputs/small/gpu_run/train.done.json"
+    before = trained.stat().st_mtime_ns
+    assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "train-vs-held-out",
+                           "--variants", OURS, name, *OVERRIDES]) == 0
+    assert trained.stat().st_mtime_ns == before  # one training serves both
+    manifest = pd.read_parquet(root / "data/small/clips/manifest.parquet").set_index("clip_id")
+    for variant, split in ((OURS, "val"), (name, "train")):
+        v = root / "variants" / variant
+        assert json.loads((v / "outputs/small/gpu_run/variant.json").read_text()).get("trained_by", OURS) == OURS
+        clips = {e["clip_id"] for e in json.loads((v / "outputs/small/samples/index.json").read_text())}
+        assert clips and {manifest.loc[c, "split"] for c in clips} == {split}
+        scores = json.loads((v / "outputs/small/evaluation/metrics.json").read_text())["metrics"]
+        assert 0.0 <= scores["segmentation"]["gt_miou"] <= 1.0 and 0.0 <= scores["depth"]["gt_delta1_depth"] <= 1.0
+        with np.load(v / "outputs/small/metrics/dense_predictions.npz") as predictions:  # what the CPU scripts read
+            assert {k.split("/", 1)[1] for k in predictions.files} == clips
+
+
+@pytest.mark.slow
 def test_a_variant_on_two_gpus_runs_its_stages_under_torchrun(gpu_run, tmp_path, monkeypatch):
     """``--gpus-per-variant 2``: one variant's train, sample and evaluate stages run on two ranks
     (torchrun, here two CPU processes), rank 0 writing what a one-process run writes; a second run
