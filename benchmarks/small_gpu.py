@@ -431,8 +431,30 @@ def with_unset_fields(saved: dict, now: dict) -> dict:
     return out
 
 
-def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
-    """Put a :func:`save_vae` tarball under ``root``, refusing one trained for other settings."""
+def as_if_trained_on(saved: dict, now: dict, tarball: Path) -> dict:
+    """``saved`` (a VAE's record) with ``now``'s ``data.num_clips``, for a VAE trained on the first
+    clips of a smaller synthetic set (``restore-vae --vae-from-fewer-clips``): clip *i* is the same clip
+    at any size, so only the count differs; refused where the larger set holds out a clip that VAE
+    trained on (it would have seen a validation clip)."""
+    from udpdiff.data.synthetic import train_clips_held_out_when_grown
+
+    before, after = saved.get("data", {}), now["data"]
+    if before.get("source") != "synthetic" or not before.get("num_clips", after["num_clips"]) < after["num_clips"]:
+        return saved
+    seen = train_clips_held_out_when_grown(now["seed"], before["num_clips"], after["num_clips"],
+                                           after["val_fraction"])
+    if seen:
+        raise SystemExit(f"{tarball}: its VAE trained on {len(seen)} clip(s) that {after['num_clips']} clips hold out "
+                         f"for validation ({', '.join(seen[:5])}); retrain it (delete the tarball)")
+    print(f"{tarball}: the VAE was trained on the first {before['num_clips']} of these {after['num_clips']} clips "
+          f"(none of them held out now); its record says so", flush=True)
+    return {**saved, "data": {**before, "num_clips": after["num_clips"]}}
+
+
+def restore_vae(root: Path, tarball: Path, overrides: list[str], fewer_clips: bool = False) -> None:
+    """Put a :func:`save_vae` tarball under ``root``, refusing one trained for other settings (with
+    ``fewer_clips``, a VAE of the first clips of a smaller synthetic set is taken: a data-size run then
+    changes the transformer's data alone). The tarball's record stays as it was trained."""
     p = load(overrides)
     paths = ProjectPaths(root, p.profile)
     with tarfile.open(tarball) as tar:
@@ -440,9 +462,11 @@ def restore_vae(root: Path, tarball: Path, overrides: list[str]) -> None:
                                                      .relative_to(root))))
         saved_inputs["pixelplanes"].pop("decode_tolerance", None)  # recorded by earlier versions
         now = vae_inputs(p)
-        if with_unset_fields(saved_inputs, now) != now:
+        compared = as_if_trained_on(saved_inputs, now, tarball) if fewer_clips else saved_inputs
+        if with_unset_fields(compared, now) != now:
+            hint = "" if fewer_clips else " (or, for a VAE of fewer clips of this data, pass --vae-from-fewer-clips)"
             raise SystemExit(f"{tarball}: the VAE in it was trained for other settings than these; delete it to "
-                             f"retrain. Saved: {saved_inputs}; now: {now}")
+                             f"retrain{hint}. Saved: {saved_inputs}; now: {now}")
         tar.extractall(root, filter="data")
     print(f"restored the trained VAE from {tarball}: the autoencoder stage will be skipped", flush=True)
 
@@ -459,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="tarball of the small outputs (pack, all; volumes NAME, NAME-2, ... past 15 MiB) "
                          "or of the trained VAE (save-vae)")
     ap.add_argument("--vae", type=Path, default=None, help="a save-vae tarball to restore (restore-vae)")
+    ap.add_argument("--vae-from-fewer-clips", action="store_true",
+                    help="restore-vae: take a VAE trained on the first clips of a smaller synthetic set (a data-size "
+                         "run; refused if the larger set holds out a clip it trained on)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--tables", nargs="+", default=TABLES, help="params.yaml ablations whose variants run")
@@ -473,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         save_vae(root, args.out, args.overrides)
         return 0
     if args.command == "restore-vae":
-        restore_vae(root, args.vae, args.overrides)
+        restore_vae(root, args.vae, args.overrides, args.vae_from_fewer_clips)
         return 0
     if args.command == "variant":
         if not args.names:

@@ -7,7 +7,9 @@
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
 #   bash benchmarks/small_gpu_device.sh bench-vae ARGS # install, then seconds per VAE training step ($OUT/vae-train.json)
 #   bash benchmarks/small_gpu_device.sh prepare ARGS   # data, encode, autoencoder, latents (background; ARGS: --set k=v,
-#                                                      # e.g. --set vae.train.steps=3000; give variants the same --set)
+#                                                      # e.g. --set vae.train.steps=3000; give variants the same --set;
+#                                                      # a data-size run: --set data.num_clips=3000 --vae-from-fewer-clips
+#                                                      # takes the carried VAE of the first 2,000 clips)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v,
 #                                                      # --gpus-per-variant 2: each variant data parallel on 2 GPUs)
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)

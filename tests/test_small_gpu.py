@@ -357,6 +357,42 @@ def test_a_carried_vae_lets_a_fresh_machine_skip_the_autoencoder(gpu_run, tmp_pa
     assert (other / vae).read_bytes() == (root / vae).read_bytes()
 
 
+@pytest.mark.slow
+def test_a_vae_of_fewer_clips_is_restored_only_when_asked_and_keeps_its_record(gpu_run, tmp_path):
+    """A data-size run (more clips of the same generator) refuses the carried VAE by default, naming the
+    flag; with --vae-from-fewer-clips it is restored and its record still says what it trained on."""
+    root, _ = gpu_run
+    carried = tmp_path / "vae.tar"
+    assert small_gpu.main(["save-vae", "--root", str(root), "--out", str(carried), *OVERRIDES]) == 0
+    more = [*OVERRIDES, "--set", "data.num_clips=16"]
+    with pytest.raises(SystemExit, match="--vae-from-fewer-clips"):
+        small_gpu.main(["restore-vae", "--root", str(tmp_path / "refused"), "--vae", str(carried), *more])
+    fresh = tmp_path / "fresh"
+    assert small_gpu.main(["restore-vae", "--root", str(fresh), "--vae", str(carried), *more,
+                           "--vae-from-fewer-clips"]) == 0
+    vae = "models/small/vae/diffusion_pytorch_model.safetensors"
+    assert (fresh / vae).read_bytes() == (root / vae).read_bytes()
+    record = json.loads((fresh / "outputs/small/gpu_run/autoencoder.inputs.json").read_text())
+    assert record["data"]["num_clips"] == 12
+    # other settings still refuse it, flag or not; fewer clips than it trained on too
+    for other in ("data.height=64", "data.num_clips=8"):
+        with pytest.raises(SystemExit, match="other settings"):
+            small_gpu.main(["restore-vae", "--root", str(tmp_path / "other"), "--vae", str(carried), *OVERRIDES,
+                            "--set", other, "--vae-from-fewer-clips"])
+
+
+def test_a_vae_of_fewer_clips_is_refused_where_the_larger_set_holds_out_a_clip_it_trained_on(tmp_path):
+    """5 -> 6 synthetic clips at val_fraction 0.25 moves a training clip to validation
+    (tests/test_synthetic.py): a VAE trained on the 5 would have seen it."""
+    saved = {"seed": 1234, "data": {"source": "synthetic", "num_clips": 5, "val_fraction": 0.25}}
+    now = {"seed": 1234, "data": {"source": "synthetic", "num_clips": 6, "val_fraction": 0.25}}
+    with pytest.raises(SystemExit, match=r"1 clip\(s\) that 6 clips hold out for validation \(synth-1234-"):
+        small_gpu.as_if_trained_on(saved, now, tmp_path / "vae.tar")
+    grown = {"seed": 1234, "data": {"source": "synthetic", "num_clips": 12, "val_fraction": 0.25}}
+    assert small_gpu.as_if_trained_on({**grown, "data": {**grown["data"], "num_clips": 8}}, grown,
+                                      tmp_path / "vae.tar")["data"] == grown["data"]
+
+
 def test_a_vae_saved_before_a_config_field_existed_is_restored_while_that_field_is_unset():
     """A VAE record from before ``vae.train.crop`` existed (attempt 14's) matches settings that leave it
     unset, not ones that set it (attempt 15's first call refused it)."""

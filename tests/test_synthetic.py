@@ -11,7 +11,7 @@ import pytest
 
 from udpdiff.data import synthetic as syn
 from udpdiff.io.dense import load_depth, load_ids
-from udpdiff.io.manifest import MANIFEST_COLUMNS, read_manifest, resolve
+from udpdiff.io.manifest import MANIFEST_COLUMNS, assign_splits, read_manifest, resolve
 from udpdiff.io.video import probe_video, read_video
 
 SEEDS = range(12)
@@ -229,3 +229,25 @@ def test_dataset_writer(tmp_path: Path) -> None:
     # deterministic split and content on a second run
     again = syn.synthesize_dataset(tmp_path / "ds2", 6, T, H, W, fps=8, seed=3, val_fraction=0.34)
     pd.testing.assert_frame_equal(read_manifest(again), df)
+
+
+def test_a_grown_set_keeps_its_first_clips_and_names_the_training_clips_it_holds_out(tmp_path: Path) -> None:
+    """Clip i is the same clip at any num_clips (what lets a VAE trained on fewer clips serve a larger
+    set: small_gpu.py restore-vae --vae-from-fewer-clips), and train_clips_held_out_when_grown names
+    exactly the clips whose split the writer moves from train to val as the set grows."""
+    small = read_manifest(syn.synthesize_dataset(tmp_path / "a", 5, T, H, W, fps=8, seed=1234, val_fraction=0.25))
+    grown = read_manifest(syn.synthesize_dataset(tmp_path / "b", 6, T, H, W, fps=8, seed=1234, val_fraction=0.25))
+    assert list(grown["clip_id"][:5]) == list(small["clip_id"])
+    for row in small.to_dict("records"):
+        assert np.array_equal(load_ids(tmp_path / "a" / row["seg_path"]), load_ids(tmp_path / "b" / row["seg_path"]))
+    moved = [c for c, before, after in zip(small["clip_id"], small["split"], grown["split"][:5], strict=True)
+             if before == "train" and after == "val"]
+    assert moved and syn.train_clips_held_out_when_grown(1234, 5, 6, 0.25) == moved  # 5 -> 6 clips moves one
+    assert syn.train_clips_held_out_when_grown(1234, 5, 5, 0.25) == []
+    # small's 2,000 clips grown to 3,000: no training clip is held out, and the 16 clips its evaluation
+    # predicts (the first of the val split) stay the same
+    assert syn.train_clips_held_out_when_grown(1234, 2000, 3000, 0.05) == []
+    ids = [syn.synthetic_clip_id(1234, i) for i in range(3000)]
+    held_out = [[c for c, s in zip(ids[:n], assign_splits(ids[:n], 0.05, 1234), strict=True) if s == "val"][:16]
+                for n in (2000, 3000)]
+    assert held_out[0] == held_out[1] and len(held_out[0]) == 16

@@ -695,6 +695,21 @@ def render_clip(
     )
 
 
+def synthetic_clip_id(dataset_seed: int, index: int) -> str:
+    """Clip ``index``'s id: the same clip at any ``num_clips`` (its seed is :func:`clip_seed`)."""
+    return f"synth-{dataset_seed}-{index:05d}"
+
+
+def train_clips_held_out_when_grown(dataset_seed: int, num_clips: int, grown: int, val_fraction: float) -> list[str]:
+    """The clips of a ``num_clips`` set's training split that a ``grown``-clip set of the same seed
+    holds out (``assign_splits`` ranks by hash, so growing the set can move a clip to validation):
+    what a model trained on the smaller set would have seen of the larger one's validation clips."""
+    ids = [synthetic_clip_id(dataset_seed, i) for i in range(grown)]
+    before = assign_splits(ids[:num_clips], val_fraction, dataset_seed)
+    after = assign_splits(ids, val_fraction, dataset_seed)[:num_clips]
+    return [c for c, b, a in zip(ids[:num_clips], before, after, strict=True) if b == "train" and a == "val"]
+
+
 def clip_seed(dataset_seed: int, index: int) -> int:
     """Seed of clip ``index`` of a dataset (independent streams per clip)."""
     return int(np.random.SeedSequence([dataset_seed, index]).generate_state(1, np.uint32)[0])
@@ -715,7 +730,7 @@ class _ClipJob:
 def _render_and_write(job: _ClipJob) -> dict:
     """Render clip ``job.index`` of the dataset, write its files and return its manifest row (a
     worker process's unit of work: the result depends on the job alone)."""
-    cid = f"synth-{job.seed}-{job.index:05d}"
+    cid = synthetic_clip_id(job.seed, job.index)
     clip = render_clip(clip_seed(job.seed, job.index), job.num_frames, job.height, job.width, clip_id=cid)
     video_rel, seg_rel, depth_rel = f"videos/{cid}.mp4", f"seg/{cid}.npz", f"depth/{cid}.npz"
     write_video(job.out / video_rel, clip.frames, job.fps, qp=job.qp)
