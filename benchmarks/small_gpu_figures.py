@@ -120,10 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             for key, label in scores if (c := curves(rows, key))[0]}
     viz.plot_curves(args.out / "fig8_validation.png", fig8, title="Fig 8: held-out real clips vs exact ground truth",
                     ylabel="score (higher is better)")
-    timed = [(name, rows, json.loads((args.run / "variants" / name / "outputs/small/gpu_run/train.done.json")
-                                     .read_text())["seconds"])
-             for name, rows in variants.items()
-             if (args.run / "variants" / name / "outputs/small/gpu_run/train.done.json").exists()]
+    trained = {name: args.run / "variants" / name / "outputs/small/gpu_run/train.done.json" for name in variants}
+    timed = [(name, rows, json.loads(trained[name].read_text())["seconds"])
+             for name, rows in variants.items() if trained[name].exists()]
     timed += [compared_run(spec) for spec in args.compare]
     by_time = {f"{name}: {label}": c for name, rows, seconds in timed
                for key, label in scores if (c := seconds_axis(rows, key, seconds))[0]}
