@@ -15,7 +15,13 @@ Writes, beside the per-variant plots the stages already make:
   colormap | decoded map), for the README;
 - ``caption_following.json``: whether that gallery's generated videos show their caption's sky and
   ground colour (``udpdiff.evaluation.scene_following``, read from the gallery's frames: runs whose
-  sample stage predates that score in the evaluate stage).
+  sample stage predates that score in the evaluate stage);
+- ``real_clips.gif``: that variant's dense prediction of its first ``--real-clips`` held-out clips (the
+  RGB half given) beside their exact ground truth, re-rendered from the clips' seeds. Each row: the clip |
+  its entities | the predicted ones (each matched to an entity as the evaluation matches them, in that
+  entity's colour; unmatched ones in others) | its disparity | the prediction after the evaluation's
+  scale-and-shift fit, with the clip's mIoU and δ1 (depth space) from ``per_video.csv``: the picture of
+  the scores issue 12 is about.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from PIL import Image, ImageSequence
 
 from udpdiff import viz
 from udpdiff.evaluation.scene_following import scene_following
+from udpdiff.evaluation.segmentation import hungarian_miou
 from udpdiff.io.atomic import write_text
 from udpdiff.io.video import write_gif
 
@@ -61,6 +68,53 @@ def compared_run(spec: str) -> tuple[str, list[dict], float]:
         return label, series(Path(path)), float(seconds)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--compare {spec!r}: {e}") from e
+
+
+def matched_ids(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """``pred``'s entity ids renamed to the ground-truth ids they match (Hungarian on the video-volume
+    IoU, as the evaluation scores them), so a picture gives a matched pair one colour; unmatched
+    predicted entities get ids past the truth's."""
+    lut = np.zeros(int(pred.max(initial=0)) + 1, np.int64)
+    matches = {p: g for p, g, _ in hungarian_miou(pred, gt)["matches"]}
+    spare = int(gt.max(initial=0)) + 1
+    for p in np.unique(pred[pred > 0]).tolist():
+        lut[p] = matches.get(p, spare)
+        spare += p not in matches
+    return lut[pred]
+
+
+def real_clips_picture(variant: Path, rows: int) -> np.ndarray:
+    """``real_clips.gif``'s frames for one variant's run (see the module's docstring)."""
+    import pandas as pd
+    import small_gpu
+    from small_depth_errors import aligned
+    from small_vae_ceiling import exact_clip
+
+    info = json.loads((variant / "outputs/small/gpu_run/variant.json").read_text())
+    p = small_gpu.load(info.get("profile_overrides", []))
+    scores = pd.read_csv(variant / "outputs/small/evaluation/per_video.csv").set_index(["set", "clip_id"])
+    out = []
+    with np.load(variant / "outputs/small/metrics/dense_predictions.npz") as z:
+        clips = [k.split("/", 1)[1] for k in z.files if k.startswith("segmentation/")]
+        clips = [c for c in clips if f"depth/{c}" in z.files][:rows]
+        if not clips:
+            raise SystemExit(f"{variant}: no clip has both segmentation and depth predictions")
+        for clip_id in clips:
+            seg, depth = z[f"segmentation/{clip_id}"], z[f"depth/{clip_id}"]
+            exact = exact_clip(p, clip_id)
+            t = min(len(seg), len(depth))
+            gt_ids, gt = exact["ids"][:t], exact["depth"][:t]
+            fitted = aligned(depth[:t], exact)  # the evaluation's one scale-and-shift fit per clip
+            seen = gt[gt > 0]  # shown over the clip's own range (not the sky's 0), so the ground's ramp shows
+            lo, hi = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 1.0)
+            gt_shown, fitted_shown = (np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0) for x in (gt, fitted))
+            miou = scores.loc[("segmentation", clip_id), "gt_miou"]
+            delta1 = scores.loc[("depth", clip_id), "gt_delta1_depth"]
+            out.append(viz.side_by_side(
+                exact["frames"][:t], gt_ids, matched_ids(seg[:t], gt_ids), gt_shown, fitted_shown,
+                labels=[clip_id, "entities", f"predicted: mIoU {miou:.2f}", "disparity",
+                        f"predicted: delta1 {delta1:.2f}"]))  # the label font has no Greek
+    return np.concatenate(out, axis=1)
 
 
 def _gallery(path: Path) -> tuple[np.ndarray, int, int]:
@@ -105,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--gallery-rows", type=int, default=4)
     ap.add_argument("--gallery-variant", default=FULL_METHOD, help="whose text-to-video gallery (default: %(default)s)")
+    ap.add_argument("--real-clips", type=int, default=4, help="rows of real_clips.gif (0: none)")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL=JSONL@SECONDS",
                     help="an earlier run's train_steps.jsonl and training seconds, added to fig8_gpu_time.png")
     args = ap.parse_args(argv)
@@ -144,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caption following of {args.gallery_variant}'s gallery: {following}")
     elif args.gallery_variant != FULL_METHOD:  # asked for by name: say so rather than skip it
         raise SystemExit(f"{samples}: no gallery_segmentation.gif and gallery_depth.gif")
+    variant = args.run / "variants" / args.gallery_variant
+    if args.real_clips > 0 and (variant / "outputs/small/metrics/dense_predictions.npz").exists():
+        write_gif(args.out / "real_clips.gif", real_clips_picture(variant, args.real_clips), fps=8)
     print(f"figures of {', '.join(variants)} -> {args.out}")
     return 0
 

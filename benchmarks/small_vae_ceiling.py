@@ -39,8 +39,8 @@ TOLERANCES = (25, 40, 50, 60, 70, 80, 100)
 
 
 def exact_clip(p, clip_id: str) -> dict[str, np.ndarray]:
-    """Clip ``synth-<seed>-<index>`` re-rendered as the data and encode stages made it: ids, depth, its
-    segmentation colormap, the palette that coloured it and the scene it was rendered from."""
+    """Clip ``synth-<seed>-<index>`` re-rendered as the data and encode stages made it: its frames, ids,
+    depth, segmentation colormap, the palette that coloured it and the scene it was rendered from."""
     d, pp = p.active.data, p.active.pixelplanes
     dataset_seed, index = (int(x) for x in clip_id.split("-")[1:])
     c = render_clip(clip_seed(dataset_seed, index), d.num_frames, d.height, d.width)
@@ -48,7 +48,8 @@ def exact_clip(p, clip_id: str) -> dict[str, np.ndarray]:
     palette = pixelplanes.make_palette(entities[entities != 0], seed=palette_seed(p.seed, clip_id),
                                        min_distance=pp.min_color_distance)
     seg, palette = pixelplanes.encode_segmentation(c.ids, palette=palette)
-    return {"ids": c.ids, "depth": c.depth, "exact_seg": seg, "palette": palette, "scene": c.scene}
+    return {"frames": c.frames, "ids": c.ids, "depth": c.depth, "exact_seg": seg, "palette": palette,
+            "scene": c.scene}
 
 
 def miou_per_tolerance(clips: list[dict], key: str, with_palette: bool = False,

@@ -419,6 +419,11 @@ def test_figures_of_a_run(gpu_run, tmp_path):
     samples = root / "variants" / NAMES[0] / "outputs/small/samples"
     with Image.open(samples / "gallery_segmentation.gif") as seg, Image.open(tmp_path / "gallery.gif") as both:
         assert both.size == (2 * seg.size[0] + 8, seg.size[1]) and both.n_frames == seg.n_frames  # one row: all of it
+    # the held-out clips' predictions beside their exact truth: one row (sample.num_samples=1) of five
+    # panels at the display height, under a label band, every frame the clip has
+    with Image.open(tmp_path / "real_clips.gif") as real:
+        assert real.n_frames == 9 and real.size[0] == 5 * small_gpu_figures.viz.MIN_DISPLAY_HEIGHT
+        assert small_gpu_figures.viz.MIN_DISPLAY_HEIGHT < real.size[1] < 2 * small_gpu_figures.viz.MIN_DISPLAY_HEIGHT
     # another variant's gallery by name; a name without one is an error, not a silent skip
     other = tmp_path / "other"
     assert small_gpu_figures.main([str(root), str(other), "--gallery-rows", "1",
@@ -444,6 +449,21 @@ def test_fig8_over_training_seconds_spreads_each_run_over_its_own_time(tmp_path)
     for bad in (f"{earlier}@1114", f"patch 2={earlier}", f"x={tmp_path / 'none.jsonl'}@5", f"x={earlier}@soon"):
         with pytest.raises(SystemExit, match="--compare"):
             small_gpu_figures.compared_run(bad)
+
+
+def test_predicted_entities_take_the_colour_of_the_truth_they_match():
+    """real_clips.gif's colours: a predicted entity is renamed to the ground-truth id it is matched to
+    (Hungarian on IoU), an unmatched one to an id past the truth's, background stays 0."""
+    import small_gpu_figures
+
+    gt = np.zeros((1, 4, 6), np.int32)
+    gt[0, :, :2], gt[0, :, 3:5] = 1, 2
+    pred = np.zeros_like(gt)
+    pred[0, :, :2], pred[0, :3, 3:5], pred[0, :, 5] = 7, 3, 9  # 7 -> 1, 3 -> 2, 9 overlaps nothing
+    out = small_gpu_figures.matched_ids(pred, gt)
+    assert np.array_equal(out[pred == 7], np.full((pred == 7).sum(), 1))
+    assert np.array_equal(out[pred == 3], np.full((pred == 3).sum(), 2))
+    assert set(np.unique(out[pred == 9]).tolist()) == {3} and not out[pred == 0].any()
 
 
 def test_reference_scores_order_by_detail(tmp_path):
