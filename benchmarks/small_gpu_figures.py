@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", type=Path, help="the unpacked tarball(s): holds variants/<name>/")
     ap.add_argument("out", type=Path)
     ap.add_argument("--gallery-rows", type=int, default=4)
-    ap.add_argument("--gallery-variant", default=FULL_METHOD, help="whose text-to-video gallery (default: %(default)s)")
+    ap.add_argument("--gallery-variant", default=FULL_METHOD,
+                    help="whose text-to-video gallery and real_clips.gif (default: %(default)s)")
     ap.add_argument("--real-clips", type=int, default=4, help="rows of real_clips.gif (0: none)")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL=JSONL@SECONDS",
                     help="an earlier run's train_steps.jsonl and training seconds, added to fig8_gpu_time.png")
