@@ -439,8 +439,9 @@ def as_if_trained_on(saved: dict, now: dict, tarball: Path) -> dict:
     from udpdiff.data.synthetic import train_clips_held_out_when_grown
 
     before, after = saved.get("data", {}), now["data"]
-    if before.get("source") != "synthetic" or not before.get("num_clips", after["num_clips"]) < after["num_clips"]:
-        return saved
+    trained_on = before.get("num_clips")
+    if before.get("source") != "synthetic" or trained_on is None or trained_on >= after["num_clips"]:
+        return saved  # not fewer clips of the same generator: the plain comparison decides
     seen = train_clips_held_out_when_grown(now["seed"], before["num_clips"], after["num_clips"],
                                            after["val_fraction"])
     if seen:
