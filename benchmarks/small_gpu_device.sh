@@ -14,7 +14,7 @@
 #                                                      # --gpus-per-variant 2: each variant data parallel on 2 GPUs)
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)
 # `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
-# the machine and everything on it (attempt 2). It also returns the trained VAE ($OUT/vae-small.tar);
+# the machine and everything on it (attempt 2). It also returns a VAE trained there ($OUT/vae-small.tar);
 # put that file in .gpu-carry/ (xz it if the carry is over 64 MiB) and carry it: `prepare` on a fresh machine skips the VAE.
 set -uo pipefail
 SITE=/tmp/site RUN=/tmp/small CODE=/tmp/small-code OUT=${OUT:-/tmp/out}
@@ -61,6 +61,7 @@ PY
     carried=$(ls .gpu-carry/vae-small.tar* 2>/dev/null | head -n 1)  # .tar, or .tar.xz to fit the 64 MiB carry
     if [ -n "$carried" ] && [ ! -f $RUN/outputs/small/gpu_run/autoencoder.done.json ]; then
       driver restore-vae --root $RUN --vae "$carried" "$@" || exit 1
+      touch $RUN/vae-from-carry  # `watch` then returns no copy of it
     fi
     setsid nohup python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN "$@" >> $RUN/logs/prepare.log 2>&1 < /dev/null &
     echo "prepare started" ;;
@@ -91,5 +92,7 @@ PY
     done
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
     driver pack --root $RUN --out $OUT/small.tar.gz
-    driver save-vae --root $RUN --out $OUT/vae-small.tar ;;
+    # a VAE restored from the carry is the file carried: returning it again (14 MB) only delays the
+    # reply, and a reply later than the 30 s idle release loses the machine (attempt 18)
+    [ -f $RUN/vae-from-carry ] || driver save-vae --root $RUN --out $OUT/vae-small.tar ;;
 esac
