@@ -306,3 +306,23 @@ def test_generate_cli_takes_the_acceleration_switches(tmp_path, monkeypatch, tin
     assert cli.main(common + ["--seed", "1"]) == 0
     assert seen == [(True, "sequential"), ("auto", "batched")]
     assert (tmp_path / "out" / "depth-seed0.npz").exists() and (tmp_path / "out" / "depth-seed1.mp4").exists()
+
+
+def test_8bit_adamw_stochastic_rounding_keeps_updates_bf16_cannot_hold():
+    """``adamw8bit(bf16_stochastic_round=True)`` on bf16 weights: 100 updates of 1e-4 (each under a
+    fortieth of bf16's spacing at 1.0) move the weights by 1e-2 on average, as fp32 weights would;
+    torch's AdamW rounds every one of them away (why master_weights: bf16 needs adamw8bit)."""
+    pytest.importorskip("torchao")
+    weights = {}
+    for name in ("8bit-sr", "torch-adamw"):
+        w = torch.ones(64, 128, dtype=torch.bfloat16, requires_grad=True)  # 8,192 elements: 8-bit states
+        opt = acceleration.adamw8bit([w], "cpu", lr=1e-4, weight_decay=0.0, bf16_stochastic_round=True) \
+            if name == "8bit-sr" else acceleration.adamw([w], "cpu", lr=1e-4, weight_decay=0.0)
+        torch.manual_seed(0)
+        for _ in range(100):
+            w.grad = torch.ones_like(w)  # a constant gradient: Adam moves each weight by lr per update
+            opt.step()
+        weights[name] = w.detach().float()
+    assert weights["8bit-sr"].mean().item() == pytest.approx(1 - 100 * 1e-4, abs=3e-4)
+    assert len(weights["8bit-sr"].unique()) > 1  # each weight rounded up or down on its own
+    assert torch.equal(weights["torch-adamw"], torch.ones(64, 128))

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -219,6 +220,79 @@ def adamw(parameters, device: torch.device | str, *, fused: bool | None = None, 
     foreach path launches a kernel per op per tensor group); the same update up to rounding."""
     fused = torch.device(device).type == "cuda" if fused is None else fused
     return torch.optim.AdamW(parameters, fused=fused, **kwargs)
+
+
+def bf16_parameters(module: torch.nn.Module) -> None:
+    """``module``'s parameters in bf16, its buffers as they are (as DeepSpeed's bf16 mode casts):
+    the weights themselves are what the optimizer updates (``train.master_weights: bf16``)."""
+    for param in module.parameters():
+        param.data = param.data.to(torch.bfloat16)
+
+
+def adamw8bit(parameters, device: torch.device | str, *, bf16_stochastic_round: bool = False,
+              **kwargs: Any) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit: AdamW with both moments stored block-wise in 8 bits (a quarter of the
+    fp32 states' memory). ``bf16_stochastic_round`` rounds each update of bf16 weights stochastically,
+    so that updates smaller than bf16's spacing still count on average (``train.master_weights: bf16``).
+    Not lossless: the moments are quantised."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as exc:
+        raise AccelerationError("train.optimizer: adamw8bit needs torchao (pip install -e \".[lowbit]\")") from exc
+
+    class CheckpointableAdamW8bit(AdamW8bit):
+        # DeepSpeed loads checkpoints with a callable map_location, which torch cannot apply to
+        # tensor subclasses such as torchao's 8-bit states: they are saved as their plain parts
+        def state_dict(self) -> dict:
+            return _with_subclasses_flattened(super().state_dict())
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict(_with_subclasses_restored(state_dict))
+
+    optimizer = CheckpointableAdamW8bit(parameters, bf16_stochastic_round=bf16_stochastic_round, **kwargs)
+    if torch.device(device).type != "cuda":
+        # torchao compiles its per-tensor update; on the CPU that compile costs ~30 s for the same maths,
+        # so the step runs it eagerly (a bound method still: torch's LR schedulers wrap ``step.__func__``)
+        eager = torch.compiler.set_stance("force_eager")(type(optimizer).step)
+        optimizer.step = types.MethodType(eager, optimizer)
+    return optimizer
+
+
+_FLATTENED = "tensor_subclass"
+
+
+def _with_subclasses_flattened(state_dict: dict) -> dict:
+    """An optimizer state dict whose tensor-subclass states are ``{tensor_subclass: class path,
+    tensors: {name: tensor}, attributes: [...]}`` (their ``__tensor_flatten__``), plain tensors elsewhere."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    state = {}
+    for index, entries in state_dict["state"].items():
+        state[index] = {}
+        for key, value in entries.items():
+            if is_traceable_wrapper_subclass(value):
+                names, attributes = value.__tensor_flatten__()
+                cls = type(value)
+                value = {_FLATTENED: f"{cls.__module__}:{cls.__qualname__}",
+                         "tensors": {n: getattr(value, n) for n in names}, "attributes": list(attributes)}
+            state[index][key] = value
+    return {**state_dict, "state": state}
+
+
+def _with_subclasses_restored(state_dict: dict) -> dict:
+    """The inverse of :func:`_with_subclasses_flattened`."""
+    import importlib
+
+    state = {}
+    for index, entries in state_dict["state"].items():
+        state[index] = {}
+        for key, value in entries.items():
+            if isinstance(value, dict) and _FLATTENED in value:
+                module, name = value[_FLATTENED].split(":")
+                cls = getattr(importlib.import_module(module), name)
+                value = cls.__tensor_unflatten__(value["tensors"], value["attributes"], None, None)
+            state[index][key] = value
+    return {**state_dict, "state": state}
 
 
 def accelerate_pipeline(pipe, settings: AccelerationParams) -> Acceleration:

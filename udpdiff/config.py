@@ -296,6 +296,15 @@ class TrainParams(_Strict):
     # here (micro batch, accumulation, clipping, precision). ZeRO stage and offload live in it.
     deepspeed_config: str = "infra/deepspeed/zero2.json"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # adamw: torch's AdamW (fused on CUDA), or DeepSpeed's when the JSON names an optimizer.
+    # adamw8bit: torchao's AdamW8bit, both moments block-wise 8-bit (a quarter of AdamW's state
+    # memory; the `lowbit` extra). Not lossless: the moments are quantised. It needs the weights as
+    # they are, unflattened: a ZeRO-0 JSON (infra/deepspeed/zero0.json) and fp32 or master_weights: bf16
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    # the weights the optimizer updates: fp32, a master copy beside the bf16/fp16 module (DeepSpeed's
+    # mixed precision), or bf16, the bf16 module itself, updated with stochastic rounding (no fp32
+    # copy: with adamw8bit, 5B fits one 80 GB GPU; benchmarks/results/gpu-memory-5b-8bit-h200.md)
+    master_weights: Literal["fp32", "bf16"] = "fp32"
     # activation checkpointing: true/full recomputes each block in the backward (least memory);
     # selective keeps matmul and attention outputs and recomputes only pointwise work (a backward
     # of ~2 forwards instead of 3, more memory); false keeps everything (udpdiff.acceleration)
@@ -324,6 +333,17 @@ class TrainParams(_Strict):
             raise ValueError("tasks: [] (the RGB-only baseline) needs task_conditioning: none")
         if not self.tasks and self.rgb_given_prob:
             raise ValueError("rgb_given_prob needs a dense task: the RGB-only baseline has no dense half to predict")
+        if self.master_weights == "bf16" and (self.precision != "bf16" or self.optimizer != "adamw8bit"):
+            # torch's AdamW rounds each update to bf16: at lr 1e-5 most updates would round away
+            raise ValueError(f"master_weights: bf16 needs precision: bf16 and optimizer: adamw8bit (its stochastic "
+                             f"rounding keeps small updates); got precision {self.precision}, "
+                             f"optimizer {self.optimizer}")
+        if self.optimizer == "adamw8bit" and self.precision != "fp32" and self.master_weights != "bf16":
+            # DeepSpeed's mixed precision steps the optimizer on one flat fp32 buffer, for which
+            # torchao keeps full-precision moments: no memory saved
+            raise ValueError(f"optimizer: adamw8bit with precision {self.precision} needs master_weights: bf16 "
+                             "(DeepSpeed's fp32 master copy is one flat buffer, whose moments torchao keeps "
+                             "in full precision)")
         return self
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udpdiff.acceleration import accelerate, adamw, checkpoint_activations
+from udpdiff.acceleration import accelerate, adamw, adamw8bit, bf16_parameters, checkpoint_activations
 from udpdiff.config import Params, TrainParams, unrecorded
 from udpdiff.extensions_lock import before_deepspeed_build
 from udpdiff.io.atomic import write_text
@@ -133,10 +133,18 @@ def load_deepspeed_config(path: str | Path, p: Params, world_size: int = 1) -> d
         ("gradient_accumulation_steps",): t.gradient_accumulation_steps,
         ("train_batch_size",): t.micro_batch_size * t.gradient_accumulation_steps * world_size,
         ("gradient_clipping",): t.max_grad_norm,
-        ("bf16", "enabled"): t.precision == "bf16",
+        # DeepSpeed's bf16 mode keeps an fp32 master copy; master_weights: bf16 trains the bf16 module itself
+        ("bf16", "enabled"): t.precision == "bf16" and t.master_weights == "fp32",
         ("fp16", "enabled"): t.precision == "fp16",
     }
+    if t.optimizer == "adamw8bit" and zero_stage(cfg) != 0:
+        # ZeRO partitions flat fp32 copies of the weights, whose moments torchao keeps in full precision
+        raise DeepSpeedConfigError(f"{path}: ZeRO stage {zero_stage(cfg)} keeps flat fp32 copies of the weights; "
+                                   "train.optimizer: adamw8bit needs stage 0 (infra/deepspeed/zero0.json)")
     if "optimizer" in cfg:  # DeepSpeed builds it (DeepSpeedCPUAdam under ZeRO-Offload)
+        if t.optimizer != "adamw":
+            raise DeepSpeedConfigError(f"{path}: names DeepSpeed's optimizer, but train.optimizer is {t.optimizer}; "
+                                       "use a JSON without an optimizer section")
         if not isinstance(cfg["optimizer"], dict) or str(cfg["optimizer"].get("type", "")).lower() != "adamw":
             raise DeepSpeedConfigError(f"{path}: optimizer.type must be AdamW (the paper's optimizer)")
         wanted[("optimizer", "params", "lr")] = t.lr
@@ -179,6 +187,9 @@ def zero_stage(ds_config: dict) -> int:
 # settings a resumed run may change without invalidating its checkpoints
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every", "log_checkpoints",
                      "deepspeed_config", "latents"}
+# settings added after runs existed, at the value those runs had: left out of the fingerprint there,
+# so that their checkpoints keep resuming
+FINGERPRINT_SILENT_DEFAULTS = {"optimizer": "adamw", "master_weights": "fp32"}
 
 
 def _ignore_approximate(p: Params, rank: int) -> None:
@@ -202,7 +213,8 @@ def run_fingerprint(p: Params, ds_config: dict | None = None, world_size: int = 
         state = {"seed": p.seed, "data": a.data.model_dump(), "pixelplanes": a.pixelplanes.model_dump(),
                  "vae": a.vae.model_dump(), "text_encoder": a.text_encoder.model_dump(),
                  "transformer": a.transformer.model_dump(), "scheduler": a.scheduler.model_dump(),
-                 "train": {k: v for k, v in a.train.model_dump().items() if k not in RESUMABLE_CHANGES}}
+                 "train": {k: v for k, v in a.train.model_dump().items() if k not in RESUMABLE_CHANGES
+                           and FINGERPRINT_SILENT_DEFAULTS.get(k, object()) != v}}
     zero = (ds_config or {}).get("zero_optimization", {"stage": 2})
     state["distributed"] = {"zero_stage": int(zero.get("stage", 0)), "world_size": world_size,
                             "optimizer_by_deepspeed": "optimizer" in (ds_config or {}),
@@ -465,6 +477,8 @@ def train(
     num_tasks = max(task_id(x) for x in t.tasks) + 1 if t.task_conditioning == "embedding" else 0
     dense = bool(t.tasks)
     transformer = load_transformer(p.active.transformer.model_dump(), num_tasks=num_tasks, seed=p.seed, dense=dense)
+    if t.master_weights == "bf16":  # no fp32 copy anywhere: the optimizer updates these weights
+        bf16_parameters(transformer)
     checkpointing = checkpoint_activations(transformer, t.gradient_checkpointing)
     transformer.train()
     # compiled blocks (on CUDA by default): before DeepSpeed wraps the model, in place, so the state
@@ -476,9 +490,14 @@ def train(
                     else f"eager ({acceleration.reason})", checkpointing)
 
     # AdamW, built by DeepSpeed when the config names it (its CPU Adam for ZeRO-Offload), else here
-    # (fused on CUDA)
-    optimizer = None if "optimizer" in ds_config else \
-        adamw(transformer.parameters(), device, lr=t.lr, weight_decay=t.weight_decay)
+    # (fused on CUDA; or 8-bit)
+    if "optimizer" in ds_config:
+        optimizer = None
+    elif t.optimizer == "adamw8bit":
+        optimizer = adamw8bit(transformer.parameters(), device, lr=t.lr, weight_decay=t.weight_decay,
+                              bf16_stochastic_round=t.master_weights == "bf16")
+    else:
+        optimizer = adamw(transformer.parameters(), device, lr=t.lr, weight_decay=t.weight_decay)
     engine, _, _, lr_scheduler = deepspeed.initialize(model=transformer, model_parameters=transformer.parameters(),
                                                      optimizer=optimizer,
                                                      lr_scheduler=functools.partial(lr_schedule, train=t),
@@ -537,6 +556,11 @@ def train(
                     "Lower train.lr or check the inputs."
                 )
             engine.backward(loss)
+            own_norm = grad_norm_unreported(engine) if micro == t.gradient_accumulation_steps - 1 else None
+            if t.master_weights == "bf16":
+                # stochastic rounding draws from the global generator: seeded per update, so that a
+                # resumed run and every rank (each updates its own copy under ZeRO-0) round alike
+                torch.manual_seed(hash((p.seed, step, micro)) % 2**63)
             engine.step()
             sums["loss"] += loss.item() / t.gradient_accumulation_steps
             rgb_weight = None if weight is None else weight[:, :, :LATENT_CHANNELS]
@@ -550,7 +574,7 @@ def train(
                 name = next(k for k in t.tasks if task_id(k) == tid_)
                 per_task.setdefault(name, []).append(ls)
         done = step + 1
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
         local = {**sums, **{f"loss_dense_{k}": float(np.mean(per_task[k])) if k in per_task else float("nan")
                             for k in t.tasks}}
         row = {"step": done, **{k: v for k, v in _mean_over_ranks(local, device).items() if not math.isnan(v)},
@@ -590,6 +614,16 @@ def train(
         trained = module if zero != 3 else _copy_module(module)
     return trained, TrainResult(steps_done=end, resumed_from=resumed_from, history=history, checkpoint=last_ckpt,
                                 run_dir=ckpt_dir)
+
+
+def grad_norm_unreported(engine) -> float | None:
+    """The gradients' global norm, before clipping, where DeepSpeed reports none: ZeRO-0 without its
+    mixed precision (``master_weights: bf16``) clips the module's gradients and keeps no norm. Read
+    before ``engine.step()``, which zeroes them (they are already averaged over ranks); else None."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [q.grad for q in engine.module.parameters() if q.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
 def _copy_module(module: torch.nn.Module) -> UDPDiffTransformer3DModel:
