@@ -1019,16 +1019,24 @@ def init_distributed(bench: Bench) -> None:
     init(torch.device(bench.device))
 
 
-def zero2_config(bf16: bool = True, path: Path | str = "infra/deepspeed/zero2.json") -> dict[str, Any]:
+def zero2_config(bf16: bool = True, path: Path | str = "infra/deepspeed/zero2.json", optimizer: str = "adamw",
+                 master_weights: str = "fp32") -> dict[str, Any]:
     """A shipped DeepSpeed JSON (``--deepspeed-config``; infra/deepspeed/zero2.json by default) with
     its "auto" fields filled by the training code itself, from the paper profile's settings (micro
-    batch 1, no accumulation, clipping 1.0, lr 1e-5)."""
+    batch 1, no accumulation, clipping 1.0, lr 1e-5) and ``train.optimizer`` / ``train.master_weights``
+    (refused as training refuses them: adamw8bit needs ZeRO-0, bf16 weights need adamw8bit)."""
+    from pydantic import ValidationError
+
     from udpdiff.config import load_params
-    from udpdiff.train import load_deepspeed_config
+    from udpdiff.train import DeepSpeedConfigError, load_deepspeed_config
 
     p = load_params(ROOT / "params.yaml", profile="cogvideox-2b")
-    p = p.with_overrides({"train.precision": "bf16" if bf16 else "fp32"})
-    return load_deepspeed_config(ROOT / path, p)
+    try:
+        p = p.with_overrides({"train.precision": "bf16" if bf16 else "fp32", "train.optimizer": optimizer,
+                              "train.master_weights": master_weights})
+        return load_deepspeed_config(ROOT / path, p)
+    except (ValidationError, DeepSpeedConfigError) as exc:
+        raise SystemExit(f"train_fast: {exc}") from None
 
 
 def train_batch(bench: Bench, arch: str, channels: int, seed: int) -> dict[str, torch.Tensor]:
@@ -1052,14 +1060,16 @@ def train_batch(bench: Bench, arch: str, channels: int, seed: int) -> dict[str, 
 
 
 def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], world: int,
-              compiled: bool = False, checkpointing: bool | str = "full", fused: bool = False) -> dict[str, Any]:
+              compiled: bool = False, checkpointing: bool | str = "full", fused: bool = False,
+              optimizer_kind: str = "adamw", master_weights: str = "fp32") -> dict[str, Any]:
     """Build, wrap in a DeepSpeed engine, time; everything is freed when this returns. ``name`` is
     stock or ours; ``compiled``: ours with compiled blocks; ``checkpointing``: full, selective or
     off; ``fused``: fused AdamW. All three as training applies them (``udpdiff.acceleration``:
-    checkpointing, then compiled blocks, then DeepSpeed)."""
+    checkpointing, then compiled blocks, then DeepSpeed); ``optimizer_kind`` adamw8bit and
+    ``master_weights`` bf16 as ``train.optimizer`` / ``train.master_weights`` do."""
     import deepspeed
 
-    from udpdiff.acceleration import accelerate, adamw, checkpoint_activations
+    from udpdiff.acceleration import accelerate, adamw, adamw8bit, bf16_parameters, checkpoint_activations
     from udpdiff.config import AccelerationParams
 
     a = bench.args
@@ -1069,6 +1079,8 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
                 "compiled" if compiled else "eager", checkpointing,
                 "DeepSpeed's" if "optimizer" in ds_config else "fused" if fused else "foreach", world)
     model = build_transformer(bench, arch, ours=name == "ours")
+    if master_weights == "bf16":
+        bf16_parameters(model)
     checkpoint_activations(model, checkpointing)
     model.train()
     if compiled:
@@ -1076,8 +1088,13 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
     ch = model_channels(model)
     params = n_params(model)
     # as training does: DeepSpeed builds the optimizer when the JSON names one (CPU Adam for ZeRO-Offload)
-    optimizer = None if "optimizer" in ds_config else \
-        adamw(model.parameters(), bench.device, fused=fused, lr=1e-5, weight_decay=1e-4)
+    if "optimizer" in ds_config:
+        optimizer = None
+    elif optimizer_kind == "adamw8bit":
+        optimizer = adamw8bit(model.parameters(), bench.device, lr=1e-5, weight_decay=1e-4,
+                              bf16_stochastic_round=master_weights == "bf16")
+    else:
+        optimizer = adamw(model.parameters(), bench.device, fused=fused, lr=1e-5, weight_decay=1e-4)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
                                            config=copy.deepcopy(ds_config))
     batch = train_batch(bench, arch, ch, seed=3 + bench.rank)
@@ -1226,12 +1243,16 @@ def optimizer_offload(ds_config: dict[str, Any]) -> str:
     return (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
 
 
-def train_fast_key(arch: str, world: int, ds_config: dict[str, Any], memory_cap_gib: float | None) -> str:
+def train_fast_key(arch: str, world: int, ds_config: dict[str, Any], memory_cap_gib: float | None,
+                   optimizer: str = "adamw", master_weights: str = "fp32") -> str:
     """The result's key: the ZeRO stage and offload the JSON actually sets (``2b_zero1_1gpu`` for a
-    stage-1 config, not the default's name), and the memory cap."""
+    stage-1 config, not the default's name), an optimizer other than AdamW, bf16 weights, and the
+    memory cap."""
     offload = optimizer_offload(ds_config)
     return (f"{arch}_zero{ds_config.get('zero_optimization', {}).get('stage', 0)}_{world}gpu"
             + ("" if offload == "none" else f"_offload-{offload}")
+            + ("" if optimizer == "adamw" else f"_{optimizer}")
+            + ("" if master_weights == "fp32" else f"_{master_weights}-weights")
             + (f"_cap{memory_cap_gib:g}gib" if memory_cap_gib else ""))
 
 
@@ -1245,11 +1266,13 @@ def run_train_fast(bench: Bench, arch: str) -> None:
     import torch.distributed as dist
 
     a = bench.args
-    ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16, path=a.deepspeed_config)
+    ds_config = zero2_config(bf16=bench.dtype == torch.bfloat16, path=a.deepspeed_config,
+                             optimizer=a.train_optimizer, master_weights=a.master_weights)
     offload = optimizer_offload(ds_config)
-    if arch == "5b" and bench.world < 2 and offload == "none":
-        reason = (f"5B ZeRO-2 needs 2 GPUs (see train) or an optimizer offload (--deepspeed-config "
-                  f"infra/deepspeed/zero2-offload.json); this run has {bench.world} process(es)"
+    if arch == "5b" and bench.world < 2 and offload == "none" and a.master_weights == "fp32":
+        reason = (f"5B ZeRO-2 needs 2 GPUs (see train), an optimizer offload (--deepspeed-config "
+                  f"infra/deepspeed/zero2-offload.json) or 8-bit states on bf16 weights (--train-optimizer "
+                  f"adamw8bit --master-weights bf16); this run has {bench.world} process(es)"
                   + (" (smoke run)" if bench.smoke else ""))
         bench.result.setdefault("train_fast", {})["5b_zero2_2gpu"] = {"status": "not run", "reason": reason}
         logger.info("train_fast 5b: not run (%s)", reason)
@@ -1258,12 +1281,15 @@ def run_train_fast(bench: Bench, arch: str) -> None:
     world = dist.get_world_size()
     torch._dynamo.reset()  # training compiles its own graphs (forward, backward); time them cold
     bench.compiled_archs.clear()
-    entry = bench.result.setdefault("train_fast", {})[train_fast_key(arch, world, ds_config, a.memory_cap_gib)] = {
+    key = train_fast_key(arch, world, ds_config, a.memory_cap_gib, a.train_optimizer, a.master_weights)
+    entry = bench.result.setdefault("train_fast", {})[key] = {
         "arch": arch, "gpus": world, "deepspeed_config": ds_config, "deepspeed_config_file": a.deepspeed_config,
         "optimizer_offload": offload, "memory_cap_gib": a.memory_cap_gib, "micro_batch": 1,
         "loss": "v-prediction MSE (fp32)",
         "optimizer": "DeepSpeed's (from the JSON)" if "optimizer" in ds_config else
+                     "torchao AdamW8bit (client; 8-bit moments)" if a.train_optimizer == "adamw8bit" else
                      "torch.optim.AdamW (client; foreach or fused)",
+        "master_weights": a.master_weights,
         "compile": {"backend": acceleration_backend(), "mode": a.compile_mode, "fullgraph": True,
                     "dynamo_reset": True, "inductor_cache_at_start": inductor_cache_state()},
         "variants": {}, "warmup": a.train_warmup, "iters": a.train_iters, "gemm_ceiling_tflops": ceiling_tflops(bench),
@@ -1273,11 +1299,13 @@ def run_train_fast(bench: Bench, arch: str) -> None:
         compiled, checkpointing, fused = TRAIN_VARIANTS[name]
         by_deepspeed = "optimizer" in ds_config
         setting = {"compiled_blocks": compiled, "checkpointing": checkpointing or "off",
-                   "fused_adamw": fused and not by_deepspeed,
-                   "optimizer": f"DeepSpeed AdamW (offload: {offload})" if by_deepspeed else "torch AdamW"}
+                   "fused_adamw": fused and not by_deepspeed and a.train_optimizer == "adamw",
+                   "optimizer": f"DeepSpeed AdamW (offload: {offload})" if by_deepspeed else
+                                "torchao AdamW8bit" + (", bf16 weights" if a.master_weights == "bf16" else "")
+                                if a.train_optimizer == "adamw8bit" else "torch AdamW"}
         try:
             row = zero2_one(bench, arch, "ours", ds_config, world, compiled=compiled, checkpointing=checkpointing,
-                            fused=fused)
+                            fused=fused, optimizer_kind=a.train_optimizer, master_weights=a.master_weights)
         except torch.OutOfMemoryError as exc:
             logger.error("train_fast %s %s: out of memory", arch, name)
             row = {"status": "failed", "reason": f"OOM: {exc}"[:300]}
@@ -1494,7 +1522,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         steps_notes = [f"{a}: {e['steps_note']}" for a, e in r["approx"].items() if "steps_note" in e]
         lines += ["", *sorted(notes), "Steps: " + "; ".join(steps_notes) + ".", ""]
     if "train_fast" in r:
-        lines += ["## Fast path: training step, ours (ZeRO-2, micro batch 1, bf16)", "",
+        lines += ["## Fast path: training step, ours (DeepSpeed, micro batch 1; the key names the ZeRO stage, "
+                  "optimizer and memory cap)", "",
                   "| setting | variant: blocks, checkpointing, AdamW | s/step | saving | tokens/s/GPU | MFU (3x fwd) | "
                   "peak GiB | first step s | loss vs eager (rel.): first · max over steps |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -1510,7 +1539,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             for name, x in variants.items():
                 st = x["setting"]
                 optimizer = st.get("optimizer", "")
-                if "DeepSpeed" not in optimizer:
+                if optimizer in ("", "torch AdamW"):
                     optimizer = "fused" if st["fused_adamw"] else "foreach"
                 what = f"{name}: {'compiled' if st['compiled_blocks'] else 'eager'}, {st['checkpointing']}, {optimizer}"
                 if "median_s" not in x:
@@ -1602,6 +1631,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "compared with it)")
     p.add_argument("--deepspeed-config", default="infra/deepspeed/zero2.json",
                    help="train_fast: the shipped DeepSpeed JSON (zero2-offload.json: optimizer states on the CPU)")
+    p.add_argument("--train-optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="train_fast: train.optimizer (adamw8bit: torchao's 8-bit moments; needs a ZeRO-0 JSON, "
+                        "infra/deepspeed/zero0.json)")
+    p.add_argument("--master-weights", default="fp32", choices=["fp32", "bf16"],
+                   help="train_fast: train.master_weights (bf16: no fp32 copy, with --train-optimizer adamw8bit)")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="cap this process's GPU memory (torch's per-process fraction): a smaller GPU's budget")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "fa3"],

@@ -29,7 +29,7 @@ from udpdiff.io.atomic import atomic_path
 REPO = Path(__file__).resolve().parents[1]
 #: distributions the device image lacks; each pinned to this environment's version
 WHEELS = ("diffusers", "pydantic", "pydantic_core", "typing_inspection", "annotated_types", "av", "hjson",
-          "importlib_metadata", "array-api-compat")
+          "importlib_metadata", "array-api-compat", "torchao")
 SDISTS = ("deepspeed",)
 UNPACK = ("av", "diffusers")  # shipped unzipped and xz'd: the carry holds the checkout, wheels and a VAE in 64 MiB
 CARRY_LIMIT = 64 * 2**20

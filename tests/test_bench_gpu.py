@@ -122,6 +122,32 @@ def test_smoke_run_measures_the_fast_path_against_eager(smoke):
     assert "Fast path: denoising step" in table and "Fast path: full sample" in table and "Fast path: training" in table
 
 
+def test_smoke_run_trains_with_8bit_adamw_states(smoke, tmp_path):
+    """``--train-optimizer adamw8bit`` (torchao's 8-bit moments, here on fp32 weights: the CPU runs
+    fp32) under a ZeRO-0 JSON: filed under its own key, the same first loss as AdamW's (same weights
+    and batch: the forward is the same), then updates close to AdamW's at lr 1e-5."""
+    pytest.importorskip("torchao")
+    r_adamw, _ = smoke
+    out = tmp_path / "eight.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", "train_fast:2b",
+                           "--out", str(out), "--train-variants", "eager", "--train-optimizer", "adamw8bit",
+                           "--deepspeed-config", "infra/deepspeed/zero0.json"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entry = json.loads(out.read_text())["train_fast"]["2b_zero0_1gpu_adamw8bit"]
+    row = entry["variants"]["eager"]
+    assert row["setting"]["optimizer"] == "torchao AdamW8bit" and not row["setting"]["fused_adamw"]
+    reference = r_adamw["train_fast"]["2b_zero2_1gpu"]["variants"]["eager"]["losses"]
+    assert row["losses"][0] == pytest.approx(reference[0], rel=1e-6)
+    assert row["losses"] == pytest.approx(reference, rel=1e-2) and row["losses"] != reference
+    # a JSON that partitions the weights is refused, as training refuses it
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", "train_fast:2b",
+                           "--out", str(tmp_path / "refused.json"), "--train-optimizer", "adamw8bit"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "adamw8bit needs stage 0" in proc.stderr
+
+
 def test_smoke_run_measures_the_approximate_modes_against_the_lossless_path(smoke):
     """approx: every cache mode runs and is compared with the lossless fast path on the same seed;
     float8 (rowwise and tensorwise) cannot run on the CPU and says why."""
@@ -220,3 +246,5 @@ def test_train_fast_key_names_the_zero_stage_and_offload_the_config_sets():
     assert train_fast_key("2b", 1, {**shipped, "zero_optimization": {"stage": 1}}, None) == "2b_zero1_1gpu"
     assert train_fast_key("2b", 1, {"bf16": {"enabled": True}}, None) == "2b_zero0_1gpu"
     assert train_fast_key("5b", 1, offload, 80) == "5b_zero2_1gpu_offload-cpu_cap80gib"
+    assert train_fast_key("5b", 1, {"zero_optimization": {"stage": 0}}, 79, "adamw8bit", "bf16") == \
+        "5b_zero0_1gpu_adamw8bit_bf16-weights_cap79gib"
