@@ -5,6 +5,8 @@ batched VAE decode) against eager."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,31 @@ def test_deepspeed_training_resumes_exactly_on_gpu(tmp_path, config):
     assert resumed.resumed_from == 2
     # same batches; GPU kernels may differ in the last bits between runs
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao (the lowbit extra)")
+def test_8bit_states_on_bf16_weights_train_and_resume_on_gpu(tmp_path):
+    """train.optimizer: adamw8bit, master_weights: bf16 on CUDA, where torchao compiles its update and
+    the stochastic rounding draws from the CUDA generator: 8-bit moments on the GPU, and a killed run
+    resumes with the same losses and weights (the rounding is seeded per update)."""
+    from tests.conftest import DEEPSPEED_DIR, random_latent_cache, tiny_train_params, train_tiny
+
+    p = tiny_train_params(tmp_path, optimizer="adamw8bit", master_weights="bf16", precision="bf16",
+                          deepspeed_config=str(DEEPSPEED_DIR / "zero0.json"))
+    latents = random_latent_cache(tmp_path)
+    model, full = train_tiny(p, latents, tmp_path / "full")
+    assert next(model.parameters()).is_cuda and {q.dtype for q in model.parameters()} == {torch.bfloat16}
+    saved = torch.load(next((full.run_dir / "step-00000006").glob("*model_states.pt")), weights_only=False)
+    codes = [s["exp_avg"]["tensors"]["codes"] for s in saved["optimizer"]["state"].values()
+             if isinstance(s["exp_avg"], dict)]
+    assert codes and all(c.dtype == torch.uint8 and c.is_cuda for c in codes)
+    train_tiny(p, latents, tmp_path / "split", max_steps_this_run=3)
+    resumed_model, resumed = train_tiny(p, latents, tmp_path / "split")
+    assert resumed.resumed_from == 2
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-4)
+    differing = [n for (n, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True)
+                 if not torch.equal(a, b)]
+    assert not differing, differing
 
 
 # -- the fast path (udpdiff.acceleration) against eager ---------------------------------------------
