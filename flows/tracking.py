@@ -563,22 +563,41 @@ def log_ablation_table(run_id: str, title: str, df: Any, out_dir: Path) -> list[
 def share_ablation_view(client: MlflowClient, run_id: str, metric_order: Iterable[str] = ()) -> str:
     """Save the runs-table view of this ablation (its variant runs, their metric and override columns)
     as an MLflow *shared view* (what the UI's Share button stores: an experiment tag
-    ``mlflow.sharedViewState.<key>``) and return its URL fragment, relative to the MLflow UI's root."""
+    ``mlflow.sharedViewState.<key>``) and return its URL fragment, relative to the MLflow UI's root.
+
+    The override columns are the params whose values differ between the variants (a variant run that
+    holds every flattened param, as an imported GPU run does, would otherwise put ~200 equal columns
+    in the view); the view is cut, last columns first and with a warning, to MLflow's tag limit."""
+    from mlflow.utils.validation import MAX_EXPERIMENT_TAG_VAL_LENGTH
+
     run = client.get_run(run_id)
     experiment_id = run.info.experiment_id
     children = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'", max_results=1000)
     metrics = {k for c in children for k in c.data.metrics}
-    params = sorted({k for c in children for k in c.data.params})
+    every = {k for c in children for k in c.data.params}
+    params = sorted(k for k in every if len({c.data.params.get(k) for c in children}) > 1) \
+        if len(children) > 1 else sorted(every)
     first = [k for k in dict.fromkeys(metric_order) if k in metrics]
     ordered = first + sorted(metrics - set(first))
     columns = [f"metrics.`{k}`" for k in ordered] + [f"params.`{k}`" for k in params]
-    state = {"searchFilter": f"tags.`{PARENT_TAG}` = '{run_id}'", "orderByKey": "attributes.start_time",
-             "orderByAsc": True, "selectedColumns": ["attributes.`Run Name`", *columns],
-             # the UI applies widths through the column order: run name first, then the table's columns
-             "columnOrder": ["attributes.`Run Name`", *columns],
-             "columnWidths": {c: min(260, 7 * len(c.split(".", 1)[1]) + 16) for c in columns}}  # names unclipped
+
+    def view(columns: list[str]) -> str:
+        return json.dumps({
+            "searchFilter": f"tags.`{PARENT_TAG}` = '{run_id}'", "orderByKey": "attributes.start_time",
+            "orderByAsc": True, "selectedColumns": ["attributes.`Run Name`", *columns],
+            # the UI applies widths through the column order: run name first, then the table's columns
+            "columnOrder": ["attributes.`Run Name`", *columns],
+            "columnWidths": {c: min(260, 7 * len(c.split(".", 1)[1]) + 16) for c in columns}})  # names unclipped
+
+    state, kept = view(columns), len(columns)
+    while len(state) > MAX_EXPERIMENT_TAG_VAL_LENGTH:
+        kept -= 1
+        state = view(columns[:kept])
+    if kept < len(columns):
+        logger.warning("ablation view of run %s: %d of %d columns fit MLflow's %d-character tag; left out: %s",
+                       run_id, kept, len(columns), MAX_EXPERIMENT_TAG_VAL_LENGTH, ", ".join(columns[kept:])[:500])
     key = f"{_slug(run.data.tags.get('table') or run.info.run_name or 'ablation')}-{run_id[:8]}"
-    client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(state))
+    client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", state)
     return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}&workflowType=machine_learning"
 
 

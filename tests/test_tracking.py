@@ -273,6 +273,38 @@ def test_ablation_parent_variant_children_and_table(store, tmp_path):
     assert "metrics.`depth/subject_consistency`" in state["selectedColumns"]
 
 
+def _view_key(fragment: str) -> str:
+    return fragment.split("viewStateShareKey=")[1].split("&")[0]
+
+
+def test_ablation_view_shows_the_params_that_differ_and_fits_mlflow_s_tag_limit(store):
+    """Variant runs holding every flattened param (an imported GPU run's) put only the params that
+    differ between them in the shared view, and a view with more columns than MLflow's 20,000-character
+    experiment tag holds is cut to fit instead of failing the ablation's logging."""
+    from mlflow.entities import Metric, Param
+
+    exp = store.create_experiment("views")
+    parent = store.create_run(exp).info.run_id
+    for i, patch in enumerate((1, 2)):
+        child = store.create_run(exp, tags={tracking.PARENT_TAG: parent}).info.run_id
+        params = [Param(f"profile.section_{k}.setting", "same") for k in range(300)]
+        store.log_batch(child, params=[*params, Param("transformer.config.patch_size", str(patch))],
+                        metrics=[Metric("segmentation/gt_miou", 0.5 + i, 0, 0)])
+    fragment = tracking.share_ablation_view(store, parent)
+    state = json.loads(store.get_experiment(exp).tags[tracking.SHARED_VIEW_PREFIX + _view_key(fragment)])
+    assert state["selectedColumns"] == ["attributes.`Run Name`", "metrics.`segmentation/gt_miou`",
+                                        "params.`transformer.config.patch_size`"]
+    # 600 metric columns: more than the tag holds; the first ones (the table's order) are kept
+    many = store.create_run(exp, tags={tracking.PARENT_TAG: parent}).info.run_id
+    store.log_batch(many, metrics=[Metric(f"val/metric_number_{k:04d}/with_a_long_name", 1.0, 0, 0)
+                                   for k in range(600)])
+    fragment = tracking.share_ablation_view(store, parent, ["segmentation/gt_miou"])
+    tag = store.get_experiment(exp).tags[tracking.SHARED_VIEW_PREFIX + _view_key(fragment)]
+    state = json.loads(tag)
+    assert len(tag) <= 20000 and state["selectedColumns"][1] == "metrics.`segmentation/gt_miou`"
+    assert 100 < len(state["selectedColumns"]) < 602
+
+
 def test_bad_input_is_reported(store, tmp_path):
     p = _params()
     with pytest.raises(ValueError, match="parent_run_id"), tracking.variant_run(p, "", "tab5", "v", {}):
