@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import av
+import pandas as pd
 import pytest
 
 STAGES = ["data", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"]
@@ -95,6 +96,12 @@ def test_metrics_are_real_numbers_with_exact_representation_round_trips(repro):
     header = history[0].split(",")
     loss = [float(r.split(",")[header.index("loss")]) for r in history[1:]]
     assert sum(loss[-50:]) / 50 < 0.8 * sum(loss[:50]) / 50  # it learned
+    # Fig 8 beside the loss of held-out and training clips at fixed draws, at every validation
+    validation = pd.read_csv(metrics / "validation_history.csv")
+    for key in ("loss/held_out", "loss/train_clips", "loss_dense/held_out", "loss_dense/train_clips"):
+        assert validation[f"val/{key}"].gt(0).all() and validation[f"val/{key}"].notna().all(), key
+    assert validation["val/loss/train_clips"].iloc[-1] < validation["val/loss/train_clips"].iloc[0]
+    assert (metrics / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation = json.loads((work / "outputs" / "tiny" / "evaluation" / "metrics.json").read_text())
     ev = evaluation["metrics"]
     runtime = json.loads((metrics / "runtime.json").read_text())  # Tab 4: a metric, not a dependency

@@ -351,6 +351,32 @@ def test_bf16_weights_need_the_8bit_optimizer_and_zero_0(tmp_path):
     assert run_fingerprint(tiny_train_params(tmp_path)) != run_fingerprint(eight)  # never resumes the other's
 
 
+@pytest.mark.slow
+def test_fixed_draw_loss_is_the_training_loss_of_those_draws(tmp_path):
+    """``fixed_draw_loss`` on the training clips with one draw each is training's first step (a
+    global batch of all 6 clips), before any update: the same number. Called again it returns the
+    same figure; after training, a lower one."""
+    from udpdiff.latents import LatentDataset
+    from udpdiff.models.transformer import load_transformer
+    from udpdiff.tasks import task_id
+    from udpdiff.train import fixed_draw_loss
+
+    p = tiny_train_params(tmp_path, micro_batch_size=6, rgb_given_prob=0.5, steps=4)
+    latents = random_latent_cache(tmp_path)
+    trained, result = train_tiny(p, latents, tmp_path / "ck")
+    t = p.active.train
+    num_tasks = max(task_id(x) for x in t.tasks) + 1  # as train() builds it
+    initial = load_transformer(p.active.transformer.model_dump(), num_tasks=num_tasks, seed=p.seed).eval()
+    data = LatentDataset(latents, TRAIN_CLIPS)
+    alphas = build_scheduler(p.active.scheduler.model_dump()).alphas_cumprod
+    before = fixed_draw_loss(initial, data, p, 1.0, alphas, vae_scale_spatial=4, draws_per_clip=1)
+    assert before["loss"] == pytest.approx(result.history[0]["loss"], rel=1e-5)
+    assert before["loss_dense"] == pytest.approx(result.history[0]["loss_dense"], rel=1e-5)
+    assert fixed_draw_loss(initial, data, p, 1.0, alphas, 4, draws_per_clip=1) == before
+    after = fixed_draw_loss(trained.eval(), data, p, 1.0, alphas, 4, draws_per_clip=1)
+    assert after["loss"] < before["loss"] and t.steps == 4
+
+
 def test_rgb_given_samples_carry_their_clean_rgb_and_no_rgb_loss(tmp_path):
     """train.rgb_given_prob: a given sample's RGB half is its clean latent, its weight on the RGB
     half is 0 and everything else of the batch is the joint batch's, number for number."""

@@ -373,6 +373,41 @@ def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tenso
     return (err * weight).sum() / weight.sum().clamp_min(1)
 
 
+def squared_error(model, batch: dict[str, torch.Tensor], rotary, task_ids: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(v̂ − v)² per element of ``batch`` (:func:`make_batch`), ``model`` the DeepSpeed engine or its
+    module. DeepSpeed casts the weights to bf16/fp16, not the inputs: latents and text come as fp32."""
+    kwargs = {"task_id": batch["task_ids"]} if task_ids else {}
+    pred = model(hidden_states=batch["noisy"].to(dtype), encoder_hidden_states=batch["text"].to(dtype),
+                 timestep=batch["timesteps"], image_rotary_emb=rotary, return_dict=False, **kwargs)[0]
+    return (pred.float() - batch["v_target"]).pow(2)
+
+
+@torch.no_grad()
+def fixed_draw_loss(module: UDPDiffTransformer3DModel, data, p: Params, scaling_factor: float,
+                    alphas_cumprod: torch.Tensor, vae_scale_spatial: int, draws_per_clip: int = 4) -> dict[str, float]:
+    """The training loss of ``data``'s clips (a :class:`LatentDataset` or online one) at fixed draws:
+    the noise, timesteps, tasks and captions of :func:`make_batch`'s first steps over these clips,
+    each clip about ``draws_per_clip`` times. The same draws at every call, so the figure moves with
+    the weights alone: held-out clips beside training clips tell memorisation (a widening gap) from
+    underfitting. ``loss`` as training weighs it; ``loss_dense`` the dense half alone."""
+    t = p.active.train
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    frames, h, w = data[0]["rgb_mean"].shape[1:]
+    rotary = rotary_embeddings(module, vae_scale_spatial, h * vae_scale_spatial, w * vae_scale_spatial, frames,
+                               device)
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps
+    sums, batches = {"loss": 0.0, "loss_dense": 0.0}, 0
+    for step in range(math.ceil(draws_per_clip * len(data) / per_step)):
+        for micro in range(t.gradient_accumulation_steps):
+            batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod.float(), device=device)
+            err = squared_error(module, batch, rotary, t.task_conditioning == "embedding" and bool(t.tasks), dtype)
+            sums["loss"] += float(weighted_mean(err, batch.get("loss_weight")))
+            sums["loss_dense"] += float(err[:, :, LATENT_CHANNELS:].mean()) if t.tasks else float("nan")
+            batches += 1
+    return {k: v / batches for k, v in sums.items() if t.tasks or k == "loss"}
+
+
 def rotary_embeddings(transformer: UDPDiffTransformer3DModel, vae_scale: int, height: int, width: int,
                       latent_frames: int, device: torch.device):
     """The rotary tables CogVideoX-5B needs; reuses the pipeline's own construction."""
@@ -539,12 +574,7 @@ def train(
         lr = lr_scheduler.get_last_lr()[0]  # this update's: engine.step() moves the schedule on
         for micro in range(t.gradient_accumulation_steps):
             batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod, rank, world, device)
-            kwargs = {"task_id": batch["task_ids"]} if num_tasks else {}
-            # DeepSpeed casts the weights to bf16/fp16, not the inputs: the latents and text come as fp32
-            pred = engine(hidden_states=batch["noisy"].to(model_dtype),
-                          encoder_hidden_states=batch["text"].to(model_dtype),
-                          timestep=batch["timesteps"], image_rotary_emb=rotary, return_dict=False, **kwargs)[0]
-            err = (pred.float() - batch["v_target"]).pow(2)
+            err = squared_error(engine, batch, rotary, bool(num_tasks), model_dtype)
             weight = batch.get("loss_weight")
             loss = weighted_mean(err, weight)
             # every rank must agree to stop, or the others would wait forever in the next collective

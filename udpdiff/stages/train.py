@@ -74,7 +74,10 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
         rows = rows if not rows.empty else df
         prompts = _prompt_embeddings(p, paths, rows.iloc[0], text_fn)
         validation = [_validation_clip(p, paths, row, text_fn) for row in rows.head(t.validation_clips).itertuples()]
-        preview = functools.partial(_training_preview, p, vae, scheduler, prompts, empty, validation, log_fn)
+        losses_fn = functools.partial(_fixed_draw_losses, p, _loss_clip_sets(p, paths, df, vae, text_fn),
+                                      float(vae.config.scaling_factor), scheduler.alphas_cumprod, vae_scale)
+        preview = functools.partial(_training_preview, p, vae, scheduler, prompts, empty, validation, losses_fn,
+                                    log_fn)
     transformer, result = train(p, latents, train_rows.clip_id.tolist(), paths.checkpoints,
                                 scaling_factor=float(vae.config.scaling_factor), vae_scale_spatial=vae_scale,
                                 scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run,
@@ -158,6 +161,35 @@ def _validation_clip(p: Params, paths: ProjectPaths, row, text_fn) -> dict:
             "prompts": _prompt_embeddings(p, paths, row, text_fn)}
 
 
+def _loss_clip_sets(p: Params, paths: ProjectPaths, df: pd.DataFrame, vae, text_fn) -> dict[str, object]:
+    """The clips whose loss at fixed draws is followed during training: the first ``train.validation_clips``
+    held-out (validation split) clips and as many of the first training clips; from the latent cache,
+    or encoded when a batch needs them (``train.latents: online``)."""
+    from udpdiff.latents import LatentDataset, OnlineLatentDataset
+
+    t = p.active.train
+    held_out = df[df.split == "val"].head(t.validation_clips)
+    sets = {"held_out": held_out, "train_clips": df[df.split == "train"].head(max(len(held_out), 1))}
+    if t.latents == "cached":
+        return {name: LatentDataset(paths.latents, rows.clip_id.tolist()) for name, rows in sets.items() if len(rows)}
+    return {name: OnlineLatentDataset(lambda i, rows=rows: clip_inputs(p, paths, rows.iloc[i]), len(rows), vae,
+                                      text_fn, t.tasks, text_prompt_tasks=t.task_conditioning == "text-prompt")
+            for name, rows in sets.items() if len(rows)}
+
+
+def _fixed_draw_losses(p: Params, clip_sets: dict[str, object], scaling_factor: float, alphas_cumprod: torch.Tensor,
+                       vae_scale: int, module: torch.nn.Module) -> dict[str, float]:
+    """``val/loss/held_out``, ``val/loss/train_clips`` (and ``val/loss_dense/...``): the training loss
+    of each clip set at fixed draws (:func:`udpdiff.train.fixed_draw_loss`)."""
+    from udpdiff.train import fixed_draw_loss
+
+    out = {}
+    for name, data in clip_sets.items():
+        for key, value in fixed_draw_loss(module, data, p, scaling_factor, alphas_cumprod, vae_scale).items():
+            out[f"val/{key}/{name}"] = value
+    return out
+
+
 VALIDATION_LOG = "validation.jsonl"  # beside the preview grids in the run's checkpoint folder
 
 
@@ -189,12 +221,13 @@ def validation_scores(task: str | None, generated: np.ndarray, predictions: list
 
 
 def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor], empty: torch.Tensor,
-                      validation: list[dict], log_fn: LogFn | None, module: torch.nn.Module, step: int,
-                      path: Path) -> Path | None:
+                      validation: list[dict], losses_fn: Callable[[torch.nn.Module], dict[str, float]],
+                      log_fn: LogFn | None, module: torch.nn.Module, step: int, path: Path) -> Path | None:
     """A sample grid of the model being trained: one prompt per task, rows of generated video |
-    colormap | decoded; and the validation scores (Fig 8) of that video and of the dense prediction
-    of ``validation``'s real clips, logged as metric series and kept beside the grids. Runs on
-    every rank (ZeRO-3 forwards are collective); rank 0 writes and logs, and returns the gif."""
+    colormap | decoded; the validation scores (Fig 8) of that video and of the dense prediction of
+    ``validation``'s real clips; and ``losses_fn``'s losses of held-out and training clips, all
+    logged as metric series and kept beside the grids. Runs on every rank (ZeRO-3 forwards are
+    collective); rank 0 writes and logs, and returns the gif."""
     from udpdiff.pipeline import UDPDiffPipeline
     from udpdiff.train import rank_and_world
 
@@ -206,7 +239,7 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
                            scheduler=scheduler, task_conditioning=t.task_conditioning, given_rgb=given_rgb(p))
     pipe.set_progress_bar_config(disable=True)
     columns: list[list[np.ndarray]] = [[], [], []]
-    scores: dict[str, float] = {}
+    scores: dict[str, float] = losses_fn(module)
     call = dict(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                 segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
 
@@ -266,8 +299,14 @@ def _validation_history(log: Path, out_dir: Path) -> list[Path]:
     with atomic_path(csv) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     steps = frame["step"].tolist()
+    losses = [c for c in frame.columns if c.startswith(("val/loss/", "val/loss_dense/"))]
     curves = {c.removeprefix("val/"): (steps, frame[c].tolist()) for c in frame.columns
-              if c != "step" and not c.endswith("rmse") and not c.endswith("abs_rel")}
+              if c != "step" and c not in losses and not c.endswith("rmse") and not c.endswith("abs_rel")}
     png = viz.plot_curves(out_dir / "validation_scores.png", curves, title="validation scores during training (Fig 8)",
                           ylabel="score (higher is better)")
-    return [csv, png]
+    # a held-out loss rising or flat while the training clips' falls: memorisation
+    loss_png = viz.plot_curves(out_dir / "validation_loss.png",
+                               {c.removeprefix("val/"): (steps, frame[c].tolist()) for c in losses},
+                               title="loss at fixed draws: held-out vs training clips", ylabel="v-prediction MSE",
+                               logy=True)
+    return [csv, png, loss_png]
