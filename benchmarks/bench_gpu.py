@@ -1069,7 +1069,8 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
     ``master_weights`` bf16 as ``train.optimizer`` / ``train.master_weights`` do."""
     import deepspeed
 
-    from udpdiff.acceleration import accelerate, adamw, adamw8bit, bf16_parameters, checkpoint_activations
+    from udpdiff.acceleration import accelerate, bf16_parameters, checkpoint_activations
+    from udpdiff.acceleration import optimizer as build_optimizer
     from udpdiff.config import AccelerationParams
 
     a = bench.args
@@ -1088,13 +1089,9 @@ def zero2_one(bench: Bench, arch: str, name: str, ds_config: dict[str, Any], wor
     ch = model_channels(model)
     params = n_params(model)
     # as training does: DeepSpeed builds the optimizer when the JSON names one (CPU Adam for ZeRO-Offload)
-    if "optimizer" in ds_config:
-        optimizer = None
-    elif optimizer_kind == "adamw8bit":
-        optimizer = adamw8bit(model.parameters(), bench.device, lr=1e-5, weight_decay=1e-4,
-                              bf16_stochastic_round=master_weights == "bf16")
-    else:
-        optimizer = adamw(model.parameters(), bench.device, fused=fused, lr=1e-5, weight_decay=1e-4)
+    optimizer = None if "optimizer" in ds_config else \
+        build_optimizer(optimizer_kind, model.parameters(), bench.device, bf16_weights=master_weights == "bf16",
+                        fused=fused, lr=1e-5, weight_decay=1e-4)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
                                            config=copy.deepcopy(ds_config))
     batch = train_batch(bench, arch, ch, seed=3 + bench.rank)

@@ -258,6 +258,15 @@ def adamw8bit(parameters, device: torch.device | str, *, bf16_stochastic_round: 
     return optimizer
 
 
+def optimizer(kind: str, parameters, device: torch.device | str, *, bf16_weights: bool = False,
+              fused: bool | None = None, **kwargs: Any) -> torch.optim.Optimizer:
+    """``train.optimizer``'s optimizer: ``adamw`` (:func:`adamw`) or ``adamw8bit`` (:func:`adamw8bit`,
+    stochastically rounded on ``bf16_weights``: ``train.master_weights: bf16``)."""
+    if kind == "adamw8bit":
+        return adamw8bit(parameters, device, bf16_stochastic_round=bf16_weights, **kwargs)
+    return adamw(parameters, device, fused=fused, **kwargs)
+
+
 _FLATTENED = "tensor_subclass"
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udpdiff.acceleration import accelerate, adamw, adamw8bit, bf16_parameters, checkpoint_activations
+from udpdiff.acceleration import accelerate, bf16_parameters, checkpoint_activations
+from udpdiff.acceleration import optimizer as build_optimizer
 from udpdiff.config import Params, TrainParams, unrecorded
 from udpdiff.extensions_lock import before_deepspeed_build
 from udpdiff.io.atomic import write_text
@@ -401,7 +402,7 @@ def fixed_draw_loss(module: UDPDiffTransformer3DModel, data, p: Params, scaling_
     for step in range(math.ceil(draws_per_clip * len(data) / per_step)):
         for micro in range(t.gradient_accumulation_steps):
             batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod.float(), device=device)
-            err = squared_error(module, batch, rotary, t.task_conditioning == "embedding" and bool(t.tasks), dtype)
+            err = squared_error(module, batch, rotary, bool(module.config.num_tasks), dtype)
             sums["loss"] += float(weighted_mean(err, batch.get("loss_weight")))
             sums["loss_dense"] += float(err[:, :, LATENT_CHANNELS:].mean()) if t.tasks else float("nan")
             batches += 1
@@ -526,13 +527,9 @@ def train(
 
     # AdamW, built by DeepSpeed when the config names it (its CPU Adam for ZeRO-Offload), else here
     # (fused on CUDA; or 8-bit)
-    if "optimizer" in ds_config:
-        optimizer = None
-    elif t.optimizer == "adamw8bit":
-        optimizer = adamw8bit(transformer.parameters(), device, lr=t.lr, weight_decay=t.weight_decay,
-                              bf16_stochastic_round=t.master_weights == "bf16")
-    else:
-        optimizer = adamw(transformer.parameters(), device, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = None if "optimizer" in ds_config else \
+        build_optimizer(t.optimizer, transformer.parameters(), device, bf16_weights=t.master_weights == "bf16",
+                        lr=t.lr, weight_decay=t.weight_decay)
     engine, _, _, lr_scheduler = deepspeed.initialize(model=transformer, model_parameters=transformer.parameters(),
                                                      optimizer=optimizer,
                                                      lr_scheduler=functools.partial(lr_schedule, train=t),
