@@ -31,16 +31,20 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+def _smoke_run(out: Path, sections: str, *args: str) -> subprocess.CompletedProcess:
+    """``bench_gpu.py --smoke --cpu`` with ``args``, its JSON at ``out``."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", sections, "--out", str(out),
+                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     # every section; the fast path's step and sample for 5B alone (rotary, the larger case: the CPU
     # tests cover both), so the fast sections add seconds, not tens of seconds, to CI
     sections = "gemm,step,sample,train,step_fast:5b,sample_fast:5b,approx:5b,train_fast:2b+5b"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", sections, "--out", str(out),
-                           "--train-variants", "eager,compiled,fast,fast-nockpt"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _smoke_run(out, sections, "--train-variants", "eager,compiled,fast,fast-nockpt")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), out
 
@@ -129,11 +133,8 @@ def test_smoke_run_trains_with_8bit_adamw_states(smoke, tmp_path):
     pytest.importorskip("torchao")
     r_adamw, _ = smoke
     out = tmp_path / "eight.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", "train_fast:2b",
-                           "--out", str(out), "--train-variants", "eager", "--train-optimizer", "adamw8bit",
-                           "--deepspeed-config", "infra/deepspeed/zero0.json"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _smoke_run(out, "train_fast:2b", "--train-variants", "eager", "--train-optimizer", "adamw8bit",
+                      "--deepspeed-config", "infra/deepspeed/zero0.json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     entry = json.loads(out.read_text())["train_fast"]["2b_zero0_1gpu_adamw8bit"]
     row = entry["variants"]["eager"]
@@ -142,9 +143,7 @@ def test_smoke_run_trains_with_8bit_adamw_states(smoke, tmp_path):
     assert row["losses"][0] == pytest.approx(reference[0], rel=1e-6)
     assert row["losses"] == pytest.approx(reference, rel=1e-2) and row["losses"] != reference
     # a JSON that partitions the weights is refused, as training refuses it
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cpu", "--sections", "train_fast:2b",
-                           "--out", str(tmp_path / "refused.json"), "--train-optimizer", "adamw8bit"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _smoke_run(tmp_path / "refused.json", "train_fast:2b", "--train-optimizer", "adamw8bit")
     assert proc.returncode != 0 and "adamw8bit needs stage 0" in proc.stderr
 
 
