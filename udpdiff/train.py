@@ -398,15 +398,18 @@ def fixed_draw_loss(module: UDPDiffTransformer3DModel, data, p: Params, scaling_
     rotary = rotary_embeddings(module, vae_scale_spatial, h * vae_scale_spatial, w * vae_scale_spatial, frames,
                                device)
     per_step = t.micro_batch_size * t.gradient_accumulation_steps
-    sums, batches = {"loss": 0.0, "loss_dense": 0.0}, 0
+    alphas = alphas_cumprod.float()
+    sums = {"loss": 0.0, "loss_dense": 0.0} if t.tasks else {"loss": 0.0}
+    batches = 0
     for step in range(math.ceil(draws_per_clip * len(data) / per_step)):
         for micro in range(t.gradient_accumulation_steps):
-            batch = make_batch(data, p, step, micro, scaling_factor, alphas_cumprod.float(), device=device)
+            batch = make_batch(data, p, step, micro, scaling_factor, alphas, device=device)
             err = squared_error(module, batch, rotary, bool(module.config.num_tasks), dtype)
             sums["loss"] += float(weighted_mean(err, batch.get("loss_weight")))
-            sums["loss_dense"] += float(err[:, :, LATENT_CHANNELS:].mean()) if t.tasks else float("nan")
+            if t.tasks:
+                sums["loss_dense"] += float(err[:, :, LATENT_CHANNELS:].mean())
             batches += 1
-    return {k: v / batches for k, v in sums.items() if t.tasks or k == "loss"}
+    return {k: v / batches for k, v in sums.items()}
 
 
 def rotary_embeddings(transformer: UDPDiffTransformer3DModel, vae_scale: int, height: int, width: int,
