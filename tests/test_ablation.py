@@ -85,7 +85,7 @@ def test_all_tables_on_tiny_runs_the_ones_that_can_and_names_the_others(monkeypa
     with pytest.raises(RuntimeError, match="stop"):
         fa.ablation_flow.fn(None, "tiny")
     assert planned[-1] == ["tab1", "tab2", "tab1-2", "rgb-given", "token-size", "train-vs-held-out",
-                          "reconstruction-guidance", "dense-guidance", "tab5", "tab6", "tab7"]
+                          "model-size", "reconstruction-guidance", "dense-guidance", "tab5", "tab6", "tab7"]
 
 
 def test_the_small_scale_tabs_1_2_are_one_command_of_four_variants():
@@ -100,13 +100,18 @@ def test_the_small_scale_tabs_1_2_are_one_command_of_four_variants():
 
 def test_paper_profiles_accept_every_table_but_an_architecture_change_of_pretrained_weights():
     p = load_params(REPO / "params.yaml", profile="cogvideox-5b")
-    tables = [t for t in p.ablations if t != "token-size"]
+    tables = [t for t in p.ablations if t not in ("token-size", "model-size")]
     assert len(plan(p, tables, None)) == sum(len(p.ablations[t].variants) for t in tables)
     # the weights fix the patch size: refused before any work, naming the key (small trains from scratch)
     with pytest.raises(ParamsError, match=r"patch-1: override transformer\.config\.patch_size: profile 'cogvideox-5b' "
                                           r"loads pretrained weights"):
         plan(p, ["token-size"], None)
-    assert len(plan(load_params(REPO / "params.yaml", profile="small"), ["token-size"], None)) == 2
+    with pytest.raises(ParamsError, match=r"6-layers: override transformer\.config\.num_layers: profile 'cogvideox-5b' "
+                                          r"loads pretrained weights"):
+        plan(p, ["model-size"], None)
+    small = load_params(REPO / "params.yaml", profile="small")
+    assert len(plan(small, ["token-size"], None)) == 2
+    assert [o.get("transformer.config.num_layers") for _, _, o in plan(small, ["model-size"], None)] == [6, None, 24]
 
 
 def test_from_scratch_builds_the_profiles_architecture():
