@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 VBENCH_SPEC ?= vbench==0.1.5
 
-.PHONY: setup repro test test-fast lint screenshots gpu-wheels clean-outputs
+.PHONY: setup repro test test-fast lint screenshots gpu-wheels carry-size clean-outputs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -41,6 +41,10 @@ screenshots: setup
 # .whl/: what a lent GPU machine lacks, for benchmarks/small_gpu_device.sh (carry it with `run`)
 gpu-wheels: setup
 	$(BIN)/python benchmarks/gpu_wheels.py --out .whl
+
+# what run(carry=[".whl", ".gpu-carry"]) would take, against the device's 64 MiB (checkout included)
+carry-size:
+	$(BIN)/python benchmarks/carry_size.py .whl $(wildcard .gpu-carry)
 
 clean-outputs:
 	rm -rf data/*/ models/*/ outputs/*/ mlruns.db mlartifacts
