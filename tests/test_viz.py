@@ -120,3 +120,19 @@ def test_plot_curves_png(tmp_path: Path) -> None:
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_False.png", "loss_True.png"]
+
+
+def test_plot_curves_marks_the_points_of_a_sparse_series(tmp_path: Path) -> None:
+    """A validation curve with one point still shows it (a line through one point draws nothing)."""
+    from PIL import Image
+
+    def pixels(series) -> np.ndarray:
+        path = plot_curves(tmp_path / "p.png", series, title="t")
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+    # the same axes and legend either way; only the lone point (inside a's range, off its line) differs
+    a = (np.arange(100), np.linspace(0.0, 2.0, 100))
+    with_point = pixels({"a": a, "b": (np.array([20.0]), np.array([1.5]))})
+    without = pixels({"a": a, "b": (np.array([20.0]), np.array([np.nan]))})
+    assert (np.abs(with_point - without).sum(-1) > 60).sum() > 10

@@ -200,6 +200,9 @@ def _save_png(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+SPARSE_POINTS = 30  # plot_curves marks each point of a series this short
+
+
 def plot_curves(
     path: str | os.PathLike,
     series: Mapping[str, tuple[ArrayLike | Sequence[float], ArrayLike | Sequence[float]]],
@@ -227,7 +230,9 @@ def plot_curves(
         keep = np.isfinite(x) & np.isfinite(y) & ((y > 0) if logy else True)
         if not keep.all():
             logger.debug("plot_curves: dropped %d points of %r", int((~keep).sum()), name)
-        ax.plot(x[keep], y[keep], label=str(name), linewidth=1.5)
+        # sparse series (validations every few hundred steps) get markers: a lone point draws no line
+        sparse = int(keep.sum()) <= SPARSE_POINTS
+        ax.plot(x[keep], y[keep], label=str(name), linewidth=1.5, marker="o" if sparse else None, markersize=4)
     if logy:
         ax.set_yscale("log")
     ax.set_title(title)
