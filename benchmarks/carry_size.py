@@ -1,6 +1,6 @@
 """What a device ``run`` would carry, against the 64 MiB it takes: the checkout's tracked and untracked
-(not ignored) files plus the ignored paths named as ``carry``. A call over the limit is refused after
-the machine has started, which costs device time; check before the call.
+(not ignored) files plus the ignored paths named as ``carry``. A call over the limit is refused; in the
+middle of a run's sequence of calls (an idle machine is released in 30 s) that loses the run.
 
     python benchmarks/carry_size.py .whl .gpu-carry        # exit 1 when over, naming the largest items
 
