@@ -65,6 +65,18 @@ def test_deepspeed_training_resumes_exactly_on_gpu(tmp_path, config):
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-4)
 
 
+def test_batches_built_ahead_train_as_batches_built_in_turn_on_gpu(tmp_path):
+    """On CUDA each batch is built in a worker thread while the previous one trains (the default):
+    the same batches, so the same losses as building them in turn."""
+    from tests.conftest import random_latent_cache, tiny_train_params, train_tiny
+
+    p = tiny_train_params(tmp_path, gradient_accumulation_steps=2, rgb_given_prob=0.5)
+    latents = random_latent_cache(tmp_path)
+    _, in_turn = train_tiny(p, latents, tmp_path / "a", prefetch=False)
+    _, ahead = train_tiny(p, latents, tmp_path / "b")
+    assert [h["loss"] for h in ahead.history] == pytest.approx([h["loss"] for h in in_turn.history], rel=1e-4)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao (the lowbit extra)")
 def test_8bit_states_on_bf16_weights_train_and_resume_on_gpu(tmp_path):
     """train.optimizer: adamw8bit, master_weights: bf16 on CUDA, where torchao compiles its update and

@@ -22,6 +22,7 @@ from udpdiff.train import (
     load_deepspeed_config,
     lr_factors,
     make_batch,
+    prefetched,
     run_fingerprint,
     zero_stage,
 )
@@ -69,6 +70,41 @@ def test_lr_schedule_is_diffusers_one_update_on(tmp_path, name):
     else:  # a decay to (almost) 0 at the last update, never negative, never rising
         assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
         assert 0 < factors[-1] < 0.03
+
+
+def test_prefetched_batches_come_in_order_from_a_worker_and_errors_reach_the_loop():
+    import threading
+
+    made = []
+
+    def make(step, micro):
+        made.append(threading.get_ident())
+        if (step, micro) == (4, 1):
+            raise ValueError("clip 7: unreadable")
+        return {"key": (step, micro)}
+
+    keys = [(s, m) for s in range(2, 4) for m in range(2)]
+    assert [b["key"] for b in prefetched(make, range(2, 4), 2, ahead=False)] == keys
+    assert set(made) == {threading.get_ident()}
+    made.clear()
+    batches = prefetched(make, range(2, 5), 2, ahead=True)
+    assert [next(batches)["key"] for _ in keys] == keys
+    assert threading.get_ident() not in made          # built by the worker
+    assert next(batches)["key"] == (4, 0)
+    with pytest.raises(ValueError, match="clip 7"):   # the worker's error, raised where the batch is taken
+        next(batches)
+    assert list(prefetched(make, range(0), 2, ahead=True)) == []
+
+
+@pytest.mark.slow
+def test_batches_built_ahead_train_exactly_as_batches_built_in_turn(tmp_path):
+    """On a GPU each batch is built while the previous one trains; the run is the same computation."""
+    p = tiny_train_params(tmp_path, gradient_accumulation_steps=2, rgb_given_prob=0.5)
+    latents = random_latent_cache(tmp_path)
+    _, in_turn = train_tiny(p, latents, tmp_path / "a", max_steps_this_run=3, prefetch=False)
+    _, ahead = train_tiny(p, latents, tmp_path / "b", max_steps_this_run=3, prefetch=True)
+    assert [h["loss"] for h in ahead.history] == [h["loss"] for h in in_turn.history]
+    assert [h["grad_norm"] for h in ahead.history] == [h["grad_norm"] for h in in_turn.history]
 
 
 @pytest.mark.slow
