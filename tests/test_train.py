@@ -87,9 +87,10 @@ def test_prefetched_batches_come_in_order_from_a_worker_and_errors_reach_the_loo
     assert [b["key"] for b in prefetched(make, range(2, 4), 2, ahead=False)] == keys
     assert set(made) == {threading.get_ident()}
     made.clear()
-    batches = prefetched(make, range(2, 5), 2, ahead=True)
+    ready = []
+    batches = prefetched(make, range(2, 5), 2, ahead=True, worker_init=lambda: ready.append(threading.get_ident()))
     assert [next(batches)["key"] for _ in keys] == keys
-    assert threading.get_ident() not in made          # built by the worker
+    assert threading.get_ident() not in made and set(made) == set(ready)   # built by the worker, set up once
     assert next(batches)["key"] == (4, 0)
     with pytest.raises(ValueError, match="clip 7"):   # the worker's error, raised where the batch is taken
         next(batches)

@@ -367,17 +367,18 @@ def make_batch(
     return batch
 
 
-def prefetched(make: Callable[[int, int], dict], steps: range, micro_batches: int,
-               ahead: bool) -> Iterator[dict]:
+def prefetched(make: Callable[[int, int], dict], steps: range, micro_batches: int, ahead: bool,
+               worker_init: Callable[[], object] | None = None) -> Iterator[dict]:
     """``make(step, micro)`` for every micro-batch of ``steps``, in order; with ``ahead``, each one is
-    built in a worker thread while the previous one trains. On a GPU a batch's CPU work (its random
-    draws: ~40 ms per step for `small`) then overlaps the model's step instead of idling the GPU
-    between steps. The batches are the same either way: ``make_batch`` is a pure function."""
+    built in a worker thread (set up by ``worker_init``) while the previous one trains. On a GPU a
+    batch's CPU work (its random draws: ~40 ms per step for `small`) then overlaps the model's step
+    instead of idling the GPU between steps. The batches are the same either way: ``make_batch`` is
+    a pure function."""
     keys = [(step, micro) for step in steps for micro in range(micro_batches)]
     if not ahead:
         yield from (make(*key) for key in keys)
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="udpdiff-batches") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="udpdiff-batches", initializer=worker_init) as pool:
         pending = None
         for key in keys:
             upcoming = pool.submit(make, *key)
@@ -592,10 +593,13 @@ def train(
     bar = tqdm(range(start, end), desc="train", initial=start, total=t.steps, leave=False, disable=not is_main)
     tick = time.perf_counter()
     model_dtype = next(engine.module.parameters()).dtype
+    on_gpu = device.type == "cuda"
     batches = prefetched(functools.partial(make_batch, data, p, scaling_factor=scaling_factor,
                                            alphas_cumprod=alphas_cumprod, rank=rank, world_size=world, device=device),
                          range(start, end), t.gradient_accumulation_steps,
-                         ahead=device.type == "cuda" if prefetch is None else prefetch)
+                         ahead=on_gpu if prefetch is None else prefetch,
+                         # a new thread's current GPU is 0: rank k's worker would open a context there
+                         worker_init=functools.partial(torch.cuda.set_device, device) if on_gpu else None)
     for step in bar:
         sums = {"loss": 0.0, "loss_rgb": 0.0, **({"loss_dense": 0.0} if dense else {})}
         per_task: dict[str, list[float]] = {}
