@@ -516,7 +516,8 @@ def train(
     checkpoint folder so that a resumed run keeps the earlier grids, and returns it; ``artifact_fn(path,
     artifact_dir)`` receives previews and checkpoints. ``max_steps_this_run`` stops early (as a
     kill would) — used by resume tests. ``prefetch`` builds each batch while the previous one trains
-    (:func:`prefetched`); by default on CUDA only, since on the CPU the worker would take the model's cores.
+    (:func:`prefetched`); by default on CUDA with cached latents only: on the CPU the worker would take
+    the model's cores, and an online dataset would run the VAE beside training (its memory on top).
     """
     import deepspeed
     from tqdm.auto import tqdm
@@ -597,7 +598,7 @@ def train(
     batches = prefetched(functools.partial(make_batch, data, p, scaling_factor=scaling_factor,
                                            alphas_cumprod=alphas_cumprod, rank=rank, world_size=world, device=device),
                          range(start, end), t.gradient_accumulation_steps,
-                         ahead=on_gpu if prefetch is None else prefetch,
+                         ahead=on_gpu and isinstance(data, LatentDataset) if prefetch is None else prefetch,
                          # a new thread's current GPU is 0: rank k's worker would open a context there
                          worker_init=functools.partial(torch.cuda.set_device, device) if on_gpu else None)
     for step in bar:
