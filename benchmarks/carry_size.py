@@ -40,9 +40,9 @@ def measure(repo: Path, carry: list[str]) -> dict:
     parts = {"checkout": sum(size(p) for p in checkout_files(repo))}
     items = []
     for path in carry:
-        files = carried_files(repo, path)
-        parts[path] = sum(size(p) for p in files)
-        items += [(size(p), str(p.relative_to(repo))) for p in files]
+        sized = [(size(p), str(p.relative_to(repo))) for p in carried_files(repo, path)]
+        parts[path] = sum(n for n, _ in sized)
+        items += sized
     return {"parts": parts, "total": sum(parts.values()), "largest": sorted(items, reverse=True)[:5]}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+
+import carry_size
 
 from udpdiff.io.atomic import atomic_path
 
@@ -32,7 +35,6 @@ WHEELS = ("diffusers", "pydantic", "pydantic_core", "typing_inspection", "annota
           "importlib_metadata", "array-api-compat", "torchao")
 SDISTS = ("deepspeed",)
 UNPACK = ("av", "diffusers")  # shipped unzipped and xz'd: the carry holds the checkout, wheels and a VAE in 64 MiB
-CARRY_LIMIT = 64 * 2**20
 SHARED_OBJECT = re.compile(r"\.so(\.\d+)*$")
 
 
@@ -78,11 +80,6 @@ def unpack_xz(wheel: Path) -> Path:
     return target
 
 
-def tracked_bytes() -> int:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
-    return sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file())
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / ".whl")
@@ -94,13 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in UNPACK:
         for wheel in args.out.glob(f"{name}-*.whl"):
             print(f"unzipped and xz'd: {unpack_xz(wheel).name}", flush=True)
-    wheels = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
-    carry = REPO / ".gpu-carry"
-    extra = sum(f.stat().st_size for f in carry.iterdir() if f.is_file()) if carry.is_dir() else 0
-    total = wheels + extra + tracked_bytes()
-    print(f"{args.out}: {wheels / 2**20:.1f} MiB; with .gpu-carry and the checkout the carry is "
-          f"{total / 2**20:.1f} MiB of {CARRY_LIMIT / 2**20:.0f}", flush=True)
-    return 0 if total <= CARRY_LIMIT else 1
+    # what a run carrying the wheels and .gpu-carry takes, checkout included (exit 1 when over the limit)
+    carried = [os.path.relpath(p, REPO) for p in (args.out, REPO / ".gpu-carry") if p.is_dir()]
+    return carry_size.main(["--repo", str(REPO), *carried])
 
 
 if __name__ == "__main__":
