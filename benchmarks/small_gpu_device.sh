@@ -6,6 +6,8 @@
 # started it while the machine stays warm; `watch` follows it and packs what is done into $OUT.
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
 #   bash benchmarks/small_gpu_device.sh bench-vae ARGS # install, then seconds per VAE training step ($OUT/vae-train.json)
+#   bash benchmarks/small_gpu_device.sh bench-prefetch ARGS  # after prepare: the training step with the batch prefetch
+#                                                      # on and off ($OUT/train-prefetch.json; ARGS: --set k=v, --steps N)
 #   bash benchmarks/small_gpu_device.sh prepare ARGS   # data, encode, autoencoder, latents (background; ARGS: --set k=v,
 #                                                      # e.g. --set vae.train.steps=3000; give variants the same --set;
 #                                                      # a data-size run: --set data.num_clips=3000 --vae-from-fewer-clips
@@ -56,6 +58,9 @@ PY
   bench-vae)
     shift; install
     python3 $CODE/benchmarks/bench_vae_train.py --out $OUT/vae-train.json "$@" ;;
+  bench-prefetch)  # after `prepare` (its latent cache) and with the GPU otherwise idle
+    shift; install
+    python3 $CODE/benchmarks/bench_train_prefetch.py --root $RUN --out $OUT/train-prefetch.json "$@" ;;
   prepare)
     shift; install; mkdir -p $RUN/logs
     carried=$(ls .gpu-carry/vae-small.tar* 2>/dev/null | head -n 1)  # .tar, or .tar.xz to fit the 64 MiB carry

@@ -1,0 +1,154 @@
+"""Seconds per training step with the batch prefetch on and off (``udpdiff.train.prefetched``).
+
+``udpdiff.train.train`` builds each batch (latent draws, noise, timesteps: ``make_batch``) in a worker
+thread while the previous one trains, on CUDA with cached latents. This times the profile's training
+step both ways on the same latent cache, model, seeds and steps: runs alternate (on, off, off, on, ...)
+so that clock drift and the compile cache (the first run pays Inductor's compile) fall on both alike,
+and each run starts from step 0 in a fresh checkpoint folder. A run's step time is the median of its
+``train.log_every`` windows after the first ``--skip`` steps (compile, allocator warm-up).
+``make_batch`` is a pure function of (seed, step), so both modes train on the same batches: the JSON
+records the largest difference between their per-step losses (0 on the CPU; GPU kernels may reorder
+sums, so a small one there is rounding, a large one a bug).
+
+    # on a GPU machine, after ``small_gpu.py prepare --root /tmp/small`` (the latents stage's cache):
+    python3 benchmarks/bench_train_prefetch.py --root /tmp/small --set transformer.config.num_layers=6 \\
+        --set train.micro_batch_size=32 --set train.gradient_checkpointing=false --out /tmp/out/train-prefetch.json
+    # on the CPU, after make repro (tiny's cache; the worker competes with the model for the cores there):
+    python3 benchmarks/bench_train_prefetch.py --root . --profile tiny --steps 12 --skip 4 --out /tmp/p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.common import machine_info, write_outputs  # noqa: E402
+from udpdiff.config import Params, load_params, parse_overrides  # noqa: E402
+
+PACKAGES = ("diffusers", "deepspeed")
+
+
+def bench_params(profile: str, sets: list[str], steps: int) -> Params:
+    """The profile with ``sets``, trained for ``steps`` without previews and with one checkpoint at the end."""
+    fixed = [f"train.steps={steps}", "train.sample_every=0", f"train.checkpoint_every={steps}"]
+    return load_params(REPO / "params.yaml", profile=profile).with_overrides(parse_overrides(sets + fixed))
+
+
+def timed_run(p: Params, latents: Path, train_ids: list[str], work: Path, prefetch: bool, skip: int,
+              **train_kw: Any) -> dict[str, Any]:
+    """One training run from step 0; its step time (median over the windows after ``skip`` steps) and losses."""
+    from udpdiff.train import train
+
+    t = p.active.train
+    windows: list[float] = []
+
+    def log_fn(metrics: dict[str, float], step: int) -> None:
+        if step > skip and "samples_per_s" in metrics:
+            windows.append(t.micro_batch_size * t.gradient_accumulation_steps / metrics["samples_per_s"])
+
+    started = time.perf_counter()
+    _, result = train(p, latents, train_ids, work, log_fn=log_fn, prefetch=prefetch, **train_kw)
+    if not windows:
+        raise SystemExit(f"no timing window after step {skip} of {t.steps} (train.log_every {t.log_every}): "
+                         "give more --steps or a smaller --skip")
+    return {"prefetch": prefetch, "seconds_per_step": statistics.median(windows), "windows": windows,
+            "wall_s": time.perf_counter() - started, "losses": [h["loss"] for h in result.history]}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per mode: the median of its runs' step times; the saving; the largest per-step loss difference."""
+    out: dict[str, Any] = {}
+    for mode in (True, False):
+        times = [r["seconds_per_step"] for r in runs if r["prefetch"] is mode]
+        if times:
+            out["on" if mode else "off"] = {"seconds_per_step": statistics.median(times), "runs": times}
+    if "on" in out and "off" in out:
+        on, off = out["on"]["seconds_per_step"], out["off"]["seconds_per_step"]
+        out["saving_pct"] = 100.0 * (off - on) / off
+        ref = next(r["losses"] for r in runs if r["prefetch"])
+        out["loss_max_abs_diff"] = max(abs(a - b) for r in runs for a, b in zip(r["losses"], ref, strict=True))
+    return out
+
+
+def measure(p: Params, latents: Path, train_ids: list[str], repeats: int, skip: int, out: Path | None,
+            **train_kw: Any) -> dict[str, Any]:
+    """``repeats`` pairs of runs in the order on, off, off, on, ...; the JSON is rewritten after each run."""
+    t = p.active.train
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    result: dict[str, Any] = {
+        "machine": machine_info(device, PACKAGES), "profile": p.profile, "steps": t.steps, "skip": skip,
+        "micro_batch_size": t.micro_batch_size, "num_layers": p.active.transformer.config.get("num_layers"),
+        "clips": len(train_ids), "runs": []}
+    order = [i % 4 in (0, 3) for i in range(2 * repeats)]  # on, off, off, on, on, off, ...
+    with tempfile.TemporaryDirectory(prefix="bench-prefetch-") as tmp:
+        for i, prefetch in enumerate(order):
+            run = timed_run(p, latents, train_ids, Path(tmp) / f"run{i}", prefetch, skip, **train_kw)
+            result["runs"].append(run)
+            result["summary"] = summarise(result["runs"])
+            print(f"run {i + 1}/{len(order)}: prefetch {'on ' if prefetch else 'off'} "
+                  f"{run['seconds_per_step'] * 1e3:.1f} ms/step ({run['wall_s']:.0f} s)", flush=True)
+            if out is not None:
+                write_outputs(result, out, render_markdown)
+    return result
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    s = r.get("summary", {})
+    gpu = r["machine"].get("gpu", {}).get("name", r["machine"]["device"])
+    lines = [f"# Training step with and without the batch prefetch ({gpu})", "",
+             f"Profile `{r['profile']}`, {r['num_layers']} layers, batch {r['micro_batch_size']}, {r['steps']} steps "
+             f"per run (first {r['skip']} left out), {len(r['runs'])} runs alternating.", "",
+             "| prefetch | ms per step (median of runs) | runs |", "|---|---:|---|"]
+    for key in ("on", "off"):
+        if key in s:
+            lines.append(f"| {key} | {s[key]['seconds_per_step'] * 1e3:.1f} | "
+                         + ", ".join(f"{x * 1e3:.1f}" for x in s[key]["runs"]) + " |")
+    if "saving_pct" in s:
+        lines += ["", f"Saving: {s['saving_pct']:.1f} % of the step. Largest per-step loss difference between "
+                      f"runs: {s['loss_max_abs_diff']:.2e}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, required=True, help="project root whose latents stage has run")
+    ap.add_argument("--profile", default="small")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--steps", type=int, default=150, help="steps per run")
+    ap.add_argument("--skip", type=int, default=30, help="steps left out of each run's median")
+    ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (on/off)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (a .md table is written beside it)")
+    args = ap.parse_args(argv)
+
+    from udpdiff.io.manifest import read_manifest
+    from udpdiff.models.scheduler import build_scheduler
+    from udpdiff.paths import ProjectPaths
+    from udpdiff.stages.loading import load_vae
+    from udpdiff.train import resolve_config_path
+
+    p = bench_params(args.profile, args.sets, args.steps)
+    paths = ProjectPaths(args.root.resolve(), p.profile)
+    if not paths.latents.is_dir():
+        raise SystemExit(f"{paths.latents}: no latent cache; run the latents stage (small_gpu.py prepare) first")
+    df = read_manifest(paths.manifest)
+    vae = load_vae(p, paths)
+    measure(p, paths.latents, df[df.split == "train"].clip_id.tolist(), args.repeats, args.skip, args.out,
+            scaling_factor=float(vae.config.scaling_factor),
+            vae_scale_spatial=2 ** (len(vae.config.block_out_channels) - 1),
+            scheduler=build_scheduler(p.active.scheduler.model_dump(), p.active.transformer.pretrained),
+            ds_config=resolve_config_path(p.active.train.deepspeed_config, REPO))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

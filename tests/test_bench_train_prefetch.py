@@ -1,0 +1,43 @@
+"""benchmarks/bench_train_prefetch.py: the training step timed with the batch prefetch on and off."""
+
+import json
+
+import pytest
+
+from benchmarks.bench_train_prefetch import main, measure
+from tests.conftest import TRAIN_CLIPS, random_latent_cache, tiny_train_params
+
+
+@pytest.mark.slow
+def test_alternating_runs_report_both_modes_and_identical_losses(tmp_path):
+    from udpdiff.models.scheduler import build_scheduler
+
+    p = tiny_train_params(tmp_path, steps=6, log_every=2)
+    latents = random_latent_cache(tmp_path)
+    out = tmp_path / "prefetch.json"
+    result = measure(p, latents, TRAIN_CLIPS, repeats=2, skip=2, out=out, scaling_factor=1.0, vae_scale_spatial=4,
+                     scheduler=build_scheduler(p.active.scheduler.model_dump()))
+    assert [r["prefetch"] for r in result["runs"]] == [True, False, False, True]  # drift falls on both alike
+    for run in result["runs"]:
+        assert len(run["windows"]) == 2                        # steps 4 and 6: the window ending at 2 is skipped
+        assert len(run["losses"]) == 6 and run["seconds_per_step"] > 0
+    s = result["summary"]
+    assert s["on"]["runs"] == [result["runs"][0]["seconds_per_step"], result["runs"][3]["seconds_per_step"]]
+    assert s["loss_max_abs_diff"] == 0.0                       # the same batches: the same computation
+    assert s["saving_pct"] == pytest.approx(100 * (1 - s["on"]["seconds_per_step"] / s["off"]["seconds_per_step"]))
+    assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(s))  # written after the last run
+    assert "Saving:" in out.with_suffix(".md").read_text()
+
+
+def test_a_root_without_latents_is_refused_with_its_path(tmp_path):
+    with pytest.raises(SystemExit, match=f"{tmp_path}.*no latent cache"):
+        main(["--root", str(tmp_path), "--profile", "tiny"])
+
+
+def test_a_skip_past_every_window_is_refused(tmp_path):
+    from udpdiff.models.scheduler import build_scheduler
+
+    p = tiny_train_params(tmp_path, steps=2, log_every=2)
+    with pytest.raises(SystemExit, match="no timing window after step 2"):
+        measure(p, random_latent_cache(tmp_path), TRAIN_CLIPS, repeats=1, skip=2, out=None, scaling_factor=1.0,
+                vae_scale_spatial=4, scheduler=build_scheduler(p.active.scheduler.model_dump()))
