@@ -13,6 +13,9 @@ sums, so a small one there is rounding, a large one a bug).
     # on a GPU machine, after ``small_gpu.py prepare --root /tmp/small`` (the latents stage's cache):
     python3 benchmarks/bench_train_prefetch.py --root /tmp/small --set transformer.config.num_layers=6 \\
         --set train.micro_batch_size=32 --set train.gradient_checkpointing=false --out /tmp/out/train-prefetch.json
+    # the same under ZeRO-0 (no gradient buckets or partitions: one GPU needs none), beside it:
+    python3 benchmarks/bench_train_prefetch.py ... --set train.deepspeed_config=infra/deepspeed/zero0.json \
+        --out /tmp/out/train-prefetch-zero0.json
     # on the CPU, after make repro (tiny's cache; the worker competes with the model for the cores there):
     python3 benchmarks/bench_train_prefetch.py --root . --profile tiny --steps 12 --skip 4 --out /tmp/p.json
 """
@@ -88,7 +91,9 @@ def measure(p: Params, latents: Path, train_ids: list[str], repeats: int, skip: 
     result: dict[str, Any] = {
         "machine": machine_info(device, PACKAGES), "profile": p.profile, "steps": t.steps, "skip": skip,
         "micro_batch_size": t.micro_batch_size, "num_layers": p.active.transformer.config.get("num_layers"),
-        "clips": len(train_ids), "runs": []}
+        # what else sets the step's cost, so runs with other settings (e.g. ZeRO-0) read side by side
+        "deepspeed_config": t.deepspeed_config, "precision": t.precision,
+        "gradient_checkpointing": t.gradient_checkpointing, "clips": len(train_ids), "runs": []}
     order = [i % 4 in (0, 3) for i in range(2 * repeats)]  # on, off, off, on, on, off, ...
     with tempfile.TemporaryDirectory(prefix="bench-prefetch-") as tmp:
         for i, prefetch in enumerate(order):
@@ -107,7 +112,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     gpu = r["machine"].get("gpu", {}).get("name", r["machine"]["device"])
     lines = [f"# Training step with and without the batch prefetch ({gpu})", "",
              f"Profile `{r['profile']}`, {r['num_layers']} layers, batch {r['micro_batch_size']}, {r['steps']} steps "
-             f"per run (first {r['skip']} left out), {len(r['runs'])} runs alternating.", "",
+             f"per run (first {r['skip']} left out), {len(r['runs'])} runs alternating; "
+             f"`{r['deepspeed_config']}`, {r['precision']}, "
+             f"activation checkpointing {r['gradient_checkpointing']}.", "",
              "| prefetch | ms per step (median of runs) | runs |", "|---|---:|---|"]
     for key in ("on", "off"):
         if key in s:

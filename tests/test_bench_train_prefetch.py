@@ -26,7 +26,9 @@ def test_alternating_runs_report_both_modes_and_identical_losses(tmp_path):
     assert s["loss_max_abs_diff"] == 0.0                       # the same batches: the same computation
     assert s["saving_pct"] == pytest.approx(100 * (1 - s["on"]["seconds_per_step"] / s["off"]["seconds_per_step"]))
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(s))  # written after the last run
-    assert "Saving:" in out.with_suffix(".md").read_text()
+    assert result["deepspeed_config"] == p.active.train.deepspeed_config      # named, for runs under other ZeRO stages
+    md = out.with_suffix(".md").read_text()
+    assert "Saving:" in md and f"`{p.active.train.deepspeed_config}`" in md
 
 
 def test_a_root_without_latents_is_refused_with_its_path(tmp_path):
