@@ -14,7 +14,7 @@ sums, so a small one there is rounding, a large one a bug).
     python3 benchmarks/bench_train_prefetch.py --root /tmp/small --set transformer.config.num_layers=6 \\
         --set train.micro_batch_size=32 --set train.gradient_checkpointing=false --out /tmp/out/train-prefetch.json
     # the same under ZeRO-0 (no gradient buckets or partitions: one GPU needs none), beside it:
-    python3 benchmarks/bench_train_prefetch.py ... --set train.deepspeed_config=infra/deepspeed/zero0.json \
+    python3 benchmarks/bench_train_prefetch.py ... --set train.deepspeed_config=infra/deepspeed/zero0.json \\
         --out /tmp/out/train-prefetch-zero0.json
     # on the CPU, after make repro (tiny's cache; the worker competes with the model for the cores there):
     python3 benchmarks/bench_train_prefetch.py --root . --profile tiny --steps 12 --skip 4 --out /tmp/p.json
