@@ -33,6 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import machine_info, write_outputs  # noqa: E402
@@ -114,12 +115,12 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"Profile `{r['profile']}`, {r['num_layers']} layers, batch {r['micro_batch_size']}, {r['steps']} steps "
              f"per run (first {r['skip']} left out), {len(r['runs'])} runs alternating; "
              f"`{r['deepspeed_config']}`, {r['precision']}, "
-             f"activation checkpointing {r['gradient_checkpointing']}.", "",
-             "| prefetch | ms per step (median of runs) | runs |", "|---|---:|---|"]
-    for key in ("on", "off"):
-        if key in s:
-            lines.append(f"| {key} | {s[key]['seconds_per_step'] * 1e3:.1f} | "
-                         + ", ".join(f"{x * 1e3:.1f}" for x in s[key]["runs"]) + " |")
+             f"activation checkpointing {r['gradient_checkpointing']}.", ""]
+    table = pd.DataFrame([{"prefetch": key, "ms per step (median of runs)": s[key]["seconds_per_step"] * 1e3,
+                           "runs": ", ".join(f"{x * 1e3:.1f}" for x in s[key]["runs"])}
+                          for key in ("on", "off") if key in s])
+    if not table.empty:
+        lines.append(table.to_markdown(index=False, floatfmt=".1f"))
     if "saving_pct" in s:
         lines += ["", f"Saving: {s['saving_pct']:.1f} % of the step. Largest per-step loss difference between "
                       f"runs: {s['loss_max_abs_diff']:.2e}."]
