@@ -7,7 +7,8 @@
 #   bash benchmarks/small_gpu_device.sh smoke          # install, then every stage at full size, few steps
 #   bash benchmarks/small_gpu_device.sh bench-vae ARGS # install, then seconds per VAE training step ($OUT/vae-train.json)
 #   bash benchmarks/small_gpu_device.sh bench-prefetch ARGS  # after prepare: the training step with the batch prefetch
-#                                                      # on and off ($OUT/train-prefetch.json; ARGS: --set k=v, --steps N)
+#                                                      # on and off ($OUT/train-prefetch.json; ARGS: --set k=v, --steps N,
+#                                                      # --out $OUT/NAME.json for a second setting in the same call)
 #   bash benchmarks/small_gpu_device.sh prepare ARGS   # data, encode, autoencoder, latents (background; ARGS: --set k=v,
 #                                                      # e.g. --set vae.train.steps=3000; give variants the same --set;
 #                                                      # a data-size run: --set data.num_clips=3000 --vae-from-fewer-clips
