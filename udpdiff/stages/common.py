@@ -98,3 +98,10 @@ def sample_sets(p: Params) -> list[str]:
     return list(p.active.train.tasks) or [RGB_ONLY]
 
 
+def sample_seed(p: Params, index: int) -> int:
+    """The seed of the ``index``-th clip of ``sample.split``: its sample (and the first member of its
+    ensemble) in the sample stage, and its prediction in the validation during training, so that the
+    last validation scores the draws the evaluation scores."""
+    return p.seed + index
+
+

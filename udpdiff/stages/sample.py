@@ -23,6 +23,7 @@ from udpdiff.stages.common import (
     dense_picture,
     read_clip,
     replace_dir,
+    sample_seed,
     sample_sets,
     write_json,
 )
@@ -124,7 +125,7 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
                 guidance_scale=s.guidance_scale, max_sequence_length=te.max_length,
                 segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
     # the work items in their fixed order: set after set, prompt after prompt; seed p.seed + i
-    items = [({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": p.seed + i,
+    items = [({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": sample_seed(p, i),
                "npz": f"{name}/{row.clip_id}.npz", "mp4": f"{name}/{row.clip_id}.mp4"}, row)
              for name in names for i, row in enumerate(rows.itertuples())]
     index = [entry for entry, _ in items]

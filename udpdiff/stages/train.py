@@ -28,6 +28,7 @@ from udpdiff.stages.common import (
     fresh_tmp_dir,
     read_clip,
     replace_dir,
+    sample_seed,
 )
 from udpdiff.stages.loading import clip_inputs, load_text_encoder, load_vae
 
@@ -246,6 +247,8 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
     def negative(n: int) -> torch.Tensor:
         return empty[None].expand(n, -1, -1).to(device, dtype)
 
+    clip_indices = range(len(validation))  # each clip's index in sample.split, whose seed it draws from
+
     for task in t.tasks or [None]:  # None: the RGB-only baseline, video alone
         key = f"text:long:{task}" if t.task_conditioning == "text-prompt" else "text:long"
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -255,11 +258,13 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
             predictions = []
             if task is not None and validation:
                 # every validation clip in one batched pass: one 50-step sampler per clip made a
-                # preview of the small GPU run cost as much as ~100 training steps
+                # preview of the small GPU run cost as much as ~100 training steps. Each clip draws from
+                # the sample stage's seed for it, so the last validation scores the evaluation's draws
+                # (one draw for the batch read 0.02-0.05 below its one sample in five small GPU runs)
                 cond = pipe(None, task=task, video=np.stack([clip["video"] for clip in validation]),
                             prompt_embeds=torch.stack([clip["prompts"][key] for clip in validation]).to(device, dtype),
                             negative_prompt_embeds=negative(len(validation)),
-                            generator=torch.Generator(device).manual_seed(p.seed),
+                            generator=[torch.Generator().manual_seed(sample_seed(p, i)) for i in clip_indices],
                             **call | {"guidance_scale": s.guidance_for_real_clips()})
                 predictions = [(dense, clip["gt"][task]) for dense, clip in zip(cond.dense, validation, strict=True)]
         scores.update(validation_scores(task, out.videos[0], predictions, exact_depth_range(d.source)))
