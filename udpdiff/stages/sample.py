@@ -124,7 +124,7 @@ def _run(p: Params, paths: ProjectPaths, ranks: Ranks) -> StepResult:
     call = dict(num_frames=d.num_frames, height=d.height, width=d.width, num_inference_steps=s.num_inference_steps,
                 guidance_scale=s.guidance_scale, max_sequence_length=te.max_length,
                 segmentation_tolerance=p.active.pixelplanes.decode_tolerance)
-    # the work items in their fixed order: set after set, prompt after prompt; seed p.seed + i
+    # the work items in their fixed order: set after set, prompt after prompt, each with its clip's seed
     items = [({"task": name, "clip_id": row.clip_id, "prompt": row.caption_long, "seed": sample_seed(p, i),
                "npz": f"{name}/{row.clip_id}.npz", "mp4": f"{name}/{row.clip_id}.mp4"}, row)
              for name in names for i, row in enumerate(rows.itertuples())]
