@@ -445,6 +445,26 @@ def test_ensemble_segmentation_video_matches_the_members_entities_and_votes():
     assert hungarian_miou(single, members[1])["miou"] == 1.0 and none.max() == 0  # one member is itself
 
 
+def test_a_videos_replacement_noise_comes_from_its_own_generator(tiny_pipeline):
+    """With the RGB half given noised (the replacement sampler), each video's noise at every step comes
+    from its own generator: a video predicted in a batch, or as an ensemble's first member, is the
+    prediction a call of its own with that generator makes (the validation during training batches
+    its clips; the evaluation's one sample is an ensemble's first member)."""
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    videos = np.random.default_rng(4).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
+    kw = dict(task="depth", num_inference_steps=4, guidance_scale=1.0, max_sequence_length=16)
+
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    alone = pipe("a sphere", video=videos[1], generator=generators(1)[0], **kw).colormaps[0].astype(int)
+    batched = pipe(["a cube", "a sphere"], video=videos, generator=generators(0, 1), **kw).colormaps[1]
+    first = pipe("a sphere", video=videos[1], ensemble_size=2, generator=generators(1, 5), **kw).member_colormaps[0, 0]
+    assert np.abs(batched.astype(int) - alone).mean() < 0.5
+    assert np.abs(first.astype(int) - alone).mean() < 0.5
+
+
 def test_pipeline_ensembles_dense_predictions_of_a_given_video(tiny_pipeline):
     """ensemble_size=N: N members per video from N generators, the first one the prediction a single call
     with that generator makes; their ensemble and its uncertainty, for depth and segmentation; refused where

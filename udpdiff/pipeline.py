@@ -16,6 +16,7 @@ import torch
 from diffusers import CogVideoXPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from udpdiff import pixelplanes
 from udpdiff.models.transformer import LATENT_CHANNELS
@@ -366,7 +367,6 @@ class UDPDiffPipeline(CogVideoXPipeline):
         x = to_model_input(videos, self.vae.device).to(self.vae.dtype)
         clean = self.vae.encode(x).latent_dist.mode() * self.vae_scaling_factor_image  # (1|B,C,F,h,w)
         clean = clean.permute(0, 2, 1, 3, 4).expand(batch, -1, -1, -1, -1)  # (B,F,C,h,w)
-        gen = generator[0] if isinstance(generator, list) else generator
         alphas = self.scheduler.alphas_cumprod
 
         clean_given = self.config.given_rgb == "clean"
@@ -376,7 +376,9 @@ class UDPDiffPipeline(CogVideoXPipeline):
             timesteps = pipe.scheduler.timesteps
             if i + 1 < len(timesteps) and not clean_given:
                 a = alphas[timesteps[i + 1]].to(latents)
-                noise = torch.randn(clean.shape, generator=gen, device=gen.device if gen else None).to(latents)
+                # each video's noise from its own generator (a list): a video's prediction does not depend
+                # on the batch it is in, so an ensemble's first member is the one sample of its generator
+                noise = randn_tensor(clean.shape, generator=generator, device=latents.device).to(latents)
                 rgb = a.sqrt() * clean.to(latents) + (1 - a).sqrt() * noise
             else:
                 rgb = clean.to(latents)
