@@ -445,6 +445,10 @@ def test_ensemble_segmentation_video_matches_the_members_entities_and_votes():
     assert hungarian_miou(single, members[1])["miou"] == 1.0 and none.max() == 0  # one member is itself
 
 
+def _generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def test_a_videos_replacement_noise_comes_from_its_own_generator(tiny_pipeline):
     """With the RGB half given noised (the replacement sampler), each video's noise at every step comes
     from its own generator: a video predicted in a batch, or as an ensemble's first member, is the
@@ -455,12 +459,9 @@ def test_a_videos_replacement_noise_comes_from_its_own_generator(tiny_pipeline):
     videos = np.random.default_rng(4).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
     kw = dict(task="depth", num_inference_steps=4, guidance_scale=1.0, max_sequence_length=16)
 
-    def generators(*seeds):
-        return [torch.Generator().manual_seed(s) for s in seeds]
-
-    alone = pipe("a sphere", video=videos[1], generator=generators(1)[0], **kw).colormaps[0].astype(int)
-    batched = pipe(["a cube", "a sphere"], video=videos, generator=generators(0, 1), **kw).colormaps[1]
-    first = pipe("a sphere", video=videos[1], ensemble_size=2, generator=generators(1, 5), **kw).member_colormaps[0, 0]
+    alone = pipe("a sphere", video=videos[1], generator=_generators(1)[0], **kw).colormaps[0].astype(int)
+    batched = pipe(["a cube", "a sphere"], video=videos, generator=_generators(0, 1), **kw).colormaps[1]
+    first = pipe("a sphere", video=videos[1], ensemble_size=2, generator=_generators(1, 5), **kw).member_colormaps[0, 0]
     assert np.abs(batched.astype(int) - alone).mean() < 0.5
     assert np.abs(first.astype(int) - alone).mean() < 0.5
 
@@ -477,13 +478,10 @@ def test_pipeline_ensembles_dense_predictions_of_a_given_video(tiny_pipeline):
     videos = np.random.default_rng(2).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
     kw = dict(task="depth", num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16)
 
-    def generators(*seeds):
-        return [torch.Generator().manual_seed(s) for s in seeds]
-
-    out = pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=generators(0, 1, 2, 3, 4, 5), **kw)
+    out = pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=_generators(0, 1, 2, 3, 4, 5), **kw)
     assert out.members.shape == (2, 3, 9, 32, 32) and out.dense.shape == out.uncertainty.shape == (2, 9, 32, 32)
     assert out.videos.shape == out.colormaps.shape == videos.shape
-    single = pipe("a sphere", video=videos[1], generator=generators(3)[0], **kw)
+    single = pipe("a sphere", video=videos[1], generator=_generators(3)[0], **kw)
     assert np.abs(out.members[1, 0] - single.dense[0]).mean() < 0.01  # member 0 of video 1: generator 3
     # the model's own colormap of each member (what a decode tolerance acts on), not the re-encoded fusion
     assert out.member_colormaps.shape == (2, 3, *videos.shape[1:])
@@ -496,7 +494,7 @@ def test_pipeline_ensembles_dense_predictions_of_a_given_video(tiny_pipeline):
     with pytest.raises(ValueError, match="needs a dense task and video="):
         pipe("a cube", ensemble_size=2, num_frames=9, height=32, width=32, **kw)
     # segmentation: the members' entities voted, the picture the ensemble's
-    seg = pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=generators(0, 1, 2, 3, 4, 5),
+    seg = pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=_generators(0, 1, 2, 3, 4, 5),
                **{**kw, "task": "segmentation"})
     assert seg.members.shape == (2, 3, 9, 32, 32) and seg.dense.shape == seg.uncertainty.shape == (2, 9, 32, 32)
     fused, disagreement = ensemble_segmentation_video(seg.members[0])
@@ -504,4 +502,4 @@ def test_pipeline_ensembles_dense_predictions_of_a_given_video(tiny_pipeline):
     for colormap, ids in zip(seg.colormaps, seg.dense, strict=True):
         assert np.array_equal(colormap, pixelplanes.encode_segmentation(ids)[0])
     with pytest.raises(ValueError, match="takes 6 generators"):
-        pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=generators(0, 1), **kw)
+        pipe(["a cube", "a sphere"], video=videos, ensemble_size=3, generator=_generators(0, 1), **kw)
