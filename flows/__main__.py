@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from flows import PREFECT_SERVER_START_TIMEOUT_S
+
+    # before anything imports prefect, whose settings are read once at import; passed on to the
+    # stages DVC starts
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(PREFECT_SERVER_START_TIMEOUT_S))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "alembic", "great_expectations"):  # per-request chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import PREFECT_SERVER_START_TIMEOUT_S
 from flows.dvc import DvcResult, dvc_command, dvc_env, run_dvc, status_clean
 from flows.subflows import PARENT_ENV
 
@@ -43,7 +44,6 @@ PARENT_FLOW_RUN_ENV = PARENT_ENV  # the job's flow run id, read by flows/subflow
 # a wall-clock limit for one `dvc repro` of a job (a 40k-step training takes days); 0 = none
 TIMEOUT_ENV = "UDPDIFF_DVC_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
-SERVER_START_TIMEOUT_S = 120
 
 
 class DvcJobError(RuntimeError):
@@ -162,7 +162,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def prefect_server(timeout_s: float = SERVER_START_TIMEOUT_S) -> Iterator[dict[str, str]]:
+def prefect_server(timeout_s: float = PREFECT_SERVER_START_TIMEOUT_S) -> Iterator[dict[str, str]]:
     """A local Prefect server for the block, unless PREFECT_API_URL is set; yields the env to add.
     Raises RuntimeError if it does not become healthy within ``timeout_s``; always stopped."""
     if os.environ.get("PREFECT_API_URL"):

@@ -71,12 +71,33 @@ def test_broken_data_contract_fails_the_stage_and_logs_the_report(tmp_path):
     env = {**os.environ, "UDPDIFF_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect")}
     proc = subprocess.run([sys.executable, "-m", "flows", "stage", "validate"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
+    output = proc.stderr + proc.stdout
     assert proc.returncode != 0
-    assert "data contract failed" in proc.stderr + proc.stdout and victim.stem in proc.stderr + proc.stdout
+    assert "data contract failed" in output and victim.stem in output, output[-4000:]
     assert (tmp_path / "data" / "tiny" / "validation" / "report.json").exists()
     db = sqlite3.connect(tmp_path / "mlruns.db")
     assert db.execute("SELECT status FROM runs WHERE name='validate'").fetchone()[0] == "FAILED"
     assert list((tmp_path / "mlartifacts").rglob("report.json"))
+
+
+def test_a_stage_gives_prefects_ephemeral_server_two_minutes_to_start(monkeypatch):
+    """A stage run on its own starts Prefect's ephemeral API server, which by default gets 20 s: less
+    than creating a fresh PREFECT_HOME's database took on CI's 2 cores (the stage then failed before it
+    began). The CLI sets the allowance, for itself and the stage processes DVC starts, unless the user
+    set one."""
+    import os
+
+    import flows.__main__ as cli
+    import flows.subflows
+
+    var = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    seen = []
+    monkeypatch.setattr(flows.subflows, "run_stage_flow", lambda flow, parameters: seen.append(os.environ.get(var)))
+    monkeypatch.delenv(var, raising=False)
+    assert cli.main(["stage", "validate"]) == 0
+    monkeypatch.setenv(var, "7")
+    assert cli.main(["stage", "validate"]) == 0
+    assert seen == ["120", "7"]
 
 
 @pytest.mark.parametrize(("stage", "key"), [("train", "train_launcher"), ("sample", "inference_launcher"),
