@@ -6,7 +6,6 @@ nothing."""
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import re
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from udpdiff.stage_code import stage_files
 from udpdiff.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,67 +25,6 @@ READ_ONLY_FOR_OTHER_SOURCES = {"data": {"profiles.${profile}.data"}}
 
 
 # -- deps -----------------------------------------------------------------------------------------
-def _module_file(name: str) -> Path | None:
-    base = REPO / Path(*name.split("."))
-    if (base / "__init__.py").exists():
-        return base / "__init__.py"
-    return base.with_suffix(".py") if base.with_suffix(".py").exists() else None
-
-
-def _imports(path: Path, module: str) -> set[str]:
-    """Every module an import statement in ``path`` names, function-level imports included and
-    ``if TYPE_CHECKING:`` blocks excluded (they never run)."""
-    found: set[str] = set()
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-
-    class Visitor(ast.NodeVisitor):
-        def visit_If(self, node: ast.If) -> None:
-            test = node.test
-            if getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING":
-                for child in node.orelse:
-                    self.visit(child)
-                return
-            self.generic_visit(node)
-
-        def visit_Import(self, node: ast.Import) -> None:
-            found.update(a.name for a in node.names)
-
-        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-
-    Visitor().visit(ast.parse(path.read_text()))
-    return found
-
-
-def imported_files(module: str) -> set[str]:
-    """The project files importing ``module`` executes: its own imports, transitively, and the
-    ``__init__`` of every package on the way."""
-    seen: dict[str, Path] = {}
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for candidate in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
-            if candidate in seen or not candidate.startswith("udpdiff"):
-                continue
-            file = _module_file(candidate)
-            if file is None:
-                continue
-            seen[candidate] = file
-            todo.extend(i for i in _imports(file, candidate) if i.startswith("udpdiff"))
-    return {str(f.relative_to(REPO)) for f in seen.values()}
-
-
-# every stage's process loads the params and paths (flows/common.py: load) before the stage's module
-LOADED_BY_EVERY_STAGE = imported_files("udpdiff.config") | imported_files("udpdiff.paths")
-
-
 def listed_code(stage: str) -> set[str]:
     files = set()
     for dep in DVC["stages"][stage]["deps"]:
@@ -101,7 +40,7 @@ def test_the_stage_list_is_dvc_yamls():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_deps_are_exactly_the_code_it_imports(stage):
-    derived = imported_files(f"udpdiff.stages.{stage}") | LOADED_BY_EVERY_STAGE
+    derived = stage_files(stage)
     listed = listed_code(stage)
     assert listed == derived, (f"dvc.yaml stage {stage!r}: add {sorted(derived - listed)}, "
                                f"remove {sorted(listed - derived)}")

@@ -17,6 +17,8 @@ import av
 import pandas as pd
 import pytest
 
+from udpdiff.stage_code import stage_code_digests
+
 STAGES = ["data", "validate", "encode", "autoencoder", "latents", "train", "sample", "evaluate", "report"]
 # a clone has none of these stages' outputs (cached by DVC, not in git), so they always run; evaluate
 # and report write uncached tables that git holds, and when the clone's upstream outputs come out
@@ -91,7 +93,10 @@ def test_metrics_are_real_numbers_with_exact_representation_round_trips(repro):
     # the ceiling of dense prediction through this VAE, scored like the evaluate stage's predictions
     assert 0.0 <= vae["gt_miou_after_vae"] <= 1.0 and 0.0 <= vae["gt_delta1_depth_after_vae"] <= 1.0
     train = json.loads((metrics / "train.json").read_text())
-    assert train["steps_done"] == 1000
+    assert train["steps_done"] == 1000 and train["resumed_across_code_change"] == 0.0
+    # each checkpoint records the code that wrote it (a code change then retrains: train.on_code_change)
+    last = max((work / "models" / "tiny" / "checkpoints").glob("run-*/step-*"))
+    assert json.loads((last / "code.json").read_text()) == stage_code_digests("train")
     history = (metrics / "train_history.csv").read_text().splitlines()
     header = history[0].split(",")
     loss = [float(r.split(",")[header.index("loss")]) for r in history[1:]]

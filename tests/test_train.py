@@ -149,6 +149,38 @@ def test_changed_settings_do_not_resume_from_old_checkpoints(tmp_path):
     assert other_data.resumed_from == 0
 
 
+def test_a_checkpoint_that_other_code_wrote_restarts_or_resumes_as_on_code_change_says(tmp_path):
+    """DVC reruns the train stage when its code changes. A finished run of the same settings must not
+    then hand back the old code's model: by default it is set aside (nothing deleted) and training
+    starts again; ``on_code_change: resume`` continues it and names the changed files. A checkpoint
+    from before checkpoints recorded their code resumes."""
+    latents = random_latent_cache(tmp_path)
+    p = tiny_train_params(tmp_path)
+    old = {"udpdiff/train.py": "1" * 64, "udpdiff/viz.py": "2" * 64}
+    new = {**old, "udpdiff/train.py": "3" * 64}
+    _, first = train_tiny(p, latents, tmp_path / "ck", code=old)
+    assert json.loads((first.checkpoint / "code.json").read_text()) == old
+    _, same = train_tiny(p, latents, tmp_path / "ck", code=old)
+    assert (same.resumed_from, same.steps_done, same.code_changed) == (6, 6, [])
+
+    _, resumed = train_tiny(tiny_train_params(tmp_path, on_code_change="resume"), latents, tmp_path / "ck", code=new)
+    assert (resumed.resumed_from, resumed.code_changed) == (6, ["udpdiff/train.py"])
+
+    _, fresh = train_tiny(p, latents, tmp_path / "ck", code=new)
+    assert (fresh.resumed_from, fresh.steps_done, fresh.code_changed) == (0, 6, [])
+    assert fresh.run_dir == first.run_dir
+    # the same settings and data train the same model again (the code here did not really change)
+    assert [h["loss"] for h in fresh.history] == pytest.approx([h["loss"] for h in first.history], rel=1e-5)
+    assert json.loads((fresh.checkpoint / "code.json").read_text()) == new
+    aside = sorted((tmp_path / "ck").glob(f"{first.run_dir.name}.code-*"))
+    assert len(aside) == 1 and latest_checkpoint(aside[0])[1] == 6
+    assert json.loads((aside[0] / "step-00000006" / "code.json").read_text()) == old
+
+    (fresh.checkpoint / "code.json").unlink()  # as written before checkpoints recorded their code
+    _, unrecorded = train_tiny(p, latents, tmp_path / "ck", code=old)
+    assert (unrecorded.resumed_from, unrecorded.code_changed) == (6, [])
+
+
 @pytest.mark.slow
 def test_training_reduces_the_loss(tmp_path):
     p = tiny_train_params(tmp_path, steps=40, lr=3e-3, checkpoint_every=40, caption_dropout_prob=0.0)

@@ -323,6 +323,10 @@ class TrainParams(_Strict):
     # ("references": a 5B ZeRO checkpoint is ~60 GB); the final diffusers export is always copied
     # for artifacts, referenced otherwise
     log_checkpoints: Literal["artifacts", "references"] = "references"
+    # a checkpoint of this run's settings that other code wrote (DVC reran the stage for a code
+    # change): "restart" sets it aside and trains anew, "resume" continues it (a fix that does not
+    # change what was learnt, e.g. logging) and records the changed files (udpdiff.train.resume_point)
+    on_code_change: Literal["restart", "resume"] = "restart"
 
     @model_validator(mode="after")
     def _tasks(self) -> TrainParams:

@@ -39,6 +39,7 @@ from udpdiff.extensions_lock import before_deepspeed_build
 from udpdiff.io.atomic import write_text
 from udpdiff.latents import LatentDataset, OnlineLatentDataset
 from udpdiff.models.transformer import LATENT_CHANNELS, UDPDiffTransformer3DModel, load_transformer
+from udpdiff.stage_code import changed_files
 from udpdiff.tasks import task_id
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
     run_dir: Path | None = None  # this run's checkpoints, and its preview grids in train_samples/
+    # resumed (train.on_code_change: resume) from a checkpoint that other code wrote: these files differ
+    code_changed: list[str] = field(default_factory=list)
 
 
 # -- distributed / DeepSpeed -----------------------------------------------------------------------
@@ -188,7 +191,8 @@ def zero_stage(ds_config: dict) -> int:
 # -- checkpoints ------------------------------------------------------------------------------------
 # settings a resumed run may change without invalidating its checkpoints
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every", "log_checkpoints",
-                     "deepspeed_config", "latents"}
+                     "deepspeed_config", "latents", "on_code_change"}
+CODE_FILE = "code.json"  # in each checkpoint: {file: sha256} of the code that wrote it
 # settings added after runs existed, at the value those runs had: left out of the fingerprint there,
 # so that their checkpoints keep resuming
 FINGERPRINT_SILENT_DEFAULTS = {"optimizer": "adamw", "master_weights": "fp32"}
@@ -257,10 +261,12 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[str, int] | None:
     return tag, int(tag.split("-")[-1])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict], keep_last: int) -> Path:
+def save_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict], keep_last: int,
+                    code: dict[str, str] | None = None) -> Path:
     """Every rank writes its ZeRO shards into a hidden tag folder; rank 0 then renames it into
     place and replaces ``latest`` atomically: a kill at any point leaves the previous checkpoint
-    usable. (Multi-node runs need ``ckpt_dir`` on a shared filesystem, as DeepSpeed does.)"""
+    usable. (Multi-node runs need ``ckpt_dir`` on a shared filesystem, as DeepSpeed does.)
+    ``code`` (file digests, see :func:`resume_point`) is written beside the shards."""
     rank, _ = rank_and_world()
     tag = f"step-{step:08d}"
     tmp_tag = f".tmp-{tag}"
@@ -272,6 +278,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict], keep
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:
+        if code is not None:
+            write_text(ckpt_dir / tmp_tag / CODE_FILE, json.dumps(code, indent=1, sort_keys=True) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(ckpt_dir / tmp_tag, final)
         write_text(ckpt_dir / "latest", tag)
@@ -279,6 +287,49 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict], keep
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def resume_point(ckpt_dir: Path, code: dict[str, str] | None, on_code_change: str) -> tuple[str | None, list[str]]:
+    """The checkpoint tag a run resumes from (None: start fresh), and the files whose code differs
+    from what wrote it.
+
+    A run's folder is named by its settings and data (:func:`run_fingerprint`), not its code, so
+    that an interrupted run resumes. But DVC reruns the train stage when the code it imports
+    changes, and resuming then (a finished run: at once) would hand back the old code's model
+    under the new code's name. So each checkpoint records ``code`` (``{file: sha256}``,
+    ``udpdiff.stage_code.stage_code_digests``), and when it differs ``on_code_change`` decides:
+    ``restart`` sets the old run's folder aside (``<run>.code-<digest>``, nothing deleted) and
+    trains from step 0; ``resume`` continues it (a fix that does not change what was learnt) and
+    says so. Called on every rank; rank 0 moves the folder. Checkpoints from before this record
+    (no code.json) resume."""
+    found = latest_checkpoint(ckpt_dir)
+    if found is None or code is None:
+        return (found[0] if found else None), []
+    tag = found[0]
+    record = ckpt_dir / tag / CODE_FILE
+    if not record.exists():
+        logger.info("%s records no code (written before checkpoints did); resuming it", ckpt_dir / tag)
+        return tag, []
+    recorded = json.loads(record.read_text())
+    changed = changed_files(recorded, code)
+    if not changed:
+        return tag, []
+    listed = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    if on_code_change == "resume":
+        logger.warning("resuming %s, which other code wrote (changed since: %s) — train.on_code_change: resume",
+                       ckpt_dir / tag, listed)
+        return tag, changed
+    digest = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:8]
+    aside = ckpt_dir.with_name(f"{ckpt_dir.name}.code-{digest}")
+    _barrier()  # every rank has read the record before it moves
+    if rank_and_world()[0] == 0:
+        shutil.rmtree(aside, ignore_errors=True)  # the same old code set aside before: the newer run
+        os.replace(ckpt_dir, aside)
+        ckpt_dir.mkdir()
+    _barrier()
+    logger.warning("not resuming: the code changed since %s was written (%s); training from step 0. The old "
+                   "run is kept in %s; train.on_code_change: resume would have continued it", tag, listed, aside)
+    return None, []
 
 
 # -- batches ----------------------------------------------------------------------------------------
@@ -502,6 +553,7 @@ def train(
     artifact_fn: ArtifactFn | None = None,
     data_digest: str = "",
     prefetch: bool | None = None,
+    code: dict[str, str] | None = None,
 ) -> tuple[UDPDiffTransformer3DModel, TrainResult]:
     """Train (or resume) the transformer; returns the trained module and what happened.
 
@@ -518,6 +570,8 @@ def train(
     kill would) — used by resume tests. ``prefetch`` builds each batch while the previous one trains
     (:func:`prefetched`); by default on CUDA with cached latents only: on the CPU the worker would take
     the model's cores, and an online dataset would run the VAE beside training (its memory on top).
+    ``code`` (``{file: sha256}`` of the code training runs) goes into each checkpoint; a checkpoint
+    that other code wrote is resumed or set aside as ``train.on_code_change`` says (:func:`resume_point`).
     """
     import deepspeed
     from tqdm.auto import tqdm
@@ -574,12 +628,11 @@ def train(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         others = [d.name for d in ckpt_dir.parent.iterdir() if d.is_dir() and d != ckpt_dir]
         if others:
-            logger.info("not resuming from checkpoints of other settings in %s: %s", ckpt_dir.parent, others)
+            logger.info("not resuming the other runs (other settings, data or code) in %s: %s", ckpt_dir.parent, others)
     _barrier()
     start, history, last_ckpt = 0, [], None
-    found = latest_checkpoint(ckpt_dir)
-    if found is not None:
-        tag, _ = found
+    tag, code_changed = resume_point(ckpt_dir, code, t.on_code_change)
+    if tag is not None:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         start, history, last_ckpt = client["step"], list(client["history"]), ckpt_dir / tag
         logger.info("resumed from %s at step %d", last_ckpt, start)
@@ -660,7 +713,7 @@ def train(
                 logger.info("step %d/%d loss %.4f (rgb %.4f%s)", done, t.steps, row["loss"], row["loss_rgb"],
                             f", dense {row['loss_dense']:.4f}" if dense else "")
         if done % t.checkpoint_every == 0 or done == t.steps:
-            last_ckpt = save_checkpoint(engine, ckpt_dir, done, history, t.keep_last)
+            last_ckpt = save_checkpoint(engine, ckpt_dir, done, history, t.keep_last, code)
             if artifact_fn is not None:
                 _report_checkpoint(last_ckpt, t.log_checkpoints, artifact_fn)
         if preview_fn is not None and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
@@ -676,7 +729,7 @@ def train(
         # back empty shards), for the pipeline export
         trained = module if zero != 3 else _copy_module(module)
     return trained, TrainResult(steps_done=end, resumed_from=resumed_from, history=history, checkpoint=last_ckpt,
-                                run_dir=ckpt_dir)
+                                run_dir=ckpt_dir, code_changed=code_changed)
 
 
 def grad_norm_unreported(engine) -> float | None:

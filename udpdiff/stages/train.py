@@ -20,6 +20,7 @@ from udpdiff.io.atomic import atomic_path
 from udpdiff.io.dense import load_depth, load_ids
 from udpdiff.io.manifest import read_manifest, resolve
 from udpdiff.latents import EMPTY_PROMPT_FILE, load_record, record_path
+from udpdiff.stage_code import stage_code_digests
 from udpdiff.stages.common import (
     RGB_ONLY,
     LogFn,
@@ -83,7 +84,8 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
                                 scaling_factor=float(vae.config.scaling_factor), vae_scale_spatial=vae_scale,
                                 scheduler=scheduler, log_fn=log_fn, max_steps_this_run=max_steps_this_run,
                                 ds_config=resolve_config_path(t.deepspeed_config, paths.root),
-                                preview_fn=preview, artifact_fn=artifact_fn, data_digest=data_digest)
+                                preview_fn=preview, artifact_fn=artifact_fn, data_digest=data_digest,
+                                code=stage_code_digests("train"))
     if rank_and_world()[0] != 0:
         return StepResult()
     # the run's preview grids (kept with its checkpoints, so a resumed run still has the early ones)
@@ -102,7 +104,8 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None,
     artifacts.append(viz.plot_curves(paths.metrics / "train_loss.png", curves, title="UDPDiff training loss",
                                      ylabel="v-prediction MSE", logy=True))
     metrics = summary(result.history) if result.history else {}
-    metrics.update(steps_done=float(result.steps_done), resumed_from_step=float(result.resumed_from))
+    metrics.update(steps_done=float(result.steps_done), resumed_from_step=float(result.resumed_from),
+                   resumed_across_code_change=float(bool(result.code_changed)))
     if result.steps_done >= t.steps:
         tokenizer, encoder = load_text_encoder(p, paths)
         pipe = UDPDiffPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer.eval(),
