@@ -21,9 +21,10 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def top_level_env(**extra: str) -> dict[str, str]:
 def local_device() -> torch.device:
     """This process's device: under a launcher its own GPU (``cuda:LOCAL_RANK``), else the GPU when
     there is one, else the CPU."""
+    import torch  # here, not at the top: the flow of every stage imports this module, most need no torch
+
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if "LOCAL_RANK" in os.environ:
@@ -120,6 +123,7 @@ def inference_ranks() -> Iterator[Ranks]:
     the process's later stages (destroyed at exit): a group made again under the same launcher would
     meet the first one's rendezvous keys in the launcher's store and hang. An existing process group
     (a caller's) is used as it is."""
+    import torch
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
