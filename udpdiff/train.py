@@ -298,7 +298,7 @@ def resume_point(ckpt_dir: Path, code: dict[str, str] | None, on_code_change: st
     changes, and resuming then (a finished run: at once) would hand back the old code's model
     under the new code's name. So each checkpoint records ``code`` (``{file: sha256}``,
     ``udpdiff.stage_code.stage_code_digests``), and when it differs ``on_code_change`` decides:
-    ``restart`` sets the old run's folder aside (``<run>.code-<digest>``, nothing deleted) and
+    ``restart`` sets the old run's folder aside (``<run>.code-<digest>``: the last run of each code is kept) and
     trains from step 0; ``resume`` continues it (a fix that does not change what was learnt) and
     says so. Called on every rank; rank 0 moves the folder. Checkpoints from before this record
     (no code.json) resume."""
