@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +48,19 @@ def test_library_imports_no_orchestration():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_bad_params_fail_the_cli_with_a_clear_message(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flows", "stage", "data", "--profile", "does-not-exist"], cwd=REPO,
+@pytest.mark.parametrize(("args", "message"), [
+    (["stage", "data", "--profile", "does-not-exist"], "profile 'does-not-exist' is not defined"),
+    (["run", "train", "--profile", "does-not-exist"], "profile 'does-not-exist' is not defined"),
+    (["ablation", "tab5", "--profile", "does-not-exist"], "profile 'does-not-exist' is not defined"),
+    (["stage", "trian"], "unknown stage 'trian'; stages: data, validate"),
+    (["run", "trian"], "unknown job 'trian'"),
+])
+def test_bad_arguments_fail_the_cli_with_a_clear_message_before_any_prefect_server(args, message):
+    proc = subprocess.run([sys.executable, "-m", "flows", *args], cwd=REPO, env={**os.environ, "PREFECT_API_URL": ""},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "profile 'does-not-exist' is not defined" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+    assert "prefect" not in proc.stderr.lower(), proc.stderr  # no server started (or log line) for nothing
 
 
 def test_broken_data_contract_fails_the_stage_and_logs_the_report(tmp_path):
