@@ -23,6 +23,7 @@ sums, so a small one there is rounding, a large one a bug).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -85,8 +86,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(p: Params, latents: Path, train_ids: list[str], repeats: int, skip: int, out: Path | None,
-            **train_kw: Any) -> dict[str, Any]:
-    """``repeats`` pairs of runs in the order on, off, off, on, ...; the JSON is rewritten after each run."""
+            modes: tuple[bool, ...] = (True, False), **train_kw: Any) -> dict[str, Any]:
+    """``repeats`` pairs of runs in the order on, off, off, on, ... (``repeats`` runs of one mode if
+    ``modes`` holds one); the JSON is rewritten after each run."""
     t = p.active.train
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     result: dict[str, Any] = {
@@ -95,7 +97,7 @@ def measure(p: Params, latents: Path, train_ids: list[str], repeats: int, skip: 
         # what else sets the step's cost, so runs with other settings (e.g. ZeRO-0) read side by side
         "deepspeed_config": t.deepspeed_config, "precision": t.precision,
         "gradient_checkpointing": t.gradient_checkpointing, "clips": len(train_ids), "runs": []}
-    order = [i % 4 in (0, 3) for i in range(2 * repeats)]  # on, off, off, on, on, off, ...
+    order = [i % 4 in (0, 3) for i in range(2 * repeats)] if len(modes) == 2 else list(modes) * repeats
     with tempfile.TemporaryDirectory(prefix="bench-prefetch-") as tmp:
         for i, prefetch in enumerate(order):
             run = timed_run(p, latents, train_ids, Path(tmp) / f"run{i}", prefetch, skip, **train_kw)
@@ -105,6 +107,56 @@ def measure(p: Params, latents: Path, train_ids: list[str], repeats: int, skip: 
                   f"{run['seconds_per_step'] * 1e3:.1f} ms/step ({run['wall_s']:.0f} s)", flush=True)
             if out is not None:
                 write_outputs(result, out, render_markdown)
+    return result
+
+
+def profiled_run(p: Params, latents: Path, train_ids: list[str], work: Path, skip: int, active: int,
+                 out: Path, **train_kw: Any) -> dict[str, Any]:
+    """One run (prefetch as the training default) under ``torch.profiler`` for ``active`` steps after
+    ``skip``: where a step's time goes. ``gpu_busy`` is the device's kernel and copy time over the
+    wall-clock time of the same steps: well below 1 means the GPU waits for the host (launches,
+    synchronising reads, Python) and a faster kernel would not shorten the step. Writes the summary
+    JSON to ``out``, the op tables beside it (``.md``) and a Chrome trace (``.trace.json.gz``)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from udpdiff.train import train
+
+    n = skip + 2 + active + 1  # log_fn is called after every step (log_every 1): the profiler's step
+    p = p.with_overrides(parse_overrides(["train.log_every=1", f"train.steps={n}", f"train.checkpoint_every={n}"]))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    marks: list[float] = []
+    with profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=active, repeat=1),
+                 on_trace_ready=lambda prof: prof.export_chrome_trace(str(out.with_suffix(".trace.json.gz")))) as prof:
+        def log_fn(metrics: dict[str, float], step: int) -> None:
+            if skip + 2 <= step <= skip + 2 + active:  # the ends of the active steps
+                marks.append(time.perf_counter())
+            prof.step()
+
+        train(p, latents, train_ids, work, log_fn=log_fn, **train_kw)
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    # device-side events only (kernels, copies, memsets): an op's row repeats its kernels' time
+    device_us = sum(e.self_device_time_total for e in events
+                    if e.device_type != DeviceType.CPU and not e.is_user_annotation)
+    wall_s = (marks[-1] - marks[0]) / (len(marks) - 1)
+    result = {"active_steps": active, "skip": skip, "wall_ms_per_step": wall_s * 1e3,
+              "device_ms_per_step": device_us / active / 1e3, "gpu_busy": device_us / active / 1e6 / wall_s,
+              "top_device": [{"op": e.key, "ms_per_step": e.self_device_time_total / active / 1e3, "calls": e.count}
+                             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:40]],
+              "top_cpu": [{"op": e.key, "ms_per_step": e.self_cpu_time_total / active / 1e3, "calls": e.count}
+                          for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:40]]}
+    from udpdiff.io.atomic import write_text
+
+    write_text(out, json.dumps(result, indent=2) + "\n")
+    write_text(out.with_suffix(".md"), "\n\n".join(
+        [f"wall {result['wall_ms_per_step']:.1f} ms/step, device {result['device_ms_per_step']:.1f} ms/step, "
+         f"GPU busy {result['gpu_busy']:.2f}",
+         events.table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                      row_limit=40),
+         events.table(sort_by="self_cpu_time_total", row_limit=40)]) + "\n")
+    print(f"profile: {result['wall_ms_per_step']:.1f} ms/step wall, {result['device_ms_per_step']:.1f} on the "
+          f"device (busy {result['gpu_busy']:.2f}) -> {out}", flush=True)
     return result
 
 
@@ -136,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", type=int, default=30, help="steps left out of each run's median")
     ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (on/off)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (a .md table is written beside it)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="then one run under torch.profiler for this many steps after --skip (its JSON: "
+                         "--out with a -profile suffix); 0: none")
+    ap.add_argument("--profile-only", action="store_true", help="only the profiled run")
+    ap.add_argument("--modes", choices=("on,off", "on", "off"), default="on,off",
+                    help="prefetch modes to time (one mode: --repeats runs of it)")
     args = ap.parse_args(argv)
 
     from udpdiff.io.manifest import read_manifest
@@ -150,11 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{paths.latents}: no latent cache; run the latents stage (small_gpu.py prepare) first")
     df = read_manifest(paths.manifest)
     vae = load_vae(p, paths)
-    measure(p, paths.latents, df[df.split == "train"].clip_id.tolist(), args.repeats, args.skip, args.out,
-            scaling_factor=float(vae.config.scaling_factor),
-            vae_scale_spatial=2 ** (len(vae.config.block_out_channels) - 1),
-            scheduler=build_scheduler(p.active.scheduler.model_dump(), p.active.transformer.pretrained),
-            ds_config=resolve_config_path(p.active.train.deepspeed_config, REPO))
+    train_ids = df[df.split == "train"].clip_id.tolist()
+    kw = {"scaling_factor": float(vae.config.scaling_factor),
+          "vae_scale_spatial": 2 ** (len(vae.config.block_out_channels) - 1),
+          "scheduler": build_scheduler(p.active.scheduler.model_dump(), p.active.transformer.pretrained),
+          "ds_config": resolve_config_path(p.active.train.deepspeed_config, REPO)}
+    if not args.profile_only:
+        modes = tuple(m == "on" for m in args.modes.split(","))
+        measure(p, paths.latents, train_ids, args.repeats, args.skip, args.out, modes=modes, **kw)
+    if args.profile_steps or args.profile_only:
+        out = (args.out or Path("train-prefetch.json"))
+        with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+            profiled_run(p, paths.latents, train_ids, Path(tmp), args.skip, args.profile_steps or 10,
+                         out.with_name(out.stem + "-profile.json"), **kw)
     return 0
 
 

@@ -43,3 +43,23 @@ def test_a_skip_past_every_window_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no timing window after step 2"):
         measure(p, random_latent_cache(tmp_path), TRAIN_CLIPS, repeats=1, skip=2, out=None, scaling_factor=1.0,
                 vae_scale_spatial=4, scheduler=build_scheduler(p.active.scheduler.model_dump()))
+
+
+@pytest.mark.slow
+def test_one_mode_runs_repeat_it_and_the_profiled_run_writes_where_the_step_goes(tmp_path):
+    from benchmarks.bench_train_prefetch import profiled_run
+    from udpdiff.models.scheduler import build_scheduler
+
+    p = tiny_train_params(tmp_path, steps=6, log_every=2)
+    latents = random_latent_cache(tmp_path)
+    kw = {"scaling_factor": 1.0, "vae_scale_spatial": 4, "scheduler": build_scheduler(p.active.scheduler.model_dump())}
+    result = measure(p, latents, TRAIN_CLIPS, repeats=2, skip=2, out=None, modes=(True,), **kw)
+    assert [r["prefetch"] for r in result["runs"]] == [True, True] and "off" not in result["summary"]
+    out = tmp_path / "profile.json"
+    (tmp_path / "work").mkdir()
+    r = profiled_run(p, latents, TRAIN_CLIPS, tmp_path / "work", skip=2, active=3, out=out, **kw)
+    assert json.loads(out.read_text()) == r and r["active_steps"] == 3
+    assert r["wall_ms_per_step"] > 0 and r["device_ms_per_step"] == 0 and r["gpu_busy"] == 0  # the CPU: no device
+    ops = [o["op"] for o in r["top_cpu"]]
+    assert "aten::mm" in ops or "aten::addmm" in ops   # the model's matmuls were recorded
+    assert out.with_suffix(".trace.json.gz").stat().st_size > 0 and "GPU busy" in out.with_suffix(".md").read_text()
