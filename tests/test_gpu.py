@@ -65,6 +65,32 @@ def test_deepspeed_training_resumes_exactly_on_gpu(tmp_path, config):
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-4)
 
 
+def test_a_batch_reaches_the_gpu_without_a_host_synchronisation_and_as_on_the_cpu(tmp_path):
+    """make_batch on CUDA (in the prefetch worker, beside training): no copy or op that waits for the
+    GPU, which would drain the training's kernel queue (~200 times a `small` step before), and the
+    numbers the CPU computes from the same draws."""
+    from tests.conftest import TRAIN_CLIPS, random_latent_cache, tiny_train_params
+    from udpdiff.latents import LatentDataset
+    from udpdiff.models.scheduler import build_scheduler
+    from udpdiff.train import make_batch
+
+    p = tiny_train_params(tmp_path, micro_batch_size=6, rgb_given_prob=0.5)
+    data = LatentDataset(random_latent_cache(tmp_path), TRAIN_CLIPS)
+    alphas = build_scheduler({}).alphas_cumprod
+    make_batch(data, p, 0, 0, 0.7, alphas, device="cuda")  # CUDA context and pinned pool set up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = make_batch(data, p, 1, 0, 0.7, alphas, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_cpu = make_batch(data, p, 1, 0, 0.7, alphas)
+    assert on_gpu.keys() == on_cpu.keys() and on_gpu["loss_weight"].min() == 0
+    for k, v in on_cpu.items():
+        assert on_gpu[k].dtype == v.dtype, k
+        torch.testing.assert_close(on_gpu[k].cpu(), v, rtol=1e-6, atol=1e-6, msg=k)
+
+
 def test_batches_built_ahead_train_as_batches_built_in_turn_on_gpu(tmp_path):
     """On CUDA each batch is built in a worker thread while the previous one trains (the default):
     the same batches, so the same losses as building them in turn."""

@@ -13,6 +13,7 @@ DeepSpeed checkpoint, and the loss history from its client state.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -337,13 +338,17 @@ def resume_point(ckpt_dir: Path, code: dict[str, str] | None, on_code_change: st
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
 
+# batches built ahead on CUDA: one batch's draws took ~40 ms against a `small` step of 70-190 ms
+PREFETCH_AHEAD = 2
 
-def _draw_latent(rec: dict, prefix: str, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """A sample of the cached VAE posterior N(mean, std^2): the draw from ``gen`` (CPU: the same
-    numbers on every machine), the arithmetic on ``device``."""
-    mean, std = rec[f"{prefix}_mean"], rec[f"{prefix}_std"]
-    eps = torch.randn(mean.shape, generator=gen)
-    return mean.to(device) + std.to(device) * eps.to(device)
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` without a host synchronisation on CUDA: a copy from pageable memory waits
+    for the stream to drain, and a batch built that way in the prefetch thread drained the training's
+    kernel queue ~200 times a step (benchmarks/results/train-small-profile-h200.md)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def make_batch(
@@ -381,63 +386,72 @@ def make_batch(
     tasks = rng.choice(len(t.tasks), size=b, p=t.task_ratio) if dense else [None] * b
     long_caption = rng.random(b) < t.long_caption_prob
     drop_caption = rng.random(b) < t.caption_dropout_prob
-    x0, text, task_ids, clip_idx = [], [], [], []
+    # the draws on the CPU, clip by clip in a fixed order; then one copy per tensor and the arithmetic
+    # on ``device`` (the same elementwise kernels whatever the batch size: the same numbers)
+    mean, std, eps, text, task_ids, clip_idx = [], [], [], [], [], []
     for j, i in enumerate(idx):
         rec = data[i]
         task = t.tasks[tasks[j]] if dense else None
-        rgb = _draw_latent(rec, "rgb", gen, device)
-        x0.append(torch.cat([rgb, _draw_latent(rec, task, gen, device)], dim=0) if dense else rgb)  # (32|16, F, h, w)
+        halves = ("rgb", task) if dense else ("rgb",)  # (32|16, F, h, w): RGB ‖ dense
+        mean.append(torch.cat([rec[f"{x}_mean"] for x in halves]))
+        std.append(torch.cat([rec[f"{x}_std"] for x in halves]))
+        eps.append(torch.cat([torch.randn(rec[f"{x}_mean"].shape, generator=gen) for x in halves]))
         key = "long" if long_caption[j] else "short"
         if t.task_conditioning == "text-prompt":
             key = f"{key}:{task}"
         text.append(data.empty_text if drop_caption[j] else rec[f"text:{key}"])
         task_ids.append(task_id(task) if dense else -1)
         clip_idx.append(i)
-    x0_t = torch.stack(x0).permute(0, 2, 1, 3, 4) * scaling_factor  # (B, F, C, h, w) as CogVideoX
-    noise = torch.randn(x0_t.shape, generator=gen).to(device)
+    device = torch.device(device)
+    # a sample of each clip's cached VAE posterior N(mean, std^2)
+    mean, std, eps = (_to_device(torch.stack(x), device) for x in (mean, std, eps))
+    x0 = mean + std * eps
+    x0_t = x0.permute(0, 2, 1, 3, 4) * scaling_factor  # (B, F, C, h, w) as CogVideoX
+    noise = _to_device(torch.randn(x0_t.shape, generator=gen), device)
     timesteps = torch.randint(0, len(alphas_cumprod), (b,), generator=gen)
-    a = alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1).to(device)
+    a = _to_device(alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1), device)
     noisy = a.sqrt() * x0_t + (1 - a).sqrt() * noise
     v_target = a.sqrt() * noise - (1 - a).sqrt() * x0_t
     batch = {
         "noisy": noisy,
         "v_target": v_target,
-        "timesteps": timesteps.to(device),
-        "text": torch.stack(text).to(device),
-        "task_ids": torch.tensor(task_ids, device=device),
+        "timesteps": _to_device(timesteps, device),
+        "text": _to_device(torch.stack(text), device),
+        "task_ids": _to_device(torch.tensor(task_ids), device),
         "clip_index": torch.tensor(clip_idx),
     }
     if dense and t.rgb_given_prob > 0:
-        # drawn after every other number of the batch, so the rest of it is what it is without
-        given = torch.from_numpy(rng.random(b) < t.rgb_given_prob).to(device)
-        rgb = slice(0, LATENT_CHANNELS)
-        noisy[given, :, rgb] = x0_t[given, :, rgb].to(noisy.dtype)
-        weight = torch.ones(b, 1, x0_t.shape[2], 1, 1, device=device)
-        weight[given, :, rgb] = 0.0  # a given half has nothing to predict
-        batch["loss_weight"] = weight
+        # drawn after every other number of the batch, so the rest of it is what it is without;
+        # a mask and torch.where, not boolean indexing, which would wait for the GPU to count the mask
+        given = torch.zeros(b, 1, x0_t.shape[2], 1, 1, dtype=torch.bool)
+        given[torch.from_numpy(rng.random(b) < t.rgb_given_prob), :, :LATENT_CHANNELS] = True
+        given = _to_device(given, device)
+        batch["noisy"] = torch.where(given, x0_t.to(noisy.dtype), noisy)
+        batch["loss_weight"] = (~given).float()  # a given half has nothing to predict
     return batch
 
 
-def prefetched(make: Callable[[int, int], dict], steps: range, micro_batches: int, ahead: bool,
+def prefetched(make: Callable[[int, int], dict], steps: range, micro_batches: int, ahead: int,
                worker_init: Callable[[], object] | None = None) -> Iterator[dict]:
-    """``make(step, micro)`` for every micro-batch of ``steps``, in order; with ``ahead``, each one is
-    built in a worker thread (set up by ``worker_init``) while the previous one trains. On a GPU a
-    batch's CPU work (its random draws: ~40 ms per step for `small`) then overlaps the model's step
-    instead of idling the GPU between steps. The batches are the same either way: ``make_batch`` is
-    a pure function."""
+    """``make(step, micro)`` for every micro-batch of ``steps``, in order; with ``ahead`` > 0, the next
+    ``ahead`` ones are built in as many worker threads (each set up by ``worker_init``) while the
+    model trains on this one. On a GPU a batch's CPU work (its random draws: ~40 ms per step for
+    `small`) then overlaps the model's step instead of idling the GPU between steps, and two workers
+    keep up with a step shorter than one batch's draws. The batches are the same either way:
+    ``make_batch`` is a pure function."""
     keys = [(step, micro) for step in steps for micro in range(micro_batches)]
     if not ahead:
         yield from (make(*key) for key in keys)
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="udpdiff-batches", initializer=worker_init) as pool:
-        pending = None
+    with ThreadPoolExecutor(max_workers=int(ahead), thread_name_prefix="udpdiff-batches",
+                            initializer=worker_init) as pool:
+        pending: collections.deque = collections.deque()
         for key in keys:
-            upcoming = pool.submit(make, *key)
-            if pending is not None:
-                yield pending.result()
-            pending = upcoming
-        if pending is not None:
-            yield pending.result()
+            pending.append(pool.submit(make, *key))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -651,7 +665,8 @@ def train(
     batches = prefetched(functools.partial(make_batch, data, p, scaling_factor=scaling_factor,
                                            alphas_cumprod=alphas_cumprod, rank=rank, world_size=world, device=device),
                          range(start, end), t.gradient_accumulation_steps,
-                         ahead=on_gpu and isinstance(data, LatentDataset) if prefetch is None else prefetch,
+                         ahead=PREFETCH_AHEAD * (on_gpu and isinstance(data, LatentDataset) if prefetch is None
+                                                 else prefetch),
                          # a new thread's current GPU is 0: rank k's worker would open a context there
                          worker_init=functools.partial(torch.cuda.set_device, device) if on_gpu else None)
     for step in bar:
