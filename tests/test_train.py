@@ -88,9 +88,10 @@ def test_prefetched_batches_come_in_order_from_a_worker_and_errors_reach_the_loo
     assert set(made) == {threading.get_ident()}
     made.clear()
     ready = []
-    batches = prefetched(make, range(2, 5), 2, ahead=True, worker_init=lambda: ready.append(threading.get_ident()))
-    assert [next(batches)["key"] for _ in keys] == keys
-    assert threading.get_ident() not in made and set(made) == set(ready)   # built by the worker, set up once
+    batches = prefetched(make, range(2, 5), 2, ahead=2, worker_init=lambda: ready.append(threading.get_ident()))
+    assert [next(batches)["key"] for _ in keys] == keys   # in order, though two workers build them
+    assert threading.get_ident() not in made and set(made) == set(ready)   # built by the workers, each set up once
+    assert len(ready) == len(set(ready)) <= 2
     assert next(batches)["key"] == (4, 0)
     with pytest.raises(ValueError, match="clip 7"):   # the worker's error, raised where the batch is taken
         next(batches)
@@ -235,6 +236,32 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     for cid in TRAIN_CLIPS:
         save_record(record_path(latents, cid), {**poisoned, "clip_id": cid})
     with pytest.raises(TrainingDivergedError, match=r"step 3.*step-00000002"):
+        train_tiny(p, latents, tmp_path / "ck")
+    assert latest_checkpoint(good.parent)[1] == 2
+    assert sorted(f.name for f in good.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_non_finite_gradient_behind_a_finite_loss_stops_at_that_step(tmp_path, monkeypatch):
+    """bf16 under the shipped ZeRO-2 JSON, whose DeepSpeed overflow check is off (it cost a third of a
+    `small` step): a non-finite gradient is neither skipped silently nor applied and trained on; the
+    run stops at that step and keeps its last good checkpoint."""
+    import udpdiff.train as train_module
+
+    p = tiny_train_params(tmp_path, precision="bf16")
+    latents = random_latent_cache(tmp_path)
+    train_tiny(p, latents, tmp_path / "ck", max_steps_this_run=2)
+    good = tmp_path / "ck" / run_fingerprint(p) / "step-00000002"
+    before = sorted(f.name for f in good.rglob("*"))
+    real_load = train_module.load_transformer
+
+    def load_with_a_poisoned_gradient(*args, **kwargs):  # the first backward of the resumed run: step 3
+        model = real_load(*args, **kwargs)
+        next(model.parameters()).register_hook(lambda g: torch.full_like(g, float("inf")))
+        return model
+
+    monkeypatch.setattr(train_module, "load_transformer", load_with_a_poisoned_gradient)
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm is (inf|nan) at step 3 .*step-00000002"):
         train_tiny(p, latents, tmp_path / "ck")
     assert latest_checkpoint(good.parent)[1] == 2
     assert sorted(f.name for f in good.rglob("*")) == before

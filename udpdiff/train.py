@@ -706,6 +706,13 @@ def train(
                 per_task.setdefault(name, []).append(ls)
         done = step + 1
         grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
+        if grad_norm is not None and not math.isfinite(float(grad_norm)) and t.precision != "fp16":
+            # bf16/fp32 have no loss scale to back off: the shipped ZeRO-2 JSON leaves DeepSpeed's per-tensor
+            # overflow check off (a third of a `small` step), so a non-finite gradient stops the run here
+            # (the norm is the same on every rank) instead of being skipped silently; fp16 skips by design
+            raise TrainingDivergedError(
+                f"the gradient norm is {float(grad_norm)} at step {done} with a finite loss; stopped without saving. "
+                f"Last good checkpoint: {last_ckpt or 'none yet'}. Lower train.lr or check the inputs.")
         local = {**sums, **{f"loss_dense_{k}": float(np.mean(per_task[k])) if k in per_task else float("nan")
                             for k in t.tasks}}
         row = {"step": done, **{k: v for k, v in _mean_over_ranks(local, device).items() if not math.isnan(v)},
