@@ -345,8 +345,8 @@ PREFETCH_AHEAD = 2
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``x`` on ``device`` without a host synchronisation on CUDA: a copy from pageable memory waits
     for the stream to drain, and a batch built that way in the prefetch thread drained the training's
-    kernel queue ~200 times a step (benchmarks/results/train-small-profile-h200.md)."""
-    if device.type != "cuda":
+    kernel queue ~200 times a step (benchmarks/results/train-host-overhead-h200.md)."""
+    if device.type != "cuda" or x.device.type != "cpu":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
 
