@@ -678,14 +678,6 @@ def train(
             err = squared_error(engine, batch, rotary, bool(num_tasks), model_dtype)
             weight = batch.get("loss_weight")
             loss = weighted_mean(err, weight)
-            # every rank must agree to stop, or the others would wait forever in the next collective
-            finite = _mean_over_ranks({"finite": float(torch.isfinite(loss))}, device)["finite"] == 1.0
-            if not finite:
-                raise TrainingDivergedError(
-                    f"loss is {loss.item()} on rank {rank} at step {step + 1} (micro-batch {micro}) or another rank's "
-                    f"is not finite; stopped without saving. Last good checkpoint: {last_ckpt or 'none yet'}. "
-                    "Lower train.lr or check the inputs."
-                )
             engine.backward(loss)
             own_norm = grad_norm_unreported(engine) if micro == t.gradient_accumulation_steps - 1 else None
             if t.master_weights == "bf16":
@@ -693,6 +685,16 @@ def train(
                 # resumed run and every rank (each updates its own copy under ZeRO-0) round alike
                 torch.manual_seed(hash((p.seed, step, micro)) % 2**63)
             engine.step()
+            # the loss is read once the update is queued: a read before the backward left the GPU idle
+            # while the backward was launched (~4 ms of a `small` step). Every rank must agree to stop,
+            # or the others would wait forever in the next collective.
+            finite = _mean_over_ranks({"finite": float(torch.isfinite(loss))}, device)["finite"] == 1.0
+            if not finite:
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} on rank {rank} at step {step + 1} (micro-batch {micro}) or another rank's "
+                    f"is not finite; stopped without saving. Last good checkpoint: {last_ckpt or 'none yet'}. "
+                    "Lower train.lr or check the inputs."
+                )
             sums["loss"] += loss.item() / t.gradient_accumulation_steps
             rgb_weight = None if weight is None else weight[:, :, :LATENT_CHANNELS]
             loss_rgb = weighted_mean(err[:, :, :LATENT_CHANNELS], rgb_weight)
