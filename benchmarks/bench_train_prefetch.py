@@ -117,8 +117,10 @@ def profiled_run(p: Params, latents: Path, train_ids: list[str], work: Path, ski
     wall-clock time of the same steps: well below 1 means the GPU waits for the host (launches,
     synchronising reads, Python) and a faster kernel would not shorten the step. Writes the summary
     JSON to ``out``, the op tables beside it (``.md``) and a Chrome trace (``.trace.json.gz``)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    from udpdiff.io.atomic import write_text
     from udpdiff.train import train
 
     n = skip + 2 + active + 1  # log_fn is called after every step (log_every 1): the profiler's step
@@ -133,8 +135,6 @@ def profiled_run(p: Params, latents: Path, train_ids: list[str], work: Path, ski
             prof.step()
 
         train(p, latents, train_ids, work, log_fn=log_fn, **train_kw)
-    from torch.autograd import DeviceType
-
     events = prof.key_averages()
     # device-side events only (kernels, copies, memsets): an op's row repeats its kernels' time
     device_us = sum(e.self_device_time_total for e in events
@@ -146,8 +146,6 @@ def profiled_run(p: Params, latents: Path, train_ids: list[str], work: Path, ski
                              for e in sorted(events, key=lambda e: -e.self_device_time_total)[:40]],
               "top_cpu": [{"op": e.key, "ms_per_step": e.self_cpu_time_total / active / 1e3, "calls": e.count}
                           for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:40]]}
-    from udpdiff.io.atomic import write_text
-
     write_text(out, json.dumps(result, indent=2) + "\n")
     write_text(out.with_suffix(".md"), "\n\n".join(
         [f"wall {result['wall_ms_per_step']:.1f} ms/step, device {result['device_ms_per_step']:.1f} ms/step, "
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = tuple(m == "on" for m in args.modes.split(","))
         measure(p, paths.latents, train_ids, args.repeats, args.skip, args.out, modes=modes, **kw)
     if args.profile_steps or args.profile_only:
-        out = (args.out or Path("train-prefetch.json"))
+        out = args.out or Path("train-prefetch.json")
         with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
             profiled_run(p, paths.latents, train_ids, Path(tmp), args.skip, args.profile_steps or 10,
                          out.with_name(out.stem + "-profile.json"), **kw)

@@ -90,7 +90,8 @@ def test_prefetched_batches_come_in_order_from_a_worker_and_errors_reach_the_loo
     ready = []
     batches = prefetched(make, range(2, 5), 2, ahead=2, worker_init=lambda: ready.append(threading.get_ident()))
     assert [next(batches)["key"] for _ in keys] == keys   # in order, though two workers build them
-    assert threading.get_ident() not in made and set(made) == set(ready)   # built by the workers, each set up once
+    # built by the workers, each set up once (a worker may be set up and not yet have taken a batch)
+    assert made and threading.get_ident() not in made and set(made) <= set(ready)
     assert len(ready) == len(set(ready)) <= 2
     assert next(batches)["key"] == (4, 0)
     with pytest.raises(ValueError, match="clip 7"):   # the worker's error, raised where the batch is taken
@@ -244,8 +245,8 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_a_non_finite_gradient_behind_a_finite_loss_stops_at_that_step(tmp_path, monkeypatch):
     """bf16 under the shipped ZeRO-2 JSON, whose DeepSpeed overflow check is off (it cost a third of a
-    `small` step): a non-finite gradient is neither skipped silently nor applied and trained on; the
-    run stops at that step and keeps its last good checkpoint."""
+    `small` step): a non-finite gradient is not skipped silently, nor trained on from there; the run
+    stops at that step and keeps its last good checkpoint."""
     import udpdiff.train as train_module
 
     p = tiny_train_params(tmp_path, precision="bf16")
