@@ -34,13 +34,15 @@ Sections (``--sections``, any subset, in this order):
   batch split over the N GPUs (``udpdiff.parallel``), then the same sample on one GPU; times and
   the difference between the two.
 * ``approx`` — the opt-in approximate sampling modes (``acceleration.approximate``: float8 block
-  linears with rowwise (``float8``) or tensorwise (``float8-tensorwise``) scales, the first-block /
-  faster / pab step caches; ``--approx-modes``) against the lossless fast path (compiled blocks,
+  linears with rowwise (``float8``) or tensorwise (``float8-tensorwise``) scales, FA3's float8
+  attention alone (``float8-attention``) or with tensorwise linears (``float8-tensorwise-attention``;
+  both need ``--attention fa3``), the first-block / faster / pab step caches; ``--approx-modes``)
+  against the lossless fast path (compiled blocks,
   ``--attention``), ours, one GPU: per mode a whole sample of
   ``--approx-steps`` steps with the same prompt embedding, seed and weights, its seconds per CFG-2
   step and total, and its quality cost against the lossless sample: final-latent PSNR and relative
   L2, and the decoded video's and colormap's uint8 differences. float8 rows where it cannot run
-  (CPU, pre-sm89, no torchao) are recorded as skipped with the reason.
+  (CPU, pre-sm89, no torchao, no FA3) are recorded as skipped with the reason.
 
 Models have random weights and are built directly on the GPU in bf16; each is freed before the
 next. FLOPs are counted analytically from the config (see ``forward_flops``). The JSON is written
@@ -86,9 +88,13 @@ from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 logger = logging.getLogger("bench_gpu")
 
 SECTIONS = ("gemm", "step", "step_fast", "sample", "sample_fast", "sample_parallel", "approx", "train", "train_fast")
-APPROX_MODES = ("float8", "float8-tensorwise", "first-block", "faster", "pab")
-# approx mode -> acceleration.approximate.float8; "float8" stays rowwise, as in results written before tensorwise
-APPROX_FLOAT8 = {"float8": "rowwise", "float8-tensorwise": "tensorwise"}
+APPROX_MODES = ("float8", "float8-tensorwise", "float8-attention", "float8-tensorwise-attention", "first-block",
+                "faster", "pab")
+# approx mode -> acceleration.approximate's float8 keys; "float8" stays rowwise, as in results written before
+# tensorwise; the *-attention modes add FA3's float8 attention (float8_attention, needs --attention fa3)
+APPROX_FLOAT8 = {"float8": {"float8": "rowwise"}, "float8-tensorwise": {"float8": "tensorwise"},
+                 "float8-attention": {"float8_attention": True},
+                 "float8-tensorwise-attention": {"float8": "tensorwise", "float8_attention": True}}
 
 # Published CogVideoX 1.0 transformer configs (THUDM/CogVideoX-{2b,5b}/transformer/config.json).
 COMMON = dict(attention_head_dim=64, time_embed_dim=512, text_embed_dim=4096, patch_size=2, max_text_seq_length=226,
@@ -902,7 +908,7 @@ def approx_settings(bench: Bench, mode: str):
 
     a = bench.args
     base = {"compile_blocks": True, "compile_mode": a.compile_mode, "vae_decode": "batched", "attention": a.attention}
-    approximate = ({"float8": APPROX_FLOAT8[mode]} if mode in APPROX_FLOAT8 else {} if mode == "lossless"
+    approximate = (APPROX_FLOAT8[mode] if mode in APPROX_FLOAT8 else {} if mode == "lossless"
                    else {"cache": {"type": mode}})
     if mode in ("faster", "pab"):
         base["compile_blocks"] = "auto"
@@ -979,7 +985,8 @@ def run_approx(bench: Bench, arch: str) -> None:
         "scheduler": None, "guidance_scale": 6.0, "size": bench.size, "attention": a.attention, "modes": {},
         "note": "ours, random weights; every row a fresh transformer of the same seed (the same weights), the same "
                 "precomputed prompt embedding and seed; lossless = compiled blocks + --attention + batched decode; "
-                "float8 (rowwise), float8-tensorwise and first-block add to it (first-block compiles the blocks "
+                "float8 (rowwise), float8-tensorwise, float8-attention (FA3's e4m3 kernel), "
+                "float8-tensorwise-attention (both) and first-block add to it (first-block compiles the blocks "
                 "beneath its hooks); faster and pab run eager blocks (their attention hooks cannot sit in a compiled "
                 "block). Quality vs lossless: latent PSNR (peak = the lossless latents' range) and relative L2 of the "
                 "final latents, uint8 differences of the decoded video and colormap. Random weights make the caches' "

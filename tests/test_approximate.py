@@ -1,7 +1,7 @@
 """``acceleration.approximate`` on the CPU: the opt-in modes that change the output (float8 linears,
 diffusers' step caches). Each cache really skips attention work and changes the sample by a bounded
 amount; off, the sample is bitwise what it was; cache state never leaks from one sample to the
-next; float8 is refused where it cannot run; training refuses (or, for the params.yaml section,
+next; float8 (linears or attention) is refused where it cannot run; training refuses (or, for the params.yaml section,
 ignores) them. float8 itself runs in tests/test_gpu.py."""
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ CACHES = {"first-block": {"type": "first-block", "threshold": 0.5},
 pytestmark = pytest.mark.usefixtures("graph_capture_only")
 
 
-def _settings(cache: dict | None = None, float8: str = "none", **kw) -> AccelerationParams:
-    return AccelerationParams.model_validate({**kw, "approximate": {"float8": float8, "cache": cache}})
+def _settings(cache: dict | None = None, float8: str = "none", float8_attention: bool = False,
+              **kw) -> AccelerationParams:
+    return AccelerationParams.model_validate(
+        {**kw, "approximate": {"float8": float8, "float8_attention": float8_attention, "cache": cache}})
 
 
 class _CountingProcessor(CogVideoXAttnProcessor2_0):
@@ -67,12 +69,13 @@ def test_every_profile_has_the_approximations_off(profile):
     from tests.conftest import REPO
 
     approx = load_params(REPO / "params.yaml", profile=profile).active.acceleration.approximate
-    assert approx.model_dump() == {"float8": "none", "cache": None} and not approx.active
+    assert approx.model_dump() == {"float8": "none", "float8_attention": False, "cache": None} and not approx.active
 
 
 @pytest.mark.parametrize(("raw", "message"), [
     ({"float8": "e5m2"}, r"float8\n.*'none', 'rowwise' or 'tensorwise'"),
     ({"float8": "PerTensor"}, r"float8\n.*'none', 'rowwise' or 'tensorwise'"),
+    ({"float8_attention": "rowwise"}, r"float8_attention\n.*valid boolean"),
     ({"cache": {"type": "teacache"}}, r"cache\n.*does not match any of the expected tags"),
     ({"cache": {"type": "pab", "threshold": 0.1}}, r"cache\.pab\.threshold\n.*Extra inputs are not permitted"),
     ({"cache": {"type": "first-block", "threshold": 0}}, r"cache\.first-block\.threshold\n.*greater than 0"),
@@ -197,6 +200,13 @@ def test_float8_is_refused_on_the_cpu_with_what_it_needs(tiny_pipeline, float8):
         accelerate_pipeline(pipe, _settings(float8=float8))
 
 
+def test_float8_attention_is_refused_on_the_cpu_with_what_it_needs(tiny_pipeline):
+    pipe = _pipe(tiny_pipeline, None)
+    with pytest.raises(AccelerationError, match=r"approximate\.float8_attention runs FlashAttention-3's float8 "
+                                                r"kernel: it needs .*fa3-fwd.*; use float8_attention: false"):
+        accelerate_pipeline(pipe, _settings(float8_attention=True))
+
+
 @pytest.mark.parametrize(("float8", "granularity"), [("rowwise", "PerRow"), ("tensorwise", "PerTensor")])
 def test_use_float8_asks_torchao_for_the_setting_s_scales(monkeypatch, float8, granularity):
     """rowwise / tensorwise: torchao's PerRow / PerTensor (activations and weights alike), on the
@@ -256,9 +266,12 @@ def test_generate_cli_takes_the_float8_choices(tmp_path, tiny_pipeline, capsys):
                      capsys.readouterr().err)
     with pytest.raises(AccelerationError, match=r"float8: tensorwise needs a CUDA GPU .* on cpu"):
         cli.main(common + ["--float8", "tensorwise"])
+    with pytest.raises(AccelerationError, match=r"float8_attention runs FlashAttention-3's float8 kernel"):
+        cli.main(common + ["--float8-attention"])
 
 
-@pytest.mark.parametrize("raw", [{"float8": "rowwise"}, {"float8": "tensorwise"}, {"cache": {"type": "pab"}}])
+@pytest.mark.parametrize("raw", [{"float8": "rowwise"}, {"float8": "tensorwise"}, {"float8_attention": True},
+                                 {"cache": {"type": "pab"}}])
 def test_training_refuses_the_approximations(tiny_pipeline, raw):
     pipe = tiny_pipeline()
     pipe.transformer.train()

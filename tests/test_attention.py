@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from udpdiff.acceleration import AccelerationError, use_attention
-from udpdiff.attention import FlashAttention3CogVideoXProcessor, SdpaToFlashAttention3
+from udpdiff.attention import E4M3_MAX, FlashAttention3CogVideoXProcessor, SdpaToFlashAttention3, to_e4m3_per_head
 from udpdiff.config import AccelerationParams
 from udpdiff.models.transformer import UDPDiffTransformer3DModel
 
@@ -25,9 +25,16 @@ class FakeFlash:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, q_descale=None, k_descale=None, v_descale=None):
         assert q.ndim == 4 and q.stride(-1) == 1  # FA3 needs the head dim contiguous
         self.calls += 1
+        self.dtypes = {q.dtype, k.dtype, v.dtype}
+        if q.dtype == torch.float8_e4m3fn:  # FA3's float8 kernel: (B, H) descales, bf16 out
+            assert q_descale.shape == k_descale.shape == v_descale.shape == (q.shape[0], q.shape[2])
+            q, k, v = (x.float() * d[:, None, :, None] for x, d in ((q, q_descale), (k, k_descale), (v, v_descale)))
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        else:
+            assert q_descale is None
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
@@ -75,3 +82,41 @@ def test_use_attention_picks_sdpa_without_fa3_and_refuses_an_explicit_fa3():
     assert use_attention(model, AccelerationParams(attention="sdpa")) == "sdpa"
     with pytest.raises(AccelerationError, match="fa3-fwd"):
         use_attention(model, AccelerationParams(attention="fa3"))
+
+
+def test_e4m3_per_head_maps_each_heads_largest_value_to_e4m3s_largest_and_round_trips_within_its_precision():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 16, generator=g) * torch.tensor([0.01, 1.0, 300.0])[None, :, None, None]
+    x = x.bfloat16()
+    x8, descale = to_e4m3_per_head(x)
+    assert x8.dtype == torch.float8_e4m3fn and descale.shape == (2, 3) and descale.dtype == torch.float32
+    assert torch.equal(x8.float().abs().amax(dim=(2, 3)), torch.full((2, 3), E4M3_MAX))
+    back = x8.float() * descale[:, :, None, None]
+    # e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2^-4 for normal numbers,
+    # whatever the head's magnitude (the per-head scale puts each head in range)
+    big = x.float().abs() > descale[:, :, None, None] * 2.0**-6  # e4m3's smallest normal, scaled
+    assert big.float().mean() > 0.95
+    rel = ((back - x.float()).abs() / x.float().abs())[big]
+    assert float(rel.max()) <= 2.0**-4 + 1e-6
+
+
+def test_float8_attention_sends_e4m3_inputs_with_their_scales_and_stays_close_to_bf16():
+    model, inputs = _model_and_inputs()
+    with torch.no_grad():
+        expected = model(**inputs, return_dict=False)[0]
+        fake = FakeFlash()
+        model.set_attn_processor(FlashAttention3CogVideoXProcessor(SdpaToFlashAttention3(fake, ("cpu",), fp8=True)))
+        got = model(**inputs, return_dict=False)[0]
+    assert fake.calls == TINY["num_layers"] and fake.dtypes == {torch.float8_e4m3fn}
+    rel = float((got.float() - expected.float()).norm() / expected.float().norm())
+    assert 0 < rel < 0.02, rel  # an approximation: not equal, but close (0.003 here)
+
+
+def test_float8_attention_is_refused_where_fa3_cannot_run():
+    model, _ = _model_and_inputs()
+    for attention in ("auto", "sdpa", "fa3"):
+        settings = AccelerationParams.model_validate({"attention": attention,
+                                                      "approximate": {"float8_attention": True}})
+        assert settings.approximate.active
+        with pytest.raises(AccelerationError, match="float8_attention.*fa3-fwd"):
+            use_attention(model, settings)

@@ -157,6 +157,8 @@ def test_smoke_run_measures_the_approximate_modes_against_the_lossless_path(smok
     for mode in ("float8", "float8-tensorwise"):
         assert e["modes"][mode]["status"] == "skipped" and "CUDA" in e["modes"][mode]["reason"], mode
     assert "float8: tensorwise needs" in e["modes"]["float8-tensorwise"]["reason"]
+    for mode in ("float8-attention", "float8-tensorwise-attention"):  # FA3's kernel: Hopper + fa3-fwd
+        assert e["modes"][mode]["status"] == "skipped" and "fa3-fwd" in e["modes"][mode]["reason"], mode
     for mode in ("first-block", "faster", "pab"):
         row = e["modes"][mode]
         assert row["status"] == "measured" and row["cache"] == mode, mode
@@ -171,15 +173,17 @@ def test_smoke_run_measures_the_approximate_modes_against_the_lossless_path(smok
 
 def test_approx_modes_map_to_their_settings():
     """float8 stays rowwise (results written before tensorwise keep their meaning); float8-tensorwise
-    is one scale per tensor; the caches leave float8 off."""
+    is one scale per tensor; the *-attention modes add float8 attention; the caches leave float8 off."""
     import types
 
     b = _module()
     bench = types.SimpleNamespace(args=types.SimpleNamespace(compile_mode="default", attention="sdpa"))
     approx = {m: b.approx_settings(bench, m).approximate for m in ("lossless", *b.APPROX_MODES)}
     assert {m: a.float8 for m, a in approx.items()} == {"lossless": "none", "float8": "rowwise",
-                                                        "float8-tensorwise": "tensorwise", "first-block": "none",
-                                                        "faster": "none", "pab": "none"}
+                                                        "float8-tensorwise": "tensorwise", "float8-attention": "none",
+                                                        "float8-tensorwise-attention": "tensorwise",
+                                                        "first-block": "none", "faster": "none", "pab": "none"}
+    assert [m for m, a in approx.items() if a.float8_attention] == ["float8-attention", "float8-tensorwise-attention"]
     assert [m for m, a in approx.items() if a.cache is not None] == ["first-block", "faster", "pab"]
 
 

@@ -200,6 +200,30 @@ def test_flash_attention3_step_equals_sdpa_in_bf16_on_gpu(compile_blocks):
     assert _rel(out, ref) < 2e-2, _rel(out, ref)
 
 
+def test_float8_attention_step_stays_close_to_sdpa_on_gpu():
+    """FA3's e4m3 kernel (acceleration.approximate.float8_attention) in every attention layer, compiled
+    blocks: it really ran on float8 inputs, and one rotary step stays close to bf16 SDPA's."""
+    from udpdiff.acceleration import accelerate, use_attention
+    from udpdiff.attention import flash_attention3_available
+    from udpdiff.config import AccelerationParams
+
+    if not flash_attention3_available():
+        pytest.skip("needs the fa3-fwd wheel and a Hopper GPU")
+    model, (x, text, t), kw = _step_model_and_inputs(rotary=True)
+    settings = AccelerationParams.model_validate({"approximate": {"float8_attention": True}})
+    with torch.no_grad():
+        ref = model(x, text, t, task_id=1, **kw).sample
+        assert use_attention(model, settings) == "fa3-fp8"
+        assert accelerate(model, settings, "cuda").compiled_blocks
+        dtypes = []
+        mode = next(iter(model.attn_processors.values())).mode
+        real = mode.flash_attn_func
+        mode.flash_attn_func = lambda q, *a, **k: dtypes.append(q.dtype) or real(q, *a, **k)
+        out = model(x, text, t, task_id=1, **kw).sample
+    assert dtypes and set(dtypes) == {torch.float8_e4m3fn}
+    assert 0 < _rel(out, ref) < 5e-2, _rel(out, ref)
+
+
 def test_fast_sample_equals_eager_on_gpu(tiny_pipeline):
     """A short bf16 sample: compiled blocks + one batched VAE decode against eager blocks + two
     sequential decodes, same seed: the final latents and the decoded frames agree within bf16

@@ -34,6 +34,8 @@ never calls it, and :func:`check_inference` refuses a transformer in training mo
   embedding and output head stay bf16). Applied before the blocks are compiled, so Inductor fuses
   the activation quantisation. CUDA sm89+ (Ada, Hopper) with bf16 weights and the optional
   ``torchao`` extra.
+* **float8 attention** (``float8_attention``): FlashAttention-3's e4m3 forward kernel, q/k/v scaled
+  per sample and head (:mod:`udpdiff.attention`); Hopper and the fa3-fwd wheel.
 * **step caches** (:func:`use_cache`): diffusers' ``CacheMixin.enable_cache`` with First-Block
   Cache, FasterCache or Pyramid Attention Broadcast. Their hooks keep state across the steps of
   one sample; diffusers' CogVideoX loop runs each step in ``transformer.cache_context`` and resets
@@ -332,7 +334,8 @@ def check_inference(transformer: torch.nn.Module, approx: ApproximateParams) -> 
     """Refuse approximations on a transformer in training mode: they are for sampling only (float8
     here is inference quantisation, and diffusers' caches skip work across denoising steps)."""
     if approx.active and transformer.training:
-        raise AccelerationError("acceleration.approximate (float8, cache) changes what the transformer computes and "
+        raise AccelerationError("acceleration.approximate (float8, float8_attention, cache) changes what the "
+                                "transformer computes and "
                                 "is for sampling only; this transformer is in training mode (training ignores the "
                                 "setting; for sampling call .eval() first)")
 
@@ -426,15 +429,20 @@ def diffusers_cache_config(cache: CacheParams, current_timestep):
 
 def use_attention(transformer: torch.nn.Module, settings: AccelerationParams) -> str:
     """Give an inference transformer the attention kernel ``settings.attention`` asks for; returns
-    the kernel used (``fa3`` or ``sdpa``). ``auto`` picks FA3 where it can run."""
+    the kernel used (``fa3``, ``fa3-fp8`` or ``sdpa``). ``auto`` picks FA3 where it can run;
+    ``approximate.float8_attention`` asks for FA3's e4m3 kernel and is refused where FA3 cannot run."""
     from udpdiff.attention import flash_attention3_available, use_flash_attention3
 
-    wanted = settings.attention
+    wanted, fp8 = settings.attention, settings.approximate.float8_attention
+    if fp8 and (wanted == "sdpa" or not flash_attention3_available()):
+        raise AccelerationError("acceleration.approximate.float8_attention runs FlashAttention-3's float8 kernel: it "
+                                "needs acceleration.attention fa3 or auto, a Hopper (sm90) GPU and the fa3-fwd wheel "
+                                "(pip install fa3-fwd); use float8_attention: false here")
     if wanted == "sdpa" or (wanted == "auto" and not flash_attention3_available()):
         return "sdpa"
     if not flash_attention3_available():
         raise AccelerationError("acceleration.attention: fa3 needs a Hopper (sm90) GPU and the fa3-fwd wheel "
                                 "(pip install fa3-fwd); use auto or sdpa")
-    use_flash_attention3(transformer)
-    logger.info("attention: FlashAttention-3 forward (udpdiff.attention)")
-    return "fa3"
+    use_flash_attention3(transformer, fp8=fp8)
+    logger.info("attention: FlashAttention-3 forward%s (udpdiff.attention)", ", float8 e4m3" if fp8 else "")
+    return "fa3-fp8" if fp8 else "fa3"

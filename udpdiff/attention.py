@@ -8,6 +8,10 @@ cuDNN SDPA at 18k tokens on an H200). We do not copy the processor to swap that 
 :class:`SdpaToFlashAttention3`, a ``TorchFunctionMode`` that sends exactly the SDPA calls FA3
 supports to it and everything else to SDPA unchanged. FA3 comes from the optional ``fa3-fwd``
 wheel (forward only: inference); without it, or off CUDA, nothing changes.
+
+``fp8=True`` is an opt-in approximation (``acceleration.approximate.float8_attention``): q, k and v
+go to FA3's e4m3 kernel with one scale per (sample, head), which FA3 multiplies back in
+(``q_descale`` ...; its output is bf16). It changes the outputs; the GPU benchmark measures by how much.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from torch.overrides import TorchFunctionMode
 
 FA3_MODULE = "fa3_fwd_interface"  # the fa3-fwd wheel's interface module
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
 def flash_attention3_available() -> bool:
@@ -35,23 +40,40 @@ def _fa3_forward():
     return flash_attn_func
 
 
+def to_e4m3_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (B, H, N, D) in float8 e4m3 with one scale per (sample, head), the largest magnitude
+    mapped to e4m3's largest value; returns it and the (B, H) float32 descale FA3 multiplies back
+    (``x ~= x8.float() * descale[..., None, None]``)."""
+    descale = x.detach().abs().amax(dim=(2, 3)).float().clamp(min=1e-12) / E4M3_MAX
+    # clamped: e4m3fn has no infinity, and a value rounded past its largest would become NaN
+    scaled = (x.float() / descale[:, :, None, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    return scaled.to(torch.float8_e4m3fn), descale
+
+
 class SdpaToFlashAttention3(TorchFunctionMode):
     """Inside this mode, ``F.scaled_dot_product_attention(q, k, v)`` with (B, H, N, D) bf16/fp16 CUDA
     tensors, D <= 256, no mask, no dropout, not causal and the default scale runs FA3's forward
-    kernel (which takes (B, N, H, D): a transpose, no copy when the last dim is contiguous)."""
+    kernel (which takes (B, N, H, D): a transpose, no copy when the last dim is contiguous).
+    ``fp8``: bf16 calls run FA3's e4m3 kernel on per-(sample, head) scaled inputs (approximate)."""
 
-    def __init__(self, flash_attn_func=None, device_types: tuple[str, ...] = ("cuda",)) -> None:
+    def __init__(self, flash_attn_func=None, device_types: tuple[str, ...] = ("cuda",), fp8: bool = False) -> None:
         super().__init__()
         # both injectable so the routing is testable without a Hopper GPU
         self.flash_attn_func = flash_attn_func or _fa3_forward()
         self.device_types = device_types
+        self.fp8 = fp8
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self._eligible(*args, **kwargs) \
                 and args[0].device.type in self.device_types:
             q, k, v = args[:3]
-            out = self.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            if self.fp8 and q.dtype == torch.bfloat16:
+                (q, q_descale), (k, k_descale), (v, v_descale) = map(to_e4m3_per_head, (q, k, v))
+                scales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
+            else:
+                scales = {}
+            out = self.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **scales)
             out = out[0] if isinstance(out, tuple) else out
             return out.transpose(1, 2)
         return func(*args, **kwargs)
@@ -79,12 +101,13 @@ class FlashAttention3CogVideoXProcessor(CogVideoXAttnProcessor2_0):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 
-def use_flash_attention3(transformer: torch.nn.Module) -> None:
-    """Give every attention layer of a CogVideoX transformer the FA3 processor (inference only)."""
+def use_flash_attention3(transformer: torch.nn.Module, fp8: bool = False) -> None:
+    """Give every attention layer of a CogVideoX transformer the FA3 processor (inference only);
+    ``fp8``: its e4m3 kernel (approximate, see :class:`SdpaToFlashAttention3`)."""
     if not flash_attention3_available():
         raise RuntimeError("FlashAttention-3 needs the fa3-fwd wheel and a Hopper (sm90) GPU")
-    transformer.set_attn_processor(FlashAttention3CogVideoXProcessor())
+    transformer.set_attn_processor(FlashAttention3CogVideoXProcessor(SdpaToFlashAttention3(fp8=fp8)))
 
 
 __all__ = ["FlashAttention3CogVideoXProcessor", "SdpaToFlashAttention3", "flash_attention3_available",
-           "use_flash_attention3"]
+           "to_e4m3_per_head", "use_flash_attention3"]

@@ -52,7 +52,8 @@ def _generate_on(args: argparse.Namespace, ranks) -> int:
                                             pipe.tokenizer.unk_token)
     pipe.to(default_device())
     compile_blocks = {"true": True, "false": False}.get(args.compile_blocks, args.compile_blocks)
-    approximate = {"float8": args.float8, "cache": None if args.cache == "none" else {"type": args.cache}}
+    approximate = {"float8": args.float8, "float8_attention": args.float8_attention,
+                   "cache": None if args.cache == "none" else {"type": args.cache}}
     accelerate_pipeline(pipe, AccelerationParams.model_validate(
         {"compile_blocks": compile_blocks, "vae_decode": args.vae_decode, "vae_tiling": args.vae_tiling,
          "approximate": approximate}))
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--float8", choices=["none", "rowwise", "tensorwise"], default="none",
                    help="APPROXIMATE (changes the output): float8 linears in the blocks, one scale per row or per "
                         "tensor (tensorwise: usually faster, a larger quality cost; torchao; CUDA sm89+)")
+    g.add_argument("--float8-attention", action="store_true",
+                   help="APPROXIMATE (changes the output): attention in float8, FlashAttention-3's e4m3 kernel "
+                        "(fa3-fwd wheel, Hopper GPU)")
     g.add_argument("--cache", choices=["none", "first-block", "faster", "pab"], default="none",
                    help="APPROXIMATE (changes the output): a diffusers step cache, default knobs")
     args = parser.parse_args(argv)

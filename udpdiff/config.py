@@ -432,14 +432,17 @@ class ApproximateParams(_Strict):
     activation + weight float8 e4m3, one scale per row; CUDA sm89+ and bf16 weights, the optional
     ``torchao`` extra); ``tensorwise`` = the same with one scale per tensor (cuBLAS's scalar-scaled
     float8 GEMM: usually faster than rowwise, at a larger quality cost, since one outlier sets the
-    scale of the whole activation). ``cache``: one of diffusers' step caches, or null."""
+    scale of the whole activation). ``float8_attention``: the attention itself in float8 (FA3's e4m3
+    forward kernel, one scale per sample and head; needs FA3: ``attention: fa3``, or ``auto`` where it
+    runs). ``cache``: one of diffusers' step caches, or null."""
 
     float8: Literal["none", "rowwise", "tensorwise"] = "none"
+    float8_attention: bool = False
     cache: CacheParams | None = None
 
     @property
     def active(self) -> bool:
-        return self.float8 != "none" or self.cache is not None
+        return self.float8 != "none" or self.float8_attention or self.cache is not None
 
 
 class AccelerationParams(_Strict):

@@ -197,7 +197,8 @@ def _publish(p: Params, paths: ProjectPaths, work: Path, names: list[str], index
     metrics = {"seconds_per_sample": float(np.median(seconds)),
                "seconds_per_step": float(np.median(seconds)) / s.num_inference_steps,
                "compiled_blocks": float(acceleration.compiled_blocks),
-               "attention_fa3": float(acceleration.attention == "fa3")}
+               "attention_fa3": float(acceleration.attention.startswith("fa3")),
+               "attention_float8": float(acceleration.attention == "fa3-fp8")}
     metrics.update({f"runtime/{k}/{m}": v for k, r in runtime.items() for m, v in r.items()})
     return StepResult(metrics=metrics, artifacts=[paths.samples / f"gallery_{n}.gif" for n in names])
 
