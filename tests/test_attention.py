@@ -62,11 +62,11 @@ def test_the_processor_sends_every_attention_call_to_the_kernel_and_matches_sdpa
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)  # bf16; the rotary tables reached it
 
 
-@pytest.mark.parametrize("case", ["grad", "mask", "fp32", "causal", "other device"])
+@pytest.mark.parametrize("case", ["grad", "mask", "fp32", "fp16", "causal", "other device"])
 def test_calls_the_kernel_cannot_serve_go_to_sdpa(case):
     fake = FakeFlash()
     mode = SdpaToFlashAttention3(fake, ("cpu",) if case != "other device" else ("cuda",))
-    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16)
     q = torch.randn(1, 2, 8, 16, dtype=dtype, requires_grad=case == "grad")
     kwargs = {"attn_mask": torch.ones(8, 8, dtype=torch.bool)} if case == "mask" else {}
     kwargs |= {"is_causal": True} if case == "causal" else {}

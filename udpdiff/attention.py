@@ -51,7 +51,7 @@ def to_e4m3_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SdpaToFlashAttention3(TorchFunctionMode):
-    """Inside this mode, ``F.scaled_dot_product_attention(q, k, v)`` with (B, H, N, D) bf16/fp16 CUDA
+    """Inside this mode, ``F.scaled_dot_product_attention(q, k, v)`` with (B, H, N, D) bf16 CUDA
     tensors, D <= 256, no mask, no dropout, not causal and the default scale runs FA3's forward
     kernel (which takes (B, N, H, D): a transpose, no copy when the last dim is contiguous).
     ``fp8``: bf16 calls run FA3's e4m3 kernel on per-(sample, head) scaled inputs (approximate)."""
@@ -68,7 +68,7 @@ class SdpaToFlashAttention3(TorchFunctionMode):
         if func is F.scaled_dot_product_attention and self._eligible(*args, **kwargs) \
                 and args[0].device.type in self.device_types:
             q, k, v = args[:3]
-            if self.fp8 and q.dtype == torch.bfloat16:
+            if self.fp8:
                 (q, q_descale), (k, k_descale), (v, v_descale) = map(to_e4m3_per_head, (q, k, v))
                 scales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
             else:
@@ -82,7 +82,8 @@ class SdpaToFlashAttention3(TorchFunctionMode):
     def _eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
                   is_causal: bool = False, scale: float | None = None, **rest: Any) -> bool:
         return (attn_mask is None and dropout_p == 0.0 and not is_causal and scale is None and not rest
-                and q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype == v.dtype
+                # bf16 only: the fa3-fwd wheel is built without its fp16 kernels (FLASHATTENTION_DISABLE_FP16)
+                and q.dtype == torch.bfloat16 and q.dtype == k.dtype == v.dtype
                 and q.ndim == 4 and q.shape[-1] <= 256 and not torch.is_grad_enabled())
 
 
