@@ -335,9 +335,8 @@ def check_inference(transformer: torch.nn.Module, approx: ApproximateParams) -> 
     here is inference quantisation, and diffusers' caches skip work across denoising steps)."""
     if approx.active and transformer.training:
         raise AccelerationError("acceleration.approximate (float8, float8_attention, cache) changes what the "
-                                "transformer computes and "
-                                "is for sampling only; this transformer is in training mode (training ignores the "
-                                "setting; for sampling call .eval() first)")
+                                "transformer computes and is for sampling only; this transformer is in training "
+                                "mode (training ignores the setting; for sampling call .eval() first)")
 
 
 def float8_unavailable(transformer: torch.nn.Module) -> str | None:
