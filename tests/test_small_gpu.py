@@ -28,6 +28,7 @@ CPU_SIZES = [
     "train.steps=2", "train.micro_batch_size=2", "train.sample_every=2", "train.validation_clips=2",
     "train.checkpoint_every=2", "train.precision=fp32", "sample.num_samples=2", "sample.num_inference_steps=2",
     "sample.gallery_size=1", "sample.runtime_trials=0", "sample.dense_ensemble_size=2", "evaluate.batch_size=2",
+    "text_encoder.pretrain.steps=4", "text_encoder.pretrain.batch_size=4",
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -70,3 +72,64 @@ def test_generate_names_the_prompt_words_the_pipeline_never_saw(tmp_path, tiny_p
         assert cli.main(args) == 0
     assert "never saw 'zebra' in training; encoded as <unk>" in caplog.text
     assert (tmp_path / "out" / "depth-seed0.mp4").exists()
+
+
+PRETRAIN = {"steps": 60, "batch_size": 16, "lr": 3e-3, "mask_probability": 0.15}
+
+
+def _pretrained_words(captions, seed=0, **pretrain):
+    from udpdiff.models.text import pretrain_masked_lm
+
+    pretrain = {**PRETRAIN, **pretrain}
+    tokenizer, encoder = build_text_encoder({"tokenizer": "words", "config": CONFIG, "pretrain": pretrain}, 0,
+                                            captions=captions)
+    losses = pretrain_masked_lm(tokenizer, encoder, captions, **pretrain, max_length=128, seed=seed)
+    return tokenizer, encoder, losses
+
+
+@pytest.fixture(scope="module")
+def pretrained(captions):
+    """(tokenizer, encoder, losses) after 60 steps: enough to leave uniform guessing, not to learn
+    context (that takes hundreds of steps; benchmarks/results/text-pretraining-probe-vm.md)."""
+    return _pretrained_words(captions)
+
+
+def test_masked_word_pretraining_learns_and_keeps_every_word_id(captions, pretrained):
+    plain, _ = build_text_encoder({"tokenizer": "words", "config": CONFIG}, 0, captions=captions)
+    tokenizer, encoder, losses = pretrained
+    # the mask is one id past the words: a caption encodes to the same ids with or without it
+    assert tokenizer.mask_token_id == len(plain) == len(tokenizer) - 1 == encoder.config.vocab_size - 1
+    assert tokenizer(captions[0]).input_ids == plain(captions[0]).input_ids
+    # from a guess over the whole vocabulary (log V) to the captions' word frequencies, well under it
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert first > 0.9 * math.log(len(tokenizer)) and last < 0.9 * first
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_masked_word_pretraining_replays_for_a_seed_and_differs_for_another(captions):
+    states = [_pretrained_words(captions, seed=seed, steps=5)[1].state_dict() for seed in (0, 0, 1)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0]["shared.weight"], states[2]["shared.weight"])
+
+
+def test_a_pretrained_encoder_saves_and_loads_back_with_its_mask_token(tmp_path, captions, pretrained):
+    from transformers import T5EncoderModel
+
+    tokenizer, encoder, _ = pretrained
+    tokenizer.save_pretrained(tmp_path)
+    encoder.save_pretrained(tmp_path)
+    loaded_tok, loaded = AutoTokenizer.from_pretrained(tmp_path), T5EncoderModel.from_pretrained(tmp_path)
+    assert loaded_tok.mask_token == "<mask>" and loaded_tok.mask_token_id == tokenizer.mask_token_id
+    assert torch.equal(encode_text(tokenizer, encoder, captions[:3], 128),
+                       encode_text(loaded_tok, loaded, captions[:3], 128))
+
+
+def test_pretraining_refuses_a_tokenizer_without_a_mask_and_a_pretrained_encoder(captions):
+    from udpdiff.config import TextEncoderParams
+    from udpdiff.models.text import pretrain_masked_lm
+
+    tokenizer, encoder = build_text_encoder({"tokenizer": "words", "config": CONFIG}, 0, captions=captions)
+    with pytest.raises(ValueError, match="needs a tokenizer with a mask token"):
+        pretrain_masked_lm(tokenizer, encoder, captions, **PRETRAIN, max_length=128, seed=0)
+    with pytest.raises(ValueError, match="is trained already"):
+        TextEncoderParams(pretrained="THUDM/CogVideoX-2b", pretrain={"steps": 10})

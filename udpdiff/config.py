@@ -231,12 +231,28 @@ class VaeParams(_Strict):
     train: VaeTrainParams = VaeTrainParams()
 
 
+class TextPretrainParams(_Strict):
+    """Masked-word pretraining of a random text encoder on the training captions (0 steps: none)."""
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1.0e-3, gt=0)
+    mask_probability: float = Field(0.15, gt=0, lt=1)
+
+
 class TextEncoderParams(_Strict):
     pretrained: str | None = None
     # a random encoder's tokenizer (udpdiff.models.text): byt5 bytes, or the training captions' words
     tokenizer: Literal["byt5", "words"] = "byt5"
     max_length: int = Field(64, gt=0)
     config: dict[str, Any] = {}
+    pretrain: TextPretrainParams = TextPretrainParams()
+
+    @model_validator(mode="after")
+    def _pretrain_needs_a_random_encoder(self) -> TextEncoderParams:
+        if self.pretrained and self.pretrain.steps:
+            raise ValueError(f"pretrain.steps {self.pretrain.steps}: {self.pretrained!r} is trained already; "
+                             "masked-word pretraining is for a random encoder (pretrained: null)")
+        return self
 
 
 # what a from-scratch transformer's config must spell out: without them diffusers' class defaults

@@ -6,6 +6,11 @@ class, with a tokenizer that needs no download: ByT5's byte-level one (``byt5``)
 one whose vocabulary is the training captions' words (``words``; the ``tokenizers`` library). At
 ``max_length`` 96, bytes cover the first ~95 characters of a caption: the synthetic long captions
 (200-500 bytes) would lose their ground, sky and camera, which words keep (46-105 tokens).
+
+A random encoder knows which words a caption holds but not how they bind: read without positions (CogVideoX
+rotates only the video tokens), "a teal sphere ... over a brown ground" and "a brown sphere ... over a teal
+ground" look alike. ``pretrain`` stands in for T5's own pretraining on text: masked-word prediction over the
+training captions (:func:`pretrain_masked_lm`), so each word's state says what surrounds it.
 """
 
 from __future__ import annotations
@@ -53,11 +58,56 @@ def build_text_encoder(spec: dict, seed: int,
     else:
         raise ValueError(f"text_encoder.tokenizer {kind!r}: a randomly initialised text encoder pairs with one of "
                          f"{', '.join(RANDOM_ENCODER_TOKENIZERS)}")
+    if (spec.get("pretrain") or {}).get("steps"):
+        tokenizer.add_special_tokens({"mask_token": "<mask>"})  # the last id: every other id stays
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tokenizer), **spec.get("config", {}))
     encoder = T5EncoderModel(config)
     logger.info("built a random T5 encoder (%d parameters)", sum(p.numel() for p in encoder.parameters()))
     return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def pretrain_masked_lm(tokenizer: PreTrainedTokenizerBase, encoder: T5EncoderModel, texts: list[str], *,
+                       steps: int, batch_size: int, lr: float, mask_probability: float, max_length: int, seed: int,
+                       log_every: int | None = None) -> list[float]:
+    """Train ``encoder`` in place to predict masked words of ``texts`` (BERT's 80/10/10 masking by
+    transformers' collator) through an output head tied to its input embeddings, scaled by
+    ``d_model ** -0.5`` as T5 scales its tied head. Returns the loss of every step; deterministic
+    for a given ``seed`` on one device. Logs the mean loss every ``log_every`` steps (a tenth of them)."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from transformers import DataCollatorForLanguageModeling
+
+    if tokenizer.mask_token_id is None:
+        raise ValueError("masked-word pretraining needs a tokenizer with a mask token: build the encoder with "
+                         "text_encoder.pretrain.steps > 0")
+    device = encoder.device
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mask_probability, seed=seed)
+    order = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.0)
+    sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=steps // 10)
+    scale = encoder.config.d_model ** -0.5
+    log_every = log_every or max(1, steps // 10)
+    encoder.train().requires_grad_(True)
+    losses = []
+    for step in range(steps):
+        pick = torch.randint(len(ids), (batch_size,), generator=order).tolist()
+        batch = collator([{"input_ids": ids[i]} for i in pick])
+        x, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        hidden = encoder(input_ids=x, attention_mask=batch["attention_mask"].to(device))[0]
+        masked = labels != -100
+        logits = (hidden[masked] * scale) @ encoder.shared.weight.T
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[masked])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            logger.info("text encoder pretraining: step %d/%d, masked-word loss %.3f", step + 1, steps,
+                        sum(losses[-log_every:]) / len(losses[-log_every:]))
+    encoder.eval().requires_grad_(False)
+    return losses
 
 
 def word_tokenizer(captions: Iterable[str]) -> PreTrainedTokenizerFast:

@@ -32,12 +32,20 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     With ``train.latents: online`` only the empty-prompt embedding is written: training encodes
     the clips itself."""
     from udpdiff.latents import encode_clips
-    from udpdiff.models.text import build_text_encoder, encode_text
+    from udpdiff.models.text import build_text_encoder, encode_text, pretrain_masked_lm
 
     te = p.active.text_encoder
     df = read_manifest(paths.manifest)
     words = te.tokenizer == "words" and not te.pretrained  # a vocabulary to learn from the captions
     tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed, captions=_vocabulary_texts(df) if words else None)
+    device = default_device()
+    encoder, metrics = encoder.to(device), {}
+    if te.pretrain.steps:
+        losses = pretrain_masked_lm(tokenizer, encoder, _vocabulary_texts(df), **te.pretrain.model_dump(),
+                                    max_length=te.max_length, seed=p.seed)
+        tail = max(1, len(losses) // 10)  # the first and last tenth: one step's loss is one batch's noise
+        metrics = {"text_pretrain_loss_first": sum(losses[:tail]) / tail,
+                   "text_pretrain_loss_last": sum(losses[-tail:]) / tail}
     tmp_te = fresh_tmp_dir(paths.text_encoder)
     if te.pretrained:
         write_json(tmp_te / "SOURCE.json", {"pretrained": te.pretrained})
@@ -45,8 +53,7 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
         encoder.save_pretrained(tmp_te)
         tokenizer.save_pretrained(tmp_te)
     replace_dir(tmp_te, paths.text_encoder)
-    device = default_device()
-    vae, encoder = load_vae(p, paths).to(device), encoder.to(device)
+    vae = load_vae(p, paths).to(device)
     if p.active.train.latents == "online":
         df = df.iloc[:0]
     tmp = fresh_tmp_dir(paths.latents)
@@ -56,7 +63,7 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
                            p.active.train.tasks, text_prompt_tasks=p.active.train.task_conditioning == "text-prompt",
                            total=len(df))
     replace_dir(tmp, paths.latents)
-    return StepResult(metrics={"cached_clips": float(len(written))})
+    return StepResult(metrics={"cached_clips": float(len(written)), **metrics})
 
 
 def _vocabulary_texts(df: pd.DataFrame) -> list[str]:
