@@ -75,6 +75,7 @@ def pretrain_masked_lm(tokenizer: PreTrainedTokenizerBase, encoder: T5EncoderMod
     ``d_model ** -0.5`` as T5 scales its tied head. Returns the loss of every step; deterministic
     for a given ``seed`` on one device. Logs the mean loss every ``log_every`` steps (a tenth of them)."""
     from diffusers.optimization import get_constant_schedule_with_warmup
+    from tqdm.auto import tqdm
     from transformers import DataCollatorForLanguageModeling
 
     if tokenizer.mask_token_id is None:
@@ -90,7 +91,8 @@ def pretrain_masked_lm(tokenizer: PreTrainedTokenizerBase, encoder: T5EncoderMod
     log_every = log_every or max(1, steps // 10)
     encoder.train().requires_grad_(True)
     losses = []
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="text encoder", leave=False)
+    for step in bar:
         pick = torch.randint(len(ids), (batch_size,), generator=order).tolist()
         batch = collator([{"input_ids": ids[i]} for i in pick])
         x, labels = batch["input_ids"].to(device), batch["labels"].to(device)
@@ -104,6 +106,7 @@ def pretrain_masked_lm(tokenizer: PreTrainedTokenizerBase, encoder: T5EncoderMod
         sched.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
             logger.info("text encoder pretraining: step %d/%d, masked-word loss %.3f", step + 1, steps,
                         sum(losses[-log_every:]) / len(losses[-log_every:]))
     encoder.eval().requires_grad_(False)
