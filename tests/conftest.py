@@ -396,6 +396,21 @@ def _save_tiny_pipeline(path: Path) -> None:
     _build_tiny_pipeline().save_pretrained(path)
 
 
+
+@pytest.fixture
+def benchmark_script():
+    """``benchmark_script("probe_rgb_reliance")``: a ``benchmarks/`` script loaded as a module (the
+    folder is not a package a test can import from)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
 @pytest.fixture
 def tiny_pipeline():
     """``tiny_pipeline(conditioning="embedding", patch_size=2, rotary=False, ...)``: a fresh tiny random

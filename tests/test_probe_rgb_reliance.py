@@ -3,22 +3,15 @@ shuffled clip's, on a tiny random pipeline and hand-made latent caches."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def probe():
-    spec = importlib.util.spec_from_file_location("probe_rgb_reliance", REPO / "benchmarks" / "probe_rgb_reliance.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def probe(benchmark_script):
+    return benchmark_script("probe_rgb_reliance")
 
 
 @pytest.fixture

@@ -3,22 +3,15 @@ text encoder's states, at CPU-second sizes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def probe():
-    spec = importlib.util.spec_from_file_location("probe_text_binding", REPO / "benchmarks" / "probe_text_binding.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def probe(benchmark_script):
+    return benchmark_script("probe_text_binding")
 
 
 def test_the_reader_ignores_token_order(probe):
