@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlm-steps", type=int, default=0, help="also read the encoder after this many masked-word steps")
     ap.add_argument("--mlm-batch", type=int, default=16)
     ap.add_argument("--mlm-lr", type=float, default=2e-3)
+    ap.add_argument("--encoder-config", type=json.loads, default={},
+                    help='JSON overrides of the small profile\'s text_encoder.config, e.g. \'{"d_model": 64}\'')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from udpdiff.models.text import build_text_encoder, pretrain_masked_lm
 
     p = load_params(ROOT / "params.yaml", profile="small")
-    spec = {**p.active.text_encoder.model_dump(), "pretrain": {"steps": args.mlm_steps}}
+    spec = p.active.text_encoder.model_dump()
+    spec.update(config={**spec["config"], **args.encoder_config}, pretrain={"steps": args.mlm_steps})
     t0 = time.perf_counter()
     clips = [render_clip(clip_seed(p.seed, i), args.frames, args.size, args.size) for i in range(args.clips)]
     longs, shorts = [c.caption_long for c in clips], [c.caption_short for c in clips]
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = read_scene(states(), mask, ground, sky, n_train, args.epochs)
         logger.info("%s: %s", key, results[key])
     out = {"benchmark": "text_binding", "machine": machine_info(torch.device("cpu"), ["transformers", "tokenizers"]),
-           "clips": args.clips, "held_out": args.clips - n_train,
+           "encoder_config": spec["config"], "clips": args.clips, "held_out": args.clips - n_train,
            "chance": {"ground": 1 / 7, "sky": 1 / 4}, "reader_epochs": args.epochs, "accuracy": results,
            "masked_word_pretraining": mlm, "seconds": time.perf_counter() - t0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
