@@ -85,6 +85,10 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: (r["profiles"]["tiny"]["sample"].update(dense_guidance_scale=1.0),
                     r["profiles"]["tiny"]["acceleration"]["approximate"].update(cache={"type": "faster"})),
          r"profiles\.tiny: .*needs sample\.dense_guidance_scale > 1, got 1\.0"),
+        (lambda r: r["profiles"]["small"]["text_encoder"]["config"].update(d_model=64),
+         r"profiles\.small: .*transformer\.config\.text_embed_dim 256 must equal .*d_model 64"),
+        (lambda r: r["profiles"]["tiny"]["text_encoder"].update(max_length=80),
+         r"profiles\.tiny: .*transformer\.config\.max_text_seq_length 96 must equal text_encoder\.max_length 80"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):

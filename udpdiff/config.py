@@ -555,6 +555,25 @@ class ProfileParams(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _text_states_fit_the_transformer(self) -> ProfileParams:
+        # a mismatch would otherwise surface as a shape error (width) or misplaced positions (length)
+        # minutes later, in the train stage
+        te, tr = self.text_encoder, self.transformer.config
+        if te.pretrained is None and "text_embed_dim" in tr:
+            d_model = te.config.get("d_model")
+            if d_model is None:
+                from transformers import T5Config  # its default width, what build_text_encoder then gets
+
+                d_model = T5Config().d_model
+            if d_model != tr["text_embed_dim"]:
+                raise ValueError(f"transformer.config.text_embed_dim {tr['text_embed_dim']} must equal the random "
+                                 f"text encoder's width, text_encoder.config.d_model {d_model}")
+        if "max_text_seq_length" in tr and te.max_length != tr["max_text_seq_length"]:
+            raise ValueError(f"transformer.config.max_text_seq_length {tr['max_text_seq_length']} must equal "
+                             f"text_encoder.max_length {te.max_length} (captions are padded to it)")
+        return self
+
+    @model_validator(mode="after")
     def _faster_cache_needs_cfg(self) -> ProfileParams:
         # FasterCache approximates the unconditional CFG half: refuse now, not after the first samples
         if isinstance(self.acceleration.approximate.cache, FasterCacheParams):
