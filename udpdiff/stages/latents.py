@@ -37,11 +37,12 @@ def run(p: Params, paths: ProjectPaths) -> StepResult:
     te = p.active.text_encoder
     df = read_manifest(paths.manifest)
     words = te.tokenizer == "words" and not te.pretrained  # a vocabulary to learn from the captions
-    tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed, captions=_vocabulary_texts(df) if words else None)
+    texts = _vocabulary_texts(df)  # the words' source and the masked-word pretraining's text
+    tokenizer, encoder = build_text_encoder(te.model_dump(), p.seed, captions=texts if words else None)
     device = default_device()
     encoder, metrics = encoder.to(device), {}
     if te.pretrain.steps:
-        losses = pretrain_masked_lm(tokenizer, encoder, _vocabulary_texts(df), **te.pretrain.model_dump(),
+        losses = pretrain_masked_lm(tokenizer, encoder, texts, **te.pretrain.model_dump(),
                                     max_length=te.max_length, seed=p.seed)
         tail = max(1, len(losses) // 10)  # the first and last tenth: one step's loss is one batch's noise
         metrics = {"text_pretrain_loss_first": sum(losses[:tail]) / tail,
