@@ -13,7 +13,11 @@ and scored on the rest, for three sets of states:
 A reader that gets the ground from the states only as well as from the bare words shows that the
 encoder gives no binding. The captions are the synthetic generator's (``render_clip``), long form.
 
-    python benchmarks/probe_text_binding.py --clips 1500 --out benchmarks/results/text-pretraining-probe-vm.json
+    python benchmarks/probe_text_binding.py --clips 1500 --mlm-steps 1000 \
+        --out benchmarks/results/text-pretraining-probe-64wide-vm.json
+
+``--encoder-config '{"d_model": 256, "d_ff": 512, "d_kv": 64}'`` reads the 256-wide encoder `small` had until
+attempt 27 (``text-pretraining-probe-vm.json``).
 """
 
 from __future__ import annotations
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=128, help="clip height and width (the small profile's)")
     ap.add_argument("--epochs", type=int, default=60, help="reader epochs")
     ap.add_argument("--mlm-steps", type=int, default=0, help="also read the encoder after this many masked-word steps")
-    ap.add_argument("--mlm-batch", type=int, default=16)
-    ap.add_argument("--mlm-lr", type=float, default=2e-3)
+    ap.add_argument("--mlm-batch", type=int, default=None, help="default: the small profile's text_encoder.pretrain")
+    ap.add_argument("--mlm-lr", type=float, default=None, help="default: the small profile's text_encoder.pretrain")
     ap.add_argument("--encoder-config", type=json.loads, default={},
                     help='JSON overrides of the small profile\'s text_encoder.config, e.g. \'{"d_model": 64}\'')
     ap.add_argument("--threads", type=int, default=2)
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = load_params(ROOT / "params.yaml", profile="small")
     spec = p.active.text_encoder.model_dump()
+    args.mlm_batch = args.mlm_batch or spec["pretrain"]["batch_size"]
+    args.mlm_lr = args.mlm_lr or spec["pretrain"]["lr"]
     spec.update(config={**spec["config"], **args.encoder_config}, pretrain={"steps": args.mlm_steps})
     t0 = time.perf_counter()
     clips = [render_clip(clip_seed(p.seed, i), args.frames, args.size, args.size) for i in range(args.clips)]
