@@ -22,7 +22,7 @@ CPU_SIZES = [
     "vae.config={block_out_channels: [16, 32, 32], layers_per_block: 1, norm_num_groups: 8, latent_channels: 16,"
     " temporal_compression_ratio: 4}",
     "vae.train.steps=2", "vae.train.batch_size=2",
-    "transformer.config={num_attention_heads: 2, attention_head_dim: 16, time_embed_dim: 32, text_embed_dim: 256,"
+    "transformer.config={num_attention_heads: 2, attention_head_dim: 16, time_embed_dim: 32, text_embed_dim: 64,"
     " num_layers: 1, sample_height: 8, sample_width: 8, sample_frames: 9, patch_size: 2, max_text_seq_length: 128,"
     " use_rotary_positional_embeddings: true}",
     "train.steps=2", "train.micro_batch_size=2", "train.sample_every=2", "train.validation_clips=2",
