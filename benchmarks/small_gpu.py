@@ -201,7 +201,9 @@ def dense_predictions(paths: ProjectPaths) -> Path | None:
     """The dense maps predicted for the real clips (RGB half given), every task, in one small file
     that comes back with the run: the sample stage's .npz files hold the videos too (~3 MB each for
     ``small``), too big to pack, and the scores alone cannot say why one clip fails (the clips and
-    their ground truth regenerate from the seed on any machine, so they are not needed). An ensembled
+    their ground truth regenerate from the seed on any machine, so they are not needed). Written as
+    soon as the sample stage ends: a run whose evaluate stage is lost with the machine (attempt 27)
+    is still scored here, by small_seg_errors.py and small_depth_errors.py. An ensembled
     prediction (``sample.dense_ensemble_size``) adds its first member alone (``<task>_single/<clip>``,
     e.g. ``depth_single/``) and the members' disagreement (``<task>_uncertainty/<clip>``)."""
     import numpy as np
@@ -255,7 +257,8 @@ def run_variant(root: Path, name: str, overrides: list[str], tables: list[str], 
         record = run_stage(p, paths, stage, relaunch)
         if stage == "train" and not done_marker(paths, "train").exists():
             raise SystemExit(f"{name}: training unfinished ({record['metrics'].get('steps_done')} steps)")
-    dense_predictions(paths)
+        if stage == "sample":
+            dense_predictions(paths)
 
 
 def train_key(overrides: dict) -> str:
@@ -293,7 +296,8 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
     relaunch = relaunch_args(root, name, overrides, tables, ranks)
     for stage in PER_VARIANT[1:]:
         run_stage(p, paths, stage, relaunch)
-    dense_predictions(paths)
+        if stage == "sample":
+            dense_predictions(paths)
 
 
 def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus: int, per_gpu: int = 1,

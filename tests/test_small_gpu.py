@@ -525,3 +525,29 @@ def test_dense_predictions_pack_an_ensembles_first_member_and_uncertainty(tmp_pa
                                    "segmentation/clip-1"]
         assert np.array_equal(z["depth_single/clip-1"], single.astype(np.float16))
         assert np.array_equal(z["segmentation/clip-1"], ids) and z["depth/clip-1"].dtype == np.float16
+
+
+def test_the_real_clips_predictions_come_back_when_the_evaluate_stage_is_lost(tmp_path, monkeypatch):
+    """The machine lost during evaluate (attempt 27): the predictions of the real clips are already in
+    metrics/, so the next pack returns them and the clips are scored off the machine."""
+    name = "udpdiff-multi-task"
+    ran = []
+
+    def stage_until_evaluate(p, paths, stage, relaunch=None):
+        ran.append(stage)
+        if stage == "sample":
+            (paths.samples / "segmentation").mkdir(parents=True)
+            np.savez(paths.samples / "segmentation" / "clip-1.npz", video=np.zeros((3, 4, 4, 3), np.uint8),
+                     conditioned_dense=np.arange(48, dtype=np.int32).reshape(3, 4, 4))
+        if stage == "evaluate":
+            raise SystemExit("the machine is gone")
+        small_gpu.done_marker(paths, stage).parent.mkdir(parents=True, exist_ok=True)
+        small_gpu.done_marker(paths, stage).write_text("{}")
+        return {"metrics": {}}
+
+    monkeypatch.setattr(small_gpu, "run_stage", stage_until_evaluate)
+    with pytest.raises(SystemExit, match="the machine is gone"):
+        small_gpu.run_variant(tmp_path, name, CPU_SIZES, ["tab1-2"])
+    assert ran == ["train", "sample", "evaluate"]
+    with np.load(tmp_path / "variants" / name / "outputs/small/metrics" / small_gpu.DENSE_PREDICTIONS) as z:
+        assert np.array_equal(z["segmentation/clip-1"], np.arange(48).reshape(3, 4, 4))
