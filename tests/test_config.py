@@ -87,8 +87,6 @@ def _write(tmp_path: Path, mutate) -> Path:
          r"profiles\.tiny: .*needs sample\.dense_guidance_scale > 1, got 1\.0"),
         (lambda r: r["profiles"]["small"]["text_encoder"]["config"].update(d_model=128),
          r"profiles\.small: .*transformer\.config\.text_embed_dim 64 must equal .*d_model 128"),
-        (lambda r: r["profiles"]["tiny"]["text_encoder"].update(max_length=80),
-         r"profiles\.tiny: .*transformer\.config\.max_text_seq_length 96 must equal text_encoder\.max_length 80"),
     ],
 )
 def test_bad_params_name_the_key_and_the_problem(tmp_path, mutate, message):

@@ -556,8 +556,7 @@ class ProfileParams(_Strict):
 
     @model_validator(mode="after")
     def _text_states_fit_the_transformer(self) -> ProfileParams:
-        # a mismatch would otherwise surface as a shape error (width) or misplaced positions (length)
-        # minutes later, in the train stage
+        # a mismatch would otherwise surface as a shape error minutes later, in the train stage
         te, tr = self.text_encoder, self.transformer.config
         if te.pretrained is None and "text_embed_dim" in tr:
             d_model = te.config.get("d_model")
@@ -568,9 +567,6 @@ class ProfileParams(_Strict):
             if d_model != tr["text_embed_dim"]:
                 raise ValueError(f"transformer.config.text_embed_dim {tr['text_embed_dim']} must equal the random "
                                  f"text encoder's width, text_encoder.config.d_model {d_model}")
-        if "max_text_seq_length" in tr and te.max_length != tr["max_text_seq_length"]:
-            raise ValueError(f"transformer.config.max_text_seq_length {tr['max_text_seq_length']} must equal "
-                             f"text_encoder.max_length {te.max_length} (captions are padded to it)")
         return self
 
     @model_validator(mode="after")
