@@ -396,7 +396,6 @@ def _save_tiny_pipeline(path: Path) -> None:
     _build_tiny_pipeline().save_pretrained(path)
 
 
-
 @pytest.fixture
 def benchmark_script():
     """``benchmark_script("probe_rgb_reliance")``: a ``benchmarks/`` script loaded as a module (the
@@ -410,6 +409,7 @@ def benchmark_script():
         return module
 
     return load
+
 
 @pytest.fixture
 def tiny_pipeline():
