@@ -111,7 +111,7 @@ def test_paper_profiles_accept_every_table_but_an_architecture_change_of_pretrai
         plan(p, ["model-size"], None)
     small = load_params(REPO / "params.yaml", profile="small")
     assert len(plan(small, ["token-size"], None)) == 2
-    assert [o.get("transformer.config.num_layers") for _, _, o in plan(small, ["model-size"], None)] == [6, None, 24]
+    assert [o.get("transformer.config.num_layers") for _, _, o in plan(small, ["model-size"], None)] == [6, 12, 24]
 
 
 def test_from_scratch_builds_the_profiles_architecture():

@@ -35,20 +35,20 @@ CPU_SIZES = [
 OVERRIDES = [a for kv in CPU_SIZES for a in ("--set", kv)]
 NAMES = ["udpdiff-multi-task", "cogvideox"]  # of Tabs 1-2
 VOLUME = 2**20  # the tarball volumes' limit: the run's small files fill several
-OURS = "udpdiff-multi-task-rgb-given"  # the rgb-given table's other variant (its first is Tabs 1-2's multi-task)
+OURS = "udpdiff-multi-task-rgb-given"  # in the rgb-given and token-size tables (and more): one run serves them
 
 
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A whole small_gpu.py run (two variants sharing one "GPU"), then the rgb-given table, which
-    reuses the multi-task variant and adds one; and the tarball of both, in volumes of at most
+    """A whole small_gpu.py run (two variants sharing one "GPU"), then the rgb-given and token-size
+    tables' shared variant, trained once for both; and the tarball of all, in volumes of at most
     VOLUME bytes (as a GPU machine's 16 MiB return limit splits a real run's)."""
     tmp_path = tmp_path_factory.mktemp("small_gpu")
     root, tarball = tmp_path / "run", tmp_path / "out.tar.gz"
     assert small_gpu.main(["all", "--root", str(root), "--gpus", "1", "--per-gpu", "2",
                            "--variants", *NAMES, *OVERRIDES]) == 0
-    assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "tab1-2", "rgb-given",
-                           "--variants", NAMES[0], OURS, *OVERRIDES]) == 0
+    assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "rgb-given", "token-size",
+                           "--variants", OURS, *OVERRIDES]) == 0
     small_gpu.main(["pack", "--root", str(root), "--out", str(tarball)])
     return root, small_gpu.pack(root, tmp_path / "volume.tar.gz", max_bytes=VOLUME)
 
@@ -110,29 +110,28 @@ def test_prepare_variants_and_pack(gpu_run):
 
 @pytest.mark.slow
 def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_path):
-    """The reconstruction-guidance table: multi-task is trained already; the guided variants link its
-    model (no training of their own), carry its training records and sample and score it anew,
+    """The reconstruction-guidance table: the joint multi-task variant trains; the guided variants link
+    its model (no training of their own), carry its training records and sample and score it anew,
     with guidance, so their dense predictions of real clips differ from the unguided ones."""
     import shutil
 
     # on a copy: the module's run stays as the other tests expect it (its variants record their tables)
     root = shutil.copytree(gpu_run[0], tmp_path / "run", symlinks=True)
-    guided = ["udpdiff-multi-task-guided-1", "udpdiff-multi-task-guided-10"]
-    trained = root / "variants/udpdiff-multi-task/outputs/small/gpu_run/train.done.json"
-    before = trained.stat().st_mtime_ns
+    joint = "udpdiff-multi-task-joint"
+    guided = [f"{joint}-guided-1", f"{joint}-guided-10"]
     # --per-gpu 2: each process's threads as the fixture's (one each), so the text-to-video samples compare
     # bit for bit; at another thread count the CPU's reductions may round one pixel differently
     assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--per-gpu", "2",
-                           "--tables", "reconstruction-guidance", "--variants", "udpdiff-multi-task", *guided,
+                           "--tables", "reconstruction-guidance", "--variants", joint, *guided,
                            *OVERRIDES]) == 0
-    assert trained.stat().st_mtime_ns == before  # not retrained
-    base = root / "variants/udpdiff-multi-task"
+    base = root / "variants" / joint
+    trained = base / "outputs/small/gpu_run/train.done.json"
     for name in guided:
         v = root / "variants" / name
         assert (v / "models/small/pipeline").resolve() == (base / "models/small/pipeline").resolve()
         assert not (v / "models/small/checkpoints").exists()
         info = json.loads((v / "outputs/small/gpu_run/variant.json").read_text())
-        assert info["trained_by"] == "udpdiff-multi-task" and info["tables"] == ["reconstruction-guidance"]
+        assert info["trained_by"] == joint and info["tables"] == ["reconstruction-guidance"]
         assert (v / "outputs/small/gpu_run/train.done.json").read_bytes() == trained.read_bytes()
         for stage in small_gpu.PER_VARIANT[1:]:
             assert (v / "outputs/small/gpu_run" / f"{stage}.done.json").exists()
@@ -145,8 +144,7 @@ def test_variants_that_differ_only_in_sampling_share_one_training(gpu_run, tmp_p
             if task == "depth":
                 assert not np.array_equal(ours["conditioned_dense"], plain["conditioned_dense"])
     with pytest.raises(SystemExit, match="differ in more than sample"):
-        small_gpu.resample_variant(root, "udpdiff-multi-task-rgb-given", "udpdiff-multi-task", OVERRIDES[1::2],
-                                   ["rgb-given"])
+        small_gpu.resample_variant(root, OURS, joint, OVERRIDES[1::2], ["rgb-given"])
 
 
 @pytest.mark.slow
@@ -279,23 +277,26 @@ def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
     assert 0 <= variant["segmentation/gt_miou"] <= 1 and "depth/gt_delta1_depth" in variant
     assert "ablation_table.json" in {a.path for a in client.list_artifacts(parent_id)}
     assert (tmp_path / "ablations").is_dir()
-    # the second table in the tarball: its own parent, holding the shared variant and its own
+    # the other two tables in the tarball: a parent each, both holding the one run of their shared variant;
+    # one row is no comparison, so neither makes a table, and each says why
     parents = client.search_runs([experiment], "tags.kind = 'ablation'")
-    ours = [r for r in parents if r.info.run_id != parent_id]
-    assert len(ours) == 1 and "RGB-given training" in ours[0].data.tags["mlflow.runName"]
-    assert set(children(ours[0].info.run_id)) == {*small_gpu.PREPARE, NAMES[0], OURS}
-    assert "ablation_table.json" in {a.path for a in client.list_artifacts(ours[0].info.run_id)}
-    info = json.loads((gpu_run[0] / "variants" / NAMES[0] / "outputs/small/gpu_run/variant.json").read_text())
-    assert info["tables"] == ["tab1-2", "rgb-given"]
+    ours = {r.data.tags["table"]: r for r in parents if r.info.run_id != parent_id}
+    assert set(ours) == {"rgb-given", "token-size"}
+    for run in ours.values():
+        assert set(children(run.info.run_id)) == {*small_gpu.PREPARE, OURS}
+        assert "ablation_table.json" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert run.data.tags["incomplete"] == "1 of 1 variants evaluated: no table"
+    info = json.loads((gpu_run[0] / "variants" / OURS / "outputs/small/gpu_run/variant.json").read_text())
+    assert info["tables"] == ["rgb-given", "token-size"]
     # the same tarballs again: nothing logged twice; with replace, logged anew and the first import deleted
     assert import_run(volumes, table_dir=tmp_path / "ablations") == parent_id
     # the first volume alone is the same run: the volumes beside it come along
     assert len(volumes) > 1 and import_run(volumes[0], table_dir=tmp_path / "ablations") == parent_id
-    assert len(client.search_runs([experiment], "tags.kind = 'ablation'")) == 2
+    assert len(client.search_runs([experiment], "tags.kind = 'ablation'")) == 3
     again = import_run(volumes, table_dir=tmp_path / "ablations", replace=True)
     assert again != parent_id and client.get_run(parent_id).info.lifecycle_stage == "deleted"
     assert client.get_run(train.info.run_id).info.lifecycle_stage == "deleted"  # its descendants with it
-    assert len(client.search_runs([experiment], "tags.kind = 'ablation'")) == 2
+    assert len(client.search_runs([experiment], "tags.kind = 'ablation'")) == 3
     assert set(children(again)) == {*small_gpu.PREPARE, *NAMES}
 
 
