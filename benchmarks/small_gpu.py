@@ -17,8 +17,9 @@ files to MLflow as a Tab 1/2 ablation (a parent run, one child per variant), her
 Each variant (params.yaml ``ablations.tab1-2``) trains, samples and evaluates in a workspace of its
 own (``<root>/variants/<name>``) that links the shared data, VAE, text encoder and latent cache, as
 its DVC experiment would have them; one process per training run, handed to GPUs as they free up.
-Variants that differ only in ``sample.*`` (the reconstruction-guidance table) share one training run,
-as DVC's run cache would share it: the first trains, the others sample its model. Every stage
+Variants whose settings differ only in ``sample.*`` (the reconstruction-guidance table; or two tables'
+names for the profile's own settings) share one training run, as DVC's run cache would share it: the
+first trains, the others sample its model. Every stage
 resumes (training from its last checkpoint, sampling from its last sample), and a finished stage
 is skipped, so a second ``all`` after an interruption finishes the work.
 ``--set key=value`` (YAML values) overrides profile keys for a smoke run.
@@ -240,18 +241,26 @@ def relaunch_args(root: Path, name: str, overrides: list[str], tables: list[str]
             "--gpus-per-variant", str(ranks)]
 
 
+def read_variant_info(paths: ProjectPaths) -> dict:
+    """The workspace's ``gpu_run/variant.json`` (its tables, overrides, ``trained_by``), or {} before its first run."""
+    info = paths.outputs / "gpu_run" / "variant.json"
+    return json.loads(info.read_text()) if info.exists() else {}
+
+
 def run_variant(root: Path, name: str, overrides: list[str], tables: list[str], ranks: int = 1) -> None:
     base = load(overrides, ranks)
     mine_overrides = variants(base, tables)[name]
     p, paths = variant_params(root, name, base, tables)
     from udpdiff.stages.common import write_json
 
-    info = paths.outputs / "gpu_run" / "variant.json"
-    # a run of another table that shares this variant keeps it: the workspace belongs to both
-    earlier = json.loads(info.read_text()).get("tables", []) if info.exists() else []
+    # a run of another table that shares this variant keeps it: the workspace belongs to both, and a
+    # model it sampled from another variant's training stays that one's
+    earlier = read_variant_info(paths)
     mine = [t for t in tables if name in base.ablations[t].variants]
-    write_json(info, {"tables": list(dict.fromkeys([*earlier, *mine])), "variant": name,
-                      "overrides": mine_overrides, "profile_overrides": overrides, "gpus": ranks})
+    write_json(paths.outputs / "gpu_run" / "variant.json",
+               {"tables": list(dict.fromkeys([*earlier.get("tables", []), *mine])), "variant": name,
+                "overrides": mine_overrides, "profile_overrides": overrides, "gpus": ranks,
+                **({"trained_by": earlier["trained_by"]} if "trained_by" in earlier else {})})
     relaunch = relaunch_args(root, name, overrides, tables, ranks)
     for stage in PER_VARIANT:
         record = run_stage(p, paths, stage, relaunch)
@@ -261,10 +270,14 @@ def run_variant(root: Path, name: str, overrides: list[str], tables: list[str], 
             dense_predictions(paths)
 
 
-def train_key(overrides: dict) -> str:
-    """What a variant trains: its overrides less the sampling ones (``sample.*``). Variants of one
-    key share one training run, as DVC's run cache shares the train stage between such experiments."""
-    return json.dumps({k: v for k, v in overrides.items() if not k.startswith("sample.")}, sort_keys=True, default=str)
+def train_key(base: Params, overrides: dict) -> str:
+    """What a variant trains: the settings ``overrides`` give ``base``, less the sampling ones
+    (``sample.*``). Variants of one key share one training run, as DVC's run cache shares the train
+    stage between experiments of equal settings: under ``small`` Tabs 1-2's multi-task variant (the
+    profile's own settings) and model-size's 6-layer one (which names them) are one training."""
+    q = base.with_overrides({k: v for k, v in overrides.items() if not k.startswith("sample.")})
+    settings = {"profile": q.profile, "seed": q.seed, **q.active.model_dump(mode="json", exclude={"sample"})}
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 def resample_variant(root: Path, name: str, trained: str, overrides: list[str], tables: list[str],
@@ -275,7 +288,7 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
 
     base = load(overrides, ranks)
     table = variants(base, tables)
-    if train_key(table[name]) != train_key(table[trained]):
+    if train_key(base, table[name]) != train_key(base, table[trained]):
         raise SystemExit(f"{name} and {trained} differ in more than sample.*: {name} needs its own training")
     p, paths = variant_params(root, name, base, tables)
     src = ProjectPaths(root / "variants" / trained, p.profile)
@@ -290,8 +303,10 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
         dest = paths.root / f.relative_to(src.root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
+    earlier = read_variant_info(paths).get("tables", [])
     write_json(paths.outputs / "gpu_run" / "variant.json",
-               {"tables": [t for t in tables if name in base.ablations[t].variants], "variant": name,
+               {"tables": list(dict.fromkeys([*earlier, *(t for t in tables if name in base.ablations[t].variants)])),
+                "variant": name,
                 "overrides": table[name], "profile_overrides": overrides, "trained_by": trained, "gpus": ranks})
     relaunch = relaunch_args(root, name, overrides, tables, ranks)
     for stage in PER_VARIANT[1:]:
@@ -312,10 +327,11 @@ def run_variants(root: Path, overrides: list[str], names: list[str] | None, gpus
     if gpus_per_variant > 1 and (per_gpu != 1 or gpus_per_variant > gpus):
         raise SystemExit(f"--gpus-per-variant {gpus_per_variant}: needs as many GPUs (there are {gpus}) "
                          f"and --per-gpu 1 (not {per_gpu})")
-    table = variants(load(overrides), tables)
+    base = load(overrides)
+    table = variants(base, tables)
     groups: dict[str, list[str]] = {}  # one process per training run: the first trains, the rest resample
     for name in names or list(table):
-        groups.setdefault(train_key(table[name]), []).append(name)
+        groups.setdefault(train_key(base, table[name]), []).append(name)
     queue, running, failed = list(groups.values()), {}, 0
     # the GPUs each process gets ("0", or "0,1" with two GPUs per variant)
     free = [",".join(str(slot % gpus + k) for k in range(gpus_per_variant))

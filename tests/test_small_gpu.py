@@ -35,20 +35,22 @@ CPU_SIZES = [
 OVERRIDES = [a for kv in CPU_SIZES for a in ("--set", kv)]
 NAMES = ["udpdiff-multi-task", "cogvideox"]  # of Tabs 1-2
 VOLUME = 2**20  # the tarball volumes' limit: the run's small files fill several
-OURS = "udpdiff-multi-task-rgb-given"  # in the rgb-given and token-size tables (and more): one run serves them
+# in the rgb-given and token-size tables (and more): under small's defaults the settings of Tabs 1-2's multi-task
+OURS = "udpdiff-multi-task-rgb-given"
 
 
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A whole small_gpu.py run (two variants sharing one "GPU"), then the rgb-given and token-size
-    tables' shared variant, trained once for both; and the tarball of all, in volumes of at most
+    """A whole small_gpu.py run (two variants sharing one "GPU"); then the rgb-given and token-size
+    tables' shared variant, whose settings are the multi-task one's under small's defaults, so it
+    samples that model without a training of its own; and the tarball of all, in volumes of at most
     VOLUME bytes (as a GPU machine's 16 MiB return limit splits a real run's)."""
     tmp_path = tmp_path_factory.mktemp("small_gpu")
     root, tarball = tmp_path / "run", tmp_path / "out.tar.gz"
     assert small_gpu.main(["all", "--root", str(root), "--gpus", "1", "--per-gpu", "2",
                            "--variants", *NAMES, *OVERRIDES]) == 0
-    assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "rgb-given", "token-size",
-                           "--variants", OURS, *OVERRIDES]) == 0
+    assert small_gpu.main(["variants", "--root", str(root), "--gpus", "1", "--tables", "tab1-2", "rgb-given",
+                           "token-size", "--variants", NAMES[0], OURS, *OVERRIDES]) == 0
     small_gpu.main(["pack", "--root", str(root), "--out", str(tarball)])
     return root, small_gpu.pack(root, tmp_path / "volume.tar.gz", max_bytes=VOLUME)
 
@@ -164,9 +166,9 @@ def test_training_clips_are_predicted_with_the_held_out_clips_model(gpu_run, tmp
                            "--variants", OURS, name, *OVERRIDES]) == 0
     assert trained.stat().st_mtime_ns == before  # one training serves both
     manifest = pd.read_parquet(root / "data/small/clips/manifest.parquet").set_index("clip_id")
-    for variant, split in ((OURS, "val"), (name, "train")):
+    for variant, split, trainer in ((OURS, "val", NAMES[0]), (name, "train", OURS)):
         v = root / "variants" / variant
-        assert json.loads((v / "outputs/small/gpu_run/variant.json").read_text()).get("trained_by", OURS) == OURS
+        assert json.loads((v / "outputs/small/gpu_run/variant.json").read_text())["trained_by"] == trainer
         clips = {e["clip_id"] for e in json.loads((v / "outputs/small/samples/index.json").read_text())}
         assert clips and {manifest.loc[c, "split"] for c in clips} == {split}
         scores = json.loads((v / "outputs/small/evaluation/metrics.json").read_text())["metrics"]
@@ -211,6 +213,23 @@ def test_a_variant_on_two_gpus_runs_its_stages_under_torchrun(gpu_run, tmp_path,
     assert {f: f.stat().st_mtime_ns for f in v.rglob("*.done.json")} == before
     with pytest.raises(SystemExit, match="needs as many GPUs"):
         small_gpu.run_variants(root, OVERRIDES[1::2], [name], gpus=1, tables=["token-size"], gpus_per_variant=2)
+
+
+def test_variants_of_equal_training_settings_are_one_training_whatever_their_names():
+    """small_gpu.py keys a training on the settings a variant gives the profile (less sample.*), as DVC's
+    run cache does: under small's defaults Tabs 1-2's multi-task, model-size's 6 layers and the
+    rgb-given table's 0.5 are one model; the guided variants are the joint one's; other depths are not."""
+    base = small_gpu.load([])  # small's own sizes (CPU_SIZES sets the depth): only settings, nothing is built
+    table = small_gpu.variants(base, ["tab1-2", "model-size", "rgb-given", "reconstruction-guidance"])
+    key = {name: small_gpu.train_key(base, o) for name, o in table.items()}
+    assert key["udpdiff-multi-task"] == key["udpdiff-multi-task-rgb-given-6-layers"] == key[OURS]
+    assert key["udpdiff-multi-task-joint"] == key["udpdiff-multi-task-joint-guided-10"] != key[OURS]
+    assert len({key[n] for n in ("udpdiff-multi-task", "udpdiff-multi-task-rgb-given-12-layers",
+                                 "udpdiff-multi-task-rgb-given-80", "cogvideox", "udpdiff-depth")}) == 5
+    # a profile-wide override reaches every key alike; a variant's own override of the same key wins
+    other = small_gpu.load(["train.rgb_given_prob=0.0"])
+    assert small_gpu.train_key(other, table["udpdiff-multi-task"]) == key["udpdiff-multi-task-joint"]
+    assert small_gpu.train_key(other, table[OURS]) == key[OURS]
 
 
 def test_a_resumed_stage_replaces_the_steps_it_redoes_in_the_series(tmp_path):
