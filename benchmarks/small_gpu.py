@@ -241,9 +241,14 @@ def relaunch_args(root: Path, name: str, overrides: list[str], tables: list[str]
             "--gpus-per-variant", str(ranks)]
 
 
+def variant_info(paths: ProjectPaths) -> Path:
+    """The workspace's record of what it is: its tables, overrides and ``trained_by`` (read by import-run)."""
+    return paths.outputs / "gpu_run" / "variant.json"
+
+
 def read_variant_info(paths: ProjectPaths) -> dict:
-    """The workspace's ``gpu_run/variant.json`` (its tables, overrides, ``trained_by``), or {} before its first run."""
-    info = paths.outputs / "gpu_run" / "variant.json"
+    """:func:`variant_info`'s content, or {} before the workspace's first run."""
+    info = variant_info(paths)
     return json.loads(info.read_text()) if info.exists() else {}
 
 
@@ -257,7 +262,7 @@ def run_variant(root: Path, name: str, overrides: list[str], tables: list[str], 
     # model it sampled from another variant's training stays that one's
     earlier = read_variant_info(paths)
     mine = [t for t in tables if name in base.ablations[t].variants]
-    write_json(paths.outputs / "gpu_run" / "variant.json",
+    write_json(variant_info(paths),
                {"tables": list(dict.fromkeys([*earlier.get("tables", []), *mine])), "variant": name,
                 "overrides": mine_overrides, "profile_overrides": overrides, "gpus": ranks,
                 **({"trained_by": earlier["trained_by"]} if "trained_by" in earlier else {})})
@@ -304,7 +309,7 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
     earlier = read_variant_info(paths).get("tables", [])
-    write_json(paths.outputs / "gpu_run" / "variant.json",
+    write_json(variant_info(paths),
                {"tables": list(dict.fromkeys([*earlier, *(t for t in tables if name in base.ablations[t].variants)])),
                 "variant": name,
                 "overrides": table[name], "profile_overrides": overrides, "trained_by": trained, "gpus": ranks})
