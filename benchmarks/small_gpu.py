@@ -246,26 +246,26 @@ def variant_info(paths: ProjectPaths) -> Path:
     return paths.outputs / "gpu_run" / "variant.json"
 
 
-def read_variant_info(paths: ProjectPaths) -> dict:
-    """:func:`variant_info`'s content, or {} before the workspace's first run."""
+def write_variant_info(paths: ProjectPaths, base: Params, name: str, tables: list[str], overrides: list[str],
+                       ranks: int, trained_by: str | None = None) -> None:
+    """:func:`variant_info` for this call. A run of another table that shares the variant keeps the
+    earlier tables (the workspace belongs to all), and a model it sampled from another variant's
+    training stays that one's unless ``trained_by`` says otherwise."""
+    from udpdiff.stages.common import write_json
+
     info = variant_info(paths)
-    return json.loads(info.read_text()) if info.exists() else {}
+    earlier = json.loads(info.read_text()) if info.exists() else {}
+    mine = [t for t in tables if name in base.ablations[t].variants]
+    trained_by = trained_by or earlier.get("trained_by")
+    write_json(info, {"tables": list(dict.fromkeys([*earlier.get("tables", []), *mine])), "variant": name,
+                      "overrides": variants(base, tables)[name], "profile_overrides": overrides, "gpus": ranks,
+                      **({"trained_by": trained_by} if trained_by else {})})
 
 
 def run_variant(root: Path, name: str, overrides: list[str], tables: list[str], ranks: int = 1) -> None:
     base = load(overrides, ranks)
-    mine_overrides = variants(base, tables)[name]
     p, paths = variant_params(root, name, base, tables)
-    from udpdiff.stages.common import write_json
-
-    # a run of another table that shares this variant keeps it: the workspace belongs to both, and a
-    # model it sampled from another variant's training stays that one's
-    earlier = read_variant_info(paths)
-    mine = [t for t in tables if name in base.ablations[t].variants]
-    write_json(variant_info(paths),
-               {"tables": list(dict.fromkeys([*earlier.get("tables", []), *mine])), "variant": name,
-                "overrides": mine_overrides, "profile_overrides": overrides, "gpus": ranks,
-                **({"trained_by": earlier["trained_by"]} if "trained_by" in earlier else {})})
+    write_variant_info(paths, base, name, tables, overrides, ranks)
     relaunch = relaunch_args(root, name, overrides, tables, ranks)
     for stage in PER_VARIANT:
         record = run_stage(p, paths, stage, relaunch)
@@ -302,17 +302,11 @@ def resample_variant(root: Path, name: str, trained: str, overrides: list[str], 
     if not paths.pipeline.exists():
         paths.pipeline.parent.mkdir(parents=True, exist_ok=True)
         paths.pipeline.symlink_to(src.pipeline.resolve(), target_is_directory=True)
-    from udpdiff.stages.common import write_json
-
     for f in [*src.metrics.glob("train*"), *src.metrics.glob("validation*"), *(src.outputs / "gpu_run").glob("train*")]:
         dest = paths.root / f.relative_to(src.root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
-    earlier = read_variant_info(paths).get("tables", [])
-    write_json(variant_info(paths),
-               {"tables": list(dict.fromkeys([*earlier, *(t for t in tables if name in base.ablations[t].variants)])),
-                "variant": name,
-                "overrides": table[name], "profile_overrides": overrides, "trained_by": trained, "gpus": ranks})
+    write_variant_info(paths, base, name, tables, overrides, ranks, trained_by=trained)
     relaunch = relaunch_args(root, name, overrides, tables, ranks)
     for stage in PER_VARIANT[1:]:
         run_stage(p, paths, stage, relaunch)
