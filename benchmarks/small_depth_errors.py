@@ -28,7 +28,11 @@ truth's: entities pulled towards the middle) from a noisy one. ``size_r2_truth``
 disparities' variance the entities' image size explains (their image radius, from the scene; the
 generator gives every entity about one metric size, so near 1 the pixels show the depth),
 ``size_r2_predicted`` the same for the predictions, and ``size_slope_ratio`` how steeply the predictions
-follow image size against the truth (1: the size cue fully used, 0: ignored).
+follow image size against the truth (1: the size cue fully used, 0: ignored). ``area_r2_truth`` /
+``area_r2_predicted``: the same shares for the square root of the entity's silhouette area (unoccluded,
+in pixels) instead of its extent. The truth follows extent (equal metric radii), so a prediction that
+follows area better than extent reads how much of the frame an entity fills, and puts the shapes that
+fill little of their extent (rings, triangles) too far.
 ``by_shape``: the entities' mean disparity error per generator shape, after each clip's scale-and-shift fit
 (the evaluation's): every shape has the same metric size, so a shape put consistently too far or too near
 is one whose image the model misreads (attempt 14: rings and triangles, which fill less of their extent).
@@ -58,7 +62,7 @@ from small_depth_sensitivity import SKY
 from small_vae_ceiling import REPO, depth_through_vae, exact_clip, load_vae
 
 from udpdiff.config import load_params
-from udpdiff.data.synthetic import ENTITY_Z_RANGE, FOCAL_FRAC, disparity_from_z, exact_depth_range
+from udpdiff.data.synthetic import ENTITY_Z_RANGE, FOCAL_FRAC, disparity_from_z, entity_layer, exact_depth_range
 from udpdiff.evaluation.depth import align_scale_shift, depth_scores, depth_space_metrics
 from udpdiff.io.atomic import write_text
 
@@ -108,17 +112,19 @@ def clip_errors(pred: np.ndarray, clip: dict, depth_range: tuple[float, float]) 
 
 def entity_means(pred: np.ndarray, clip: dict) -> pd.DataFrame:
     """Per visible entity of a clip: its shape, its true and predicted mean disparity over the predicted
-    frames and its image radius in pixels (at its mean depth over those frames; from the scene, occlusion
-    ignored)."""
+    frames, its image radius in pixels (at its mean depth over those frames) and the square root of its
+    mean silhouette area in pixels (from the scene, occlusion ignored)."""
     gt, ids, scene = clip["depth"][: len(pred)], clip["ids"][: len(pred)], clip["scene"]
     rows = []
     for e in scene.entities:
         mask = ids == e.id
         if mask.any():
             z = np.mean([e.z_at(t) for t in range(len(pred))])
+            area = np.mean([entity_layer(e, scene, t)[0].sum() for t in range(len(pred))])
             rows.append({"id": e.id, "shape": e.shape, "true": float(gt[mask].mean()),
                          "predicted": float(pred[mask].astype(np.float64).mean()),
-                         "image_radius": FOCAL_FRAC * scene.width * e.radius / z})
+                         "image_radius": FOCAL_FRAC * scene.width * e.radius / z,
+                         "image_sqrt_area": float(np.sqrt(area))})
     return pd.DataFrame(rows)
 
 
@@ -181,13 +187,15 @@ def entity_depths(pairs: list[tuple[np.ndarray, dict]]) -> dict[str, float]:
     true, pred, size = m.true.to_numpy(), m.predicted.to_numpy(), m.image_radius.to_numpy()
     median_guess = disparity_from_z(np.sqrt(np.prod(ENTITY_Z_RANGE)))  # the log-uniform prior's median depth
     (true_on_size, size_r2_truth), (pred_on_size, size_r2_predicted) = _fit(size, true), _fit(size, pred)
+    area = m.image_sqrt_area.to_numpy()
     return {"entities": len(true), "correlation": float(np.corrcoef(true, pred)[0, 1]),
             "mean_abs_error": float(np.abs(pred - true).mean()),
             "mean_abs_error_of_the_prior_median": float(np.abs(median_guess - true).mean()),
             "pair_order_right": float(np.mean(order)) if order else float("nan"),
             "slope": float(np.polyfit(true, pred, 1)[0]), "spread": float(pred.std()), "true_spread": float(true.std()),
             "size_r2_truth": size_r2_truth, "size_r2_predicted": size_r2_predicted,
-            "size_slope_ratio": pred_on_size / true_on_size}
+            "size_slope_ratio": pred_on_size / true_on_size,
+            "area_r2_truth": _fit(area, true)[1], "area_r2_predicted": _fit(area, pred)[1]}
 
 
 def compare(p, predictions: Path, other: Path, prefix: str = "depth") -> dict[str, float]:

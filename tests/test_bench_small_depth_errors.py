@@ -89,6 +89,18 @@ def test_entity_summary_tells_seeing_from_guessing():
     # the generator's one metric size: image size shows depth, and exact predictions follow it as the truth does
     assert exact["size_r2_truth"] > 0.8 and exact["size_r2_predicted"] == pytest.approx(exact["size_r2_truth"])
     assert exact["size_slope_ratio"] == pytest.approx(1.0)
+    # the truth follows extent, not silhouette area (rings and triangles fill little of theirs)
+    assert exact["area_r2_predicted"] == pytest.approx(exact["area_r2_truth"])
+    assert exact["area_r2_truth"] < exact["size_r2_truth"]
+    area_reader = []  # each entity placed by its silhouette area alone: follows area exactly, extent less
+    for c in clips:
+        d = c["depth"].copy()
+        for row in sde.entity_means(c["depth"], c).itertuples():
+            d[c["ids"] == row.id] = 0.01 * row.image_sqrt_area
+        area_reader.append((d, c))
+    reader = sde.entity_depths(area_reader)
+    assert reader["area_r2_predicted"] == pytest.approx(1.0)
+    assert reader["size_r2_predicted"] < 0.99
     middle = 0.5  # every entity pulled halfway to one disparity: order kept, slope and spread halved
     halfway = []
     for c in clips:
