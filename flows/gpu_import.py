@@ -15,6 +15,13 @@ the table is logged only when at least two variants were evaluated.
 Importing is idempotent: the parents carry the tarballs' SHA-256 (``tarball_sha256``), and a tarball
 imported before is not logged twice; ``--replace`` deletes the earlier import and logs it again (after
 the importer itself changed, say).
+
+Runs of several lent sessions are one table when imported together (``import-run a/small.tar.gz
+b/small.tar.gz``): a 30-minute session on one GPU trains one ``small`` variant, so Tabs 1-2 take four.
+Each session's variants join the first's, provided the sessions prepared the same data, colormaps and
+VAE (their ``data``, ``encode`` and ``autoencoder`` records and the profile's overrides are compared, and
+a difference is refused, naming both tarballs: such variants would not be comparable). The text encoder's
+pretraining (``latents``) runs again in each session; where its loss differs, that is logged.
 """
 
 from __future__ import annotations
@@ -62,13 +69,13 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
         if not t.is_file():
             raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs)")
     tarballs = _with_volumes(tarballs)
-    tarball = min(tarballs, key=lambda t: len(t.name))  # small.tar.gz, not small-2.tar.gz: the run's name
+    sessions = _sessions(tarballs)
+    # the run's name: small.tar.gz, not small-2.tar.gz; runs of several sessions by their folders too
+    tarball = (next(iter(sessions)).name if len(sessions) == 1
+               else ", ".join(f"{t.parent.name}/{t.name}" for t in sessions))
     digest = _sha256(tarballs)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for t in tarballs:
-            with tarfile.open(t) as tar:
-                tar.extractall(root, filter="data")
+        root = _merged(sessions, Path(tmp))
         variants = sorted(d for d in (root / "variants").glob("*") if d.is_dir())
         if not variants:
             raise ValueError(f"{tarball}: no variants/<name>/ workspace inside; is this a small_gpu.py tarball?")
@@ -107,6 +114,70 @@ def _with_volumes(tarballs: list[Path]) -> list[Path]:
     return tarballs + found
 
 
+def _sessions(tarballs: list[Path]) -> dict[Path, list[Path]]:
+    """The tarballs grouped by the run that packed them: ``small.tar.gz`` with its volumes
+    ``small-2.tar.gz``, ... in one folder is one session; the first of each group names it."""
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for t in tarballs:
+        stem, dot, ext = t.name.partition(".")
+        groups.setdefault((t.resolve().parent, re.sub(r"-\d+$", "", stem) + dot + ext), []).append(t)
+    return {min(members, key=lambda t: len(t.name)): members for members in groups.values()}
+
+
+#: the shared stages whose records must agree for two sessions' variants to share a table
+SHARED_RECORDS = ("data.done.json", "encode.done.json", "autoencoder.done.json", "autoencoder.inputs.json")
+
+
+def _merged(sessions: dict[Path, list[Path]], tmp: Path) -> Path:
+    """Extract the sessions into one run folder under ``tmp``: the first whole, the others' variant
+    workspaces beside its own, their logs prefixed ``session-<n>-`` (module docstring)."""
+    root = tmp / "run"
+    for n, (name, members) in enumerate(sessions.items(), start=1):
+        target = root if n == 1 else tmp / f"session-{n}"
+        for t in members:
+            with tarfile.open(t) as tar:
+                tar.extractall(target, filter="data")
+        if n == 1:
+            first = name
+            continue
+        _check_same_preparation(root, first, target, name)
+        for workspace in sorted((target / "variants").glob("*")):
+            if (root / "variants" / workspace.name).exists():
+                raise ValueError(f"variant {workspace.name} is in both {first} and {name}: "
+                                 "import them apart, or leave one of them out")
+            (root / "variants").mkdir(parents=True, exist_ok=True)
+            workspace.rename(root / "variants" / workspace.name)
+        for log in sorted((target / "logs").glob("*.log")):
+            (root / "logs").mkdir(exist_ok=True)
+            log.rename(root / "logs" / f"session-{n}-{log.name}")
+    return root
+
+
+def _check_same_preparation(root: Path, first: Path, other: Path, name: Path) -> None:
+    def overrides(run: Path) -> list | None:
+        found = sorted(run.glob("variants/*/outputs/*/gpu_run/variant.json"))
+        return json.loads(found[0].read_text()).get("profile_overrides") if found else None
+
+    if overrides(root) != overrides(other):
+        raise ValueError(f"{first} and {name} ran the profile with other overrides ({overrides(root)} there, "
+                         f"{overrides(other)} here): their variants are not comparable; import them apart")
+    for record in sorted(other.glob("outputs/*/gpu_run/*.json")):
+        mine = root / record.relative_to(other)
+        if not mine.exists():
+            continue
+        a, b = json.loads(mine.read_text()), json.loads(record.read_text())
+        if record.name in SHARED_RECORDS:
+            a, b = a.get("metrics", a), b.get("metrics", b)  # the inputs record has no metrics: all of it
+            if a != b:
+                key = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), "?")
+                raise ValueError(f"{first} and {name} prepared different runs: {record.name}'s {key} is "
+                                 f"{a.get(key)} there and {b.get(key)} here; their variants are not comparable, "
+                                 "import them apart")
+        elif record.name == "latents.done.json" and a.get("metrics") != b.get("metrics"):
+            logger.info("the text encoder pretrained again in %s: latents %s there, %s here", name,
+                        a.get("metrics"), b.get("metrics"))
+
+
 def _sha256(tarballs: list[Path]) -> str:
     """One digest of the run's tarballs (its volumes in name order): what identifies an import."""
     h = hashlib.sha256()
@@ -138,13 +209,13 @@ def _tables(info: dict) -> list[str]:
     return info.get("tables") or [info["table"]]
 
 
-def _import_table(root: Path, tarball: Path, digest: str, base: Params, table: str, infos: dict[Path, dict],
+def _import_table(root: Path, tarball: str, digest: str, base: Params, table: str, infos: dict[Path, dict],
                   table_dir: Path | None) -> str:
     spec = base.ablations[table]
     machine = _machine(root)
     rows, overrides_of = [], {}
     with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
-        _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball.name,
+        _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball,
                                        "tarball_sha256": digest})
         _log_workspace(base, root, None, tag_variant=False)
         for workspace, info in infos.items():
@@ -174,7 +245,7 @@ def _params(profile: str | None, overrides: list[str]) -> Params:
     return p.with_overrides(parse_overrides(overrides))
 
 
-def _only(found, tarball: Path) -> Path:
+def _only(found, tarball: str) -> Path:
     found = list(found)
     if len(found) != 1:
         raise ValueError(f"{tarball}: expected one outputs/<profile>/gpu_run/variant.json per workspace, found "

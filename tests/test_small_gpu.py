@@ -319,6 +319,62 @@ def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
     assert set(children(again)) == {*small_gpu.PREPARE, *NAMES}
 
 
+def _session_tarball(unpacked: Path, out: Path, variants: list[str]) -> Path:
+    """A tarball of the run as a session that trained only ``variants`` would have packed it."""
+    out.parent.mkdir(parents=True)
+    with tarfile.open(out, "w:gz") as tar:
+        for f in sorted(unpacked.rglob("*")):
+            rel = f.relative_to(unpacked)
+            if f.is_file() and (rel.parts[0] != "variants" or rel.parts[1] in variants):
+                tar.add(f, arcname=str(rel))
+    return out
+
+
+@pytest.mark.slow
+def test_runs_of_several_sessions_import_as_one_table(gpu_run, tmp_path, monkeypatch):
+    """One lent session trains one small variant: the sessions' tarballs, imported together, are one
+    table; sessions that prepared other data or another VAE, or trained one variant twice, are refused."""
+    import mlflow
+
+    from flows.gpu_import import import_run
+
+    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
+    unpacked = tmp_path / "unpacked"
+    for volume in gpu_run[1]:
+        with tarfile.open(volume) as tar:
+            tar.extractall(unpacked, filter="data")
+    first = _session_tarball(unpacked, tmp_path / "session-a/small.tar.gz", [NAMES[0]])
+    second = _session_tarball(unpacked, tmp_path / "session-b/small.tar.gz", [NAMES[1]])
+    parent_id = import_run([first, second], table_dir=tmp_path / "ablations")
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["table"] == "tab1-2" and "incomplete" not in parent.data.tags
+    assert parent.data.tags["tarball"] == "session-a/small.tar.gz, session-b/small.tar.gz"
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert {r.info.run_name for r in runs} == {*small_gpu.PREPARE, *NAMES}
+    table = json.loads(Path(client.download_artifacts(parent_id, "ablation_table.json", str(tmp_path))).read_text())
+    column = table["columns"].index("variant")  # mlflow.log_table's layout: columns, and rows of data
+    assert {row[column] for row in table["data"]} == set(NAMES)  # a row from each session
+    assert import_run([first, second], table_dir=tmp_path / "ablations") == parent_id  # once
+    # a session with another VAE: its variants are not comparable, and the refusal names both tarballs
+    vae_record = unpacked / "outputs/small/gpu_run/autoencoder.done.json"
+    original = vae_record.read_text()
+    record = json.loads(original)
+    record["metrics"]["psnr_rgb"] += 1.0
+    vae_record.write_text(json.dumps(record))
+    third = _session_tarball(unpacked, tmp_path / "session-c/small.tar.gz", [OURS])
+    with pytest.raises(ValueError, match=r"session-a/small.tar.gz and .*session-c/small.tar.gz prepared different "
+                                         r"runs: autoencoder.done.json's psnr_rgb"):
+        import_run([first, third], table_dir=tmp_path / "ablations")
+    vae_record.write_text(original)
+    again = _session_tarball(unpacked, tmp_path / "session-d/small.tar.gz", [NAMES[0]])
+    with pytest.raises(ValueError, match=f"variant {NAMES[0]} is in both .*session-a/small.tar.gz and "
+                                         ".*session-d/small.tar.gz"):
+        import_run([first, again], table_dir=tmp_path / "ablations")
+
+
 @pytest.mark.slow
 def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path, monkeypatch):
     """A run the machine took back mid-way: the unfinished stage says so, and no table is made up."""
