@@ -70,6 +70,7 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
             raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs)")
     tarballs = _with_volumes(tarballs)
     sessions = _sessions(tarballs)
+    tarballs = [t for members in sessions.values() for t in members]  # the digest's order: the sessions'
     # the run's name: small.tar.gz, not small-2.tar.gz; runs of several sessions by their folders too
     tarball = (next(iter(sessions)).name if len(sessions) == 1
                else ", ".join(f"{t.parent.name}/{t.name}" for t in sessions))
@@ -121,7 +122,8 @@ def _sessions(tarballs: list[Path]) -> dict[Path, list[Path]]:
     for t in tarballs:
         stem, dot, ext = t.name.partition(".")
         groups.setdefault((t.resolve().parent, re.sub(r"-\d+$", "", stem) + dot + ext), []).append(t)
-    return {min(members, key=lambda t: len(t.name)): members for members in groups.values()}
+    # in folder order, so that the same sessions named in another order are the same import
+    return {min(members, key=lambda t: len(t.name)): members for _, members in sorted(groups.items())}
 
 
 #: the shared stages whose records must agree for two sessions' variants to share a table
