@@ -55,6 +55,8 @@ from udpdiff.stages.common import StepResult
 
 logger = logging.getLogger(__name__)
 
+#: a variant workspace's record of its tables and overrides (benchmarks/small_gpu.py ``variant_info``)
+VARIANT_RECORD = "outputs/*/gpu_run/variant.json"
 SERIES_BATCH = 1000  # MLflow's log_batch takes at most 1,000 metrics per call
 
 
@@ -80,7 +82,7 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
         variants = sorted(d for d in (root / "variants").glob("*") if d.is_dir())
         if not variants:
             raise ValueError(f"{tarball}: no variants/<name>/ workspace inside; is this a small_gpu.py tarball?")
-        infos = {ws: json.loads(_only(ws.glob("outputs/*/gpu_run/variant.json"), tarball).read_text())
+        infos = {ws: json.loads(_only(ws.glob(VARIANT_RECORD), tarball).read_text())
                  for ws in variants}
         base = _params(profile, next(iter(infos.values()))["profile_overrides"])
         earlier = _earlier_imports(base, digest)
@@ -157,7 +159,7 @@ def _merged(sessions: dict[Path, list[Path]], tmp: Path) -> Path:
 
 def _check_same_preparation(root: Path, first: Path, other: Path, name: Path) -> None:
     def overrides(run: Path) -> list | None:
-        found = sorted(run.glob("variants/*/outputs/*/gpu_run/variant.json"))
+        found = sorted(run.glob(f"variants/*/{VARIANT_RECORD}"))
         return json.loads(found[0].read_text()).get("profile_overrides") if found else None
 
     if overrides(root) != overrides(other):
