@@ -522,6 +522,20 @@ def test_figures_of_a_run(gpu_run, tmp_path):
     with Image.open(tmp_path / "real_clips.gif") as real:
         assert real.n_frames == 9 and real.size[0] == 5 * small_gpu_figures.viz.MIN_DISPLAY_HEIGHT
         assert small_gpu_figures.viz.MIN_DISPLAY_HEIGHT < real.size[1] < 2 * small_gpu_figures.viz.MIN_DISPLAY_HEIGHT
+    # the variants' generated videos of the same prompts side by side: per task gallery of each variant,
+    # frames 0 and 8 (the clips have 9) of the first row's video, under a label band
+    row = small_gpu_figures.viz.MIN_DISPLAY_HEIGHT
+    galleries = sorted((root / "variants").glob("*/outputs/small/samples/gallery_*.gif"))
+    assert {g.parents[3].name for g in galleries} >= {"udpdiff-multi-task", "cogvideox"}
+    with Image.open(tmp_path / "text_to_video_variants.png") as still:
+        assert still.size[0] == len(galleries) * 2 * row and row < still.size[1] < 2 * row
+        picture = np.asarray(still.convert("RGB"))
+    rgb_only = next(i for i, g in enumerate(galleries) if g.parents[3].name == "cogvideox")
+    with Image.open(galleries[rgb_only]) as gif:
+        gif.seek(8)
+        frame8 = np.asarray(gif.convert("RGB"))
+    shown = picture[-row:, (2 * rgb_only + 1) * row: (2 * rgb_only + 2) * row].astype(int)
+    assert np.abs(shown - frame8[-row:, :row]).mean() < 4  # that frame (a palette's rounding apart)
     # another variant's gallery by name; a name without one is an error, not a silent skip
     other = tmp_path / "other"
     assert small_gpu_figures.main([str(root), str(other), "--gallery-rows", "1",
