@@ -10,7 +10,9 @@ files. This replays them into the same shape a local ``python -m flows ablation`
 run named after the table, a stage run per shared stage beneath it, a child run per variant holding
 that variant's stage runs, the variants' final metrics and the ablation table. A stage that never
 finished (the machine went back) is logged with what it reached and the tag ``finished=false``;
-the table is logged only when at least two variants were evaluated.
+the table is logged only when at least two variants were evaluated. Beside it, the variants minus the
+reference variant (the profile as it stands) clip by clip, from their per-clip scores
+(``ablation_paired.json``, ``ablation/<table>-paired.md``: ``udpdiff.evaluation.paired``).
 
 Importing is idempotent: the parents carry the tarballs' SHA-256 (``tarball_sha256``), and a tarball
 imported before is not logged twice; ``--replace`` deletes the earlier import and logs it again (after
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric
 
 from flows.common import REPO_ROOT, load
@@ -49,8 +52,10 @@ from flows.tracking import (
     use_experiment,
     variant_run,
 )
-from udpdiff.config import Params, parse_overrides
+from udpdiff.config import AblationParams, Params, parse_overrides
+from udpdiff.evaluation.paired import paired_differences, render_markdown
 from udpdiff.evaluation.tables import ablation_frame
+from udpdiff.io.atomic import write_text
 from udpdiff.stages.common import StepResult
 
 logger = logging.getLogger(__name__)
@@ -217,7 +222,7 @@ def _import_table(root: Path, tarball: str, digest: str, base: Params, table: st
                   table_dir: Path | None) -> str:
     spec = base.ablations[table]
     machine = _machine(root)
-    rows, overrides_of = [], {}
+    rows, overrides_of, per_video = [], {}, {}
     with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
         _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball,
                                        "tarball_sha256": digest})
@@ -230,18 +235,43 @@ def _import_table(root: Path, tarball: str, digest: str, base: Params, table: st
                     log_variant_metrics(vrun.info.run_id, final)
                     rows.append({"variant": info["variant"], **final})
                     overrides_of[info["variant"]] = info["overrides"]
+                    scores = workspace / "outputs" / p.profile / "evaluation" / "per_video.csv"
+                    if scores.exists():
+                        per_video[info["variant"]] = scores
         for log_file in sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []:
             mlflow.MlflowClient().log_artifact(parent.info.run_id, str(log_file), "logs")
         if len(rows) >= 2:
             frame = ablation_frame(rows, overrides_of)
-            log_ablation_table(parent.info.run_id, spec.title, frame,
-                               table_dir or REPO_ROOT / "outputs" / base.profile / "ablations")
+            out_dir = table_dir or REPO_ROOT / "outputs" / base.profile / "ablations"
+            log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
+            _log_paired(parent.info.run_id, table, spec, per_video, out_dir)
         else:
             mlflow.MlflowClient().set_tag(parent.info.run_id, "incomplete",
                                           f"{len(rows)} of {len(infos)} variants evaluated: no table")
     logger.info("imported %s (%s) as MLflow run %s (%d variants, %d evaluated)", tarball, table, parent.info.run_id,
                 len(infos), len(rows))
     return parent.info.run_id
+
+
+def reference_variant(spec: AblationParams) -> str:
+    """The variant the others are read against: the profile as it stands (``{}``), else the first listed."""
+    return next((name for name, overrides in spec.variants.items() if not overrides), next(iter(spec.variants)))
+
+
+def _log_paired(run_id: str, table: str, spec: AblationParams, per_video: dict[str, Path], out_dir: Path) -> None:
+    """Beside the ablation table, its variants minus the reference clip by clip (``udpdiff.evaluation.paired``:
+    the tarballs hold every variant's per-clip scores): ``ablation_paired.json`` (MLflow's table view) and
+    ``ablation/<table>-paired.md``."""
+    reference = reference_variant(spec)
+    if reference not in per_video or len(per_video) < 2:
+        logger.info("%s: no paired differences (per-clip scores of %s; the reference is %s)", table,
+                    ", ".join(per_video) or "no variant", reference)
+        return
+    pairs = paired_differences({name: pd.read_csv(path) for name, path in per_video.items()}, reference)
+    md = out_dir / f"{table}-paired.md"
+    write_text(md, f"# {spec.title}: paired differences\n\n" + render_markdown(pairs, reference))
+    mlflow.log_table(pairs, artifact_file="ablation_paired.json", run_id=run_id)
+    mlflow.MlflowClient().log_artifact(run_id, str(md), artifact_path="ablation")
 
 
 def _params(profile: str | None, overrides: list[str]) -> Params:

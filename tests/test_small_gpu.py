@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -357,6 +358,17 @@ def test_runs_of_several_sessions_import_as_one_table(gpu_run, tmp_path, monkeyp
     table = json.loads(Path(client.download_artifacts(parent_id, "ablation_table.json", str(tmp_path))).read_text())
     column = table["columns"].index("variant")  # mlflow.log_table's layout: columns, and rows of data
     assert {row[column] for row in table["data"]} == set(NAMES)  # a row from each session
+    # beside it, the RGB-only baseline minus the full method clip by clip, across the two sessions' scores
+    paired = json.loads(Path(client.download_artifacts(parent_id, "ablation_paired.json", str(tmp_path))).read_text())
+    rows = {(r["variant"], r["sets"], r["metric"]): r for r in (dict(zip(paired["columns"], d, strict=True))
+                                                                for d in paired["data"])}
+    scores = {n: pd.read_csv(unpacked / "variants" / n / "outputs/small/evaluation/per_video.csv") for n in NAMES}
+    ms = {n: s.set_index(["set", "clip_id"])["motion_smoothness_flow"] for n, s in scores.items()}
+    for task in ("segmentation", "depth"):
+        row = rows[("cogvideox", f"{task} / rgb", "motion_smoothness_flow")]
+        expected = (ms["cogvideox"].loc["rgb"] - ms[NAMES[0]].loc[task]).dropna()
+        assert row["n"] == len(expected) >= 2 and row["difference"] == pytest.approx(expected.mean())
+    assert "ablation/tab1-2-paired.md" in {a.path for a in client.list_artifacts(parent_id, "ablation")}
     assert import_run([second, first], table_dir=tmp_path / "ablations") == parent_id  # once, in any order
     # a session with another VAE: its variants are not comparable, and the refusal names both tarballs
     vae_record = unpacked / "outputs/small/gpu_run/autoencoder.done.json"
