@@ -9,7 +9,9 @@ DVC runs only the stages its overrides touch (a ``data.*`` override re-curates a
 metrics, and a variant whose experiment already exists on this commit with the same params is not
 run again. MLflow gets one parent run named after the table with one child run per variant (its
 overrides as params, its final metrics), which holds that variant's stage runs; the parent logs the
-table (``mlflow.log_table``, markdown, HTML, a bar chart).
+table (``mlflow.log_table``, markdown, HTML, a bar chart) and, beside it, each variant minus the
+reference clip by clip (``ablation_paired.json``, ``<table>-paired.md``), from the per-clip scores each
+experiment committed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from prefect import flow, get_run_logger
 
 from flows.common import REPO_ROOT, load
 from flows.dvc import dvc_command, dvc_env, run_dvc
-from flows.tracking import ablation_run, log_ablation_table, log_variant_metrics, use_experiment, variant_run
+from flows.tracking import (
+    ablation_run,
+    log_ablation_table,
+    log_paired_differences,
+    log_variant_metrics,
+    use_experiment,
+    variant_run,
+)
 from udpdiff.config import Params, ParamsError
 from udpdiff.evaluation.tables import ablation_frame
 
@@ -135,6 +144,26 @@ def variant_metrics(metrics_files: dict[str, Any], profile: str) -> dict[str, fl
             if isinstance(v, int | float)}
 
 
+def experiment_per_video(revs: dict[str, str], overrides_of: dict[str, dict[str, Any]], profile: str,
+                         env: dict[str, str]) -> dict[str, Any]:
+    """Each experiment's per-clip scores, from its commit: ``per_video.csv`` is in git (``cache: false``),
+    so ``dvc exp run`` committed it with the experiment. A variant without one is left out."""
+    import io
+
+    import pandas as pd
+
+    found = {}
+    for name, rev in revs.items():
+        path = f"outputs/{overrides_of.get(name, {}).get('profile', profile)}/evaluation/per_video.csv"
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO_ROOT, env=env, capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+        if proc.returncode == 0 and proc.stdout.strip():
+            found[name] = pd.read_csv(io.StringIO(proc.stdout))
+        else:
+            _run_logger().info("%s: no %s in experiment %s", name, path, rev)
+    return found
+
+
 def _require_git_commit(env: dict[str, str]) -> None:
     proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
@@ -223,7 +252,10 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
                 overrides_of[name] = dict(overrides)
                 results.setdefault(table, {})[name] = metrics
             frame = ablation_frame(rows, overrides_of)
-            log_ablation_table(parent.info.run_id, spec.title, frame, REPO_ROOT / "outputs" / p.profile / "ablations")
+            out_dir = REPO_ROOT / "outputs" / p.profile / "ablations"
+            log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
+            log_paired_differences(parent.info.run_id, table, spec.variants,
+                                   experiment_per_video(revs, overrides_of, p.profile, env), out_dir)
             # the experiments this table now stands on: an unchanged rerun finds this key and does nothing
             _mark_logged(parent.info.run_id, _ablation_key(p, table, variants_here, revs))
             log.info("%s:\n%s", spec.title, frame.drop(columns=["overrides"], errors="ignore").to_string(index=False))

@@ -46,16 +46,15 @@ from flows.common import REPO_ROOT, load
 from flows.tracking import (
     ablation_run,
     log_ablation_table,
+    log_paired_differences,
     log_result,
     log_variant_metrics,
     stage_run,
     use_experiment,
     variant_run,
 )
-from udpdiff.config import AblationParams, Params, parse_overrides
-from udpdiff.evaluation.paired import paired_differences, render_markdown
+from udpdiff.config import Params, parse_overrides
 from udpdiff.evaluation.tables import ablation_frame
-from udpdiff.io.atomic import write_text
 from udpdiff.stages.common import StepResult
 
 logger = logging.getLogger(__name__)
@@ -244,34 +243,14 @@ def _import_table(root: Path, tarball: str, digest: str, base: Params, table: st
             frame = ablation_frame(rows, overrides_of)
             out_dir = table_dir or REPO_ROOT / "outputs" / base.profile / "ablations"
             log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
-            _log_paired(parent.info.run_id, table, spec, per_video, out_dir)
+            log_paired_differences(parent.info.run_id, table, spec.variants,
+                                   {name: pd.read_csv(path) for name, path in per_video.items()}, out_dir)
         else:
             mlflow.MlflowClient().set_tag(parent.info.run_id, "incomplete",
                                           f"{len(rows)} of {len(infos)} variants evaluated: no table")
     logger.info("imported %s (%s) as MLflow run %s (%d variants, %d evaluated)", tarball, table, parent.info.run_id,
                 len(infos), len(rows))
     return parent.info.run_id
-
-
-def reference_variant(spec: AblationParams) -> str:
-    """The variant the others are read against: the profile as it stands (``{}``), else the first listed."""
-    return next((name for name, overrides in spec.variants.items() if not overrides), next(iter(spec.variants)))
-
-
-def _log_paired(run_id: str, table: str, spec: AblationParams, per_video: dict[str, Path], out_dir: Path) -> None:
-    """Beside the ablation table, its variants minus the reference clip by clip (``udpdiff.evaluation.paired``:
-    the tarballs hold every variant's per-clip scores): ``ablation_paired.json`` (MLflow's table view) and
-    ``ablation/<table>-paired.md``."""
-    reference = reference_variant(spec)
-    if reference not in per_video or len(per_video) < 2:
-        logger.info("%s: no paired differences (per-clip scores of %s; the reference is %s)", table,
-                    ", ".join(per_video) or "no variant", reference)
-        return
-    pairs = paired_differences({name: pd.read_csv(path) for name, path in per_video.items()}, reference)
-    md = out_dir / f"{table}-paired.md"
-    write_text(md, f"# {spec.title}: paired differences\n\n" + render_markdown(pairs, reference))
-    mlflow.log_table(pairs, artifact_file="ablation_paired.json", run_id=run_id)
-    mlflow.MlflowClient().log_artifact(run_id, str(md), artifact_path="ablation")
 
 
 def _params(profile: str | None, overrides: list[str]) -> Params:

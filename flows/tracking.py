@@ -513,6 +513,36 @@ def _slug(text: str) -> str:
     return slug or "ablation"
 
 
+def reference_variant(variants: dict[str, dict[str, Any]]) -> str:
+    """The variant an ablation's others are read against: the profile as it stands (``{}``), else the first."""
+    return next((name for name, overrides in variants.items() if not overrides), next(iter(variants)))
+
+
+def log_paired_differences(run_id: str, table: str, variants: dict[str, dict[str, Any]], per_video: dict[str, Any],
+                           out_dir: Path) -> Path | None:
+    """Beside the ablation table: each variant minus the reference (:func:`reference_variant`) clip by clip,
+    from the variants' per-clip scores (``per_video``: variant -> its ``per_video.csv`` frame;
+    ``udpdiff.evaluation.paired``): ``ablation_paired.json`` (MLflow's table view) and
+    ``out_dir/<table>-paired.md`` (also under ``ablation/``). None when the reference or every other
+    variant lacks scores."""
+    from udpdiff.evaluation.paired import paired_differences, render_markdown
+    from udpdiff.io.atomic import write_text
+
+    reference = reference_variant(variants)
+    if reference not in per_video or len(per_video) < 2:
+        logger.info("%s: no paired differences (per-clip scores of %s; the reference is %s)", table,
+                    ", ".join(per_video) or "no variant", reference)
+        return None
+    pairs = paired_differences(per_video, reference)
+    md = Path(out_dir) / f"{_slug(table)}-paired.md"
+    write_text(md, render_markdown(pairs, reference))
+    client = _client()
+    with _tracking(client.tracking_uri):
+        mlflow.log_table(pairs, artifact_file="ablation_paired.json", run_id=run_id)
+    client.log_artifact(run_id, str(md), artifact_path="ablation")
+    return md
+
+
 def log_ablation_table(run_id: str, title: str, df: Any, out_dir: Path) -> list[Path]:
     """The ablation's table on its parent run: ``ablation_table.json`` (``mlflow.log_table``, MLflow's
     table view), and ``out_dir/<table>.md``, ``.html`` and a grouped bar chart ``.png`` (also logged

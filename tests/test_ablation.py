@@ -166,6 +166,17 @@ def test_an_ablation_runs_as_dvc_experiments_logs_a_table_and_reruns_nothing(rep
                                            "t.key='mlflow.parentRunId' AND t.value=?", (children["fewer-samples"],))}
     assert {"sample · fewer-samples", "evaluate · fewer-samples", "report · fewer-samples"} <= grandchildren
     assert (ws.path / "outputs" / "tiny" / "ablations" / "tabci.md").read_text().count("\n|") >= 3
+    # beside the table, the variant minus the profile as it stands ({}), over the clips both generated:
+    # read from the experiments' commits; one model and the same seeds, so the two videos they share agree
+    paired, = db.execute("SELECT value FROM tags WHERE run_uuid=? AND key='mlflow.loggedArtifacts'",
+                         (parent_id,)).fetchone()
+    assert "ablation_paired.json" in paired
+    md = (ws.path / "outputs" / "tiny" / "ablations" / "tabci-paired.md").read_text()
+    assert "minus `base`" in md
+    rows = [r.split("|")[1:-1] for r in md.splitlines() if r.startswith("| fewer-samples")]
+    assert rows and all(int(r[4]) == 2 for r in rows)  # n: the 2 videos of the smaller variant
+    ms = next(r for r in rows if r[3].strip() == "motion_smoothness_flow" and r[2].strip() == "depth / depth")
+    assert abs(float(ms[7].split("±")[0])) < 1e-3, ms
 
     runs_before = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
     again = ws.run(sys.executable, "-m", "flows", "ablation", "tabci", activated=False, timeout=600)
