@@ -34,6 +34,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import machine_info, n_params, write_outputs  # noqa: E402
+from udpdiff.acceleration import compiled_while_training  # noqa: E402
 from udpdiff.config import load_params  # noqa: E402
 from udpdiff.evaluation.runtime import measure_calls  # noqa: E402
 from udpdiff.models.vae import VaeTrainStep, build_vae  # noqa: E402
@@ -62,15 +63,14 @@ def measure(widths: list[int], batch: int, frames: int, size: int, repeats: int,
             if param.dim() == 5:
                 param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    elif mode == "compile":
-        vae.encoder.compile()
-        vae.decoder.compile()
     train_step = VaeTrainStep(vae, steps=1000, lr=1e-4, kl_weight=1e-6)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # compile's first calls build the kernels: a third warm-up call keeps them out of the timed ones
-    m = measure_calls(lambda: train_step(x)["vae_loss"].item(), repeats, warmup=3 if mode == "compile" else 2,
-                      label=f"{widths} b{batch} {mode}")
+    # compile as the autoencoder stage does (acceleration.compile_vae); its first calls build the
+    # kernels: a third warm-up call keeps them out of the timed ones
+    with compiled_while_training([vae.encoder, vae.decoder], enabled=mode == "compile"):
+        m = measure_calls(lambda: train_step(x)["vae_loss"].item(), repeats, warmup=3 if mode == "compile" else 2,
+                          label=f"{widths} b{batch} {mode}")
     torch.backends.cudnn.benchmark = False
     row = {"block_out_channels": widths, "batch": batch, "mode": mode, "params": n_params(vae), "median_s": m.median,
            "videos_per_s": batch / m.median, "iqr_s": m.iqr}

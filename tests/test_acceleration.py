@@ -194,7 +194,7 @@ def test_auto_is_eager_on_the_cpu_and_zero3_is_never_compiled():
     model = _model()
     assert not accelerate(model, AccelerationParams(), "cpu").compiled_blocks
     assert not accelerate(model, AccelerationParams(compile_blocks=False), "cuda").compiled_blocks
-    assert acceleration.wants_compiled_blocks("auto", "cuda") and not acceleration.wants_compiled_blocks("auto", "cpu")
+    assert acceleration.wants_compile("auto", "cuda") and not acceleration.wants_compile("auto", "cpu")
     off = accelerate(model, AccelerationParams(), "cuda", sharded_parameters=True)
     assert not off.compiled_blocks and "ZeRO-3" in off.reason
     with pytest.raises(AccelerationError, match="ZeRO-3"):

@@ -100,3 +100,40 @@ def test_a_crop_larger_than_the_clips_is_refused():
     with pytest.raises(ValueError, match="multiples of 8"):
         p.with_overrides({"vae.train.crop": [9, 20, 24]})
     assert p.with_overrides({"vae.train.crop": [9, 24, 24]}).active.vae.train.crop == (9, 24, 24)
+
+
+def test_compiled_training_matches_eager_and_leaves_the_vae_eager(monkeypatch):
+    """acceleration.compile_vae: the encoder and decoder train compiled (the same losses as eager, to
+    float rounding) and are eager again afterwards, with the state dict's keys unchanged."""
+    import numpy as np
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from udpdiff import acceleration
+    from udpdiff.acceleration import compiled_while_training
+    from udpdiff.models.vae import reconstruct, train_vae
+
+    videos = list(np.random.default_rng(2).integers(0, 255, (4, 5, 16, 16, 3), dtype=np.uint8))
+    kwargs = dict(steps=3, batch_size=2, lr=3e-3, kl_weight=1e-6, seed=0)
+    eager = build_vae(TINY, seed=0)
+    eager_history = train_vae(eager, videos, **kwargs)
+
+    counter = CompileCounterWithBackend("aot_eager")  # graph capture without code generation
+    monkeypatch.setattr(acceleration, "BACKEND", counter)
+    torch._dynamo.reset()
+    compiled = build_vae(TINY, seed=0)
+    keys = list(compiled.state_dict())
+    try:
+        with compiled_while_training([compiled.encoder, compiled.decoder]):  # as the autoencoder stage does
+            history = train_vae(compiled, videos, **kwargs)
+        frames = counter.frame_count
+        assert frames >= 2  # the encoder's and the decoder's calls ran compiled
+        np.testing.assert_allclose([h["vae_loss"] for h in history], [h["vae_loss"] for h in eager_history],
+                                   rtol=1e-4)
+        reconstruct(compiled, videos[0][:5])
+        assert counter.frame_count == frames  # eager after training: nothing more compiled
+        assert compiled.encoder._compiled_call_impl is None and compiled.decoder._compiled_call_impl is None
+        assert list(compiled.state_dict()) == keys
+        for a, b in zip(compiled.parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    finally:
+        torch._dynamo.reset()

@@ -480,6 +480,9 @@ class AccelerationParams(_Strict):
     # around the whole step, not around each of 42 blocks that share one compiled graph
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     vae_decode: Literal["batched", "sequential"] = "batched"
+    # torch.compile the VAE's encoder and decoder while the autoencoder stage trains it (1.54x a step
+    # on an H200, half the memory: vae-train-modes-h200.md); auto = on CUDA. Eager again after training
+    compile_vae: bool | Literal["auto"] = "auto"
     # decode in overlapping spatial tiles, blended at the seams (diffusers' VAE tiling): less decode
     # memory for large frames, more time, and seams that differ slightly from a whole-frame decode
     vae_tiling: bool = False

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from udpdiff import pixelplanes, viz
+from udpdiff.acceleration import compiled_while_training, wants_compile
 from udpdiff.data.synthetic import exact_depth_range
 from udpdiff.devices import default_device
 from udpdiff.io.dense import load_depth, load_ids
@@ -104,10 +105,14 @@ def run(p: Params, paths: ProjectPaths, log_fn: LogFn | None = None) -> StepResu
     vae = build_vae(spec.model_dump(), p.seed).to(default_device())
     history = []
     if not spec.pretrained:
-        history = train_vae(vae, [v for vs in train_videos.values() for v in vs], steps=spec.train.steps,
-                            batch_size=spec.train.batch_size, lr=spec.train.lr, kl_weight=spec.train.kl_weight,
-                            seed=p.seed, log_fn=log_fn, crop=spec.train.crop)
+        # compiled for the training loop only: the calls after it are gradient-free and of other shapes
+        with compiled_while_training([vae.encoder, vae.decoder],
+                                     enabled=wants_compile(p.active.acceleration.compile_vae, vae.device)) as compiled:
+            history = train_vae(vae, [v for vs in train_videos.values() for v in vs], steps=spec.train.steps,
+                                batch_size=spec.train.batch_size, lr=spec.train.lr, kl_weight=spec.train.kl_weight,
+                                seed=p.seed, log_fn=log_fn, crop=spec.train.crop)
         calibrate_scaling_factor(vae, train_videos["rgb"])
+        logger.info("trained the VAE for %d steps (%s)", len(history), "compiled" if compiled else "eager")
     rec = {k: [reconstruct(vae, v) for v in vs] for k, vs in val_videos.items()}
     metrics = {f"psnr_{k}": float(np.mean([psnr(r, v) for r, v in zip(rec[k], vs, strict=True)]))
                for k, vs in val_videos.items()}
