@@ -120,18 +120,28 @@ def test_a_build_killed_with_kill_9_no_longer_blocks_torch(tmp_path):
     assert FileBaton(str(op / "lock")).try_acquire()
 
 
-@pytest.mark.parametrize("entry", ["before_deepspeed_build", "udpdiff.train.init_distributed"])
-def test_one_cpu_process_builds_no_deepspeed_op(tmp_path, entry):
-    """The tiny path (one CPU process, ZeRO-2 with torch's AdamW) compiles nothing: no lock to go stale.
-    Also through the process-group setup that training and benchmarks/bench_gpu.py call directly
-    (which once built DeepSpeed's shm comm op, 25 s of every CI run)."""
+@pytest.mark.parametrize("entry,ranks", [("before_deepspeed_build", 2), ("udpdiff.train.init_distributed", 1)])
+def test_a_cpu_run_builds_no_deepspeed_op(tmp_path, entry, ranks):
+    """The CPU path compiles nothing (ZeRO-2 with torch's AdamW; the shm comm op serves only
+    DeepSpeed inference): no lock to go stale, no build time. Two ranks initialise and all-reduce
+    over gloo without it; one process goes through the process-group setup that training and
+    benchmarks/bench_gpu.py call (which once built the shm op, 25-30 s of every CI run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     calls = {
-        "before_deepspeed_build": """
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
+        "before_deepspeed_build": f"""
+            os.environ.update(LOCAL_RANK=os.environ["RANK"], MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
             from udpdiff.extensions_lock import before_deepspeed_build
-            before_deepspeed_build(1)
+            before_deepspeed_build()
             import deepspeed
+            import torch
             deepspeed.init_distributed(dist_backend="gloo")
+            x = torch.ones(3)
+            deepspeed.comm.all_reduce(x)
+            assert x.tolist() == [{ranks}.0] * 3, x
             """,
         "udpdiff.train.init_distributed": """
             import torch
@@ -141,8 +151,12 @@ def test_one_cpu_process_builds_no_deepspeed_op(tmp_path, entry):
     }
     script = textwrap.dedent("import os\n") + textwrap.dedent(calls[entry]) + "print('ok')\n"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ok" in proc.stdout
+    procs = [subprocess.Popen([sys.executable, "-c", script], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "WORLD_SIZE": str(ranks)} if ranks > 1 else env)
+             for r in range(ranks)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        assert "ok" in out
     built = list((tmp_path / "ext").glob("*")) if (tmp_path / "ext").exists() else []
     assert built == [], f"DeepSpeed built {built}"

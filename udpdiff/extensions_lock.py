@@ -10,9 +10,10 @@ the file behind, and every later training then waits on it forever, silently.
 
 ``before_deepspeed_build`` runs before DeepSpeed may build anything:
 
-1. A single-process CPU run does not need the shared-memory op at all (it speeds up collectives
-   *between* ranks on one host); DeepSpeed is told it is unavailable, so it uses plain
-   ``torch.distributed`` and the tiny pipeline compiles nothing (zero2 uses ``torch.optim.AdamW``).
+1. No CPU run here needs the shared-memory op: it backs only DeepSpeed inference's
+   ``inference_all_reduce``, while training's collectives go through ``torch.distributed``.
+   DeepSpeed is told it is unavailable, so a CPU run on any number of ranks compiles nothing for
+   it (the tiny pipeline compiles nothing at all: zero2 uses ``torch.optim.AdamW``).
 2. Every ``lock`` in the build root is checked. While a build is running on this host (a process,
    ninja or the compiler, works in that folder) we wait for it, bounded, reporting progress. A lock
    with no build process behind it that is older than ``grace_s`` is stale: the baton only exists
@@ -163,11 +164,12 @@ def _several_nodes() -> bool:
     return world > local
 
 
-def skip_shm_op_for_single_process(world_size: int) -> bool:
-    """One CPU process has no peers to share memory with: tell DeepSpeed its shared-memory comm op
-    is unavailable so ``deepspeed.init_distributed`` does not compile it. Returns whether it did."""
-    if world_size != 1:
-        return False
+def skip_shm_op_on_cpu() -> bool:
+    """Tell DeepSpeed its shared-memory comm op is unavailable on the CPU accelerator, so
+    ``deepspeed.init_distributed`` does not compile it (~30 s on 2 cores, once per machine). The op
+    serves one collective, ``inference_all_reduce`` (DeepSpeed inference's tensor-parallel layers),
+    which nothing here calls: training's and sharded sampling's collectives go through
+    ``torch.distributed`` (gloo) whatever the rank count. Returns whether it was skipped."""
     try:
         import deepspeed.ops
         from deepspeed.accelerator import get_accelerator
@@ -177,17 +179,15 @@ def skip_shm_op_for_single_process(world_size: int) -> bool:
         compatible = deepspeed.ops.__compatible_ops__  # probed lazily by DeepSpeed; a plain dict
         if compatible.get(SHM_OP):
             compatible[SHM_OP] = False
-            logger.info("single CPU process: DeepSpeed's shared-memory comm op is not needed; not building it")
+            logger.info("CPU: DeepSpeed's shared-memory comm op serves only inference_all_reduce; not building it")
         return True
     except Exception as err:  # an older/newer DeepSpeed layout: the lock check below still protects
         logger.debug("could not skip DeepSpeed's shm op build: %s", err)
         return False
 
 
-def before_deepspeed_build(world_size: int | None = None, **kw) -> dict[str, str]:
-    """Call before ``deepspeed.init_distributed``/``deepspeed.initialize``: skips the build a single
-    CPU process does not need, then clears stale build locks (waits, bounded, for live builds)."""
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    skip_shm_op_for_single_process(world_size)
+def before_deepspeed_build(**kw) -> dict[str, str]:
+    """Call before ``deepspeed.init_distributed``/``deepspeed.initialize``: skips the build a CPU run
+    does not need, then clears stale build locks (waits, bounded, for live builds)."""
+    skip_shm_op_on_cpu()
     return check_extension_locks(**kw)

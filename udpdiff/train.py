@@ -76,9 +76,9 @@ def init_distributed(device: torch.device) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    # DeepSpeed JIT-builds ops from here on (init_distributed: its CPU shm comm op, ~25 s on 2 cores):
-    # skip what one CPU process does not need and never hang on a lock left by a killed build
-    before_deepspeed_build(int(os.environ.get("WORLD_SIZE", 1)))
+    # DeepSpeed JIT-builds ops from here on (init_distributed: its CPU shm comm op, ~30 s on 2 cores):
+    # skip the one no CPU run uses and never hang on a lock left by a killed build
+    before_deepspeed_build()
     if dist.is_initialized():
         return
     os.environ.setdefault("RANK", "0")
