@@ -85,6 +85,8 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: (r["profiles"]["tiny"]["sample"].update(dense_guidance_scale=1.0),
                     r["profiles"]["tiny"]["acceleration"]["approximate"].update(cache={"type": "faster"})),
          r"profiles\.tiny: .*needs sample\.dense_guidance_scale > 1, got 1\.0"),
+        (lambda r: r["profiles"]["tiny"]["train"].update(validation_videos=3),
+         r"profiles\.tiny\.train: .*validation_videos \(3\) .* at most validation_clips \(2\)"),
         (lambda r: r["profiles"]["small"]["text_encoder"]["config"].update(d_model=128),
          r"profiles\.small: .*transformer\.config\.text_embed_dim 64 must equal .*d_model 128"),
     ],

@@ -204,8 +204,8 @@ def test_training_validation_scores_add_the_depth_space_protocol_for_exact_depth
     gt = rng.uniform(0.05, 1.0, size=(4, 8, 8)).astype(np.float32)
     video = rng.integers(0, 255, size=(4, 8, 8, 3), dtype=np.uint8)
     warped = np.clip(gt**1.5, 0, 1)
-    plain = validation_scores("depth", video, [(warped, gt)])
-    exact = validation_scores("depth", video, [(warped, gt)], exact_depth_range("synthetic"))
+    plain = validation_scores("depth", [video], [(warped, gt)])
+    exact = validation_scores("depth", [video], [(warped, gt)], exact_depth_range("synthetic"))
     assert "val/depth/gt_delta1_depth" not in plain and plain.items() <= exact.items()
     assert 0 < exact["val/depth/gt_delta1_depth"] < 1 and exact["val/depth/gt_abs_rel_depth"] > 0
     assert exact_depth_range("panda70m") is None

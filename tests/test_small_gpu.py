@@ -27,6 +27,7 @@ CPU_SIZES = [
     " num_layers: 1, sample_height: 8, sample_width: 8, sample_frames: 9, patch_size: 2, max_text_seq_length: 128,"
     " use_rotary_positional_embeddings: true}",
     "train.steps=2", "train.micro_batch_size=2", "train.sample_every=2", "train.validation_clips=2",
+    "train.validation_videos=2",
     "train.checkpoint_every=2", "train.precision=fp32", "sample.num_samples=2", "sample.num_inference_steps=2",
     "sample.gallery_size=1", "sample.runtime_trials=0", "sample.dense_ensemble_size=2", "evaluate.batch_size=2",
     "text_encoder.pretrain.steps=4", "text_encoder.pretrain.batch_size=4",
@@ -512,6 +513,11 @@ def test_the_last_validation_scores_the_draws_the_evaluation_scores(gpu_run):
     assert last["val/segmentation/gt_miou"] == pytest.approx(seg.gt_miou_single.mean(), rel=1e-5)
     assert last["val/depth/gt_abs_rel"] == pytest.approx(depth.gt_abs_rel_single.mean(), rel=1e-5)
     assert last["val/depth/gt_rmse_depth"] == pytest.approx(depth.gt_rmse_depth_single.mean(), rel=1e-5)
+    # train.validation_videos=2: the video scores are the mean over the two clips' text-to-video samples, drawn as
+    # the sample stage draws them, so they equal the evaluation's scores of those videos
+    for task, rows in (("segmentation", seg), ("depth", depth)):
+        for score in ("motion_smoothness_flow", "pixel_frame_consistency"):
+            assert last[f"val/{task}/{score}"] == pytest.approx(rows[score].mean(), rel=1e-5), (task, score)
 
 
 @pytest.mark.slow

@@ -335,6 +335,10 @@ class TrainParams(_Strict):
     # the validation scores (paper Fig 8) of the first `validation_clips` clips of `sample.split`
     sample_every: int = Field(0, ge=0)
     validation_clips: int = Field(2, ge=0)
+    # Fig 8's video scores (MS†, pixel consistency) at each preview: 0 = of the grid's one video; N = the
+    # mean over text-to-video samples of the first N validation clips' captions with the sample stage's
+    # seeds, in one batched pass (the last preview then scores the evaluation's videos of those clips)
+    validation_videos: int = Field(0, ge=0)
     # MLflow gets each checkpoint either copied ("artifacts") or as a path + size reference
     # ("references": a 5B ZeRO checkpoint is ~60 GB); the final diffusers export is always copied
     # for artifacts, referenced otherwise
@@ -347,6 +351,9 @@ class TrainParams(_Strict):
     @model_validator(mode="after")
     def _tasks(self) -> TrainParams:
         validate_tasks(self.tasks, self.task_ratio)
+        if self.validation_videos > self.validation_clips:
+            raise ValueError(f"validation_videos ({self.validation_videos}) scores the first validation clips' "
+                             f"captions: at most validation_clips ({self.validation_clips})")
         if self.task_conditioning == "none" and len(self.tasks) > 1:
             raise ValueError(f"task_conditioning 'none' is for single-task models; got tasks {self.tasks}")
         if not self.tasks and self.task_conditioning != "none":

@@ -191,8 +191,8 @@ def zero_stage(ds_config: dict) -> int:
 
 # -- checkpoints ------------------------------------------------------------------------------------
 # settings a resumed run may change without invalidating its checkpoints
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every", "log_checkpoints",
-                     "deepspeed_config", "latents", "on_code_change"}
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every", "validation_videos",
+                     "log_checkpoints", "deepspeed_config", "latents", "on_code_change"}
 CODE_FILE = "code.json"  # in each checkpoint: {file: sha256} of the code that wrote it
 # settings added after runs existed, at the value those runs had: left out of the fingerprint there,
 # so that their checkpoints keep resuming

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,20 +197,21 @@ def _fixed_draw_losses(p: Params, clip_sets: dict[str, object], scaling_factor: 
 VALIDATION_LOG = "validation.jsonl"  # beside the preview grids in the run's checkpoint folder
 
 
-def validation_scores(task: str | None, generated: np.ndarray, predictions: list[tuple[np.ndarray, np.ndarray]],
+def validation_scores(task: str | None, generated: Sequence[np.ndarray],
+                      predictions: list[tuple[np.ndarray, np.ndarray]],
                       depth_range: tuple[float, float] | None = None) -> dict[str, float]:
-    """Scores needing no metric weights (paper Fig 8): the generated video's motion smoothness (the
-    flow prior, MS†) and pixel consistency, and the dense prediction *of* real clips against their
-    ground truth (depth δ1 / AbsRel / RMSE after scale-and-shift in disparity, and in depth space
-    where ``depth_range`` makes depth exact; segmentation mIoU)."""
+    """Scores needing no metric weights (paper Fig 8): the generated videos' mean motion smoothness
+    (the flow prior, MS†) and pixel consistency, and the dense prediction *of* real clips against
+    their ground truth (depth δ1 / AbsRel / RMSE after scale-and-shift in disparity, and in depth
+    space where ``depth_range`` makes depth exact; segmentation mIoU)."""
     from udpdiff.evaluation.consistency import pixel_frame_consistency
     from udpdiff.evaluation.depth import depth_scores
     from udpdiff.evaluation.motion import motion_smoothness_flow
     from udpdiff.evaluation.segmentation import hungarian_miou
 
     name = task or RGB_ONLY
-    out = {f"val/{name}/motion_smoothness_flow": float(motion_smoothness_flow(generated)),
-           f"val/{name}/pixel_frame_consistency": float(pixel_frame_consistency(generated))}
+    out = {f"val/{name}/motion_smoothness_flow": float(np.mean([motion_smoothness_flow(v) for v in generated])),
+           f"val/{name}/pixel_frame_consistency": float(np.mean([pixel_frame_consistency(v) for v in generated]))}
     rows = []
     for pred, gt in predictions:
         if task == "depth":
@@ -228,7 +229,8 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
                       validation: list[dict], losses_fn: Callable[[torch.nn.Module], dict[str, float]],
                       log_fn: LogFn | None, module: torch.nn.Module, step: int, path: Path) -> Path | None:
     """A sample grid of the model being trained: one prompt per task, rows of generated video |
-    colormap | decoded; the validation scores (Fig 8) of that video and of the dense prediction of
+    colormap | decoded; the validation scores (Fig 8) of that video (or of ``train.validation_videos``
+    text-to-video samples of ``validation``'s captions) and of the dense prediction of
     ``validation``'s real clips; and ``losses_fn``'s losses of held-out and training clips, all
     logged as metric series and kept beside the grids. Runs on every rank (ZeRO-3 forwards are
     collective); rank 0 writes and logs, and returns the gif."""
@@ -251,6 +253,7 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
         return empty[None].expand(n, -1, -1).to(device, dtype)
 
     clip_indices = range(len(validation))  # each clip's index in sample.split, whose seed it draws from
+    scored = validation[:t.validation_videos]  # the clips whose captions Fig 8's video scores are of
 
     for task in t.tasks or [None]:  # None: the RGB-only baseline, video alone
         key = f"text:long:{task}" if t.task_conditioning == "text-prompt" else "text:long"
@@ -258,6 +261,14 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
             out = pipe(None, task=task, prompt_embeds=prompts[key][None].to(device, dtype),
                        negative_prompt_embeds=negative(1), num_frames=d.num_frames, height=d.height, width=d.width,
                        generator=torch.Generator(device).manual_seed(p.seed), **call)
+            generated = [out.videos[0]]
+            if scored:  # the sample stage's text-to-video draws of these clips, batched as the dense pass is
+                batch = pipe(None, task=task, num_frames=d.num_frames, height=d.height, width=d.width,
+                             prompt_embeds=torch.stack([clip["prompts"][key] for clip in scored]).to(device, dtype),
+                             negative_prompt_embeds=negative(len(scored)),
+                             generator=[torch.Generator().manual_seed(sample_seed(p, i)) for i in range(len(scored))],
+                             **call)
+                generated = list(batch.videos)
             predictions = []
             if task is not None and validation:
                 # every validation clip in one batched pass: one 50-step sampler per clip made a
@@ -270,7 +281,7 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
                             generator=[torch.Generator().manual_seed(sample_seed(p, i)) for i in clip_indices],
                             **call | {"guidance_scale": s.guidance_for_real_clips()})
                 predictions = [(dense, clip["gt"][task]) for dense, clip in zip(cond.dense, validation, strict=True)]
-        scores.update(validation_scores(task, out.videos[0], predictions, exact_depth_range(d.source)))
+        scores.update(validation_scores(task, generated, predictions, exact_depth_range(d.source)))
         columns[0].append(out.videos[0])
         if task is not None:
             columns[1].append(out.colormaps[0])
