@@ -258,17 +258,19 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
     for task in t.tasks or [None]:  # None: the RGB-only baseline, video alone
         key = f"text:long:{task}" if t.task_conditioning == "text-prompt" else "text:long"
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = pipe(None, task=task, prompt_embeds=prompts[key][None].to(device, dtype),
-                       negative_prompt_embeds=negative(1), num_frames=d.num_frames, height=d.height, width=d.width,
-                       generator=torch.Generator(device).manual_seed(p.seed), **call)
-            generated = [out.videos[0]]
-            if scored:  # the sample stage's text-to-video draws of these clips, batched as the dense pass is
-                batch = pipe(None, task=task, num_frames=d.num_frames, height=d.height, width=d.width,
-                             prompt_embeds=torch.stack([clip["prompts"][key] for clip in scored]).to(device, dtype),
-                             negative_prompt_embeds=negative(len(scored)),
-                             generator=[torch.Generator().manual_seed(sample_seed(p, i)) for i in range(len(scored))],
-                             **call)
-                generated = list(batch.videos)
+            if scored:
+                # the sample stage's text-to-video draws of these clips, batched as the dense pass is; the
+                # grid shows the first, the grid's own caption (the split's first clip) and seed (p.seed)
+                out = pipe(None, task=task, num_frames=d.num_frames, height=d.height, width=d.width,
+                           prompt_embeds=torch.stack([clip["prompts"][key] for clip in scored]).to(device, dtype),
+                           negative_prompt_embeds=negative(len(scored)),
+                           generator=[torch.Generator().manual_seed(sample_seed(p, i)) for i in range(len(scored))],
+                           **call)
+            else:
+                out = pipe(None, task=task, prompt_embeds=prompts[key][None].to(device, dtype),
+                           negative_prompt_embeds=negative(1), num_frames=d.num_frames, height=d.height,
+                           width=d.width, generator=torch.Generator(device).manual_seed(p.seed), **call)
+            generated = list(out.videos)
             predictions = []
             if task is not None and validation:
                 # every validation clip in one batched pass: one 50-step sampler per clip made a
