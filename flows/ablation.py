@@ -9,9 +9,9 @@ DVC runs only the stages its overrides touch (a ``data.*`` override re-curates a
 metrics, and a variant whose experiment already exists on this commit with the same params is not
 run again. MLflow gets one parent run named after the table with one child run per variant (its
 overrides as params, its final metrics), which holds that variant's stage runs; the parent logs the
-table (``mlflow.log_table``, markdown, HTML, a bar chart) and, beside it, each variant minus the
-reference clip by clip (``ablation_paired.json``, ``<table>-paired.md``), from the per-clip scores each
-experiment committed.
+table (``mlflow.log_table``, markdown, HTML, a bar chart) and, beside it, each variant minus each of the
+table's references clip by clip (``compare_with``, else the profile as it stands; ``ablation_paired.json``,
+``<table>-paired.md``), from the per-clip scores each experiment committed.
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
             frame = ablation_frame(rows, overrides_of)
             out_dir = REPO_ROOT / "outputs" / p.profile / "ablations"
             log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
-            log_paired_differences(parent.info.run_id, table, spec.variants,
+            log_paired_differences(parent.info.run_id, table, spec.references,
                                    experiment_per_video(revs, overrides_of, p.profile, env), out_dir)
             # the experiments this table now stands on: an unchanged rerun finds this key and does nothing
             _mark_logged(parent.info.run_id, _ablation_key(p, table, variants_here, revs))

@@ -10,8 +10,9 @@ files. This replays them into the same shape a local ``python -m flows ablation`
 run named after the table, a stage run per shared stage beneath it, a child run per variant holding
 that variant's stage runs, the variants' final metrics and the ablation table. A stage that never
 finished (the machine went back) is logged with what it reached and the tag ``finished=false``;
-the table is logged only when at least two variants were evaluated. Beside it, the variants minus the
-reference variant (the profile as it stands) clip by clip, from their per-clip scores
+the table is logged only when at least two variants were evaluated. Beside it, the variants minus each
+reference variant (the table's ``compare_with``, else the profile as it stands) clip by clip, from their
+per-clip scores
 (``ablation_paired.json``, ``ablation/<table>-paired.md``: ``udpdiff.evaluation.paired``).
 
 Importing is idempotent: the parents carry the tarballs' SHA-256 (``tarball_sha256``), and a tarball
@@ -243,7 +244,7 @@ def _import_table(root: Path, tarball: str, digest: str, base: Params, table: st
             frame = ablation_frame(rows, overrides_of)
             out_dir = table_dir or REPO_ROOT / "outputs" / base.profile / "ablations"
             log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
-            log_paired_differences(parent.info.run_id, table, spec.variants,
+            log_paired_differences(parent.info.run_id, table, spec.references,
                                    {name: pd.read_csv(path) for name, path in per_video.items()}, out_dir)
         else:
             mlflow.MlflowClient().set_tag(parent.info.run_id, "incomplete",

@@ -513,32 +513,28 @@ def _slug(text: str) -> str:
     return slug or "ablation"
 
 
-def reference_variant(variants: dict[str, dict[str, Any]]) -> str:
-    """The variant an ablation's others are read against: the profile as it stands (``{}``), else the first."""
-    return next((name for name, overrides in variants.items() if not overrides), next(iter(variants)))
-
-
-def log_paired_differences(run_id: str, table: str, variants: dict[str, dict[str, Any]], per_video: dict[str, Any],
+def log_paired_differences(run_id: str, table: str, references: list[str], per_video: dict[str, Any],
                            out_dir: Path) -> Path | None:
-    """Beside the ablation table: each variant minus the reference (:func:`reference_variant`) clip by clip,
-    from the variants' per-clip scores (``per_video``: variant -> its ``per_video.csv`` frame;
-    ``udpdiff.evaluation.paired``): ``ablation_paired.json`` (MLflow's table view) and
-    ``out_dir/<table>-paired.md`` (also under ``ablation/``). None when the reference or every other
-    variant lacks scores."""
-    from udpdiff.evaluation.paired import paired_differences, render_markdown
+    """Beside the ablation table: each variant minus each reference in turn (``AblationParams.references``)
+    clip by clip, from the variants' per-clip scores (``per_video``: variant -> its ``per_video.csv``
+    frame; ``udpdiff.evaluation.paired``): ``ablation_paired.json`` (MLflow's table view, a ``reference``
+    column first) and ``out_dir/<table>-paired.md`` (a section per reference; also under ``ablation/``).
+    None when no reference has scores or no other variant does."""
+    from udpdiff.evaluation.paired import paired_views, render_views_markdown, views_frame
     from udpdiff.io.atomic import write_text
 
-    reference = reference_variant(variants)
-    if reference not in per_video or len(per_video) < 2:
-        logger.info("%s: no paired differences (per-clip scores of %s; the reference is %s)", table,
-                    ", ".join(per_video) or "no variant", reference)
+    missing = [r for r in references if r not in per_video]
+    if missing:
+        logger.info("%s: no paired differences against %s (no per-clip scores; have %s)", table,
+                    ", ".join(missing), ", ".join(per_video) or "none")
+    views = paired_views(per_video, references) if len(per_video) >= 2 else {}
+    if not views:
         return None
-    pairs = paired_differences(per_video, reference)
     md = Path(out_dir) / f"{_slug(table)}-paired.md"
-    write_text(md, render_markdown(pairs, reference))
+    write_text(md, render_views_markdown(views))
     client = _client()
     with _tracking(client.tracking_uri):
-        mlflow.log_table(pairs, artifact_file="ablation_paired.json", run_id=run_id)
+        mlflow.log_table(views_frame(views), artifact_file="ablation_paired.json", run_id=run_id)
     client.log_artifact(run_id, str(md), artifact_path="ablation")
     return md
 

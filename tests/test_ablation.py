@@ -96,6 +96,21 @@ def test_the_small_scale_tabs_1_2_are_one_command_of_four_variants():
     assert [name for _, name, _ in rows] == ["cogvideox", "udpdiff-segmentation", "udpdiff-depth",
                                              "udpdiff-multi-task"]
     assert not any(k.startswith(("train.steps", "seed", "sample.")) for _, _, o in rows for k in o)
+    # read clip by clip against the multi-task model (Tab 2) and the RGB-only one (Tab 1); a table that
+    # names none is read against the profile as it stands, else its first variant
+    assert p.ablations["tab1-2"].references == ["udpdiff-multi-task", "cogvideox"]
+    assert p.ablations["tab2"].references == ["udpdiff-multi-task"] and p.ablations["tab1"].references == ["cogvideox"]
+
+
+@pytest.mark.parametrize("compare_with, error", [(["udpdiff-joint"], "'udpdiff-joint', not a variant"),
+                                                 (["base", "base"], "names a variant twice")])
+def test_compare_with_names_the_tables_variants_once(tmp_path, compare_with, error):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["ablations"] = {"tabx": {"title": "x", "compare_with": compare_with,
+                                 "variants": {"base": {}, "fewer": {"sample.num_samples": 2}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=error):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_paper_profiles_accept_every_table_but_an_architecture_change_of_pretrained_weights():

@@ -1,6 +1,6 @@
-"""benchmarks/small_tab12_paired.py: the Tab 1/2 variants against the full method (the pairing itself is
-tests/test_eval_paired.py's), on a run folder laid out as unpacked GPU tarballs: the CLI's files, the
-losses of each variant's last steps, and the errors that name what is missing."""
+"""benchmarks/small_tab12_paired.py: the Tab 1/2 variants against the full method and the RGB-only one (the
+pairing itself is tests/test_eval_paired.py's), on a run folder laid out as unpacked GPU tarballs: the CLI's
+files, the losses of each variant's last steps, and the errors that name what is missing."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def _variant(run: Path, name: str, sets: dict[str, dict[str, float]], losses: di
 def tab12_run(tmp_path: Path) -> Path:
     _variant(tmp_path, "udpdiff-multi-task", {"segmentation": {"motion_smoothness_flow": 0.992},
                                               "depth": {"motion_smoothness_flow": 0.993}},
-             {"loss_rgb": np.full(800, 0.07), "loss_dense": np.r_[np.full(400, 0.9), np.tile([0.02, 0.04], 200)]})
+             {"loss_rgb": np.full(800, 0.07), "loss_dense": np.r_[np.full(400, 0.9), np.tile([0.02, 0.04], 200)],
+              "loss_dense_segmentation": np.full(800, 0.04), "loss_dense_depth": np.full(800, 0.02)})
     # the first 400 of 800 steps far off: only the last 400 count
     _variant(tmp_path, "cogvideox", {"rgb": {"motion_smoothness_flow": 0.991}},
              {"loss_rgb": np.r_[np.full(400, 1.0), np.full(400, 0.06)]})
@@ -40,16 +41,28 @@ def test_cli_writes_the_pairs_and_the_last_steps_losses(tab12_run: Path, tmp_pat
     out = tmp_path / "paired.json"
     assert paired.main([str(tab12_run), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["reference"] == "udpdiff-multi-task"
-    differences = {(r["sets"], r["metric"]): r["difference"] for r in report["pairs"] if r["variant"] == "cogvideox"}
-    assert differences == pytest.approx({("depth / rgb", "motion_smoothness_flow"): -0.002,
-                                         ("segmentation / rgb", "motion_smoothness_flow"): -0.001})
+    # params.yaml's tab1-2 references: the multi-task model (Tab 2), then the RGB-only one (Tab 1)
+    assert report["references"] == ["udpdiff-multi-task", "cogvideox"]
+    differences = {(r["reference"], r["variant"], r["sets"]): r["difference"] for r in report["pairs"]
+                   if r["metric"] == "motion_smoothness_flow"}
+    assert differences == pytest.approx({
+        ("udpdiff-multi-task", "cogvideox", "depth / rgb"): -0.002,
+        ("udpdiff-multi-task", "cogvideox", "segmentation / rgb"): -0.001,
+        ("cogvideox", "udpdiff-multi-task", "rgb / depth"): 0.002,
+        ("cogvideox", "udpdiff-multi-task", "rgb / segmentation"): 0.001})
     losses = {(r["variant"], r["loss"]): r for r in report["losses"]}
     assert losses[("cogvideox", "loss_rgb")]["mean, last 400 steps"] == pytest.approx(0.06)
     dense = losses[("udpdiff-multi-task", "loss_dense")]
     assert dense["mean, last 400 steps"] == pytest.approx(0.03) and dense["se"] == pytest.approx(0.0)
     assert ("cogvideox", "loss_dense") not in losses
-    assert "-0.0020 ± 0.0000" in out.with_suffix(".md").read_text()
+    # the multi-task model's dense loss split by the task each sample drew
+    assert losses[("udpdiff-multi-task", "loss_dense_segmentation")]["mean, last 400 steps"] == pytest.approx(0.04)
+    assert losses[("udpdiff-multi-task", "loss_dense_depth")]["mean, last 400 steps"] == pytest.approx(0.02)
+    md = out.with_suffix(".md").read_text()
+    assert "-0.0020 ± 0.0000" in md and "+0.0020 ± 0.0000" in md and "minus `cogvideox`" in md
+    # one reference named: that view alone
+    assert paired.main([str(tab12_run), "--reference", "cogvideox", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["references"] == ["cogvideox"]
 
 
 def test_cli_names_a_missing_reference_or_run(tab12_run: Path, tmp_path: Path, benchmark_script):

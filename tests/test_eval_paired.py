@@ -7,7 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from udpdiff.evaluation.paired import COLUMNS, paired_differences, render_markdown
+from udpdiff.evaluation.paired import (
+    COLUMNS,
+    paired_differences,
+    paired_views,
+    render_markdown,
+    render_views_markdown,
+    views_frame,
+)
 
 CLIPS = [f"synth-1234-{i:05d}" for i in (33, 44, 65, 69, 107, 130)]
 
@@ -78,3 +85,25 @@ def test_the_reference_must_have_scores_and_alone_it_compares_nothing(scores):
     assert "no other variant" in render_markdown(alone, "udpdiff-multi-task")
     text = render_markdown(paired_differences(scores, "udpdiff-multi-task"), "udpdiff-multi-task")
     assert "| cogvideox " in text and "-0.0002 ± 0.0008" in text  # mean ± its standard error
+
+
+def test_tabs_1_and_2_are_read_against_both_references_in_one_frame(scores):
+    # Tab 2 against the multi-task model, Tab 1 against the RGB-only one; a reference without scores is skipped
+    views = paired_views(scores, ["udpdiff-multi-task", "cogvideox", "udpdiff-joint"])
+    assert list(views) == ["udpdiff-multi-task", "cogvideox"]
+    tab1 = views["cogvideox"].set_index(["variant", "sets", "metric"])
+    seg_vs_rgb = tab1.loc[("udpdiff-segmentation", "rgb / segmentation", "motion_smoothness_flow")]
+    assert seg_vs_rgb["difference"] == pytest.approx((5 * 0.001 - 0.004) / 6, abs=1e-9)
+    assert (seg_vs_rgb["variant_better"], seg_vs_rgb["variant_worse"]) == (5, 1)
+    # the depth-only model generated no videos here: no text-to-video row, and the RGB-only one predicts no depth
+    assert not any(v == "udpdiff-depth" for v, _, _ in tab1.index)
+
+    frame = views_frame(views)
+    assert list(frame.columns) == ["reference", *COLUMNS]
+    assert len(frame) == len(views["udpdiff-multi-task"]) + len(views["cogvideox"])
+    assert set(frame.reference) == {"udpdiff-multi-task", "cogvideox"}
+    assert views_frame({}).empty and list(views_frame({}).columns) == ["reference", *COLUMNS]
+
+    text = render_views_markdown(views)
+    assert text.index("minus `udpdiff-multi-task`") < text.index("minus `cogvideox`")
+    assert "+0.0002 ± 0.0008" in text  # the Tab 1 row above: segmentation-only minus RGB-only

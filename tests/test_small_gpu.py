@@ -361,14 +361,17 @@ def test_runs_of_several_sessions_import_as_one_table(gpu_run, tmp_path, monkeyp
     assert {row[column] for row in table["data"]} == set(NAMES)  # a row from each session
     # beside it, the RGB-only baseline minus the full method clip by clip, across the two sessions' scores
     paired = json.loads(Path(client.download_artifacts(parent_id, "ablation_paired.json", str(tmp_path))).read_text())
-    rows = {(r["variant"], r["sets"], r["metric"]): r for r in (dict(zip(paired["columns"], d, strict=True))
-                                                                for d in paired["data"])}
+    rows = {(r["reference"], r["variant"], r["sets"], r["metric"]): r
+            for r in (dict(zip(paired["columns"], d, strict=True)) for d in paired["data"])}
     scores = {n: pd.read_csv(unpacked / "variants" / n / "outputs/small/evaluation/per_video.csv") for n in NAMES}
     ms = {n: s.set_index(["set", "clip_id"])["motion_smoothness_flow"] for n, s in scores.items()}
     for task in ("segmentation", "depth"):
-        row = rows[("cogvideox", f"{task} / rgb", "motion_smoothness_flow")]
+        row = rows[(NAMES[0], "cogvideox", f"{task} / rgb", "motion_smoothness_flow")]
         expected = (ms["cogvideox"].loc["rgb"] - ms[NAMES[0]].loc[task]).dropna()
         assert row["n"] == len(expected) >= 2 and row["difference"] == pytest.approx(expected.mean())
+        # and Tab 1's view, against the RGB-only model: the same pairs the other way round
+        tab1 = rows[("cogvideox", NAMES[0], f"rgb / {task}", "motion_smoothness_flow")]
+        assert tab1["difference"] == pytest.approx(-row["difference"])
     assert "ablation/tab1-2-paired.md" in {a.path for a in client.list_artifacts(parent_id, "ablation")}
     assert import_run([second, first], table_dir=tmp_path / "ablations") == parent_id  # once, in any order
     # a session with another VAE: its variants are not comparable, and the refusal names both tarballs

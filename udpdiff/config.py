@@ -604,6 +604,10 @@ class AblationParams(_Strict):
 
     title: str
     variants: dict[str, dict[str, Any]]
+    # the variants the others are read against clip by clip (``udpdiff.evaluation.paired``), in order;
+    # empty: the profile as it stands (``{}``), else the first. Tabs 1-2 in one table need two: the
+    # multi-task model (Tab 2, and multi-task vs single-task) and the RGB-only one (Tab 1)
+    compare_with: list[str] = []
 
     @field_validator("variants")
     @classmethod
@@ -611,6 +615,24 @@ class AblationParams(_Strict):
         if len(v) < 2:
             raise ValueError("an ablation compares at least two variants")
         return v
+
+    @model_validator(mode="after")
+    def _compare_with_variants(self) -> AblationParams:
+        unknown = [n for n in self.compare_with if n not in self.variants]
+        if unknown:
+            raise ValueError(f"compare_with names {', '.join(map(repr, unknown))}, not a variant of this ablation "
+                             f"(its variants: {', '.join(self.variants)})")
+        if len(set(self.compare_with)) != len(self.compare_with):
+            raise ValueError(f"compare_with names a variant twice: {self.compare_with}")
+        return self
+
+    @property
+    def references(self) -> list[str]:
+        """The variants the others are read against: ``compare_with``, else the profile as it stands
+        (the variant without overrides), else the first."""
+        if self.compare_with:
+            return list(self.compare_with)
+        return [next((n for n, overrides in self.variants.items() if not overrides), next(iter(self.variants)))]
 
 
 class Params(_Strict):

@@ -12,6 +12,9 @@ alone cannot tell a 0.001 difference in MS† from noise.
   variants predict.
 - ``real clips`` rows: what the real videos themselves score (MS† and pixel consistency also reward a
   video that moves less, so the real clips' level is the one to read a difference against).
+
+An ablation may be read against several references (``AblationParams.compare_with``): Tabs 1-2 in one
+table compare the single-task models with the RGB-only one (Tab 1) and with the multi-task one (Tab 2).
 """
 
 from __future__ import annotations
@@ -99,3 +102,21 @@ def render_markdown(pairs: pd.DataFrame, reference: str) -> str:
     shown = pairs.assign(difference=["" if pd.isna(d) else f"{d:+.4f} ± {se:.4f}"
                                      for d, se in zip(pairs.difference, pairs.difference_se, strict=True)])
     return head + shown.drop(columns=["difference_se"]).to_markdown(index=False, floatfmt=".4f") + "\n"
+
+
+def paired_views(per_video: Mapping[str, pd.DataFrame], references: list[str]) -> dict[str, pd.DataFrame]:
+    """:func:`paired_differences` against each reference that has per-clip scores, in order."""
+    return {ref: paired_differences(per_video, ref) for ref in references if ref in per_video}
+
+
+def views_frame(views: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The views as one frame, a ``reference`` column first (MLflow's table view)."""
+    frames = [v.assign(reference=ref) for ref, v in views.items() if not v.empty]
+    if not frames:
+        return pd.DataFrame(columns=["reference", *COLUMNS])
+    return pd.concat(frames, ignore_index=True)[["reference", *COLUMNS]]
+
+
+def render_views_markdown(views: Mapping[str, pd.DataFrame]) -> str:
+    """Each view's :func:`render_markdown`, one after the other."""
+    return "\n".join(render_markdown(pairs, ref) for ref, pairs in views.items())
