@@ -15,7 +15,7 @@
 #                                                      # takes the carried VAE of the first 2,000 clips)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v,
 #                                                      # --gpus-per-variant 2: each variant data parallel on 2 GPUs).
-#                                                      # One variant of small's defaults trains ~13 min on an H200:
+#                                                      # One variant of small's defaults trains ~13 min on an H200 (~14.5 on an H100):
 #                                                      # a 30-minute lent session holds one (--variants udpdiff-multi-task)
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)
 # `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
