@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageSequence
 
 from udpdiff import viz
@@ -191,17 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     if not variants:
         raise SystemExit(f"{args.run}: no variants/<name>/outputs/small/gpu_run/train_steps.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
-    scores = (("val/segmentation/gt_miou", "seg mIoU"), ("val/depth/gt_delta1_depth", "depth δ1"))
-    fig8 = {f"{name}: {label}": c for name, rows in variants.items()
-            for key, label in scores if (c := curves(rows, key))[0]}
-    viz.plot_curves(args.out / "fig8_validation.png", fig8, title="Fig 8: held-out real clips vs exact ground truth",
-                    ylabel="score (higher is better)")
+    viz.plot_validation_scores(args.out / "fig8_validation.png",
+                               {name: pd.DataFrame(rows) for name, rows in variants.items()})
     trained = {name: args.run / "variants" / name / "outputs/small/gpu_run/train.done.json" for name in variants}
     timed = [(name, rows, json.loads(trained[name].read_text())["seconds"])
              for name, rows in variants.items() if trained[name].exists()]
     timed += [compared_run(spec) for spec in args.compare]
     by_time = {f"{name}: {label}": c for name, rows, seconds in timed
-               for key, label in scores if (c := seconds_axis(rows, key, seconds))[0]}
+               for key, label in viz.VALIDATION_SCORES.items() if (c := seconds_axis(rows, key, seconds))[0]}
     if by_time:
         viz.plot_curves(args.out / "fig8_gpu_time.png", by_time, xlabel="training seconds (validations included)",
                         title="Fig 8 at equal GPU time: held-out real clips", ylabel="score (higher is better)")

@@ -11,7 +11,8 @@ run again. MLflow gets one parent run named after the table with one child run p
 overrides as params, its final metrics), which holds that variant's stage runs; the parent logs the
 table (``mlflow.log_table``, markdown, HTML, a bar chart) and, beside it, each variant minus each of the
 table's references clip by clip (``compare_with``, else the profile as it stands; ``ablation_paired.json``,
-``<table>-paired.md``), from the per-clip scores each experiment committed.
+``<table>-paired.md``), from the per-clip scores each experiment committed, and the variants' validation
+scores over training steps in one chart (Fig 8, ``<table>-validation.png``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from flows.tracking import (
     ablation_run,
     log_ablation_table,
     log_paired_differences,
+    log_validation_curves,
     log_variant_metrics,
     use_experiment,
     variant_run,
@@ -144,17 +146,19 @@ def variant_metrics(metrics_files: dict[str, Any], profile: str) -> dict[str, fl
             if isinstance(v, int | float)}
 
 
-def experiment_per_video(revs: dict[str, str], overrides_of: dict[str, dict[str, Any]], profile: str,
-                         env: dict[str, str]) -> dict[str, Any]:
-    """Each experiment's per-clip scores, from its commit: ``per_video.csv`` is in git (``cache: false``),
-    so ``dvc exp run`` committed it with the experiment. A variant without one is left out."""
+def experiment_csv(revs: dict[str, str], overrides_of: dict[str, dict[str, Any]], profile: str,
+                   env: dict[str, str], relative: str) -> dict[str, Any]:
+    """Each experiment's ``outputs/<profile>/<relative>`` CSV as a frame, from its commit: the per-clip
+    scores (``evaluation/per_video.csv``) and the validation history (``metrics/validation_history.csv``)
+    are in git (``cache: false``), so ``dvc exp run`` committed them with the experiment. A variant
+    without one is left out."""
     import io
 
     import pandas as pd
 
     found = {}
     for name, rev in revs.items():
-        path = f"outputs/{overrides_of.get(name, {}).get('profile', profile)}/evaluation/per_video.csv"
+        path = f"outputs/{overrides_of.get(name, {}).get('profile', profile)}/{relative}"
         proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO_ROOT, env=env, capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL)
         if proc.returncode == 0 and proc.stdout.strip():
@@ -255,7 +259,10 @@ def ablation_flow(tables: list[str] | str | None = None, profile: str | None = N
             out_dir = REPO_ROOT / "outputs" / p.profile / "ablations"
             log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
             log_paired_differences(parent.info.run_id, table, spec.references,
-                                   experiment_per_video(revs, overrides_of, p.profile, env), out_dir)
+                                   experiment_csv(revs, overrides_of, p.profile, env, "evaluation/per_video.csv"),
+                                   out_dir)
+            log_validation_curves(parent.info.run_id, table, experiment_csv(
+                revs, overrides_of, p.profile, env, "metrics/validation_history.csv"), out_dir)
             # the experiments this table now stands on: an unchanged rerun finds this key and does nothing
             _mark_logged(parent.info.run_id, _ablation_key(p, table, variants_here, revs))
             log.info("%s:\n%s", spec.title, frame.drop(columns=["overrides"], errors="ignore").to_string(index=False))

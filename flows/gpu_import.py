@@ -13,7 +13,9 @@ finished (the machine went back) is logged with what it reached and the tag ``fi
 the table is logged only when at least two variants were evaluated. Beside it, the variants minus each
 reference variant (the table's ``compare_with``, else the profile as it stands) clip by clip, from their
 per-clip scores
-(``ablation_paired.json``, ``ablation/<table>-paired.md``: ``udpdiff.evaluation.paired``).
+(``ablation_paired.json``, ``ablation/<table>-paired.md``: ``udpdiff.evaluation.paired``), and the
+variants' validation scores over training steps in one chart (Fig 8, ``ablation/<table>-validation.png``,
+with the curve of a variant the machine took back before its evaluation).
 
 Importing is idempotent: the parents carry the tarballs' SHA-256 (``tarball_sha256``), and a tarball
 imported before is not logged twice; ``--replace`` deletes the earlier import and logs it again (after
@@ -49,6 +51,7 @@ from flows.tracking import (
     log_ablation_table,
     log_paired_differences,
     log_result,
+    log_validation_curves,
     log_variant_metrics,
     stage_run,
     use_experiment,
@@ -222,7 +225,7 @@ def _import_table(root: Path, tarball: str, digest: str, base: Params, table: st
                   table_dir: Path | None) -> str:
     spec = base.ablations[table]
     machine = _machine(root)
-    rows, overrides_of, per_video = [], {}, {}
+    rows, overrides_of, per_video, histories = [], {}, {}, {}
     with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
         _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball,
                                        "tarball_sha256": digest})
@@ -231,6 +234,10 @@ def _import_table(root: Path, tarball: str, digest: str, base: Params, table: st
             p = base.with_overrides(info["overrides"])
             with variant_run(p, parent.info.run_id, table, info["variant"], info["overrides"]) as (vrun, _):
                 final = _log_workspace(p, workspace, info["variant"])
+                # Fig 8 takes a variant's curve even when the machine went back before its evaluation
+                history = workspace / "outputs" / p.profile / "metrics" / "validation_history.csv"
+                if history.exists():
+                    histories[info["variant"]] = history
                 if final:
                     log_variant_metrics(vrun.info.run_id, final)
                     rows.append({"variant": info["variant"], **final})
@@ -240,9 +247,11 @@ def _import_table(root: Path, tarball: str, digest: str, base: Params, table: st
                         per_video[info["variant"]] = scores
         for log_file in sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []:
             mlflow.MlflowClient().log_artifact(parent.info.run_id, str(log_file), "logs")
+        out_dir = table_dir or REPO_ROOT / "outputs" / base.profile / "ablations"
+        log_validation_curves(parent.info.run_id, table, {name: pd.read_csv(path) for name, path in histories.items()},
+                              out_dir)
         if len(rows) >= 2:
             frame = ablation_frame(rows, overrides_of)
-            out_dir = table_dir or REPO_ROOT / "outputs" / base.profile / "ablations"
             log_ablation_table(parent.info.run_id, spec.title, frame, out_dir)
             log_paired_differences(parent.info.run_id, table, spec.references,
                                    {name: pd.read_csv(path) for name, path in per_video.items()}, out_dir)

@@ -539,6 +539,22 @@ def log_paired_differences(run_id: str, table: str, references: list[str], per_v
     return md
 
 
+def log_validation_curves(run_id: str, table: str, histories: dict[str, Any], out_dir: Path) -> Path | None:
+    """Beside the ablation table, the paper's Fig 8 across its variants: each variant's validation scores
+    over training steps (``histories``: variant -> its ``validation_history.csv`` frame;
+    ``udpdiff.viz.plot_validation_scores``), as ``out_dir/<table>-validation.png`` (also under
+    ``ablation/``). None when no variant has a score."""
+    from udpdiff import viz
+
+    png = viz.plot_validation_scores(Path(out_dir) / f"{_slug(table)}-validation.png", histories,
+                                     title=f"{table}: validation scores (Fig 8), held-out real clips")
+    if png is None:
+        logger.info("%s: no validation scores to plot (histories of %s)", table, ", ".join(histories) or "no variant")
+        return None
+    _client().log_artifact(run_id, str(png), artifact_path="ablation")
+    return png
+
+
 def log_ablation_table(run_id: str, title: str, df: Any, out_dir: Path) -> list[Path]:
     """The ablation's table on its parent run: ``ablation_table.json`` (``mlflow.log_table``, MLflow's
     table view), and ``out_dir/<table>.md``, ``.html`` and a grouped bar chart ``.png`` (also logged

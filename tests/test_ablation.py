@@ -186,6 +186,8 @@ def test_an_ablation_runs_as_dvc_experiments_logs_a_table_and_reruns_nothing(rep
     paired, = db.execute("SELECT value FROM tags WHERE run_uuid=? AND key='mlflow.loggedArtifacts'",
                          (parent_id,)).fetchone()
     assert "ablation_paired.json" in paired
+    # Fig 8 across the variants, from the validation histories the experiments committed
+    assert (ws.path / "outputs" / "tiny" / "ablations" / "tabci-validation.png").read_bytes()[:4] == b"\x89PNG"
     md = (ws.path / "outputs" / "tiny" / "ablations" / "tabci-paired.md").read_text()
     assert "minus `base`" in md
     rows = [r.split("|")[1:-1] for r in md.splitlines() if r.startswith("| fewer-samples")]

@@ -372,7 +372,9 @@ def test_runs_of_several_sessions_import_as_one_table(gpu_run, tmp_path, monkeyp
         # and Tab 1's view, against the RGB-only model: the same pairs the other way round
         tab1 = rows[("cogvideox", NAMES[0], f"rgb / {task}", "motion_smoothness_flow")]
         assert tab1["difference"] == pytest.approx(-row["difference"])
-    assert "ablation/tab1-2-paired.md" in {a.path for a in client.list_artifacts(parent_id, "ablation")}
+    # and Fig 8 across the variants, from their validation histories
+    assert {"ablation/tab1-2-paired.md", "ablation/tab1-2-validation.png"} <= {
+        a.path for a in client.list_artifacts(parent_id, "ablation")}
     assert import_run([second, first], table_dir=tmp_path / "ablations") == parent_id  # once, in any order
     # a session with another VAE: its variants are not comparable, and the refusal names both tarballs
     vae_record = unpacked / "outputs/small/gpu_run/autoencoder.done.json"
