@@ -38,6 +38,7 @@ from PIL import Image, ImageSequence
 from udpdiff import viz
 from udpdiff.evaluation.scene_following import scene_following
 from udpdiff.evaluation.segmentation import hungarian_miou
+from udpdiff.evaluation.validation_curves import VALIDATION_SCORES, plot_validation_scores
 from udpdiff.io.atomic import atomic_path, write_text
 from udpdiff.io.video import write_gif
 
@@ -192,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     if not variants:
         raise SystemExit(f"{args.run}: no variants/<name>/outputs/small/gpu_run/train_steps.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
-    viz.plot_validation_scores(args.out / "fig8_validation.png",
+    plot_validation_scores(args.out / "fig8_validation.png",
                                {name: pd.DataFrame(rows) for name, rows in variants.items()})
     trained = {name: args.run / "variants" / name / "outputs/small/gpu_run/train.done.json" for name in variants}
     timed = [(name, rows, json.loads(trained[name].read_text())["seconds"])
              for name, rows in variants.items() if trained[name].exists()]
     timed += [compared_run(spec) for spec in args.compare]
     by_time = {f"{name}: {label}": c for name, rows, seconds in timed
-               for key, label in viz.VALIDATION_SCORES.items() if (c := seconds_axis(rows, key, seconds))[0]}
+               for key, label in VALIDATION_SCORES.items() if (c := seconds_axis(rows, key, seconds))[0]}
     if by_time:
         viz.plot_curves(args.out / "fig8_gpu_time.png", by_time, xlabel="training seconds (validations included)",
                         title="Fig 8 at equal GPU time: held-out real clips", ylabel="score (higher is better)")

@@ -542,11 +542,11 @@ def log_paired_differences(run_id: str, table: str, references: list[str], per_v
 def log_validation_curves(run_id: str, table: str, histories: dict[str, Any], out_dir: Path) -> Path | None:
     """Beside the ablation table, the paper's Fig 8 across its variants: each variant's validation scores
     over training steps (``histories``: variant -> its ``validation_history.csv`` frame;
-    ``udpdiff.viz.plot_validation_scores``), as ``out_dir/<table>-validation.png`` (also under
+    ``udpdiff.evaluation.validation_curves``), as ``out_dir/<table>-validation.png`` (also under
     ``ablation/``). None when no variant has a score."""
-    from udpdiff import viz
+    from udpdiff.evaluation.validation_curves import plot_validation_scores
 
-    png = viz.plot_validation_scores(Path(out_dir) / f"{_slug(table)}-validation.png", histories,
+    png = plot_validation_scores(Path(out_dir) / f"{_slug(table)}-validation.png", histories,
                                      title=f"{table}: validation scores (Fig 8), held-out real clips")
     if png is None:
         logger.info("%s: no validation scores to plot (histories of %s)", table, ", ".join(histories) or "no variant")

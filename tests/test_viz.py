@@ -136,30 +136,3 @@ def test_plot_curves_marks_the_points_of_a_sparse_series(tmp_path: Path) -> None
     with_point = pixels({"a": a, "b": (np.array([20.0]), np.array([1.5]))})
     without = pixels({"a": a, "b": (np.array([20.0]), np.array([np.nan]))})
     assert (np.abs(with_point - without).sum(-1) > 60).sum() > 10
-
-
-def test_validation_scores_draw_each_runs_dense_scores_and_nothing_without_any(tmp_path: Path, monkeypatch) -> None:
-    """Fig 8 across an ablation's variants: a curve per variant and score it has; a column that is all NaN
-    (a single-task model's other task, training steps without a validation) draws none."""
-    import pandas as pd
-
-    from udpdiff import viz
-
-    histories = {
-        "udpdiff-multi-task": pd.DataFrame({"step": [1750, 3500], "val/segmentation/gt_miou": [0.50, 0.60],
-                                            "val/depth/gt_delta1_depth": [0.72, 0.68],
-                                            "val/loss/held_out": [0.1, 0.09]}),
-        "udpdiff-segmentation": {"step": [1750, 3500], "val/segmentation/gt_miou": [0.47, 0.61],
-                                 "val/depth/gt_delta1_depth": [float("nan")] * 2},
-        "cogvideox": pd.DataFrame({"step": [1750, 3500], "val/loss/held_out": [0.1, 0.08]}),
-    }
-    drawn = {}
-    real = viz.plot_curves
-    monkeypatch.setattr(viz, "plot_curves", lambda path, series, **kw: drawn.update(series) or real(path, series, **kw))
-    path = viz.plot_validation_scores(tmp_path / "fig8.png", histories)
-    assert sorted(drawn) == ["udpdiff-multi-task: depth δ1", "udpdiff-multi-task: seg mIoU",
-                             "udpdiff-segmentation: seg mIoU"]
-    assert list(drawn["udpdiff-segmentation: seg mIoU"][1]) == [0.47, 0.61]
-    assert path == tmp_path / "fig8.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert viz.plot_validation_scores(tmp_path / "none.png", {"cogvideox": histories["cogvideox"]}) is None
-    assert not (tmp_path / "none.png").exists()

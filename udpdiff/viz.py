@@ -244,31 +244,6 @@ def plot_curves(
     return _save_png(fig, path)
 
 
-# Fig 8's scores: each task's dense prediction of the held-out real clips against exact ground truth
-VALIDATION_SCORES = {"val/segmentation/gt_miou": "seg mIoU", "val/depth/gt_delta1_depth": "depth δ1"}
-
-
-def plot_validation_scores(
-    path: str | os.PathLike,
-    histories: Mapping[str, Any],
-    title: str = "Fig 8: held-out real clips vs exact ground truth",
-) -> Path | None:
-    """Fig 8 across runs: each run's dense-prediction scores (``VALIDATION_SCORES``) over training steps.
-
-    ``histories`` maps a run's name to its validation history: a ``step`` column and ``val/...``
-    columns (the train stage's ``validation_history.csv`` as a DataFrame, or a dict of sequences).
-    A run without a score draws no curve for it; None, and no file, when no run has any.
-    """
-    series = {}
-    for name, history in histories.items():
-        for key, label in VALIDATION_SCORES.items():
-            if "step" in history and key in history and np.isfinite(np.asarray(history[key], np.float64)).any():
-                series[f"{name}: {label}"] = (history["step"], history[key])
-    if not series:
-        return None
-    return plot_curves(path, series, title=title, ylabel="score (higher is better)")
-
-
 def plot_grouped_bars(
     path: str | os.PathLike,
     groups: Mapping[str, Mapping[str, float]],
