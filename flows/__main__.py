@@ -178,5 +178,17 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def main_interruptible(argv: list[str] | None = None) -> int:
+    """``main``, with Ctrl-C or SIGTERM (``flows.jobs.sigterm_interrupts``) ending in one line and the
+    shell's code for it instead of a traceback: what the command started is stopped by then."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({e or 'Ctrl-C'}): what it started is stopped; every output is written whole, "
+              "and a rerun resumes (DVC reruns what is not done, training from its last checkpoint)",
+              file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    exit_without_teardown(main())
+    exit_without_teardown(main_interruptible())

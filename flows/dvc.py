@@ -91,11 +91,14 @@ def _add(result: DvcResult, kind: str, stage: str) -> None:
         bucket.append(stage)
 
 
-def _kill(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """Stop ``proc`` and everything it started (its own session): SIGTERM, then SIGKILL."""
+def stop_session(proc: subprocess.Popen, grace_s: float = 15.0, interrupt_first: bool = False) -> None:
+    """Stop ``proc`` and everything it started (its own session): SIGTERM, then SIGKILL. With
+    ``interrupt_first``, SIGINT before them: what Ctrl-C would have sent the session (dvc stops its
+    stage and leaves dvc.lock as it was, a stage's flow ends its runs as interrupted)."""
     if proc.poll() is not None:
         return
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+    signals = ((signal.SIGINT, grace_s),) if interrupt_first else ()
+    for sig, wait in (*signals, (signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -136,7 +139,7 @@ def run_dvc(args: Sequence[str], env: dict[str, str], log: Callable[[str], None]
             now = time.monotonic()
             if timeout_s is not None and now - start > timeout_s:
                 log(f"dvc {' '.join(args)} still running after {timeout_s:.0f} s: stopping it")
-                _kill(proc)
+                stop_session(proc)
                 result.returncode = 124
                 tail.append(f"(stopped after {timeout_s:.0f} s; stage running: {current or 'none'})")
                 break
@@ -172,10 +175,10 @@ def run_dvc(args: Sequence[str], env: dict[str, str], log: Callable[[str], None]
             try:
                 result.returncode = proc.wait(timeout=60)
             except subprocess.TimeoutExpired:  # output closed but the process lingers
-                _kill(proc)
+                stop_session(proc)
                 result.returncode = proc.returncode if proc.returncode else 1
     finally:
-        _kill(proc)
+        stop_session(proc)
         reader.join(timeout=5)
         if proc.stdout:
             proc.stdout.close()
@@ -195,7 +198,7 @@ def status_clean(targets: Sequence[str], env: dict[str, str], *, cwd: Path | Non
     except subprocess.TimeoutExpired:
         return False, f"`dvc status` did not finish within {timeout_s:.0f} s"
     finally:
-        _kill(proc)
+        stop_session(proc)
     if proc.returncode != 0:
         return False, f"`dvc status` failed (exit {proc.returncode}): {(err or out).strip()[-2000:]}"
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows import PREFECT_SERVER_START_TIMEOUT_S
-from flows.dvc import DvcResult, dvc_command, dvc_env, run_dvc, status_clean
+from flows.dvc import DvcResult, dvc_command, dvc_env, run_dvc, status_clean, stop_session
 from flows.subflows import PARENT_ENV
 
 # job -> `dvc repro` targets ([] = every stage of dvc.yaml); None = not a DVC job (sweep: the ablations)
@@ -197,17 +198,43 @@ def prefect_server(timeout_s: float = PREFECT_SERVER_START_TIMEOUT_S) -> Iterato
             server.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler stopping the job) unwinds the block as Ctrl-C does, so that its
+    ``finally`` clauses run: Python's default would end the process at once and leave the local
+    Prefect server and the command's processes behind. Only the main thread can install it."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_with_prefect_server(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run ``cmd`` with one Prefect server shared by every flow it starts (its exit code).
 
     Without PREFECT_API_URL each stage would start (and stop) its own ephemeral server, several
     seconds apiece; one server for the whole `dvc repro` saves that and keeps all runs in one
-    place. An existing PREFECT_API_URL is used as is. ``env``: extra variables for ``cmd``."""
+    place. An existing PREFECT_API_URL is used as is. ``env``: extra variables for ``cmd``.
+    Interrupted (Ctrl-C or SIGTERM), the command's processes get SIGINT as from a terminal, then
+    SIGTERM and SIGKILL if they linger, and the server is stopped: nothing is left running."""
     # dvc.yaml's commands say `python`: make it this environment's, activated or not
     base = dvc_env(env)
     try:
-        with prefect_server() as server_env:
-            return subprocess.call(cmd, env={**base, **server_env})
+        with sigterm_interrupts(), prefect_server() as server_env:
+            # its own session, so that one signal reaches dvc and the stage it runs, however it came
+            proc = subprocess.Popen(cmd, env={**base, **server_env}, start_new_session=True)
+            try:
+                return proc.wait()
+            finally:
+                stop_session(proc, interrupt_first=True)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -287,6 +288,47 @@ def test_a_parent_that_does_not_exist_never_stops_the_stage(prefect_api, monkeyp
     with caplog.at_level(logging.WARNING, logger="flows.subflows"):
         assert run_stage_flow(_child_flow(), {"stage": "data"}) == "data:None"
     assert "running it unlinked" in caplog.text
+
+
+def test_a_terminated_command_interrupts_its_processes_and_stops_the_server(tmp_path):
+    """`kill` (SIGTERM) of `python -m flows repro` unwinds as Ctrl-C does: the command gets SIGINT (dvc then
+    stops its stage and leaves dvc.lock alone) and the local Prefect server stops. Python's default would
+    have ended the parent alone and left both running."""
+    child = ("import os, signal, sys, time\n"
+             "def stop(signum, frame):\n"
+             "    open(os.environ['X_OUT'] + '.signal', 'w').write(str(signum)); sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "open(os.environ['X_OUT'], 'w').write(os.environ['PREFECT_API_URL'] + ' ' + str(os.getpid()))\n"
+             "time.sleep(600)\n")
+    parent = ("import sys\nfrom flows import jobs\n"
+              f"sys.exit(jobs.run_with_prefect_server([sys.executable, '-c', {child!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), X_OUT=str(tmp_path / "child"), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "child").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=10)[0][-2000:]
+            time.sleep(0.2)
+        time.sleep(0.5)  # the file is written: the child's handler is in place
+        url, pid = (tmp_path / "child").read_text().split()
+        proc.terminate()
+        proc.wait(timeout=60)
+        assert (tmp_path / "child.signal").read_text() == str(int(signal.SIGINT))
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+        with pytest.raises(OSError):  # the server is gone with it
+            urllib.request.urlopen(url + "/health", timeout=2)
+    finally:  # without the fix the child and the server outlive the parent: stop them here
+        if proc.poll() is None:
+            proc.kill()
+        if (tmp_path / "child").exists():
+            url, pid = (tmp_path / "child").read_text().split()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+            port = url.rsplit(":", 1)[1].split("/")[0]
+            subprocess.run(["pkill", "-f", f"prefect server start --host 127.0.0.1 --port {port} "], check=False)
 
 
 def test_one_prefect_server_serves_the_whole_command_and_is_stopped(monkeypatch, tmp_path):
