@@ -547,7 +547,7 @@ def log_validation_curves(run_id: str, table: str, histories: dict[str, Any], ou
     from udpdiff.evaluation.validation_curves import plot_validation_scores
 
     png = plot_validation_scores(Path(out_dir) / f"{_slug(table)}-validation.png", histories,
-                                     title=f"{table}: validation scores (Fig 8), held-out real clips")
+                                 title=f"{table}: validation scores (Fig 8), held-out real clips")
     if png is None:
         logger.info("%s: no validation scores to plot (histories of %s)", table, ", ".join(histories) or "no variant")
         return None
