@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if not variants:
         raise SystemExit(f"{args.run}: no variants/<name>/outputs/small/gpu_run/train_steps.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_validation_scores(args.out / "fig8_validation.png",
-                               {name: pd.DataFrame(rows) for name, rows in variants.items()})
+    histories = {name: pd.DataFrame(rows) for name, rows in variants.items()}
+    plot_validation_scores(args.out / "fig8_validation.png", histories)
     trained = {name: args.run / "variants" / name / "outputs/small/gpu_run/train.done.json" for name in variants}
     timed = [(name, rows, json.loads(trained[name].read_text())["seconds"])
              for name, rows in variants.items() if trained[name].exists()]
