@@ -4,12 +4,15 @@ several sessions' variants in one folder, as ``python -m flows import-run`` merg
 variant's training losses beside.
 
     python benchmarks/small_tab12_paired.py RUN_DIR [--reference NAME ...] [--out paired.json]
+        [--losses-from EARLIER_PAIRED_JSON]
 
 The references are params.yaml's ``tab1-2`` ``compare_with`` unless ``--reference`` names others (the
 multi-task model for Tab 2 and multi-task vs single-task, the RGB-only one for Tab 1); a default one the
 run lacks is left out. The losses are the mean of each half (and of the dense half per task) over the
 last ``--last-steps`` steps of training, with its standard error over blocks of 40 steps; they are not
-paired (the draws differ).
+paired (the draws differ). A variant whose ``train_history.csv`` the folder lacks (a session's tarball
+no longer kept: only its per-clip CSVs are committed) takes its loss rows from ``--losses-from``, an
+earlier run of this script over a folder that had it.
 """
 from __future__ import annotations
 
@@ -72,6 +75,13 @@ def compare(run: Path, references: list[str] | None = None,
     return views, pd.DataFrame(losses)
 
 
+def earlier_losses(losses: pd.DataFrame, earlier: Path) -> pd.DataFrame:
+    """``losses`` with the rows of ``earlier`` (this script's JSON) for variants ``losses`` lacks."""
+    rows = pd.DataFrame(json.loads(earlier.read_text())["losses"])
+    missing = rows[~rows.variant.isin(set(losses.variant) if len(losses) else set())]
+    return pd.concat([losses, missing], ignore_index=True).sort_values(["variant", "loss"], ignore_index=True)
+
+
 def render(views: dict[str, pd.DataFrame], losses: pd.DataFrame) -> str:
     return (render_views_markdown(views) + "\nTraining losses (not paired; ± the standard error over blocks of "
             f"{LOSS_BLOCK} steps):\n\n" + losses.to_markdown(index=False, floatfmt=".4f") + "\n")
@@ -84,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="a variant to read the others against (repeat for several; default: params.yaml's tab1-2)")
     ap.add_argument("--last-steps", type=int, default=400)
     ap.add_argument("--out", type=Path, default=None, help="JSON of the rows (a .md beside it)")
+    ap.add_argument("--losses-from", type=Path, default=None,
+                    help="an earlier --out JSON: loss rows of the variants whose train_history.csv RUN_DIR lacks")
     args = ap.parse_args(argv)
     views, losses = compare(args.run, args.reference, args.last_steps)
+    if args.losses_from:
+        losses = earlier_losses(losses, args.losses_from)
     text = render(views, losses)
     print(text)
     if args.out:

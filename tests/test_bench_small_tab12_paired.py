@@ -71,3 +71,22 @@ def test_cli_names_a_missing_reference_or_run(tab12_run: Path, tmp_path: Path, b
         paired.main([str(tab12_run), "--reference", "udpdiff-depth"])
     with pytest.raises(SystemExit, match="no variants/<name>"):
         paired.main([str(tmp_path / "empty")])
+
+
+def test_losses_of_a_variant_without_its_history_come_from_an_earlier_report(tab12_run: Path, tmp_path: Path,
+                                                                           benchmark_script):
+    paired = benchmark_script("small_tab12_paired")
+    earlier = tmp_path / "earlier.json"
+    assert paired.main([str(tab12_run), "--out", str(earlier)]) == 0
+    # a later folder: the RGB-only model's history gone (its tarball not kept), the multi-task one's trained further
+    (tab12_run / "variants" / "cogvideox" / "outputs" / "small" / "metrics" / "train_history.csv").unlink()
+    history = tab12_run / "variants" / "udpdiff-multi-task" / "outputs" / "small" / "metrics" / "train_history.csv"
+    frame = pd.read_csv(history)
+    frame["loss_rgb"] = 0.05
+    frame.to_csv(history, index=False)
+    out = tmp_path / "later.json"
+    assert paired.main([str(tab12_run), "--losses-from", str(earlier), "--out", str(out)]) == 0
+    losses = {(r["variant"], r["loss"]): r["mean, last 400 steps"] for r in json.loads(out.read_text())["losses"]}
+    assert losses[("cogvideox", "loss_rgb")] == pytest.approx(0.06)  # from the earlier report
+    assert losses[("udpdiff-multi-task", "loss_rgb")] == pytest.approx(0.05)  # the folder's own, not the earlier 0.07
+    assert len(losses) == 5
