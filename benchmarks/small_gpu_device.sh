@@ -13,6 +13,9 @@
 #                                                      # e.g. --set vae.train.steps=3000; give variants the same --set;
 #                                                      # a data-size run: --set data.num_clips=3000 --vae-from-fewer-clips
 #                                                      # takes the carried VAE of the first 2,000 clips)
+#   bash benchmarks/small_gpu_device.sh vae-compiled   # after `prepare --set acceleration.compile_vae=false` (background):
+#                                                      # the autoencoder stage again, compiled, on a copy of that run's
+#                                                      # data; `watch` then returns its records ($OUT/vae-compiled/)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v,
 #                                                      # --gpus-per-variant 2: each variant data parallel on 2 GPUs).
 #                                                      # One variant of small's defaults trains ~13 min on an H200 (~14.5 on an H100):
@@ -73,6 +76,24 @@ PY
     fi
     setsid nohup python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN "$@" >> $RUN/logs/prepare.log 2>&1 < /dev/null &
     echo "prepare started" ;;
+  vae-compiled)  # the compiled VAE's stage time and scores beside the eager one's, same data and seed
+    install; mkdir -p $RUN/logs
+    # patterns end in "$RUN " so that they match the prepare processes, not this job's own command line
+    setsid nohup bash -c "while [ ! -f $RUN/outputs/small/gpu_run/autoencoder.done.json ]; do
+        pgrep -f '[s]mall_gpu.py prepare --root $RUN ' > /dev/null ||
+          { echo 'vae-compiled: prepare stopped without its VAE'; exit 1; };
+        sleep 5; done;
+      pkill -f '[s]mall_gpu.py prepare --root $RUN '; sleep 5;
+      rm -rf $RUN-compiled && cp -a $RUN $RUN-compiled &&
+      rm -rf $RUN-compiled/models/small/vae $RUN-compiled/outputs/small/gpu_run/autoencoder* \
+        $RUN-compiled/outputs/small/metrics/autoencoder.json $RUN-compiled/outputs/small/gpu_run/latents* || exit 1;
+      setsid python3 $CODE/benchmarks/small_gpu.py prepare --root $RUN-compiled --set acceleration.compile_vae=true &
+      pid=\$!;
+      while [ ! -f $RUN-compiled/outputs/small/gpu_run/autoencoder.done.json ]; do sleep 5;
+        kill -0 \$pid 2> /dev/null || { echo 'vae-compiled: the compiled run stopped without its VAE'; exit 1; }; done;
+      kill -- -\$pid; echo 'vae-compiled: done'" \
+      >> $RUN/logs/vae-compiled.log 2>&1 < /dev/null &
+    echo "vae-compiled queued" ;;
   variants)
     shift; install; mkdir -p $RUN/logs
     # waits for prepare's latents, or gives up when prepare is gone without them (a failed prepare
@@ -99,6 +120,9 @@ PY
       pgrep -f "[s]mall_gpu.py" > /dev/null || { echo "nothing running"; break; }
     done
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+    r=$RUN-compiled/outputs/small  # vae-compiled's autoencoder stage records (the eager run's are in the pack)
+    [ -f $r/gpu_run/autoencoder.done.json ] && mkdir -p $OUT/vae-compiled &&
+      cp $r/gpu_run/autoencoder* $r/metrics/autoencoder.json $OUT/vae-compiled/
     driver pack --root $RUN --out $OUT/small.tar.gz
     # a VAE restored from the carry is the file carried: returning it again (14 MB) only delays the
     # reply, and a reply later than the 30 s idle release loses the machine (attempt 18)
