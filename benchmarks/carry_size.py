@@ -37,10 +37,13 @@ def measure(repo: Path, carry: list[str]) -> dict:
     def size(p: Path) -> int:
         return p.stat().st_size if p.is_file() and not p.is_symlink() else 0
 
-    parts = {"checkout": sum(size(p) for p in checkout_files(repo))}
+    checkout = checkout_files(repo)
+    parts = {"checkout": sum(size(p) for p in checkout)}
+    in_checkout = set(checkout)
     items = []
     for path in carry:
-        sized = [(size(p), str(p.relative_to(repo))) for p in carried_files(repo, path)]
+        # a carry path may hold tracked files too (.gpu-carry/vae-small.tar.xz): the checkout counts those
+        sized = [(size(p), str(p.relative_to(repo))) for p in carried_files(repo, path) if p not in in_checkout]
         parts[path] = sum(n for n, _ in sized)
         items += sized
     return {"parts": parts, "total": sum(parts.values()), "largest": sorted(items, reverse=True)[:5]}

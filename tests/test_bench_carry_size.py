@@ -45,3 +45,15 @@ def test_exit_status_and_message_name_the_limit_and_the_largest_files(tmp_path, 
 def test_a_missing_carry_path_is_named(tmp_path):
     with pytest.raises(SystemExit, match="'.gpu-carry' does not exist"):
         carry_size.measure(_repo(tmp_path), [".gpu-carry"])
+
+
+def test_a_tracked_file_under_a_carry_path_counts_once(tmp_path):
+    repo = _repo(tmp_path)
+    (repo / ".gitignore").write_text(".whl/\nbuild/\n.gpu-carry/*\n!.gpu-carry/vae.tar.xz\n")
+    (repo / ".gpu-carry").mkdir()
+    (repo / ".gpu-carry" / "vae.tar.xz").write_bytes(b"f" * 4000)   # tracked: part of the checkout
+    (repo / ".gpu-carry" / "other.tar").write_bytes(b"g" * 500)     # ignored: carried only when named
+    subprocess.run(["git", "add", ".gitignore", ".gpu-carry/vae.tar.xz"], cwd=repo, check=True)
+    m = carry_size.measure(repo, [".whl", ".gpu-carry"])
+    assert m["parts"]["checkout"] == len(".whl/\nbuild/\n.gpu-carry/*\n!.gpu-carry/vae.tar.xz\n") + 1000 + 300 + 4000
+    assert m["parts"][".gpu-carry"] == 500
