@@ -1,42 +1,71 @@
 """The small-scale Tab 1/2 as paired differences: each variant against each reference variant, clip by
-clip (``udpdiff.evaluation.paired``), from the unpacked tarballs of a ``small`` GPU run (``small_gpu.py``;
-several sessions' variants in one folder, as ``python -m flows import-run`` merges them), with each
-variant's training losses beside.
+clip (``udpdiff.evaluation.paired``), with each variant's training losses beside and, with ``--fig8``,
+every variant's validation scores over steps (the paper's Fig 8) in one chart.
 
-    python benchmarks/small_tab12_paired.py RUN_DIR [--reference NAME ...] [--out paired.json]
-        [--losses-from EARLIER_PAIRED_JSON]
+    python benchmarks/small_tab12_paired.py RUN_DIR [RUN_DIR ...] [--reference NAME ...] [--out paired.json]
+        [--losses-from EARLIER_PAIRED_JSON] [--fig8 fig8_validation.png]
+
+Each RUN_DIR holds variants as a ``small`` GPU run's unpacked tarballs lay them out
+(``variants/<name>/outputs/small/``: ``evaluation/per_video.csv``, ``metrics/train_history.csv`` and
+``metrics/validation_history.csv``), or as ``benchmarks/results/small-h200-tab12/`` keeps them
+(``<name>/per_video.csv``, ``<name>/validation_history.csv``, ``<name>/train_history.csv`` where kept).
+Several folders merge: the committed variants and a new session's tarball, say; a variant in two of
+them is refused.
 
 The references are params.yaml's ``tab1-2`` ``compare_with`` unless ``--reference`` names others (the
 multi-task model for Tab 2 and multi-task vs single-task, the RGB-only one for Tab 1); a default one the
 run lacks is left out. The losses are the mean of each half (and of the dense half per task) over the
 last ``--last-steps`` steps of training, with its standard error over blocks of 40 steps; they are not
-paired (the draws differ). A variant whose ``train_history.csv`` the folder lacks (a session's tarball
-no longer kept: only its per-clip CSVs are committed) takes its loss rows from ``--losses-from``, an
-earlier run of this script over a folder that had it.
+paired (the draws differ). A variant without its ``train_history.csv`` (a session's tarball no longer
+kept: only its per-clip CSVs are committed) takes its loss rows from ``--losses-from``, an earlier run
+of this script over a folder that had it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from udpdiff.config import load_params
 from udpdiff.evaluation.paired import paired_views, render_views_markdown, views_frame
+from udpdiff.evaluation.validation_curves import plot_validation_scores
 from udpdiff.io.atomic import write_text
 
 LOSS_BLOCK = 40
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def variant_dirs(run: Path) -> dict[str, Path]:
-    found = {d.name: d / "outputs" / "small" for d in sorted((run / "variants").glob("*"))
-             if (d / "outputs" / "small" / "evaluation" / "per_video.csv").is_file()}
+class VariantFiles(NamedTuple):
+    per_video: Path
+    train_history: Path
+    validation_history: Path
+
+
+def _files(run: Path) -> dict[str, VariantFiles]:
+    unpacked = {d.name: VariantFiles(d / "outputs/small/evaluation/per_video.csv",
+                                     d / "outputs/small/metrics/train_history.csv",
+                                     d / "outputs/small/metrics/validation_history.csv")
+                for d in sorted((run / "variants").glob("*"))}
+    committed = {d.name: VariantFiles(d / "per_video.csv", d / "train_history.csv", d / "validation_history.csv")
+                 for d in sorted(run.glob("*")) if d.is_dir() and d.name != "variants"}
+    return {name: f for name, f in {**committed, **unpacked}.items() if f.per_video.is_file()}
+
+
+def variant_files(runs: list[Path]) -> dict[str, VariantFiles]:
+    found: dict[str, VariantFiles] = {}
+    for run in runs:
+        for name, files in _files(run).items():
+            if name in found:
+                raise SystemExit(f"variant {name!r} is in two folders: {found[name].per_video} and {files.per_video}")
+            found[name] = files
     if not found:
-        raise SystemExit(f"{run}: no variants/<name>/outputs/small/evaluation/per_video.csv: unpack the tarballs there")
-    return found
+        raise SystemExit(f"{', '.join(map(str, runs))}: no variants/<name>/outputs/small/evaluation/per_video.csv "
+                         "nor <name>/per_video.csv: unpack the tarballs there")
+    return dict(sorted(found.items()))
 
 
 def loss_summary(history: Path, last_steps: int) -> dict[str, dict[str, float]]:
@@ -50,11 +79,12 @@ def loss_summary(history: Path, last_steps: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def compare(run: Path, references: list[str] | None = None,
+def compare(runs: list[Path], references: list[str] | None = None,
             last_steps: int = 400) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """(reference -> its paired differences, the losses); ``references`` None: params.yaml's for tab1-2,
-    those the run has."""
-    dirs = variant_dirs(run)
+    those the runs have."""
+    dirs = variant_files(runs)
+    run = ", ".join(map(str, runs))
     if references is None:
         references = [r for r in load_params(PARAMS).ablations["tab1-2"].references if r in dirs]
         if not references:
@@ -63,13 +93,11 @@ def compare(run: Path, references: list[str] | None = None,
     for reference in references:
         if reference not in dirs:
             raise SystemExit(f"{run}: no variant {reference!r} to compare with (found: {', '.join(dirs)})")
-    views = paired_views({name: pd.read_csv(d / "evaluation" / "per_video.csv") for name, d in dirs.items()},
-                         references)
+    views = paired_views({name: pd.read_csv(f.per_video) for name, f in dirs.items()}, references)
     losses = []
-    for name, d in dirs.items():
-        history = d / "metrics" / "train_history.csv"
-        if history.is_file():
-            for column, s in loss_summary(history, last_steps).items():
+    for name, f in dirs.items():
+        if f.train_history.is_file():
+            for column, s in loss_summary(f.train_history, last_steps).items():
                 losses.append({"variant": name, "loss": column, f"mean, last {last_steps} steps": s["mean"],
                                "se": s["se"]})
     return views, pd.DataFrame(losses)
@@ -79,7 +107,14 @@ def earlier_losses(losses: pd.DataFrame, earlier: Path) -> pd.DataFrame:
     """``losses`` with the rows of ``earlier`` (this script's JSON) for variants ``losses`` lacks."""
     rows = pd.DataFrame(json.loads(earlier.read_text())["losses"])
     missing = rows[~rows.variant.isin(set(losses.variant) if len(losses) else set())]
-    return pd.concat([losses, missing], ignore_index=True).sort_values(["variant", "loss"], ignore_index=True)
+    return pd.concat([losses, missing], ignore_index=True).sort_values("variant", kind="stable", ignore_index=True)
+
+
+def plot_fig8(runs: list[Path], path: Path) -> Path | None:
+    """Every variant's validation scores over steps (those with a ``validation_history.csv``)."""
+    histories = {name: pd.read_csv(f.validation_history) for name, f in variant_files(runs).items()
+                 if f.validation_history.is_file()}
+    return plot_validation_scores(path, histories)
 
 
 def render(views: dict[str, pd.DataFrame], losses: pd.DataFrame) -> str:
@@ -89,25 +124,29 @@ def render(views: dict[str, pd.DataFrame], losses: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="holds variants/<name>/outputs/small/")
+    ap.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
+                    help="holds variants/<name>/outputs/small/ or <name>/per_video.csv")
     ap.add_argument("--reference", action="append", default=None,
                     help="a variant to read the others against (repeat for several; default: params.yaml's tab1-2)")
     ap.add_argument("--last-steps", type=int, default=400)
     ap.add_argument("--out", type=Path, default=None, help="JSON of the rows (a .md beside it)")
     ap.add_argument("--losses-from", type=Path, default=None,
                     help="an earlier --out JSON: loss rows of the variants whose train_history.csv RUN_DIR lacks")
+    ap.add_argument("--fig8", type=Path, default=None, help="a PNG of every variant's validation scores over steps")
     args = ap.parse_args(argv)
-    views, losses = compare(args.run, args.reference, args.last_steps)
+    views, losses = compare(args.runs, args.reference, args.last_steps)
     if args.losses_from:
         losses = earlier_losses(losses, args.losses_from)
     text = render(views, losses)
     print(text)
     if args.out:
-        report = {"run": str(args.run), "references": list(views),
+        report = {"runs": [str(r) for r in args.runs], "references": list(views),
                   "pairs": views_frame(views).to_dict(orient="records"),
                   "losses": losses.to_dict(orient="records")}
         write_text(args.out, json.dumps(report, indent=1, default=float) + "\n")
         write_text(args.out.with_suffix(".md"), text)
+    if args.fig8:
+        print(f"Fig 8 -> {plot_fig8(args.runs, args.fig8)}")
     return 0
 
 

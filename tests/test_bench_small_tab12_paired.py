@@ -90,3 +90,32 @@ def test_losses_of_a_variant_without_its_history_come_from_an_earlier_report(tab
     assert losses[("cogvideox", "loss_rgb")] == pytest.approx(0.06)  # from the earlier report
     assert losses[("udpdiff-multi-task", "loss_rgb")] == pytest.approx(0.05)  # the folder's own, not the earlier 0.07
     assert len(losses) == 5
+
+
+def test_committed_variants_and_a_new_sessions_tarball_merge(tab12_run: Path, tmp_path: Path, benchmark_script):
+    """benchmarks/results/small-h200-tab12/'s layout (<name>/per_video.csv, no training history) beside an
+    unpacked tarball's: one table, Fig 8 across both, and a variant in both folders refused."""
+    paired = benchmark_script("small_tab12_paired")
+    committed = tmp_path / "committed"
+    (committed / "cogvideox").mkdir(parents=True)
+    rgb_only = tab12_run / "variants" / "cogvideox" / "outputs" / "small"
+    (rgb_only / "evaluation" / "per_video.csv").rename(committed / "cogvideox" / "per_video.csv")
+    pd.DataFrame({"step": [1750, 3500], "val/loss/held_out": [0.1, 0.09]}).to_csv(
+        committed / "cogvideox" / "validation_history.csv", index=False)
+    pd.DataFrame({"step": [1750, 3500], "val/segmentation/gt_miou": [0.4, 0.6],
+                  "val/depth/gt_delta1_depth": [0.6, 0.8]}).to_csv(
+        tab12_run / "variants" / "udpdiff-multi-task" / "outputs" / "small" / "metrics" / "validation_history.csv",
+        index=False)
+    out, fig8 = tmp_path / "paired.json", tmp_path / "fig8.png"
+    assert paired.main([str(committed), str(tab12_run), "--out", str(out), "--fig8", str(fig8)]) == 0
+    report = json.loads(out.read_text())
+    differences = {(r["reference"], r["variant"], r["sets"]): r["difference"] for r in report["pairs"]
+                   if r["metric"] == "motion_smoothness_flow"}
+    assert differences[("udpdiff-multi-task", "cogvideox", "depth / rgb")] == pytest.approx(-0.002)
+    # the committed RGB-only variant has no history here: only the tarball's variant has losses
+    assert {r["variant"] for r in report["losses"]} == {"udpdiff-multi-task"}
+    assert fig8.stat().st_size > 0
+    (committed / "udpdiff-multi-task").mkdir()
+    (committed / "udpdiff-multi-task" / "per_video.csv").write_text("set,clip_id\n")
+    with pytest.raises(SystemExit, match="'udpdiff-multi-task' is in two folders"):
+        paired.main([str(committed), str(tab12_run)])
