@@ -491,6 +491,19 @@ def test_a_vae_of_fewer_clips_is_refused_where_the_larger_set_holds_out_a_clip_i
                                       tmp_path / "vae.tar")["data"] == grown["data"]
 
 
+def test_the_committed_vae_restores_for_the_small_profile_as_it_stands(tmp_path):
+    """``.gpu-carry/vae-small.tar.xz`` (attempt 31) is what a lent session restores instead of training: a
+    change to ``small``'s data, Pixelplanes or VAE settings that makes it stale fails here, not on the GPU."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    committed = small_gpu.REPO / ".gpu-carry" / "vae-small.tar.xz"
+    assert small_gpu.main(["restore-vae", "--root", str(tmp_path), "--vae", str(committed)]) == 0
+    vae = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "models" / "small" / "vae")
+    assert list(vae.config.block_out_channels) == [32, 64, 64] and vae.config.latent_channels == 16
+    record = json.loads((tmp_path / "outputs" / "small" / "metrics" / "autoencoder.json").read_text())
+    assert record["gt_miou_after_vae"] == pytest.approx(0.7541260331714256, abs=0)  # attempt 14's VAE
+
+
 def test_a_vae_saved_before_a_config_field_existed_is_restored_while_that_field_is_unset():
     """A VAE record from before ``vae.train.crop`` existed (attempt 14's) matches settings that leave it
     unset, not ones that set it (attempt 15's first call refused it)."""
