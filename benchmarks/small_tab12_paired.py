@@ -103,10 +103,10 @@ def compare(runs: list[Path], references: list[str] | None = None,
     return views, pd.DataFrame(losses)
 
 
-def earlier_losses(losses: pd.DataFrame, earlier: Path) -> pd.DataFrame:
-    """``losses`` with the rows of ``earlier`` (this script's JSON) for variants ``losses`` lacks."""
+def earlier_losses(losses: pd.DataFrame, earlier: Path, variants: set[str]) -> pd.DataFrame:
+    """``losses`` with the rows of ``earlier`` (this script's JSON) for the ``variants`` it lacks."""
     rows = pd.DataFrame(json.loads(earlier.read_text())["losses"])
-    missing = rows[~rows.variant.isin(set(losses.variant) if len(losses) else set())]
+    missing = rows[rows.variant.isin(variants - (set(losses.variant) if len(losses) else set()))]
     return pd.concat([losses, missing], ignore_index=True).sort_values("variant", kind="stable", ignore_index=True)
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     views, losses = compare(args.runs, args.reference, args.last_steps)
     if args.losses_from:
-        losses = earlier_losses(losses, args.losses_from)
+        losses = earlier_losses(losses, args.losses_from, set(variant_files(args.runs)))
     text = render(views, losses)
     print(text)
     if args.out:

@@ -90,6 +90,11 @@ def test_losses_of_a_variant_without_its_history_come_from_an_earlier_report(tab
     assert losses[("cogvideox", "loss_rgb")] == pytest.approx(0.06)  # from the earlier report
     assert losses[("udpdiff-multi-task", "loss_rgb")] == pytest.approx(0.05)  # the folder's own, not the earlier 0.07
     assert len(losses) == 5
+    # a variant the folders no longer hold brings no losses from the earlier report
+    (tab12_run / "variants" / "cogvideox" / "outputs" / "small" / "evaluation" / "per_video.csv").unlink()
+    assert paired.main([str(tab12_run), "--reference", "udpdiff-multi-task", "--losses-from", str(earlier),
+                        "--out", str(out)]) == 0
+    assert {r["variant"] for r in json.loads(out.read_text())["losses"]} == {"udpdiff-multi-task"}
 
 
 def test_committed_variants_and_a_new_sessions_tarball_merge(tab12_run: Path, tmp_path: Path, benchmark_script):
