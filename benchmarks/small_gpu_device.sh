@@ -23,7 +23,7 @@
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)
 # `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
 # the machine and everything on it (attempt 2). It also returns a VAE trained there ($OUT/vae-small.tar);
-# put that file in .gpu-carry/ (xz it if the carry is over 64 MiB) and carry it: `prepare` on a fresh machine skips the VAE.
+# put that file in .gpu-carry/ (xz it; small's own is committed there as vae-small.tar.xz): `prepare` on a fresh machine restores it and skips the VAE.
 set -uo pipefail
 SITE=/tmp/site RUN=/tmp/small CODE=/tmp/small-code OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$SITE:$CODE PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
