@@ -79,12 +79,11 @@ def loss_summary(history: Path, last_steps: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def compare(runs: list[Path], references: list[str] | None = None,
+def compare(dirs: dict[str, VariantFiles], references: list[str] | None = None,
             last_steps: int = 400) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
-    """(reference -> its paired differences, the losses); ``references`` None: params.yaml's for tab1-2,
-    those the runs have."""
-    dirs = variant_files(runs)
-    run = ", ".join(map(str, runs))
+    """(reference -> its paired differences, the losses) of :func:`variant_files`' variants;
+    ``references`` None: params.yaml's for tab1-2, those the variants include."""
+    run = ", ".join(sorted({str(f.per_video.parent) for f in dirs.values()}))
     if references is None:
         references = [r for r in load_params(PARAMS).ablations["tab1-2"].references if r in dirs]
         if not references:
@@ -110,9 +109,9 @@ def earlier_losses(losses: pd.DataFrame, earlier: Path, variants: set[str]) -> p
     return pd.concat([losses, missing], ignore_index=True).sort_values("variant", kind="stable", ignore_index=True)
 
 
-def plot_fig8(runs: list[Path], path: Path) -> Path | None:
+def plot_fig8(dirs: dict[str, VariantFiles], path: Path) -> Path | None:
     """Every variant's validation scores over steps (those with a ``validation_history.csv``)."""
-    histories = {name: pd.read_csv(f.validation_history) for name, f in variant_files(runs).items()
+    histories = {name: pd.read_csv(f.validation_history) for name, f in dirs.items()
                  if f.validation_history.is_file()}
     return plot_validation_scores(path, histories)
 
@@ -134,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="an earlier --out JSON: loss rows of the variants whose train_history.csv RUN_DIR lacks")
     ap.add_argument("--fig8", type=Path, default=None, help="a PNG of every variant's validation scores over steps")
     args = ap.parse_args(argv)
-    views, losses = compare(args.runs, args.reference, args.last_steps)
+    dirs = variant_files(args.runs)
+    views, losses = compare(dirs, args.reference, args.last_steps)
     if args.losses_from:
-        losses = earlier_losses(losses, args.losses_from, set(variant_files(args.runs)))
+        losses = earlier_losses(losses, args.losses_from, set(dirs))
     text = render(views, losses)
     print(text)
     if args.out:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text(args.out, json.dumps(report, indent=1, default=float) + "\n")
         write_text(args.out.with_suffix(".md"), text)
     if args.fig8:
-        print(f"Fig 8 -> {plot_fig8(args.runs, args.fig8)}")
+        print(f"Fig 8 -> {plot_fig8(dirs, args.fig8)}")
     return 0
 
 
