@@ -6,6 +6,8 @@
     python -m flows ablation tab5          # a paper ablation (params.yaml `ablations`) as DVC experiments
     python -m flows import-run small.tar.gz   # log a run benchmarks/small_gpu.py packed on a GPU machine (once;
                                               # its volumes small-2.tar.gz, ... beside it come along)
+    python -m flows import-run benchmarks/results/small-h200-tab12   # variants whose tarballs are gone, from
+                                              # their kept scores (beside tarballs too: one table)
     torchrun --nproc_per_node 8 -m flows stage train   # train on 8 GPUs (params.yaml train_launcher)
     torchrun --nproc_per_node 8 -m flows stage sample  # sample on 8 GPUs (params.yaml inference_launcher)
 """
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     im = sub.add_parser("import-run", help="log a run packed by benchmarks/small_gpu.py (a GPU machine without "
                                            "MLflow) to MLflow: the ablation's parent, variants and stages")
     im.add_argument("tarballs", type=Path, nargs="+",
-                    help="small.tar.gz (its volumes small-2.tar.gz, ... beside it come along)")
+                    help="small.tar.gz (its volumes small-2.tar.gz, ... beside it come along), or a folder of "
+                         "kept variants (<variant>/per_video.csv, validation_history.csv, variant.json: "
+                         "benchmarks/results/small-h200-tab12)")
     im.add_argument("--profile", default=None, help="the profile it ran (default: small)")
     im.add_argument("--replace", action="store_true", help="delete an earlier import of the same tarballs and log "
                                                            "them again (an import is otherwise done once)")

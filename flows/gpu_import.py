@@ -27,6 +27,14 @@ Each session's variants join the first's, provided the sessions prepared the sam
 VAE (their ``data``, ``encode`` and ``autoencoder`` records and the profile's overrides are compared, and
 a difference is refused, naming both tarballs: such variants would not be comparable). The text encoder's
 pretraining (``latents``) runs again in each session; where its loss differs, that is logged.
+
+A session whose tarball is gone joins from what ``benchmarks/results`` keeps of it: a folder of
+``<variant>/`` folders, each with ``per_video.csv`` (the evaluate stage's per-clip scores; the variant's
+final metrics are their means per set, as that stage computes them), ``validation_history.csv`` (Fig 8)
+and ``variant.json`` (the run's record: variant, overrides, tables, profile overrides), imported beside
+tarballs or alone (``import-run benchmarks/results/small-h200-tab12 new/small.tar.gz``). Such a variant
+has no stage runs, and its preparation cannot be compared with the tarballs' (its parent is tagged so);
+its profile overrides are compared.
 """
 
 from __future__ import annotations
@@ -65,33 +73,52 @@ logger = logging.getLogger(__name__)
 
 #: a variant workspace's record of its tables and overrides (benchmarks/small_gpu.py ``variant_info``)
 VARIANT_RECORD = "outputs/*/gpu_run/variant.json"
+#: a kept variant's files in a results folder (module docstring); the validation history is optional
+KEPT_SCORES, KEPT_HISTORY, KEPT_RECORD = "per_video.csv", "validation_history.csv", "variant.json"
 SERIES_BATCH = 1000  # MLflow's log_batch takes at most 1,000 metrics per call
 
 
-def import_run(tarballs: Path | list[Path], profile: str | None = None, table_dir: Path | None = None,
+def import_run(sources: Path | list[Path], profile: str | None = None, table_dir: Path | None = None,
                replace: bool = False) -> str:
-    """Log the packed run ``tarballs`` (``small.tar.gz`` and its volumes ``small-2.tar.gz``, ...) to
-    MLflow, a parent run per ablation table in it; returns the first's id. The tables' files go to
-    ``table_dir`` (default ``outputs/<profile>/ablations``, as the ablation flow's). A run imported
-    before returns its first parent's id and logs nothing, unless ``replace`` (module docstring)."""
-    tarballs = [Path(t) for t in (tarballs if isinstance(tarballs, list | tuple) else [tarballs])]
-    for t in tarballs:
-        if not t.is_file():
-            raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs)")
-    tarballs = _with_volumes(tarballs)
-    sessions = _sessions(tarballs)
+    """Log the packed run ``sources`` (``small.tar.gz`` and its volumes ``small-2.tar.gz``, ...; and/or
+    results folders of kept variants, module docstring) to MLflow, a parent run per ablation table in
+    them; returns the first's id. The tables' files go to ``table_dir`` (default
+    ``outputs/<profile>/ablations``, as the ablation flow's). A run imported before returns its first
+    parent's id and logs nothing, unless ``replace`` (module docstring)."""
+    sources = [Path(t) for t in (sources if isinstance(sources, list | tuple) else [sources])]
+    for t in sources:
+        if not t.exists():
+            raise FileNotFoundError(f"{t}: no such file (the tarball benchmarks/small_gpu.py packs) or folder "
+                                    f"(of <variant>/{KEPT_SCORES} and {KEPT_RECORD})")
+    kept = {ws: info for folder in sources if folder.is_dir() for ws, info in _kept_variants(folder).items()}
+    tarballs = [t for t in sources if t.is_file()]
+    sessions = _sessions(_with_volumes(tarballs)) if tarballs else {}
     tarballs = [t for members in sessions.values() for t in members]  # the digest's order: the sessions'
     # the run's name: small.tar.gz, not small-2.tar.gz; runs of several sessions by their folders too
-    tarball = (next(iter(sessions)).name if len(sessions) == 1
-               else ", ".join(f"{t.parent.name}/{t.name}" for t in sessions))
-    digest = _sha256(tarballs)
+    packed = (next(iter(sessions)).name if len(sessions) == 1
+              else ", ".join(f"{t.parent.name}/{t.name}" for t in sessions))
+    names = [f"{t.parent.name}/{t.name}" for t in sessions] + [str(f) for f in sources if f.is_dir()]
+    tarball = packed if len(names) == 1 and sessions else ", ".join(names)
+    digest = _sha256(tarballs, [f for ws in kept for f in ws.iterdir() if f.is_file()])
     with tempfile.TemporaryDirectory() as tmp:
-        root = _merged(sessions, Path(tmp))
+        root = _merged(sessions, Path(tmp)) if sessions else Path(tmp) / "run"
         variants = sorted(d for d in (root / "variants").glob("*") if d.is_dir())
-        if not variants:
-            raise ValueError(f"{tarball}: no variants/<name>/ workspace inside; is this a small_gpu.py tarball?")
         infos = {ws: json.loads(_only(ws.glob(VARIANT_RECORD), tarball).read_text())
                  for ws in variants}
+        if sessions and not infos:
+            raise ValueError(f"{packed}: no variants/<name>/ workspace inside; is this a small_gpu.py tarball?")
+        for ws, info in kept.items():
+            twin = next((w for w, i in infos.items() if i["variant"] == info["variant"]), None)
+            if twin is not None:
+                raise ValueError(f"variant {info['variant']} is in both {ws} and {_source(twin, root, packed)}: "
+                                 "import them apart, or leave one of them out")
+            infos[ws] = info
+        infos = dict(sorted(infos.items(), key=lambda item: item[1]["variant"]))  # the table's row order
+        profile_overrides = {_source(ws, root, packed): i.get("profile_overrides") for ws, i in infos.items()}
+        if len({json.dumps(o) for o in profile_overrides.values()}) > 1:
+            raise ValueError("the variants ran the profile with other overrides (" + "; ".join(
+                f"{where}: {o}" for where, o in profile_overrides.items()) + "): they are not comparable; "
+                "import them apart")
         base = _params(profile, next(iter(infos.values()))["profile_overrides"])
         earlier = _earlier_imports(base, digest)
         if earlier and not replace:
@@ -104,9 +131,36 @@ def import_run(tarballs: Path | list[Path], profile: str | None = None, table_di
         # a workspace can serve several tables (the full method is in Tabs 1-2 and in ours): a parent each
         tables = dict.fromkeys(t for info in infos.values() for t in _tables(info))
         run_ids = [_import_table(root, tarball, digest, base, table,
-                                 {ws: i for ws, i in infos.items() if table in _tables(i)}, table_dir)
+                                 {ws: i for ws, i in infos.items() if table in _tables(i)}, table_dir,
+                                 kept=set(kept))
                    for table in tables]
         return run_ids[0]
+
+
+def _kept_variants(folder: Path) -> dict[Path, dict]:
+    """A results folder's kept variants (module docstring): ``<variant>/`` -> its ``variant.json``."""
+    found = {}
+    for ws in sorted(d for d in folder.iterdir() if d.is_dir()):
+        if not (ws / KEPT_SCORES).exists():
+            continue
+        if not (ws / KEPT_RECORD).exists():
+            raise ValueError(f"{ws}: {KEPT_SCORES} without {KEPT_RECORD} (the GPU run's record of the variant: "
+                             "its name, overrides, tables and profile overrides)")
+        info = json.loads((ws / KEPT_RECORD).read_text())
+        missing = [k for k in ("variant", "overrides", "tables", "profile_overrides") if k not in info]
+        if missing or info["variant"] != ws.name:
+            raise ValueError(f"{ws / KEPT_RECORD}: " + (f"lacks {', '.join(missing)}" if missing else
+                             f"names variant {info['variant']!r}, not its folder's {ws.name!r}"))
+        found[ws] = info
+    if not found:
+        raise ValueError(f"{folder}: no <variant>/{KEPT_SCORES} inside; is this a folder of kept variants "
+                         "(benchmarks/results/small-h200-tab12/)?")
+    return found
+
+
+def _source(workspace: Path, root: Path, packed: str) -> str:
+    """Where a variant came from, for messages: its kept folder, or the tarball(s)."""
+    return packed if workspace.is_relative_to(root) else str(workspace)
 
 
 def _with_volumes(tarballs: list[Path]) -> list[Path]:
@@ -190,13 +244,17 @@ def _check_same_preparation(root: Path, first: Path, other: Path, name: Path) ->
                         a.get("metrics"), b.get("metrics"))
 
 
-def _sha256(tarballs: list[Path]) -> str:
-    """One digest of the run's tarballs (its volumes in name order): what identifies an import."""
+def _sha256(tarballs: list[Path], kept_files: list[Path] = ()) -> str:
+    """One digest of the run's tarballs (its volumes in name order) and kept variants' files (by variant
+    and name, in any order given): what identifies an import."""
     h = hashlib.sha256()
     for t in sorted(tarballs, key=lambda t: t.name):
         with t.open("rb") as f:
             for block in iter(lambda: f.read(2**20), b""):
                 h.update(block)
+    for f in sorted(kept_files, key=lambda f: (f.parent.name, f.name)):
+        h.update(f"{f.parent.name}/{f.name}".encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
 
 
@@ -222,27 +280,34 @@ def _tables(info: dict) -> list[str]:
 
 
 def _import_table(root: Path, tarball: str, digest: str, base: Params, table: str, infos: dict[Path, dict],
-                  table_dir: Path | None) -> str:
+                  table_dir: Path | None, kept: set[Path] = frozenset()) -> str:
     spec = base.ablations[table]
-    machine = _machine(root)
+    packed, kept_here = [ws for ws in infos if ws not in kept], [ws for ws in infos if ws in kept]
+    machine = " and ".join(([_machine(root)] if packed else []) + (["kept results"] if kept_here else []))
     rows, overrides_of, per_video, histories = [], {}, {}, {}
     with ablation_run(base, table, f"{spec.title} · {machine}") as (parent, _):
         _set_tags(parent.info.run_id, {"source": "gpu-run", "machine": machine, "tarball": tarball,
                                        "tarball_sha256": digest})
+        if kept_here:
+            _set_tags(parent.info.run_id, {"kept_variants": ", ".join(infos[ws]["variant"] for ws in kept_here),
+                                           "kept_variants_preparation": "not compared (no stage records kept)"})
         _log_workspace(base, root, None, tag_variant=False)
         for workspace, info in infos.items():
             p = base.with_overrides(info["overrides"])
             with variant_run(p, parent.info.run_id, table, info["variant"], info["overrides"]) as (vrun, _):
-                final = _log_workspace(p, workspace, info["variant"])
+                if workspace in kept:
+                    final, scores, history = _log_kept_variant(vrun.info.run_id, workspace)
+                else:
+                    final = _log_workspace(p, workspace, info["variant"])
+                    scores = workspace / "outputs" / p.profile / "evaluation" / "per_video.csv"
+                    history = workspace / "outputs" / p.profile / "metrics" / "validation_history.csv"
                 # Fig 8 takes a variant's curve even when the machine went back before its evaluation
-                history = workspace / "outputs" / p.profile / "metrics" / "validation_history.csv"
                 if history.exists():
                     histories[info["variant"]] = history
                 if final:
                     log_variant_metrics(vrun.info.run_id, final)
                     rows.append({"variant": info["variant"], **final})
                     overrides_of[info["variant"]] = info["overrides"]
-                    scores = workspace / "outputs" / p.profile / "evaluation" / "per_video.csv"
                     if scores.exists():
                         per_video[info["variant"]] = scores
         for log_file in sorted((root / "logs").glob("*.log")) if (root / "logs").exists() else []:
@@ -317,6 +382,34 @@ def _log_workspace(p: Params, workspace: Path, variant: str | None, tag_variant:
         if stage == "evaluate" and record:
             final = {k: float(v) for k, v in record["metrics"].items()}
     return final
+
+
+def _log_kept_variant(run_id: str, folder: Path) -> tuple[dict[str, float], Path, Path]:
+    """A kept variant (module docstring) on its run: its files, Fig 8's series as metric histories, and
+    its final metrics, the per-set means of its per-clip scores (NaN skipped, as the evaluate stage takes
+    them, with ``<set>/num_videos``; a score no clip of a set has is left out). Returns those metrics and
+    the paths of its scores and validation history."""
+    scores, history = folder / KEPT_SCORES, folder / KEPT_HISTORY
+    frame = pd.read_csv(scores)
+    if not {"set", "clip_id"} <= set(frame.columns):
+        raise ValueError(f"{scores}: no set and clip_id columns; is this an evaluate stage's per_video.csv?")
+    final: dict[str, float] = {}
+    for name, clips in frame.groupby("set", sort=False):
+        means = clips.drop(columns=["set", "clip_id"]).mean(numeric_only=True, skipna=True).dropna()
+        final.update({f"{name}/{k}": float(v) for k, v in means.items()})
+        final[f"{name}/num_videos"] = float(len(clips))
+    client = mlflow.MlflowClient()
+    for f in (scores, history, folder / KEPT_RECORD):
+        if f.exists():
+            client.log_artifact(run_id, str(f), "kept")
+    if history.exists():
+        now = int(time.time() * 1000)
+        series = [Metric(k, float(v), now, int(row["step"])) for row in pd.read_csv(history).to_dict("records")
+                  for k, v in row.items() if k != "step" and pd.notna(v)]
+        for i in range(0, len(series), SERIES_BATCH):
+            client.log_batch(run_id, metrics=series[i:i + SERIES_BATCH])
+    _set_tags(run_id, {"imported": "kept-results", "kept_folder": str(folder)})
+    return final, scores, history
 
 
 def _set_tags(run_id: str, tags: dict[str, str]) -> None:

@@ -393,6 +393,101 @@ def test_runs_of_several_sessions_import_as_one_table(gpu_run, tmp_path, monkeyp
         import_run([first, again], table_dir=tmp_path / "ablations")
 
 
+def _kept(workspace: Path, out: Path) -> Path:
+    """A variant as benchmarks/results keeps it once its tarball is gone (flows.gpu_import docstring)."""
+    out.mkdir(parents=True)
+    outputs = workspace / "outputs/small"
+    for f in ("evaluation/per_video.csv", "metrics/validation_history.csv", "gpu_run/variant.json"):
+        (out / Path(f).name).write_bytes((outputs / f).read_bytes())
+    return out
+
+
+@pytest.mark.slow
+def test_kept_variants_import_beside_a_session_as_one_table(gpu_run, tmp_path, monkeypatch):
+    """A session whose tarball is gone joins a later one's from its kept per-clip scores, validation
+    history and record: the same table row and variant metrics as its tarball gave (the evaluate stage's
+    means of those scores), Fig 8's series on its run; a variant kept and packed both is refused, and so
+    is a kept folder without its record."""
+    import mlflow
+
+    from flows.gpu_import import import_run
+
+    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
+    unpacked = tmp_path / "unpacked"
+    for volume in gpu_run[1]:
+        with tarfile.open(volume) as tar:
+            tar.extractall(unpacked, filter="data")
+    whole = _session_tarball(unpacked, tmp_path / "whole/small.tar.gz", NAMES)
+    session = _session_tarball(unpacked, tmp_path / "session/small.tar.gz", [NAMES[0]])
+    kept = tmp_path / "kept"
+    _kept(unpacked / "variants" / NAMES[1], kept / NAMES[1])
+    reference = import_run(whole, table_dir=tmp_path / "whole-tables")
+    mixed = import_run([kept, session], table_dir=tmp_path / "mixed-tables")
+    client = mlflow.MlflowClient()  # after an import: that sets the tracking URI
+
+    def variants(parent_id: str) -> dict[str, mlflow.entities.Run]:
+        runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent_id}'")
+        return {r.info.run_name: r for r in runs if r.info.run_name in NAMES}
+
+    def table(parent_id: str, name: str) -> dict:
+        data = json.loads(Path(client.download_artifacts(parent_id, "ablation_table.json",
+                                                         str(tmp_path / name))).read_text())
+        return {row[data["columns"].index("variant")]: row for row in data["data"]}
+
+    parent = client.get_run(mixed)
+    assert "incomplete" not in parent.data.tags and parent.data.tags["kept_variants"] == NAMES[1]
+    assert parent.data.tags["tarball"] == f"session/small.tar.gz, {kept}"
+    assert table(mixed, "mixed") == table(reference, "whole")  # every row and column, the kept one's too
+    ours, theirs = variants(mixed)[NAMES[1]], variants(reference)[NAMES[1]]
+    assert ours.data.tags["imported"] == "kept-results"
+    # the evaluate stage's metrics, less the frame count (not in the per-clip scores); Fig 8's series beside
+    final = {k: v for k, v in ours.data.metrics.items() if not k.startswith("val/")}
+    assert final == pytest.approx({k: v for k, v in theirs.data.metrics.items() if not k.endswith("/num_frames")})
+    history = pd.read_csv(kept / NAMES[1] / "validation_history.csv")
+    score = next(c for c in history.columns if c.endswith("motion_smoothness_flow"))
+    assert [m.value for m in client.get_metric_history(ours.info.run_id, score)] == pytest.approx(list(history[score]))
+    assert (tmp_path / "mixed-tables" / "tab1-2-paired.md").read_text() == (
+        tmp_path / "whole-tables" / "tab1-2-paired.md").read_text()
+    assert import_run([session, kept], table_dir=tmp_path / "mixed-tables") == mixed  # once, in any order
+    with pytest.raises(ValueError, match=f"variant {NAMES[1]} is in both .*kept/{NAMES[1]} and small.tar.gz"):
+        import_run([kept, whole], table_dir=tmp_path / "t")
+    (kept / NAMES[1] / "variant.json").unlink()
+    with pytest.raises(ValueError, match=f"kept/{NAMES[1]}: per_video.csv without variant.json"):
+        import_run([kept, session], table_dir=tmp_path / "t")
+
+
+def test_the_kept_tab12_variants_import_as_the_whole_table(tmp_path, monkeypatch):
+    """benchmarks/results/small-h200-tab12 holds all four Tab 1/2 variants of small's defaults (three
+    sessions' tarballs were not kept): imported, they are one complete table, each row the means the GPU's
+    evaluate stage took (attempt 32's whole record; the earlier attempts' pages, to their digits)."""
+    import mlflow
+
+    from flows.gpu_import import import_run
+
+    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
+    parent_id = import_run(ROOT / "benchmarks/results/small-h200-tab12", table_dir=tmp_path / "tables")
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    assert "incomplete" not in parent.data.tags and parent.data.tags["machine"] == "kept results"
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    metrics = {r.info.run_name: r.data.metrics for r in runs}
+    assert set(metrics) == {"udpdiff-multi-task", "cogvideox", "udpdiff-segmentation", "udpdiff-depth"}
+    record = json.loads((ROOT / "benchmarks/results/small-h100-attempt32.json").read_text())["evaluate_metrics"]
+    assert {k: v for k, v in metrics["udpdiff-depth"].items() if not k.startswith("val/")} == pytest.approx(
+        {k: v for k, v in record.items() if not k.endswith("/num_frames")}, rel=1e-12)
+    assert round(metrics["udpdiff-multi-task"]["segmentation/gt_miou"], 4) == 0.7065  # attempt 28
+    assert round(metrics["udpdiff-multi-task"]["depth/gt_delta1_depth"], 3) == 0.887
+    assert round(metrics["udpdiff-segmentation"]["segmentation/gt_miou"], 4) == 0.7237  # attempt 30
+    assert round(metrics["cogvideox"]["rgb/motion_smoothness_flow"], 4) == 0.9917  # attempt 29
+    written = {f.name for f in (tmp_path / "tables").iterdir()}
+    assert {"tab1-2.md", "tab1-2-paired.md", "tab1-2-validation.png"} <= written
+
+
 @pytest.mark.slow
 def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path, monkeypatch):
     """A run the machine took back mid-way: the unfinished stage says so, and no table is made up."""
