@@ -18,8 +18,8 @@
 #                                                      # data; `watch` then returns its records ($OUT/vae-compiled/)
 #   bash benchmarks/small_gpu_device.sh variants ARGS  # the tab1-2 variants (background; ARGS: --per-gpu 2, --set k=v,
 #                                                      # --gpus-per-variant 2: each variant data parallel on 2 GPUs).
-#                                                      # One variant of small's defaults trains ~13 min on an H200 (~14.5 on an H100):
-#                                                      # a 30-minute lent session holds one (--variants udpdiff-multi-task)
+#                                                      # One variant of small's defaults trains ~13 min on an H200 (14.4-15.7 on an H100,
+#                                                      # where a third, short `watch` ends it): a 30-minute lent session holds one (--variants udpdiff-depth)
 #   bash benchmarks/small_gpu_device.sh watch SECONDS  # follow the logs, then pack into $OUT (small.tar.gz, small-2.tar.gz, ...: ≤ 15 MiB each)
 # `watch` returns within SECONDS + ~15 s: a call that runs past the device's per-call limit loses
 # the machine and everything on it (attempt 2). It also returns a VAE trained there ($OUT/vae-small.tar);
