@@ -253,22 +253,36 @@ def test_a_resumed_stage_replaces_the_steps_it_redoes_in_the_series(tmp_path):
     assert len(path.read_text().splitlines()) == 6
 
 
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> Path:
+    """A fresh MLflow store under ``tmp_path`` for an import, with no parent run from the environment."""
+    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
+    return tmp_path
+
+
+def _unpacked(volumes: list[Path], dest: Path) -> Path:
+    """The run's tarball volumes unpacked into ``dest``, as one folder."""
+    for volume in volumes:
+        with tarfile.open(volume) as tar:
+            tar.extractall(dest, filter="data")
+    return dest
+
+
 def _first_clip(workspace: Path, task: str) -> str:
     index = json.loads((workspace / "outputs/small/samples/index.json").read_text())
     return next(e["clip_id"] for e in index if e["task"] == task)
 
 
 @pytest.mark.slow
-def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, monkeypatch):
+def test_import_run_logs_the_ablation_to_mlflow(gpu_run, tmp_path, mlflow_store):
     """The packed run, replayed into MLflow: the table's parent run, the shared stages beneath it, a
     child per variant holding its stage runs with their per-step series, and the ablation table."""
     import mlflow
 
     from flows.gpu_import import import_run
 
-    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
-    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
     _, volumes = gpu_run
     parent_id = import_run(volumes, table_dir=tmp_path / "ablations")
     client = mlflow.MlflowClient()
@@ -333,20 +347,14 @@ def _session_tarball(unpacked: Path, out: Path, variants: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_runs_of_several_sessions_import_as_one_table(gpu_run, tmp_path, monkeypatch):
+def test_runs_of_several_sessions_import_as_one_table(gpu_run, tmp_path, mlflow_store):
     """One lent session trains one small variant: the sessions' tarballs, imported together, are one
     table; sessions that prepared other data or another VAE, or trained one variant twice, are refused."""
     import mlflow
 
     from flows.gpu_import import import_run
 
-    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
-    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
-    unpacked = tmp_path / "unpacked"
-    for volume in gpu_run[1]:
-        with tarfile.open(volume) as tar:
-            tar.extractall(unpacked, filter="data")
+    unpacked = _unpacked(gpu_run[1], tmp_path / "unpacked")
     first = _session_tarball(unpacked, tmp_path / "session-a/small.tar.gz", [NAMES[0]])
     second = _session_tarball(unpacked, tmp_path / "session-b/small.tar.gz", [NAMES[1]])
     parent_id = import_run([first, second], table_dir=tmp_path / "ablations")
@@ -403,7 +411,7 @@ def _kept(workspace: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_kept_variants_import_beside_a_session_as_one_table(gpu_run, tmp_path, monkeypatch):
+def test_kept_variants_import_beside_a_session_as_one_table(gpu_run, tmp_path, mlflow_store):
     """A session whose tarball is gone joins a later one's from its kept per-clip scores, validation
     history and record: the same table row and variant metrics as its tarball gave (the evaluate stage's
     means of those scores), Fig 8's series on its run; a variant kept and packed both is refused, and so
@@ -412,13 +420,7 @@ def test_kept_variants_import_beside_a_session_as_one_table(gpu_run, tmp_path, m
 
     from flows.gpu_import import import_run
 
-    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
-    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
-    unpacked = tmp_path / "unpacked"
-    for volume in gpu_run[1]:
-        with tarfile.open(volume) as tar:
-            tar.extractall(unpacked, filter="data")
+    unpacked = _unpacked(gpu_run[1], tmp_path / "unpacked")
     whole = _session_tarball(unpacked, tmp_path / "whole/small.tar.gz", NAMES)
     session = _session_tarball(unpacked, tmp_path / "session/small.tar.gz", [NAMES[0]])
     kept = tmp_path / "kept"
@@ -459,7 +461,7 @@ def test_kept_variants_import_beside_a_session_as_one_table(gpu_run, tmp_path, m
         import_run([kept, session], table_dir=tmp_path / "t")
 
 
-def test_the_kept_tab12_variants_import_as_the_whole_table(tmp_path, monkeypatch):
+def test_the_kept_tab12_variants_import_as_the_whole_table(tmp_path, mlflow_store):
     """benchmarks/results/small-h200-tab12 holds all four Tab 1/2 variants of small's defaults (three
     sessions' tarballs were not kept): imported, they are one complete table, each row the means the GPU's
     evaluate stage took (attempt 32's whole record; the earlier attempts' pages, to their digits)."""
@@ -467,9 +469,6 @@ def test_the_kept_tab12_variants_import_as_the_whole_table(tmp_path, monkeypatch
 
     from flows.gpu_import import import_run
 
-    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
-    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
     parent_id = import_run(ROOT / "benchmarks/results/small-h200-tab12", table_dir=tmp_path / "tables")
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)
@@ -489,15 +488,12 @@ def test_the_kept_tab12_variants_import_as_the_whole_table(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path, monkeypatch):
+def test_import_run_of_an_unfinished_run_logs_what_it_reached(gpu_run, tmp_path, mlflow_store):
     """A run the machine took back mid-way: the unfinished stage says so, and no table is made up."""
     import mlflow
 
     from flows.gpu_import import import_run
 
-    monkeypatch.setenv("UDPDIFF_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
-    monkeypatch.setenv("UDPDIFF_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    monkeypatch.delenv("UDPDIFF_MLFLOW_PARENT_RUN_ID", raising=False)
     root, _ = gpu_run
     partial = tmp_path / "partial.tar.gz"
     with tarfile.open(partial, "w:gz") as tar:  # the tarball as it was while cogvideox was still training
