@@ -3,7 +3,8 @@
 - every synthetic caption's scene clause parses, to the scene the generator drew; other text does not;
 - the generator's own clips show their caption's sky and ground (at the `small` and `tiny` sizes);
 - the same clips under each other's captions score what their skies and grounds share, not 1;
-- a prompt without a synthetic scene scores NaN, which the evaluate stage's means skip.
+- a prompt without a synthetic scene scores NaN, which the evaluate stage's means skip;
+- Fig 8's validation scores carry the same shares for the videos they score, when given their captions.
 """
 from __future__ import annotations
 
@@ -67,3 +68,21 @@ def test_a_flat_video_reads_as_its_colours():
     video[:, 20:] = (40, 160, 50)  # the palette's green
     assert observed_scene(video) == ("green", "dark night")
     assert "green" in GROUND_COLOURS
+
+
+def test_fig8_validation_scores_follow_the_captions_they_are_given(clips):
+    from udpdiff.stages.train import validation_scores
+
+    videos, captions = [c.frames for c in clips[:8]], [c.caption_long for c in clips[:8]]
+    own = validation_scores("depth", videos, [], captions=captions)
+    assert own["val/depth/caption_sky"] == own["val/depth/caption_ground"] == 1.0
+    others = validation_scores("depth", videos, [], captions=captions[1:] + captions[:1])
+    expected = scene_following(videos, captions[1:] + captions[:1])
+    assert others["val/depth/caption_ground"] == pytest.approx(np.mean(expected["caption_ground"]))
+    assert others["val/depth/caption_ground"] < 1.0
+    assert others["val/depth/caption_sky"] == pytest.approx(np.mean(expected["caption_sky"]))
+    # captions naming no synthetic scene are skipped as the evaluation skips them; none named: no score
+    mixed = validation_scores(None, videos[:2], [], captions=["a dog runs on a beach", captions[1]])
+    assert mixed["val/rgb/caption_sky"] == 1.0
+    assert "val/rgb/caption_sky" not in validation_scores(None, videos[:1], [], captions=["a dog on a beach"])
+    assert "val/depth/caption_sky" not in validation_scores("depth", videos[:1], [])  # no captions given

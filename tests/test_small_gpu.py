@@ -623,9 +623,9 @@ def test_the_last_validation_scores_the_draws_the_evaluation_scores(gpu_run):
     assert last["val/depth/gt_abs_rel"] == pytest.approx(depth.gt_abs_rel_single.mean(), rel=1e-5)
     assert last["val/depth/gt_rmse_depth"] == pytest.approx(depth.gt_rmse_depth_single.mean(), rel=1e-5)
     # train.validation_videos=2: the video scores are the mean over the two clips' text-to-video samples, drawn as
-    # the sample stage draws them, so they equal the evaluation's scores of those videos
+    # the sample stage draws them, so they equal the evaluation's scores of those videos (their caption following too)
     for task, rows in (("segmentation", seg), ("depth", depth)):
-        for score in ("motion_smoothness_flow", "pixel_frame_consistency"):
+        for score in ("motion_smoothness_flow", "pixel_frame_consistency", "caption_sky", "caption_ground"):
             assert last[f"val/{task}/{score}"] == pytest.approx(rows[score].mean(), rel=1e-5), (task, score)
 
 

@@ -154,7 +154,8 @@ def _prompt_embeddings(p: Params, paths: ProjectPaths, row, text_fn) -> dict[str
 
 def _validation_clip(p: Params, paths: ProjectPaths, row, text_fn) -> dict:
     """A validation clip for the scores during training (Fig 8): its frames, its ground truth per
-    trained task and its prompt embeddings, read once."""
+    trained task, its caption (what its text-to-video sample should show) and its prompt embeddings,
+    read once."""
     n = p.active.data.num_frames
     gt = {}
     if "depth" in p.active.train.tasks:
@@ -162,7 +163,7 @@ def _validation_clip(p: Params, paths: ProjectPaths, row, text_fn) -> dict:
     if "segmentation" in p.active.train.tasks:
         gt["segmentation"] = load_ids(resolve(paths.manifest, row.seg_path))[:n]
     return {"clip_id": row.clip_id, "video": read_clip(p, paths, row.video_path), "gt": gt,
-            "prompts": _prompt_embeddings(p, paths, row, text_fn)}
+            "caption": row.caption_long, "prompts": _prompt_embeddings(p, paths, row, text_fn)}
 
 
 def _loss_clip_sets(p: Params, paths: ProjectPaths, df: pd.DataFrame, vae, text_fn) -> dict[str, object]:
@@ -199,19 +200,27 @@ VALIDATION_LOG = "validation.jsonl"  # beside the preview grids in the run's che
 
 def validation_scores(task: str | None, generated: Sequence[np.ndarray],
                       predictions: list[tuple[np.ndarray, np.ndarray]],
-                      depth_range: tuple[float, float] | None = None) -> dict[str, float]:
+                      depth_range: tuple[float, float] | None = None,
+                      captions: Sequence[str] | None = None) -> dict[str, float]:
     """Scores needing no metric weights (paper Fig 8): the generated videos' mean motion smoothness
-    (the flow prior, MS†) and pixel consistency, and the dense prediction *of* real clips against
-    their ground truth (depth δ1 / AbsRel / RMSE after scale-and-shift in disparity, and in depth
-    space where ``depth_range`` makes depth exact; segmentation mIoU)."""
+    (the flow prior, MS†) and pixel consistency; with the ``captions`` they were generated from, the
+    share that show the captioned sky and ground (synthetic captions; others are skipped, as the
+    evaluate stage skips them); and the dense prediction *of* real clips against their ground truth
+    (depth δ1 / AbsRel / RMSE after scale-and-shift in disparity, and in depth space where
+    ``depth_range`` makes depth exact; segmentation mIoU)."""
     from udpdiff.evaluation.consistency import pixel_frame_consistency
     from udpdiff.evaluation.depth import depth_scores
     from udpdiff.evaluation.motion import motion_smoothness_flow
+    from udpdiff.evaluation.scene_following import scene_following
     from udpdiff.evaluation.segmentation import hungarian_miou
 
     name = task or RGB_ONLY
     out = {f"val/{name}/motion_smoothness_flow": float(np.mean([motion_smoothness_flow(v) for v in generated])),
            f"val/{name}/pixel_frame_consistency": float(np.mean([pixel_frame_consistency(v) for v in generated]))}
+    for key, values in (scene_following(generated, captions) if captions is not None else {}).items():
+        named = [v for v in values if np.isfinite(v)]
+        if named:
+            out[f"val/{name}/{key}"] = float(np.mean(named))
     rows = []
     for pred, gt in predictions:
         if task == "depth":
@@ -283,7 +292,8 @@ def _training_preview(p: Params, vae, scheduler, prompts: dict[str, torch.Tensor
                             generator=[torch.Generator().manual_seed(sample_seed(p, i)) for i in clip_indices],
                             **call | {"guidance_scale": s.guidance_for_real_clips()})
                 predictions = [(dense, clip["gt"][task]) for dense, clip in zip(cond.dense, validation, strict=True)]
-        scores.update(validation_scores(task, generated, predictions, exact_depth_range(d.source)))
+        scores.update(validation_scores(task, generated, predictions, exact_depth_range(d.source),
+                                        captions=[clip["caption"] for clip in scored] if scored else None))
         columns[0].append(out.videos[0])
         if task is not None:
             columns[1].append(out.colormaps[0])
