@@ -46,6 +46,7 @@ import re
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -402,12 +403,9 @@ def _log_kept_variant(run_id: str, folder: Path) -> tuple[dict[str, float], Path
     for f in (scores, history, folder / KEPT_RECORD):
         if f.exists():
             client.log_artifact(run_id, str(f), "kept")
-    if history.exists():
-        now = int(time.time() * 1000)
-        series = [Metric(k, float(v), now, int(row["step"])) for row in pd.read_csv(history).to_dict("records")
-                  for k, v in row.items() if k != "step" and pd.notna(v)]
-        for i in range(0, len(series), SERIES_BATCH):
-            client.log_batch(run_id, metrics=series[i:i + SERIES_BATCH])
+    if history.exists():  # a CSV row's empty cells are scores not taken at that step
+        _log_steps(client, run_id, ({k: v for k, v in row.items() if pd.notna(v)}
+                                    for row in pd.read_csv(history).to_dict("records")))
     _set_tags(run_id, {"imported": "kept-results", "kept_folder": str(folder)})
     return final, scores, history
 
@@ -420,11 +418,14 @@ def _set_tags(run_id: str, tags: dict[str, str]) -> None:
 
 def _log_series(client: mlflow.MlflowClient, run_id: str, path: Path) -> None:
     """The per-step series of a stage (one JSON object per logged step) as MLflow metric histories."""
-    if not path.exists():
-        return
+    if path.exists():
+        _log_steps(client, run_id, map(json.loads, path.read_text().splitlines()))
+
+
+def _log_steps(client: mlflow.MlflowClient, run_id: str, rows: Iterable[dict]) -> None:
+    """Rows of ``{"step": n, name: value, ...}`` as MLflow metric histories (the numbers in them)."""
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, int(row["step"]))
-               for row in map(json.loads, path.read_text().splitlines())
-               for k, v in row.items() if k != "step" and isinstance(v, int | float)]
+               for row in rows for k, v in row.items() if k != "step" and isinstance(v, int | float)]
     for i in range(0, len(metrics), SERIES_BATCH):
         client.log_batch(run_id, metrics=metrics[i:i + SERIES_BATCH])
